@@ -1,0 +1,1 @@
+"""Ray Serve application for multimodal rerankers: ingress -> router -> arm replica -> engine."""

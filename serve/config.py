@@ -1,0 +1,201 @@
+"""The fleet's one configuration model, loaded from YAML and validated once at the edge.
+
+Everything that shapes serving lives here: the model, the precision arms, the router, the
+image-feature cache, request limits and API keys. `FleetConfig.from_yaml` is the only way a
+file becomes configuration; an invalid file raises `ConfigError` naming the field and reason.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from serve.engine.errors import ConfigError
+from serve.engine.prompt import DEFAULT_INSTRUCTION
+
+Precision = Literal["fp32", "bf16", "fp16", "int8", "nf4", "awq", "fp8"]
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8", "nf4", "awq", "fp8")
+
+# Official Qwen3-VL-Reranker pixel limits: 4*32*32 .. 1800*32*32.
+DEFAULT_MIN_PIXELS = 4 * 32 * 32
+DEFAULT_MAX_PIXELS = 1800 * 32 * 32
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    source: str = Field(
+        "tiny",
+        description="'tiny' for the project's trained offline model, a local folder, or a hub id "
+        "such as Qwen/Qwen3-VL-Reranker-8B or vec-ai/lychee-rerank-mm.",
+    )
+    max_length: int = Field(8192, ge=64, description="Token limit per pair; longer pairs are truncated keeping the final tokens.")
+    min_pixels: int = Field(DEFAULT_MIN_PIXELS, ge=1, description="Smallest image area after resize.")
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Largest image area after resize.")
+    video_fps: float = Field(1.0, gt=0, description="Frames sampled per second of video.")
+    video_max_frames: int = Field(64, ge=2, description="Most frames sampled from one video.")
+    video_max_pixels: int = Field(
+        768 * 32 * 32, ge=1, description="Largest area of one video frame after resize (videos are costlier than images)."
+    )
+    default_instruction: str = Field(DEFAULT_INSTRUCTION, min_length=1, description="Instruction when a request gives none.")
+    max_batch_tokens: int = Field(16384, ge=64, description="Token budget of one engine micro-batch (padded length x rows).")
+
+    @model_validator(mode="after")
+    def _pixels_ordered(self) -> ModelConfig:
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels ({self.min_pixels}) must not exceed max_pixels ({self.max_pixels})")
+        return self
+
+
+class ActorOptions(_Strict):
+    """The subset of Ray's `ray_actor_options` an arm may set (pins replicas to GPU types)."""
+
+    num_cpus: float | None = Field(None, ge=0, description="CPUs reserved per replica.")
+    num_gpus: float = Field(0, ge=0, description="GPUs reserved per replica (fractions share a GPU).")
+    accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. H100, A10G, T4.")
+    memory: int | None = Field(None, ge=0, description="Heap memory reserved per replica, in bytes.")
+    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per replica.")
+
+    def to_ray(self) -> dict:
+        return self.model_dump(exclude_none=True, exclude_defaults=False)
+
+
+class AutoscalingConfig(_Strict):
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas.")
+    max_replicas: int = Field(1, ge=1, description="Most replicas.")
+    target_ongoing_requests: float = Field(8, gt=0, description="Requests per replica the autoscaler aims for.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        return self
+
+
+class BatchingConfig(_Strict):
+    max_batch_size: int = Field(32, ge=1, description="Most requests merged into one engine call by @serve.batch.")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="How long the first request waits for others to join.")
+
+
+class ArmConfig(_Strict):
+    name: str = Field(..., pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$", description="Arm name, used in URLs, headers and metrics.")
+    precision: Precision = Field(..., description="Numeric precision of this arm's engine.")
+    checkpoint: str | None = Field(
+        None, description="Model folder or hub id for this arm (e.g. a pre-quantized AWQ checkpoint); defaults to model.source."
+    )
+    weight: float = Field(1.0, ge=0, description="Share of routed traffic (relative to the other arms).")
+    num_replicas: int = Field(1, ge=1, description="Fixed replica count, unless autoscaling is set.")
+    autoscaling: AutoscalingConfig | None = Field(None, description="Autoscaling bounds; overrides num_replicas.")
+    max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica accepts before Serve queues or rejects.")
+    max_queued_requests: int = Field(256, ge=-1, description="Requests queued per handle before 503 (-1: unbounded).")
+    ray_actor_options: ActorOptions = Field(default_factory=ActorOptions, description="Resources per replica.")
+    batching: BatchingConfig = Field(default_factory=BatchingConfig, description="Dynamic batching limits.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the engine runs; auto picks cuda when a GPU is assigned.")
+
+
+class ShadowConfig(_Strict):
+    arm: str = Field(..., description="Arm that receives mirrored traffic.")
+    fraction: float = Field(0.1, ge=0, le=1, description="Share of primary requests mirrored.")
+    top_k: int = Field(10, ge=1, description="k for top-k overlap and NDCG@k agreement.")
+
+
+class RouterConfig(_Strict):
+    sticky_header: str = Field("x-rerank-user", description="Header whose value keeps a user on one arm.")
+    pin_header: str = Field("x-rerank-arm", description="Header that pins a request to a named arm.")
+    shadow: ShadowConfig | None = Field(None, description="Mirror traffic to a second arm and compare rankings.")
+
+
+class CacheConfig(_Strict):
+    redis_url: str | None = Field(None, description="redis://host:port/db for the shared tier; None keeps only the in-replica LRU.")
+    ttl_s: int = Field(24 * 3600, ge=1, description="Lifetime of a cached entry in Redis.")
+    local_max_bytes: int = Field(256 * 1024 * 1024, ge=0, description="Byte bound of the in-replica LRU (0 disables it).")
+    max_item_bytes: int = Field(16 * 1024 * 1024, ge=1, description="Entries larger than this are not cached.")
+    redis_timeout_s: float = Field(0.05, gt=0, description="Per-operation Redis timeout; slower means bypass.")
+    retry_after_s: float = Field(5.0, ge=0, description="After a Redis failure, skip Redis for this long.")
+
+
+class LimitsConfig(_Strict):
+    max_documents: int = Field(1000, ge=1, description="Documents per request.")
+    max_text_chars: int = Field(32_000, ge=1, description="Characters per text field.")
+    max_images_per_item: int = Field(8, ge=0, description="Images in one query or document.")
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Encoded bytes of one image.")
+    max_image_pixels: int = Field(64 * 1024 * 1024, ge=1, description="Decoded pixels of one image (decompression-bomb guard).")
+    max_video_frames: int = Field(256, ge=1, description="Frames given in one video.")
+    max_video_bytes: int = Field(200 * 1024 * 1024, ge=1, description="Encoded bytes of one video file.")
+    max_request_bytes: int = Field(64 * 1024 * 1024, ge=1, description="Bytes of one HTTP request body.")
+    fetch_timeout_s: float = Field(10.0, gt=0, description="Time limit of one URL fetch.")
+    max_redirects: int = Field(3, ge=0, description="Redirects followed per fetch, each re-checked.")
+    allow_private_urls: bool = Field(False, description="Allow URLs resolving to loopback, private or link-local addresses.")
+    allowed_hosts: list[str] = Field(default_factory=list, description="Hosts allowed even when private (e.g. an internal CDN).")
+    request_timeout_s: float = Field(120.0, gt=0, description="End-to-end time limit of one rerank request.")
+
+
+class HttpConfig(_Strict):
+    host: str = Field("127.0.0.1", description="Address the HTTP proxy binds.")
+    port: int = Field(8000, ge=1, le=65535, description="Port of the HTTP proxy.")
+    route_prefix: str = Field("/", description="Serve route prefix of the app.")
+
+
+class FleetConfig(_Strict):
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The reranker model.")
+    arms: list[ArmConfig] = Field(..., min_length=1, description="Precision arms, one Serve deployment each.")
+    router: RouterConfig = Field(default_factory=RouterConfig, description="Traffic split, pins, sticky A/B, shadow.")
+    cache: CacheConfig = Field(default_factory=CacheConfig, description="Image-feature cache.")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Request limits and URL safety.")
+    http: HttpConfig = Field(default_factory=HttpConfig, description="Where the HTTP endpoint listens.")
+    api_keys: list[SecretStr] = Field(default_factory=list, description="Bearer keys accepted; empty means no auth.")
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> FleetConfig:
+        names = [a.name for a in self.arms]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"arm names must be unique, repeated: {dupes}")
+        if sum(a.weight for a in self.arms) <= 0:
+            raise ValueError("at least one arm needs a weight > 0")
+        if self.router.shadow is not None and self.router.shadow.arm not in names:
+            raise ValueError(f"router.shadow.arm {self.router.shadow.arm!r} is not one of the arms {names}")
+        return self
+
+    def arm(self, name: str) -> ArmConfig:
+        for a in self.arms:
+            if a.name == name:
+                return a
+        raise KeyError(name)
+
+    @classmethod
+    def from_dict(cls, data: dict, *, source: str = "config") -> FleetConfig:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise ConfigError(_describe(e, source)) from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> FleetConfig:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"{path}: cannot read YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+        return cls.from_dict(data, source=str(path))
+
+    def to_dict(self) -> dict:
+        """Plain data (secrets revealed) for Serve's `args`, which must be JSON-serialisable."""
+        data = self.model_dump(mode="json")
+        data["api_keys"] = [k.get_secret_value() for k in self.api_keys]
+        return data
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"{loc}: {e['msg']}")
+    return f"{source}: invalid configuration: " + "; ".join(lines)

@@ -1,0 +1,1 @@
+"""The reranker engine one arm replica runs: prompt building, vision features, scoring."""

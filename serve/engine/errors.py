@@ -1,0 +1,66 @@
+"""Typed errors of the engine and configuration.
+
+Each names the field and the problem. The HTTP layer maps `InputError` to 4xx and
+`ServiceUnavailable` to 503 in one function; nothing here knows about HTTP.
+"""
+
+from __future__ import annotations
+
+
+class RerankError(Exception):
+    """Base of every error this project raises on purpose."""
+
+
+class ConfigError(RerankError):
+    """A configuration file or value is invalid."""
+
+
+class InputError(RerankError):
+    """A client-supplied value is unusable. `field` names it (dotted path, e.g. documents.3.image)."""
+
+    status = 400
+
+    def __init__(self, field: str, problem: str):
+        self.field = field
+        self.problem = problem
+        super().__init__(f"{field}: {problem}")
+
+
+class EmptyInput(InputError):
+    """A query or document has no text, image or video."""
+
+
+class ImageDecodeError(InputError):
+    """Bytes that do not decode as an image (or video frame)."""
+
+
+class ImageTooLarge(InputError):
+    """Over the byte or pixel limit."""
+
+    status = 413
+
+
+class ForbiddenURL(InputError):
+    """A URL whose scheme or resolved address is not allowed."""
+
+
+class FetchError(InputError):
+    """A URL could not be fetched (status, timeout, size)."""
+
+    status = 422
+
+
+class UnknownPrecision(ConfigError):
+    """A precision name that is not one of the supported ones."""
+
+
+class PrecisionUnsupported(ConfigError):
+    """A precision this hardware or install cannot run (fp8 or AWQ kernels on CPU, bnb without its library)."""
+
+
+class ModelLoadError(RerankError):
+    """The checkpoint is missing, unreadable or of an unsupported architecture."""
+
+
+class ServiceUnavailable(RerankError):
+    """Retryable: overloaded or no healthy replica (HTTP 503)."""

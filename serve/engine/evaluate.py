@@ -1,0 +1,75 @@
+"""`rerank-fleet eval`: how faithfully a precision ranks compared with a reference precision.
+
+On the tiny model's held-out labelled set: Spearman and top-10 overlap against the reference
+arm's scores, NDCG@10 with the reference's ranking as gains, absolute NDCG@10 against the true
+labels, and the largest absolute score difference.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from serve.ranking import agreement, ndcg_at_k
+
+
+def labelled_set(model: str):
+    if model != "tiny":
+        raise SystemExit("eval needs a labelled set; only the tiny model's synthetic held-out set ships with the project")
+    from serve.engine.tiny import eval_set
+
+    return eval_set()
+
+
+def run_eval(model: str, precisions: list[str], reference: str = "fp32", device: str = "auto", out: str | None = None) -> dict:
+    from serve.config import ModelConfig
+    from serve.engine.engine import RerankEngine
+
+    tasks = labelled_set(model)
+    cfg = ModelConfig(source=model)
+    ref = RerankEngine.load(cfg, reference, device=device)
+    ref_scores = [ref.score(q, docs) for q, docs, _ in tasks]
+    rows = [{"precision": reference, "reference": reference, **_metrics(ref_scores, ref_scores, tasks)}]
+    for precision in precisions:
+        eng = RerankEngine.load(cfg, precision, device=device)
+        scores = [eng.score(q, docs) for q, docs, _ in tasks]
+        rows.append({"precision": precision, "reference": reference, **_metrics(ref_scores, scores, tasks)})
+        del eng
+    report = {
+        "model": ref.model_id,
+        "device": str(ref.device),
+        "tasks": len(tasks),
+        "documents_per_task": len(tasks[0][1]),
+        "date": time.strftime("%Y-%m-%d"),
+        "rows": rows,
+    }
+    print(format_table(rows))
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _metrics(ref_scores, scores, tasks) -> dict:
+    agree = [agreement(a, b, k=10) for a, b in zip(ref_scores, scores)]
+    return {
+        "spearman": float(np.mean([a["spearman"] for a in agree])),
+        "ndcg@10_vs_reference": float(np.mean([a["ndcg@10"] for a in agree])),
+        "top10_overlap": float(np.mean([a["top10_overlap"] for a in agree])),
+        "ndcg@10_labels": float(np.mean([ndcg_at_k(s, gains, 10) for s, (_, _, gains) in zip(scores, tasks)])),
+        "max_abs_score_diff": float(max(max(abs(x - y) for x, y in zip(a, b)) for a, b in zip(ref_scores, scores))),
+    }
+
+
+def format_table(rows: list[dict]) -> str:
+    head = f"| {'precision':9} | {'spearman':>8} | {'NDCG@10 vs ref':>14} | {'top-10 overlap':>14} | {'NDCG@10 labels':>14} | {'max |Δscore|':>12} |"
+    lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
+    for r in rows:
+        lines.append(
+            f"| {r['precision']:9} | {r['spearman']:8.4f} | {r['ndcg@10_vs_reference']:14.4f} | {r['top10_overlap']:14.4f} | "
+            f"{r['ndcg@10_labels']:14.4f} | {r['max_abs_score_diff']:12.5f} |"
+        )
+    return "\n".join(lines)

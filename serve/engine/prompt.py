@@ -1,0 +1,124 @@
+"""Prompt building exactly as the official Qwen3-VL-Reranker does it. Pure: no model, no I/O.
+
+Reference: QwenLM/Qwen3-VL-Embedding, src/models/qwen3_vl_reranker.py. The user turn is a list
+of content parts: `<Instruct>: {instruction}`, `<Query>:`, the query's parts, `\\n<Document>:`,
+the document's parts; each side renders videos, then images, then text, and an empty side is
+the text `NULL`. The checkpoint's chat template (with the generation prompt) turns the
+messages into text; the scored position is the last token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from serve.engine.inputs import RerankItem
+
+SYSTEM_PROMPT = (
+    'Judge whether the Document meets the requirements based on the Query and the Instruct provided. '
+    'Note that the answer can only be "yes" or "no".'
+)
+DEFAULT_INSTRUCTION = "Given a search query, retrieve relevant candidates that answer the query."
+QUERY_PREFIX = "<Query>:"
+DOCUMENT_PREFIX = "\n<Document>:"
+
+IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+VIDEO_PLACEHOLDER = "<|vision_start|><|video_pad|><|vision_end|>"
+
+# The Qwen3-VL chat template, reduced to what a rerank conversation uses (system and user turns of
+# text, image and video parts, generation prompt). Real checkpoints bring their own template;
+# this one ships with the project's tiny model and renders the same text for these messages.
+QWEN3_VL_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif part['type'] == 'video' -%}{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
+    "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
+)
+
+
+def item_content(item: RerankItem, prefix: str) -> list[dict]:
+    """Content parts of one side: prefix, then videos, images, text; `NULL` when the side is empty."""
+    parts: list[dict] = [{"type": "text", "text": prefix}]
+    if item.is_empty:
+        parts.append({"type": "text", "text": "NULL"})
+        return parts
+    if item.video is not None:
+        parts.append({"type": "video"})
+    parts.extend({"type": "image"} for _ in item.images)
+    if item.text:
+        parts.append({"type": "text", "text": item.text})
+    return parts
+
+
+def build_messages(query: RerankItem, document: RerankItem, instruction: str) -> list[dict]:
+    """The chat messages the official reranker scores for one (query, document) pair."""
+    content = [{"type": "text", "text": "<Instruct>: " + instruction}]
+    content += item_content(query, QUERY_PREFIX)
+    content += item_content(document, DOCUMENT_PREFIX)
+    return [
+        {"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]},
+        {"role": "user", "content": content},
+    ]
+
+
+@dataclass(frozen=True)
+class VisionSlot:
+    """One image or video in a rendered prompt, in order of appearance."""
+
+    kind: str  # "image" | "video"
+    tokens_per_frame: int  # merged visual tokens per temporal group
+    timestamps: tuple[float, ...] = ()  # video only: one per temporal group
+
+
+def expand_vision_placeholders(text: str, slots: list[VisionSlot]) -> str:
+    """Replace each single-token placeholder with as many pad tokens as the vision tower emits.
+
+    Videos become one `<t seconds><|vision_start|>pads<|vision_end|>` block per temporal group,
+    as the Qwen3-VL processor renders them.
+    """
+    out: list[str] = []
+    pos = 0
+    for slot in slots:
+        ph = IMAGE_PLACEHOLDER if slot.kind == "image" else VIDEO_PLACEHOLDER
+        at = text.find(ph, pos)
+        if at < 0:
+            raise ValueError(f"rendered prompt lacks a {slot.kind} placeholder")
+        out.append(text[pos:at])
+        if slot.kind == "image":
+            out.append("<|vision_start|>" + "<|image_pad|>" * slot.tokens_per_frame + "<|vision_end|>")
+        else:
+            for t in slot.timestamps:
+                out.append(f"<{t:.1f} seconds><|vision_start|>" + "<|video_pad|>" * slot.tokens_per_frame + "<|vision_end|>")
+        pos = at + len(ph)
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def truncate_keeping_final(ids: list[int], max_length: int, keep: set[int], tail: int) -> list[int] | None:
+    """Fit `ids` into `max_length` by dropping ordinary tokens from the end of the body.
+
+    Special tokens (vision pads, turn markers: `keep`) and the final `tail` tokens (end of the user
+    turn and the generation prompt, where the score is read) are never dropped, so vision tokens
+    stay aligned with their features. Returns None when even that does not fit.
+    """
+    if len(ids) <= max_length:
+        return ids
+    body, end = ids[: len(ids) - tail], ids[len(ids) - tail :]
+    n_special = sum(1 for t in body if t in keep)
+    budget = max_length - tail - n_special
+    if budget < 0:
+        return None
+    kept: list[int] = []
+    for t in body:
+        if t in keep:
+            kept.append(t)
+        elif budget > 0:
+            kept.append(t)
+            budget -= 1
+    return kept + end

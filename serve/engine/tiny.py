@@ -1,0 +1,420 @@
+"""The offline model: a tiny Qwen3-VL-architecture reranker the project builds and trains itself.
+
+No model hub is reachable here and random weights rank randomly, so this module makes a real
+`Qwen3VLForConditionalGeneration` (ViT with deepstack, M-RoPE decoder) small enough for two CPU
+cores, with its own byte-level BPE tokenizer (`yes` and `no` single tokens, Qwen special tokens),
+image-processor settings and chat template, and trains it on synthetic rerank pairs it
+generates: coloured shapes on noisy backgrounds with matching, half-matching and non-matching
+captions, as text->image, image->text and text->text pairs. Training is seeded and cached by a
+hash of this file and the library versions; `ensure_tiny_model()` returns the folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+log = logging.getLogger(__name__)
+
+SEED = 1234
+IMAGE_SIDE = 96  # 96 px = 6x6 patches of 16 -> 9 merged visual tokens
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (230, 210, 40),
+    "purple": (150, 60, 190),
+    "orange": (240, 140, 30),
+}
+SHAPES = ("circle", "square", "triangle", "cross")
+CAPTIONS = ("a {c} {s}", "{c} {s}", "a picture of a {c} {s}", "an image showing a {c} {s}", "the {s} is {c}")
+QUERIES = ("{c} {s}", "find a {c} {s}", "show me a {c} {s}", "{s} that is {c}")
+HELD_OUT_QUERIES = ("looking for a {c} {s}", "any {c} {s}")
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|image_pad|>", "<|video_pad|>",
+]
+
+TEXT_CONFIG = dict(
+    hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=32, max_position_embeddings=4096, rms_norm_eps=1e-6, hidden_act="silu",
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [6, 5, 5], "mrope_interleaved": True},
+)
+VISION_CONFIG = dict(
+    depth=2, hidden_size=64, intermediate_size=128, num_heads=4, patch_size=16, spatial_merge_size=2,
+    temporal_patch_size=2, out_hidden_size=128, num_position_embeddings=64, deepstack_visual_indexes=[0, 1],
+    hidden_act="gelu_pytorch_tanh",
+)
+# Curriculum, as real VLMs are built: (1) align the vision tower so an image's tokens point where
+# the words for its colour and shape point in the decoder's embedding table (the "projector
+# alignment" stage); (2) learn matching in short prompts (query and document alone), where the
+# circuit is found in a few hundred steps; (3) the official layout, with some short prompts mixed
+# in. Trained on the official layout alone, a 4-layer model sits on a loss plateau for thousands
+# of steps under the ~60-token preamble.
+ALIGN_STEPS = 300
+SHORT_STEPS = 700
+TRAIN_STEPS = 1500
+SHORT_SHARE_LATER = 0.25
+BATCH = 32
+LR = 2e-3
+
+
+@dataclass(frozen=True)
+class Thing:
+    colour: str
+    shape: str
+
+    def relevance(self, other: Thing) -> int:
+        """Graded relevance: 2 same colour and shape, 1 one of them, 0 neither."""
+        return int(self.colour == other.colour) + int(self.shape == other.shape)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("RERANK_FLEET_CACHE", Path.home() / ".cache" / "rerank-fleet"))
+
+
+def build_fingerprint() -> str:
+    import tokenizers
+    import transformers
+
+    h = hashlib.sha256(Path(__file__).read_bytes())
+    h.update(f"{torch.__version__}|{transformers.__version__}|{tokenizers.__version__}".encode())
+    return h.hexdigest()[:16]
+
+
+def ensure_tiny_model(root: Path | None = None) -> Path:
+    """Path of the trained tiny model, building it (a few minutes, once) if not cached."""
+    from filelock import FileLock
+
+    root = root or cache_root()
+    target = root / f"tiny-qwen3-vl-reranker-{build_fingerprint()}"
+    if (target / "DONE").exists():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):  # replicas and test workers may race to build it
+        if (target / "DONE").exists():
+            return target
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=".building-"))
+        try:
+            report = build_and_train(tmp)
+            (tmp / "training_report.json").write_text(json.dumps(report, indent=2))
+            (tmp / "DONE").write_text("ok\n")
+            if target.exists():
+                shutil.rmtree(target)
+            tmp.rename(target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# ---- synthetic world ------------------------------------------------------------------------
+
+
+def draw(thing: Thing, rng: random.Random, side: int = IMAGE_SIDE) -> bytes:
+    """PNG bytes of one coloured shape on a noisy light background."""
+    bg = tuple(rng.randint(200, 250) for _ in range(3))
+    img = Image.new("RGB", (side, side), bg)
+    d = ImageDraw.Draw(img)
+    # Large, nearly centred shapes: at 16-pixel patches a tiny ViT tells them apart by which patches
+    # are filled (corners, edges, centre), which it learns in a few hundred steps.
+    size = rng.randint(side * 65 // 100, side * 85 // 100)
+    x0 = (side - size) // 2 + rng.randint(-side // 16, side // 16)
+    y0 = (side - size) // 2 + rng.randint(-side // 16, side // 16)
+    box = (x0, y0, x0 + size, y0 + size)
+    jitter = [max(0, min(255, c + rng.randint(-20, 20))) for c in COLOURS[thing.colour]]
+    fill = tuple(jitter)
+    if thing.shape == "circle":
+        d.ellipse(box, fill=fill)
+    elif thing.shape == "square":
+        d.rectangle(box, fill=fill)
+    elif thing.shape == "triangle":
+        d.polygon([(x0 + size / 2, y0), (x0, y0 + size), (x0 + size, y0 + size)], fill=fill)
+    else:
+        w = size // 3
+        d.rectangle((x0 + w, y0, x0 + 2 * w, y0 + size), fill=fill)
+        d.rectangle((x0, y0 + w, x0 + size, y0 + 2 * w), fill=fill)
+    arr = np.asarray(img, dtype=np.int16) + np.asarray(np.random.default_rng(rng.randint(0, 2**31)).integers(-12, 13, (side, side, 3)), np.int16)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def random_thing(rng: random.Random) -> Thing:
+    return Thing(rng.choice(list(COLOURS)), rng.choice(SHAPES))
+
+
+def neighbour(t: Thing, rng: random.Random, relevance: int) -> Thing:
+    """A thing with the given relevance to `t`."""
+    if relevance == 2:
+        return t
+    other_c = rng.choice([c for c in COLOURS if c != t.colour])
+    other_s = rng.choice([s for s in SHAPES if s != t.shape])
+    if relevance == 1:
+        return Thing(t.colour, other_s) if rng.random() < 0.5 else Thing(other_c, t.shape)
+    return Thing(other_c, other_s)
+
+
+def caption(t: Thing, rng: random.Random) -> str:
+    return rng.choice(CAPTIONS).format(c=t.colour, s=t.shape)
+
+
+def query_text(t: Thing, rng: random.Random, templates=QUERIES) -> str:
+    return rng.choice(templates).format(c=t.colour, s=t.shape)
+
+
+class ImagePool:
+    """Pre-drawn training images per (colour, shape), with their patches: drawing and resizing
+    anew every step would cost more than the model's own training step on two cores."""
+
+    def __init__(self, engine, rng: random.Random, per_class: int = 32):
+        self.images = {Thing(c, s): [draw(Thing(c, s), rng) for _ in range(per_class)] for c in COLOURS for s in SHAPES}
+        self.patches = {id(b): engine.preprocessor.image(b, "image") for bs in self.images.values() for b in bs}
+        self.rng = rng
+
+    def sample(self, t: Thing) -> bytes:
+        return self.rng.choice(self.images[t])
+
+
+def training_pairs(rng: random.Random, pool: ImagePool | None = None) -> Iterator[tuple]:
+    """Endless (query, document, target) with a third of each relevance grade and three pair kinds."""
+    from serve.engine.inputs import RerankItem
+
+    targets = {2: 1.0, 1: 0.25, 0: 0.0}
+
+    def image_of(t: Thing) -> bytes:
+        return pool.sample(t) if pool is not None else draw(t, rng)
+
+    while True:
+        q = random_thing(rng)
+        rel = rng.choice((0, 1, 2))
+        d = neighbour(q, rng, rel)
+        kind = rng.random()
+        if kind < 0.45:
+            pair = (RerankItem(text=query_text(q, rng)), RerankItem(images=(image_of(d),)))
+        elif kind < 0.75:
+            pair = (RerankItem(images=(image_of(q),)), RerankItem(text=caption(d, rng)))
+        else:
+            pair = (RerankItem(text=query_text(q, rng)), RerankItem(text=caption(d, rng)))
+        yield pair[0], pair[1], targets[rel]
+
+
+def eval_set(seed: int = 99, n_queries: int = 24, n_docs: int = 20, *, templates=HELD_OUT_QUERIES):
+    """Held-out ranking tasks: a text query and `n_docs` candidates (images and captions) with graded
+    relevance. New images, new query phrasings. Returns [(query_item, [doc_items], [gains])]."""
+    from serve.engine.inputs import RerankItem
+
+    rng = random.Random(seed)
+    tasks = []
+    for _ in range(n_queries):
+        q = random_thing(rng)
+        docs, gains = [], []
+        for j in range(n_docs):
+            rel = 2 if j < 3 else 1 if j < 9 else 0
+            d = neighbour(q, rng, rel)
+            docs.append(RerankItem(images=(draw(d, rng),)) if rng.random() < 0.6 else RerankItem(text=caption(d, rng)))
+            gains.append(float(rel))
+        order = list(range(n_docs))
+        rng.shuffle(order)
+        tasks.append((RerankItem(text=query_text(q, rng, templates)), [docs[i] for i in order], [gains[i] for i in order]))
+    return tasks
+
+
+# ---- building -------------------------------------------------------------------------------
+
+
+def build_tokenizer(folder: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from serve.engine.prompt import DEFAULT_INSTRUCTION, QWEN3_VL_CHAT_TEMPLATE, SYSTEM_PROMPT
+
+    rng = random.Random(SEED)
+    corpus = [SYSTEM_PROMPT, DEFAULT_INSTRUCTION, "<Instruct>: <Query>: <Document>: NULL", "yes", "no"] * 50
+    for _ in range(3000):
+        t = random_thing(rng)
+        corpus += [caption(t, rng), query_text(t, rng), query_text(t, rng, HELD_OUT_QUERIES)]
+    corpus += ["The quick brown fox jumps over the lazy dog. 0123456789 seconds"] * 20
+    tok = Tokenizer(models.BPE())
+    # Words split on whitespace and punctuation before byte-level BPE, so "red" is one token wherever
+    # it stands (start of a side or after a space): the tiny model learns matching far faster.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=640, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
+        additional_special_tokens=SPECIAL_TOKENS[1:],
+    )
+    fast.chat_template = QWEN3_VL_CHAT_TEMPLATE
+    fast.padding_side = "left"
+    fast.save_pretrained(folder)
+    for w in ("yes", "no"):
+        if len(fast(w, add_special_tokens=False)["input_ids"]) != 1:
+            raise RuntimeError(f"tiny tokenizer splits {w!r}")
+
+
+def build_model(folder: Path, seed: int = SEED):
+    """Write tokenizer, configs and a randomly initialised model into `folder`; return the model."""
+    from transformers import AutoTokenizer, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    build_tokenizer(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    cfg = Qwen3VLConfig(
+        text_config=dict(TEXT_CONFIG, vocab_size=len(tok), pad_token_id=ids["<|endoftext|>"]),
+        vision_config=VISION_CONFIG,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(cfg).float()
+    (folder / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "image_processor_type": "Qwen2VLImageProcessor",
+                "patch_size": 16, "temporal_patch_size": 2, "merge_size": 2,
+                "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+                "size": {"shortest_edge": 4 * 32 * 32, "longest_edge": 1800 * 32 * 32},
+            },
+            indent=2,
+        )
+    )
+    return model
+
+
+def build_and_train(folder: Path, steps: int = TRAIN_STEPS) -> dict:
+    from serve.config import ModelConfig
+    from serve.engine.engine import RerankEngine
+    from serve.engine.model import LoadedModel
+    from transformers import AutoTokenizer
+
+    t0 = time.time()
+    torch.manual_seed(SEED)
+    model = build_model(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.padding_side = "left"
+    loaded = LoadedModel(model, folder, str(folder), "qwen3-vl", "fp32", torch.device("cpu"), torch.float32)
+    engine = RerankEngine(loaded, tok, ModelConfig(source=str(folder)), max_image_bytes=1 << 20, max_image_pixels=1 << 20, model_id="tiny")
+    rng = random.Random(SEED)
+    pool = ImagePool(engine, random.Random(SEED + 2))
+    stream = training_pairs(rng, pool)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    model.train()
+    align_report = align_vision(model, pool, random.Random(SEED + 1), engine.tokenizer)
+    losses = []
+    for step in range(steps):
+        short = step < SHORT_STEPS or rng.random() < SHORT_SHARE_LATER
+        batch, targets = training_batch(engine, [next(stream) for _ in range(BATCH)], short=short, patch_cache=pool.patches)
+        logits = model(**batch, use_cache=False, logits_to_keep=1).logits[:, -1]
+        margin = logits[:, engine.yes_id] - logits[:, engine.no_id]
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(margin, targets)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if step % 100 == 99:
+            log.info("tiny model step %d loss %.4f (%.0f s)", step + 1, float(np.mean(losses[-100:])), time.time() - t0)
+    model.eval()
+    model.save_pretrained(folder)
+    engine = RerankEngine.load(ModelConfig(source=str(folder)), "fp32", device="cpu")
+    ndcg = evaluate_ndcg(engine)
+    return {
+        "align_steps": ALIGN_STEPS, **align_report, "steps": steps, "short_steps": SHORT_STEPS,
+        "final_loss": float(np.mean(losses[-50:])), "heldout_ndcg@10": ndcg, "seconds": round(time.time() - t0, 1),
+    }
+
+
+def align_vision(model, pool: ImagePool, rng: random.Random, tokenizer, steps: int = ALIGN_STEPS, batch: int = 48) -> dict:
+    """Stage 1: train the ViT and its mergers so the mean visual token of an image classifies its
+    colour and shape against the (frozen) decoder embeddings of those words (cosine, scale 20)."""
+    word = {w: tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in (*COLOURS, *SHAPES)}
+    table = model.model.language_model.embed_tokens.weight.detach()
+    colour_rows = torch.nn.functional.normalize(table[[word[c] for c in COLOURS]], dim=-1)
+    shape_rows = torch.nn.functional.normalize(table[[word[s] for s in SHAPES]], dim=-1)
+    visual = model.model.visual
+    opt = torch.optim.AdamW(visual.parameters(), lr=LR)
+    accs = []
+    for step in range(steps):
+        things = [random_thing(rng) for _ in range(batch)]
+        patches = [pool.patches[id(pool.sample(t))] for t in things]
+        out = visual(torch.cat([p.pixel_values for p in patches]), grid_thw=torch.tensor([p.grid_thw for p in patches]), return_dict=True)
+        per_image = out.pooler_output.view(batch, -1, out.pooler_output.shape[-1]).mean(1)  # all images share one grid
+        v = torch.nn.functional.normalize(per_image, dim=-1)
+        c_target = torch.tensor([list(COLOURS).index(t.colour) for t in things])
+        s_target = torch.tensor([SHAPES.index(t.shape) for t in things])
+        c_logits, s_logits = 20 * v @ colour_rows.T, 20 * v @ shape_rows.T
+        loss = torch.nn.functional.cross_entropy(c_logits, c_target) + torch.nn.functional.cross_entropy(s_logits, s_target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        accs.append(float(((c_logits.argmax(1) == c_target) & (s_logits.argmax(1) == s_target)).float().mean()))
+        if step % 100 == 99:
+            log.info("vision alignment step %d loss %.3f accuracy %.2f", step + 1, loss.item(), np.mean(accs[-50:]))
+    return {"vision_alignment_accuracy": float(np.mean(accs[-50:]))}
+
+
+def short_prompt(engine, pair) -> str:
+    """Curriculum prompt: the official query/document parts without the system turn and instruction."""
+    from serve.engine.prompt import DOCUMENT_PREFIX, QUERY_PREFIX, item_content
+
+    content = item_content(pair.query, QUERY_PREFIX) + item_content(pair.document, DOCUMENT_PREFIX)
+    messages = [{"role": "user", "content": content}]
+    return engine.tokenizer.apply_chat_template(messages, chat_template=engine.chat_template, tokenize=False, add_generation_prompt=True)
+
+
+def training_batch(engine, examples, short: bool = False, patch_cache: dict | None = None) -> tuple[dict, torch.Tensor]:
+    """Token ids and pixel values of a batch, through the engine's own prompt encoding."""
+    from serve.engine.features import ImageFeatures
+    from serve.engine.inputs import ScorePair, image_digest
+
+    pairs, targets, patches, grids = [], [], [], {}
+    for q, d, target in examples:
+        pairs.append(ScorePair(q, d))
+        targets.append(target)
+        for item in (q, d):
+            for b in item.images:
+                pp = (patch_cache or {}).get(id(b)) or engine.preprocessor.image(b, "image")
+                patches.append(pp)
+                key = engine.feature_spec.cache_key(image_digest(b))
+                grids[key] = ImageFeatures(torch.empty(0), (), pp.grid_thw, engine.feature_spec, "")
+    rows = [engine._encode_pair(p, grids, short_prompt(engine, p) if short else None) for p in pairs]
+    batch = engine.collate(rows)
+    if patches:
+        batch["pixel_values"] = torch.cat([p.pixel_values for p in patches])
+        batch["image_grid_thw"] = torch.tensor([p.grid_thw for p in patches])
+    return batch, torch.tensor(targets)
+
+
+def evaluate_ndcg(engine, tasks=None, k: int = 10) -> float:
+    from serve.ranking import ndcg_at_k
+
+    tasks = tasks if tasks is not None else eval_set()
+    return float(np.mean([ndcg_at_k(engine.score(q, docs), gains, k) for q, docs, gains in tasks]))
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    print(ensure_tiny_model())
