@@ -8,6 +8,7 @@ logits are read from lm_head rows, where quantization error lands directly on th
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from serve.engine.errors import ModelLoadError, PrecisionUnsupported, UnknownPre
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8", "nf4", "awq", "fp8")
 KEEP_16BIT = ["visual", "lm_head"]
+# LLM.int8 casts fp32 activations to fp16 for its int8 matmul and says so on every call.
+warnings.filterwarnings("ignore", message=".*MatMul8bitLt: inputs will be cast.*")
 FAMILIES = {"qwen3_vl": "qwen3-vl", "qwen2_5_vl": "lychee"}
 
 
@@ -107,7 +110,7 @@ def awq_loading_kwargs(cfg: dict, device: torch.device) -> dict:
         if device.type == "cpu":
             from transformers import CompressedTensorsConfig
 
-            return {"quantization_config": CompressedTensorsConfig(run_compressed=False)}
+            return {"quantization_config": CompressedTensorsConfig(dequantize=True)}
         return {}
     if method == "awq":
         if device.type == "cpu":

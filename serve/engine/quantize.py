@@ -10,6 +10,7 @@ precisions do. The output is a compressed-tensors checkpoint that transformers, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -64,7 +65,10 @@ def quantize(model: str, out: str | Path, *, scheme: str = "awq", num_samples: i
     kwargs = {}
     if dataset is not None:
         kwargs.update(dataset=dataset, data_collator=collate, num_calibration_samples=len(dataset), pipeline="basic")
-    oneshot(model=engine.model, recipe=recipe, **kwargs)
+    # The stock Qwen3-VL processor needs torchvision (video); calibration rows are already tensors,
+    # so the tokenizer stands in as the processor llm-compressor asks for.
+    with _no_pinning_without_accelerator():
+        oneshot(model=engine.model, recipe=recipe, processor=engine.tokenizer, **kwargs)
     out.mkdir(parents=True, exist_ok=True)
     engine.model.save_pretrained(out, save_compressed=True)
     for name in COPY_FILES:
@@ -72,6 +76,23 @@ def quantize(model: str, out: str | Path, *, scheme: str = "awq", num_samples: i
             shutil.copy(source / name, out / name)
     (out / "rerank_fleet_quantize.json").write_text(json.dumps({"base": str(model), "scheme": scheme, "ignore": IGNORE, "calibration_pairs": num_samples}, indent=2))
     return out
+
+
+@contextlib.contextmanager
+def _no_pinning_without_accelerator():
+    """llm-compressor 0.14's AWQ pins cached activations for faster host-to-device copies, which
+    raises on a machine without an accelerator. Pinning changes no value, so on CPU it is skipped."""
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    if torch.cuda.is_available():
+        yield
+        return
+    original = IntermediatesCache.pin_memory
+    IntermediatesCache.pin_memory = lambda self, *a, **k: None
+    try:
+        yield
+    finally:
+        IntermediatesCache.pin_memory = original
 
 
 def _calibration_dataset(engine, pairs):
