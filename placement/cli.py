@@ -1,0 +1,98 @@
+"""`rerank-fleet plan`: plan a placement from an inventory YAML and write what deploys it.
+
+    python -m placement.cli plan configs/placement-example.yaml --out /tmp/plan
+    python -m placement.cli plan inventory.yaml --objective capacity --budget 40 --profile bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from placement.inventory import Inventory, InventoryError
+from placement.memory import ArchitectureError
+from placement.planner import plan_placement
+from placement.render import OUTPUT_FILES, read_architecture_config, render_outputs, write_outputs
+from placement.report import format_plan
+from placement.solve import PlacementInfeasible
+from placement.throughput import BenchEngineReport
+
+
+def add_subparser(subparsers) -> argparse.ArgumentParser:
+    """Register the `plan` subcommand on an argparse subparsers object."""
+    parser = subparsers.add_parser(
+        "plan",
+        help="choose replicas per precision arm and GPU type, and write the deployment files",
+        description="Plan which precision arm runs on which GPU type with how many replicas (exact MILP), "
+        "print the reasoning, and optionally write the Serve config, ray-up YAMLs and KubeRay manifests.",
+    )
+    parser.add_argument("inventory", type=Path, help="inventory YAML (node types, model, traffic, arms, constraints)")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        action="append",
+        default=[],
+        help="`rerank-fleet bench engine --out` JSON measured on one GPU type (repeat for several)",
+    )
+    parser.add_argument(
+        "--out", type=Path, help=f"folder to write {', '.join(OUTPUT_FILES.values())} into"
+    )
+    parser.add_argument(
+        "--objective",
+        choices=("cost", "capacity"),
+        default="cost",
+        help="cost: meet the traffic at the lowest cost; capacity: serve the most traffic within --budget",
+    )
+    parser.add_argument("--budget", type=float, help="cost per hour the capacity objective may spend")
+    parser.set_defaults(func=run_plan)
+    return parser
+
+
+def _load_profile(path: Path) -> BenchEngineReport:
+    try:
+        return BenchEngineReport.model_validate(json.loads(path.read_text()))
+    except (OSError, json.JSONDecodeError) as err:
+        raise InventoryError(f"{path}: cannot read the bench engine profile: {err}") from None
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise InventoryError(f"{path}: invalid bench engine profile: {where}: {first['msg']}") from None
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    if args.objective == "capacity" and args.budget is None:
+        print("error: --objective capacity needs --budget", file=sys.stderr)
+        return 2
+    try:
+        inventory = Inventory.from_yaml(args.inventory)
+        architecture = read_architecture_config(inventory, args.inventory)
+        bench = [_load_profile(path) for path in args.profile]
+        report = plan_placement(inventory, architecture, bench=bench, objective=args.objective, budget=args.budget)
+    except (InventoryError, ArchitectureError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except PlacementInfeasible as err:
+        print(str(err), file=sys.stderr)
+        return 1
+    print(format_plan(report))
+    if args.out is not None:
+        outputs = render_outputs(report, str(args.inventory))
+        written = write_outputs(outputs, {kind: args.out / name for kind, name in OUTPUT_FILES.items()})
+        print("\nWrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m placement.cli")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_subparser(subparsers)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,316 @@
+"""The planner's one input file: GPU inventory, model, traffic, arms and constraints.
+
+`Inventory.from_yaml` is the only way a file becomes planner input; a bad file raises
+`InventoryError` naming the field and the reason (e.g. `node_types.2.gpu: unknown GPU 'T5'`).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from placement.hardware import GPU_CATALOGUE, PLANNED_PRECISIONS, GpuModel, PlannedPrecision
+
+# Agreement of each precision's top-10 ranking with the bf16 reference (NDCG@10), used when the
+# inventory gives no measured figures. Conservative values from published reranker quantisation
+# results; replace them with the project's own fidelity measurements in `constraints.fidelity`.
+DEFAULT_FIDELITY: dict[str, float] = {
+    "bf16": 1.0,
+    "fp16": 0.999,
+    "fp8": 0.995,
+    "int8": 0.99,
+    "awq": 0.985,
+    "nf4": 0.975,
+}
+
+
+class InventoryError(ValueError):
+    """An inventory file that cannot be planned from; the message names the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodeType(_Strict):
+    name: str = Field(
+        ...,
+        pattern=r"^[a-z0-9]([a-z0-9-]{0,28}[a-z0-9])?$",
+        description="Node type name (lowercase, digits, '-'); used in arm names, Ray node types and k8s groups.",
+    )
+    gpu: str = Field(..., description=f"GPU model, one of the catalogue: {sorted(GPU_CATALOGUE)}.")
+    gpus_per_node: int = Field(..., ge=1, le=16, description="GPUs in one node of this type.")
+    count: int | None = Field(
+        None, ge=0, description="Nodes that exist (a fixed fleet); the plan may use 0..count. Exclusive with min/max."
+    )
+    min_nodes: int | None = Field(None, ge=0, description="Nodes that always run (an autoscaling pool's floor).")
+    max_nodes: int | None = Field(None, ge=0, description="Most nodes this pool may grow to.")
+    cost_per_hour: float = Field(..., ge=0, description="Price of one node per hour, in the fleet's currency.")
+    memory_gib: float | None = Field(
+        None, gt=0, description="Per-GPU memory override in GiB (default: the catalogue's figure for the GPU)."
+    )
+    compute_capability: float | None = Field(
+        None, gt=0, description="CUDA compute capability override (default: the catalogue's figure)."
+    )
+    cpus_per_node: int = Field(
+        8, ge=1, description="CPU cores a node gives Ray (the k8s worker pod's request; leave room for the kubelet)."
+    )
+    host_memory_gib: int = Field(32, ge=1, description="Host RAM a node gives Ray, GiB (the k8s worker pod's request).")
+    aws_instance_type: str | None = Field(
+        None, description="EC2 instance type override (default: the catalogue's instance with this many GPUs)."
+    )
+    gcp_machine_type: str | None = Field(
+        None, description="GCE machine type override (default: the catalogue's machine with this many GPUs)."
+    )
+    k8s_node_selector: dict[str, str] | None = Field(
+        None, description="Kubernetes node selector override (default: nvidia.com/gpu.product=<GPU product label>)."
+    )
+
+    @field_validator("gpu")
+    @classmethod
+    def _known_gpu(cls, value: str) -> str:
+        if value not in GPU_CATALOGUE:
+            raise ValueError(f"unknown GPU {value!r}; known: {sorted(GPU_CATALOGUE)}")
+        return value
+
+    @model_validator(mode="after")
+    def _sizes(self) -> NodeType:
+        if self.count is not None and (self.min_nodes is not None or self.max_nodes is not None):
+            raise ValueError("give either count (a fixed fleet) or min_nodes/max_nodes (a pool), not both")
+        if self.count is None and self.max_nodes is None:
+            raise ValueError("give count (a fixed fleet) or max_nodes (a pool)")
+        if self.max_nodes is not None and (self.min_nodes or 0) > self.max_nodes:
+            raise ValueError(f"min_nodes ({self.min_nodes}) exceeds max_nodes ({self.max_nodes})")
+        return self
+
+    @property
+    def gpu_model(self) -> GpuModel:
+        return GPU_CATALOGUE[self.gpu]
+
+    @property
+    def node_floor(self) -> int:
+        return self.min_nodes or 0
+
+    @property
+    def node_ceiling(self) -> int:
+        return self.count if self.count is not None else int(self.max_nodes or 0)
+
+    @property
+    def gpu_memory_bytes(self) -> int:
+        if self.memory_gib is not None:
+            return int(self.memory_gib * 1024**3)
+        return self.gpu_model.memory_mib * 1024**2
+
+    @property
+    def effective_compute_capability(self) -> float:
+        return self.compute_capability if self.compute_capability is not None else self.gpu_model.compute_capability
+
+    @property
+    def accelerator_type(self) -> str:
+        return self.gpu_model.ray_accelerator_type
+
+
+class ModelSpec(_Strict):
+    name: str = Field(..., min_length=1, description="Display name of the model, e.g. qwen3-vl-reranker-8b.")
+    source: str = Field(
+        ..., min_length=1, description="What the serving app loads: a hub id (Qwen/Qwen3-VL-Reranker-8B) or a folder."
+    )
+    architecture_config: str | None = Field(
+        None,
+        description="config.json (or its folder) the planner reads, relative to the inventory file; default: "
+        "config.json of `source` (a local folder, or fetched alone from the hub). Weights are never read.",
+    )
+    awq_checkpoint: str | None = Field(
+        None, description="Pre-quantised AWQ W4A16 (group 128) checkpoint for awq arms; required when awq is an arm."
+    )
+    nf4_double_quant: bool = Field(True, description="Whether nf4 arms quantise their absmax values again (bitsandbytes).")
+
+
+class TrafficSpec(_Strict):
+    target_qps: float = Field(..., gt=0, description="Rerank requests per second the fleet must sustain.")
+    documents_per_request: int = Field(..., ge=1, description="Documents scored per request (pairs = QPS x this).")
+    tokens_per_document: int = Field(..., ge=1, description="Tokens of a text document.")
+    query_tokens: int = Field(32, ge=1, description="Tokens of a query.")
+    prompt_overhead_tokens: int = Field(64, ge=0, description="Instruction and chat-template tokens around each pair.")
+    image_share: float = Field(0.0, ge=0, le=1, description="Fraction of documents that are images.")
+    tokens_per_image: int = Field(
+        1024, ge=1, description="Visual tokens of one image after the 2x2 merge (pixels / (32*32) for Qwen3-VL)."
+    )
+    batch_token_budget: int = Field(
+        16384, ge=64, description="Token budget of one engine micro-batch; the serving app's model.max_batch_tokens."
+    )
+
+    @model_validator(mode="after")
+    def _pair_fits_batch(self) -> TrafficSpec:
+        longest = self.prompt_overhead_tokens + self.query_tokens + max(
+            self.tokens_per_document, self.tokens_per_image if self.image_share > 0 else 0
+        )
+        if longest > self.batch_token_budget:
+            raise ValueError(f"one pair ({longest} tokens) does not fit the batch_token_budget ({self.batch_token_budget})")
+        return self
+
+    @property
+    def target_pairs_per_s(self) -> float:
+        return self.target_qps * self.documents_per_request
+
+    @property
+    def text_pair_tokens(self) -> int:
+        return self.prompt_overhead_tokens + self.query_tokens + self.tokens_per_document
+
+    @property
+    def image_pair_tokens(self) -> int:
+        return self.prompt_overhead_tokens + self.query_tokens + self.tokens_per_image
+
+
+class ArmSpec(_Strict):
+    precision: PlannedPrecision = Field(..., description=f"Precision of this arm, one of {list(PLANNED_PRECISIONS)}.")
+    share: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Fraction of traffic this precision must serve; leave out to let the planner decide how much.",
+    )
+
+
+class ConstraintsSpec(_Strict):
+    memory_headroom: float = Field(0.10, ge=0, lt=1, description="Fraction of each GPU's memory kept free.")
+    capacity_headroom: float = Field(0.20, ge=0, description="Extra capacity over the target (0.2 plans for 120%).")
+    runtime_overhead_gib: float = Field(
+        1.0, ge=0, description="Per-replica CUDA context, kernels, library workspaces and fragmentation, GiB."
+    )
+    fidelity_floor: float = Field(
+        0.0, ge=0, le=1, description="Lowest fidelity (NDCG@10 agreement with bf16) a precision may have to be placed."
+    )
+    fidelity_floors: dict[PlannedPrecision, float] = Field(
+        default_factory=dict, description="Per-precision floors that replace fidelity_floor for those precisions."
+    )
+    fidelity: dict[PlannedPrecision, float] = Field(
+        default_factory=lambda: dict(DEFAULT_FIDELITY),
+        description="Fidelity per precision (measured ones replace the defaults); missing precisions use defaults.",
+    )
+
+    @field_validator("fidelity")
+    @classmethod
+    def _fidelity_range(cls, value: dict[str, float]) -> dict[str, float]:
+        for precision, score in value.items():
+            if not 0 <= score <= 1:
+                raise ValueError(f"fidelity of {precision} must be within [0, 1], got {score}")
+        return {**DEFAULT_FIDELITY, **value}
+
+    def floor_for(self, precision: str) -> float:
+        return self.fidelity_floors.get(precision, self.fidelity_floor)
+
+    def below_floor(self, precision: str) -> bool:
+        return self.fidelity[precision] < self.floor_for(precision)
+
+
+class DeploymentSpec(_Strict):
+    cluster_name: str = Field("rerank-fleet", pattern=r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$", description="Ray cluster and RayService name.")
+    app_name: str = Field("reranker", min_length=1, description="Serve application name.")
+    route_prefix: str = Field("/", description="HTTP route prefix of the Serve application.")
+    replica_cpus: float = Field(2, gt=0, description="CPUs reserved per arm replica (image decoding, tokenising).")
+    max_ongoing_requests: int = Field(64, ge=1, description="Requests one arm replica accepts before Serve queues them.")
+    autoscaling: bool = Field(False, description="Give arms autoscaling bounds instead of fixed replica counts.")
+    autoscaling_max_factor: float = Field(
+        2.0, ge=1, description="With autoscaling: max_replicas = planned replicas x this, capped by the pool's GPUs."
+    )
+    target_ongoing_requests: float = Field(8, gt=0, description="With autoscaling: requests per replica Serve aims for.")
+    redis_url: str | None = Field(
+        None, description="Feature-cache Redis for `ray up` clusters (e.g. a managed Redis); k8s uses its own Service."
+    )
+    ray_version: str = Field("2.60.0", description="Ray version installed on every node.")
+    image: str = Field(
+        "rerank-fleet:latest",
+        description="Container image with the project installed on rayproject/ray (ray up docker and KubeRay pods).",
+    )
+    aws_image_id: str | None = Field(
+        None, description="AMI with NVIDIA drivers and Docker for ray up on AWS (default: Ray's per-region choice)."
+    )
+    namespace: str = Field("default", pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", description="Kubernetes namespace.")
+    aws_region: str = Field("us-west-2", description="AWS region of the ray-up cluster.")
+    gcp_project: str = Field("your-gcp-project", description="GCP project id of the ray-up cluster.")
+    gcp_region: str = Field("us-central1", description="GCP region of the ray-up cluster.")
+    gcp_zone: str = Field("us-central1-a", description="GCP zone of the ray-up cluster.")
+
+
+class Inventory(_Strict):
+    node_types: list[NodeType] = Field(..., min_length=1, description="The GPU node types the fleet may use.")
+    model: ModelSpec = Field(..., description="The reranker to place.")
+    traffic: TrafficSpec = Field(..., description="The load to plan for.")
+    arms: list[ArmSpec] = Field(
+        ...,
+        min_length=1,
+        description="Precisions that may serve traffic, each with a required share or left to the planner; "
+        "default: every precision, left to the planner (awq only with model.awq_checkpoint).",
+    )
+    constraints: ConstraintsSpec = Field(default_factory=ConstraintsSpec, description="Headroom and fidelity floor.")
+    deployment: DeploymentSpec = Field(default_factory=DeploymentSpec, description="How the plan is deployed.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_arms(cls, data):
+        if isinstance(data, dict) and "arms" not in data:
+            model = data.get("model")
+            has_awq = isinstance(model, dict) and bool(model.get("awq_checkpoint"))
+            data = {**data, "arms": [{"precision": p} for p in PLANNED_PRECISIONS if p != "awq" or has_awq]}
+        return data
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Inventory:
+        names = [n.name for n in self.node_types]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"node_types: names must be unique, repeated: {repeated}")
+        # Replicas are pinned by Ray accelerator type, so two node types with the same one could not be told apart.
+        by_accelerator: dict[str, list[str]] = {}
+        for node in self.node_types:
+            by_accelerator.setdefault(node.accelerator_type, []).append(node.name)
+        clashes = {acc: ns for acc, ns in by_accelerator.items() if len(ns) > 1}
+        if clashes:
+            raise ValueError(
+                f"node_types: one node type per GPU type, but these share a Ray accelerator type: {clashes}"
+            )
+        precisions = [a.precision for a in self.arms]
+        repeated = sorted({p for p in precisions if precisions.count(p) > 1})
+        if repeated:
+            raise ValueError(f"arms: each precision once, repeated: {repeated}")
+        shares = [a.share for a in self.arms if a.share is not None]
+        if sum(shares) > 1 + 1e-9:
+            raise ValueError(f"arms: shares add up to {sum(shares):g}, more than 1")
+        if len(shares) == len(self.arms) and not math.isclose(sum(shares), 1.0, abs_tol=1e-9):
+            raise ValueError(f"arms: every arm has a share, so they must add up to 1 (got {sum(shares):g})")
+        if "awq" in precisions and not self.model.awq_checkpoint:
+            raise ValueError("model.awq_checkpoint: required because awq is one of the arms")
+        for node in self.node_types:
+            # Every GPU of a node must be usable: each replica also reserves deployment.replica_cpus.
+            if node.gpus_per_node * self.deployment.replica_cpus > node.cpus_per_node:
+                raise ValueError(
+                    f"node_types.{node.name}.cpus_per_node: {node.cpus_per_node} CPUs cannot host "
+                    f"{node.gpus_per_node} replicas of deployment.replica_cpus={self.deployment.replica_cpus:g}"
+                )
+        return self
+
+    @classmethod
+    def from_dict(cls, data: dict, *, source: str = "inventory") -> Inventory:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            problems = []
+            for e in err.errors():
+                where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+                problems.append(f"{where}: {e['msg']}")
+            raise InventoryError(f"{source}: invalid inventory: " + "; ".join(problems)) from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Inventory:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as err:
+            raise InventoryError(f"{path}: cannot read YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise InventoryError(f"{path}: the top level must be a mapping")
+        return cls.from_dict(data, source=str(path))

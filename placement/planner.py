@@ -1,0 +1,195 @@
+"""From an inventory to a plan: assess every (precision, node type) option, then solve.
+
+Each option is checked against the fidelity floor (which rules a precision out everywhere),
+hardware support, memory fit, throughput and node availability; every failed check is part of
+its rejection reason. The options that pass become MILP variables. Pure: the caller reads the files and passes their contents.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from placement.hardware import hardware_support
+from placement.inventory import Inventory, NodeType
+from placement.memory import (
+    GIB,
+    Architecture,
+    ParameterCounts,
+    ReplicaMemory,
+    Workload,
+    count_parameters,
+    read_architecture,
+    replica_memory,
+)
+from placement.solve import Demand, NodePool, Objective, Option, Plan, Rejection, solve_placement
+from placement.throughput import (
+    BenchEngineReport,
+    PairShape,
+    ThroughputEstimate,
+    find_measured,
+    roofline_estimate,
+)
+
+
+@dataclass(frozen=True)
+class OptionAssessment:
+    """Everything the planner worked out about running one precision on one node type."""
+
+    precision: str
+    node_type: NodeType
+    memory: ReplicaMemory
+    usable_bytes: int  # GPU memory less the headroom
+    throughput: ThroughputEstimate
+    rejection: str | None  # None when the option became a MILP variable
+
+
+@dataclass(frozen=True)
+class PlacementReport:
+    inventory: Inventory
+    architecture: Architecture
+    counts: ParameterCounts
+    assessments: tuple[OptionAssessment, ...]
+    plan: Plan
+
+    def assessment(self, precision: str, node_type: str) -> OptionAssessment:
+        for a in self.assessments:
+            if a.precision == precision and a.node_type.name == node_type:
+                return a
+        raise KeyError((precision, node_type))
+
+
+def workload_of(inventory: Inventory) -> Workload:
+    traffic = inventory.traffic
+    return Workload(
+        batch_tokens=traffic.batch_token_budget,
+        mean_pair_tokens=pair_shape_of(inventory).mean_pair_tokens,
+        with_images=traffic.image_share > 0,
+    )
+
+
+def pair_shape_of(inventory: Inventory) -> PairShape:
+    traffic = inventory.traffic
+    return PairShape(
+        text_pair_tokens=traffic.text_pair_tokens,
+        image_pair_tokens=traffic.image_pair_tokens,
+        image_tokens=traffic.tokens_per_image,
+        image_share=traffic.image_share,
+    )
+
+
+def _weight_bytes(memory: ReplicaMemory) -> int:
+    weight_items = {"decoder linears", "vision tower", "embeddings", "lm_head", "norms and biases"}
+    return sum(item.bytes for item in memory.items if item.name in weight_items)
+
+
+def assess_options(
+    inventory: Inventory,
+    arch: Architecture,
+    bench: Sequence[BenchEngineReport] = (),
+) -> list[OptionAssessment]:
+    counts = count_parameters(arch)
+    workload = workload_of(inventory)
+    shape = pair_shape_of(inventory)
+    constraints = inventory.constraints
+    model_ids = {inventory.model.source, inventory.model.name}
+    assessments = []
+    for arm in inventory.arms:
+        precision = arm.precision
+        memory = replica_memory(
+            arch,
+            precision,
+            workload,
+            runtime_overhead_bytes=int(constraints.runtime_overhead_gib * GIB),
+            nf4_double_quant=inventory.model.nf4_double_quant,
+        )
+        fidelity = constraints.fidelity[precision]
+        for node in inventory.node_types:
+            gpu = node.gpu_model
+            usable = int(node.gpu_memory_bytes * (1 - constraints.memory_headroom))
+            throughput = find_measured(list(bench), gpu, precision, model_ids, shape) or roofline_estimate(
+                gpu, precision, arch, counts, shape, batch_tokens=workload.batch_tokens, weight_bytes=_weight_bytes(memory)
+            )
+            if constraints.below_floor(precision):
+                # A precision below the floor is out everywhere; its other shortcomings do not matter.
+                reasons = [f"fidelity {fidelity:g} is below the floor {constraints.floor_for(precision):g}"]
+            else:
+                reasons = _shortcomings(precision, node, memory, usable, throughput, constraints.memory_headroom)
+            reason = "; ".join(reasons) if reasons else None
+            assessments.append(OptionAssessment(precision, node, memory, usable, throughput, reason))
+    return assessments
+
+
+def _shortcomings(
+    precision: str,
+    node: NodeType,
+    memory: ReplicaMemory,
+    usable: int,
+    throughput: ThroughputEstimate,
+    memory_headroom: float,
+) -> list[str]:
+    """Every reason this option cannot run, so the report shows all of them at once."""
+    gpu = node.gpu_model
+    reasons = []
+    unsupported = hardware_support(precision, node.effective_compute_capability)
+    if unsupported is not None:
+        reasons.append(f"{unsupported} ({gpu.key})")
+    if memory.total_bytes > usable:
+        reasons.append(
+            f"{memory.label} needs {memory.total_gib:.1f} GiB > {usable / GIB:.1f} GiB usable on {gpu.key} "
+            f"({node.gpu_memory_bytes / GIB:.1f} GiB less {memory_headroom:.0%} headroom)"
+        )
+    if throughput.pairs_per_s <= 0 and unsupported is None:
+        reasons.append(throughput.detail)
+    if node.node_ceiling == 0:
+        reasons.append("no nodes of this type are available")
+    return reasons
+
+
+def plan_placement(
+    inventory: Inventory,
+    architecture_config: Mapping,
+    *,
+    bench: Sequence[BenchEngineReport] = (),
+    objective: Objective = "cost",
+    budget: float | None = None,
+) -> PlacementReport:
+    """Assess every option, solve the MILP, and return the plan with its reasoning.
+
+    Raises `placement.solve.PlacementInfeasible` (reasons included) when nothing fits.
+    """
+    arch = read_architecture(architecture_config)
+    assessments = assess_options(inventory, arch, bench)
+    options = [
+        Option(a.precision, a.node_type.name, a.throughput.pairs_per_s) for a in assessments if a.rejection is None
+    ]
+    rejected = _group_rejections(assessments, inventory)
+    pools = [
+        NodePool(n.name, n.gpus_per_node, n.node_floor, n.node_ceiling, n.cost_per_hour) for n in inventory.node_types
+    ]
+    demand = Demand(
+        pairs_per_s=inventory.traffic.target_pairs_per_s * (1 + inventory.constraints.capacity_headroom),
+        shares={a.precision: a.share for a in inventory.arms if a.share is not None},
+        free_precisions=frozenset(
+            a.precision
+            for a in inventory.arms
+            if a.share is None and not inventory.constraints.below_floor(a.precision)
+        ),
+    )
+    plan = solve_placement(options, pools, demand, objective=objective, budget=budget, rejected=rejected)
+    return PlacementReport(inventory, arch, count_parameters(arch), tuple(assessments), plan)
+
+
+def _group_rejections(assessments: list[OptionAssessment], inventory: Inventory) -> tuple[Rejection, ...]:
+    """One line per rejected option; a fidelity rejection, the same on every node type, becomes one line."""
+    constraints = inventory.constraints
+    rejections: list[Rejection] = []
+    for a in assessments:
+        if a.rejection is None:
+            continue
+        if constraints.below_floor(a.precision):
+            if not any(r.precision == a.precision and r.node_type is None for r in rejections):
+                rejections.append(Rejection(a.precision, None, a.rejection))
+            continue
+        rejections.append(Rejection(a.precision, a.node_type.name, a.rejection))
+    return tuple(rejections)

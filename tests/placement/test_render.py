@@ -1,0 +1,241 @@
+"""Generated artifacts validate against Ray, Serve, Kubernetes and KubeRay schemas, and stay in sync."""
+
+from __future__ import annotations
+
+import copy
+import json
+from functools import cache
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+from ray.serve.schema import ServeDeploySchema
+
+from placement.cli import main
+from placement.inventory import Inventory
+from placement.planner import PlacementReport, plan_placement
+from placement.render import (
+    expected_examples,
+    read_architecture_config,
+    render_outputs,
+    render_rayservice,
+    render_redis,
+    render_serve_config,
+)
+from serve.config import FleetConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# CI clones the repo with shared/ beside it.
+KUBERAY_DIR = Path(__file__).resolve().parents[2] / ".." / "shared" / "kuberay"
+K8S_VERSION = "1.30"
+INVENTORIES = ["configs/placement-example.yaml", "configs/placement-small.yaml"]
+
+
+@cache
+def report_for(relative: str, autoscaling: bool = False) -> PlacementReport:
+    path = REPO_ROOT / relative
+    data = yaml.safe_load(path.read_text())
+    if autoscaling:
+        data.setdefault("deployment", {})["autoscaling"] = True
+    inventory = Inventory.from_dict(data)
+    return plan_placement(inventory, read_architecture_config(inventory, path))
+
+
+CASES = [(inv, autoscaling) for inv in INVENTORIES for autoscaling in (False, True)]
+
+
+# ---- ray up ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("inventory", "autoscaling"), CASES)
+@pytest.mark.parametrize("cloud", ["aws", "gcp"])
+def test_ray_up_yaml_passes_rays_own_validation(inventory, autoscaling, cloud):
+    outputs = render_outputs(report_for(inventory, autoscaling), inventory)
+    config = yaml.safe_load(getattr(outputs, cloud))
+    prepared = prepare_config(copy.deepcopy(config))  # offline: fills defaults, no cloud calls
+    validate_config(prepared)
+    assert prepared["provider"]["type"] == cloud
+    workers = {k: v for k, v in config["available_node_types"].items() if k != "head"}
+    report = report_for(inventory, autoscaling)
+    for node in report.inventory.node_types:
+        entry = workers.get(f"gpu-{node.name}")
+        if entry is None:  # not sold by this cloud: named in the header instead
+            assert f"node type {node.name!r}" in getattr(outputs, cloud).split("\ncluster_name")[0]
+            continue
+        assert entry["resources"]["GPU"] == node.gpus_per_node
+        assert entry["resources"][f"accelerator_type:{node.accelerator_type}"] == 1
+        assert entry["min_workers"] == report.plan.nodes[node.name] <= entry["max_workers"] == node.node_ceiling
+
+
+# ---- Serve config ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("inventory", "autoscaling"), CASES)
+def test_serve_config_passes_serve_schema_and_pins_each_arm(inventory, autoscaling):
+    report = report_for(inventory, autoscaling)
+    config = render_serve_config(report)
+    ServeDeploySchema.model_validate(config)
+    (app,) = config["applications"]
+    fleet = FleetConfig.from_dict(app["args"]["config"])  # the app's own schema accepts the args
+    deployments = {d["name"]: d for d in app["deployments"]}
+    assert deployments["Ingress"]["ray_actor_options"]["num_gpus"] == 0
+    accelerator = {n.name: n.accelerator_type for n in report.inventory.node_types}
+    assert len(fleet.arms) == len(report.plan.placements)
+    for placement, arm in zip(report.plan.placements, fleet.arms):
+        assert arm.name == f"{placement.precision}-{placement.node_type}"
+        assert arm.precision == placement.precision
+        assert arm.ray_actor_options.num_gpus == 1
+        assert arm.ray_actor_options.accelerator_type == accelerator[placement.node_type]
+        deployed = deployments[f"Arm-{arm.name}"]
+        assert deployed["ray_actor_options"]["accelerator_type"] == accelerator[placement.node_type]
+        if autoscaling:
+            assert arm.autoscaling.min_replicas == placement.replicas == deployed["autoscaling_config"]["min_replicas"]
+            assert arm.autoscaling.max_replicas >= placement.replicas
+        else:
+            assert arm.num_replicas == placement.replicas == deployed["num_replicas"]
+        if arm.precision == "awq":
+            assert arm.checkpoint == report.inventory.model.awq_checkpoint
+    # Weights honour the requested split between precisions and add up to 1.
+    assert sum(a.weight for a in fleet.arms) == pytest.approx(1.0, abs=1e-3)
+    for spec in report.inventory.arms:
+        if spec.share is not None:
+            assert sum(a.weight for a in fleet.arms if a.precision == spec.precision) == pytest.approx(spec.share, abs=1e-3)
+
+
+# ---- Kubernetes -----------------------------------------------------------------------------
+
+
+def _strict(schema):
+    """The CRD schema with unknown fields forbidden where it lists properties.
+
+    The API server silently prunes unknown fields, so a typo would deploy without effect; failing
+    here catches it. Objects marked x-kubernetes-preserve-unknown-fields keep accepting anything.
+    """
+    if isinstance(schema, dict):
+        schema = {k: _strict(v) for k, v in schema.items()}
+        if (
+            schema.get("type") == "object"
+            and "properties" in schema
+            and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")
+        ):
+            schema["additionalProperties"] = False
+        return schema
+    if isinstance(schema, list):
+        return [_strict(v) for v in schema]
+    return schema
+
+
+@cache
+def rayservice_validator() -> jsonschema.protocols.Validator:
+    crd = yaml.safe_load((KUBERAY_DIR / "ray.io_rayservices.yaml").read_text())
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    schema = _strict(version["schema"]["openAPIV3Schema"])
+    validator_class = jsonschema.validators.validator_for(schema)
+    validator_class.check_schema(schema)
+    return validator_class(schema)
+
+
+@pytest.mark.parametrize(("inventory", "autoscaling"), CASES)
+def test_rayservice_validates_against_the_kuberay_crd(inventory, autoscaling):
+    report = report_for(inventory, autoscaling)
+    manifest = render_rayservice(report)
+    rayservice_validator().validate(manifest)
+    # serveConfigV2 is a string in the CRD: the Serve config inside it is validated on its own.
+    serve_config = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(serve_config)
+    assert serve_config["applications"][0]["args"]["config"]["cache"]["redis_url"] == "redis://redis:6379/1"
+    groups = {g["groupName"]: g for g in manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+    for node in report.inventory.node_types:
+        group = groups[node.name]
+        container = group["template"]["spec"]["containers"][0]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == str(node.gpus_per_node)
+        assert group["template"]["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": node.gpu_model.k8s_gpu_product}
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in group["template"]["spec"]["tolerations"]
+        assert json.loads(json.loads(group["rayStartParams"]["resources"])) == {f"accelerator_type:{node.accelerator_type}": 1}
+        # The pod template is a core PodTemplateSpec: check it with the Kubernetes schema too.
+        pod_template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": node.name}, "template": group["template"]}
+        kubernetes_validate.validate(pod_template, K8S_VERSION, strict=True)
+
+
+def test_rayservice_schema_check_catches_a_misspelt_field():
+    manifest = render_rayservice(report_for(INVENTORIES[1]))
+    manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["maxReplica"] = 3
+    with pytest.raises(jsonschema.ValidationError, match="maxReplica"):
+        rayservice_validator().validate(manifest)
+
+
+@pytest.mark.parametrize("inventory", INVENTORIES)
+def test_redis_manifests_validate_against_the_kubernetes_schemas(inventory):
+    for manifest in render_redis(report_for(inventory)):
+        kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
+    bad = render_redis(report_for(inventory))[1]
+    bad["spec"]["ports"][0]["port"] = "six-three-seven-nine"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, K8S_VERSION, strict=True)
+
+
+# ---- checked-in examples --------------------------------------------------------------------
+
+
+def test_checked_in_examples_equal_a_fresh_generation():
+    stale = [
+        str(path.relative_to(REPO_ROOT))
+        for path, text in expected_examples(REPO_ROOT).items()
+        if not path.exists() or path.read_text() != text
+    ]
+    assert not stale, (
+        f"out of date: {stale}; run python -c \"from placement.render import regenerate_examples; regenerate_examples('.')\""
+    )
+
+
+def test_checked_in_examples_are_valid_files():
+    aws = yaml.safe_load((REPO_ROOT / "cluster/aws-example.yaml").read_text())
+    validate_config(prepare_config(aws))
+    ServeDeploySchema.model_validate(yaml.safe_load((REPO_ROOT / "configs/serve-example.yaml").read_text()))
+    for manifest in yaml.safe_load_all((REPO_ROOT / "k8s/redis.yaml").read_text()):
+        kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
+    rayservice_validator().validate(yaml.safe_load((REPO_ROOT / "k8s/rayservice-example.yaml").read_text()))
+
+
+# ---- CLI ------------------------------------------------------------------------------------
+
+
+def test_cli_prints_the_table_and_writes_every_file(tmp_path, capsys):
+    assert main(["plan", str(REPO_ROOT / INVENTORIES[1]), "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for heading in ("Chosen arms", "Nodes", "Memory per replica", "Throughput per replica", "Rejected options"):
+        assert heading in out
+    assert "bf16 on t4: bf16 needs compute capability >= 8.0" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["aws.yaml", "gcp.yaml", "rayservice.yaml", "redis.yaml", "serve.yaml"]
+
+
+def test_cli_refuses_an_infeasible_inventory_with_the_reason(tmp_path, capsys):
+    data = yaml.safe_load((REPO_ROOT / INVENTORIES[1]).read_text())
+    data["model"]["architecture_config"] = str(REPO_ROOT / "configs/models/qwen3-vl-2b.json")
+    data["traffic"]["target_qps"] = 500
+    path = tmp_path / "inv.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["plan", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "no feasible placement" in err and "needs" in err and "pairs/s but at most" in err
+
+
+def test_cli_names_the_bad_field(tmp_path, capsys):
+    path = tmp_path / "inv.yaml"
+    path.write_text("model: {name: m, source: s}\nnode_types: [{name: a, gpu: T5, gpus_per_node: 1, count: 1, cost_per_hour: 1}]\n"
+                    "traffic: {target_qps: 1, documents_per_request: 1, tokens_per_document: 1}\n")
+    assert main(["plan", str(path)]) == 2
+    assert "node_types.0.gpu" in capsys.readouterr().err
+
+
+def test_cli_capacity_objective_needs_a_budget(capsys):
+    assert main(["plan", str(REPO_ROOT / INVENTORIES[1]), "--objective", "capacity"]) == 2
+    assert "--budget" in capsys.readouterr().err
+
+
+def test_kuberay_crds_are_where_ci_puts_them():
+    assert Path(KUBERAY_DIR / "ray.io_rayservices.yaml").is_file()
