@@ -25,6 +25,10 @@ class InputError(RerankError):
         self.problem = problem
         super().__init__(f"{field}: {problem}")
 
+    def __reduce__(self):
+        # Survive pickling (Ray sends exceptions between processes): rebuild from (field, problem).
+        return (type(self), (self.field, self.problem))
+
 
 class EmptyInput(InputError):
     """A query or document has no text, image or video."""

@@ -35,8 +35,11 @@ def build_random_model(config_json: str | Path, out: str | Path, *, dtype: torch
     cfg = json.loads(Path(config_json).read_text())
     for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
         cfg[key] = tiny_cfg[key]
-    for section, values in (overrides or {}).items():
-        cfg.setdefault(section, {}).update(values) if isinstance(values, dict) else cfg.__setitem__(section, values)
+    for key, value in (overrides or {}).items():  # e.g. {"text_config": {"num_hidden_layers": 2}} for tests
+        if isinstance(value, dict):
+            cfg.setdefault(key, {}).update(value)
+        else:
+            cfg[key] = value
     cfg.pop("quantization_config", None)
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     config = AutoConfig.from_pretrained(out)
