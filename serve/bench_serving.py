@@ -1,0 +1,268 @@
+"""Serving benchmark: what Ray Serve costs and what it buys, measured in one run.
+
+1. Overhead: the same text requests, one at a time, through the whole Serve path (HTTP ->
+   proxy -> ingress -> arm replica -> engine) and straight into a `RerankEngine` in this process.
+2. Dynamic batching: Serve throughput with 1 request in flight vs `concurrency` in flight
+   (`@serve.batch` merges concurrent requests into one engine call).
+3. Image-feature cache: latency of image-document requests whose images are new (miss: decode,
+   resize, ViT) vs repeated (hit: features from the in-replica LRU).
+
+The fleet is one fp32 arm of the configured model without shadowing, so every figure is the
+primary path alone. `run_serving_bench` prints a table and writes JSON; the CLI wraps it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import io
+import json
+import os
+import platform
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40), "purple": (150, 60, 190)}
+SHAPES = ("circle", "square", "triangle", "cross")
+
+
+def bench_fleet(model_source: str, port: int, redis_url: str | None, max_batch_size: int, num_cpus: float):
+    from serve.config import FleetConfig
+
+    return FleetConfig.from_dict(
+        {
+            "model": {"source": model_source},
+            "arms": [{
+                "name": "fp32", "precision": "fp32", "weight": 1, "max_ongoing_requests": max(64, 2 * max_batch_size),
+                "ray_actor_options": {"num_cpus": num_cpus},
+                "batching": {"max_batch_size": max_batch_size, "batch_wait_timeout_s": 0.01},
+            }],
+            "cache": {"redis_url": redis_url},
+            "http": {"host": "127.0.0.1", "port": port},
+        }
+    )  # fmt: skip
+
+
+def text_requests(n: int, docs: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    captions = [f"a {c} {s}" for c in COLOURS for s in SHAPES]
+    return [{"query": rng.choice(captions), "documents": [f"{rng.choice(captions)} #{i}-{j}" for j in range(docs)]} for i in range(n)]
+
+
+def shape_png(seed: int, side: int) -> bytes:
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    colour = rng.choice(list(COLOURS.values()))
+    img = Image.new("RGB", (side, side), tuple(rng.randint(200, 250) for _ in range(3)))
+    draw = ImageDraw.Draw(img)
+    a, b = rng.randint(side // 20, side // 3), rng.randint(side * 2 // 3, side - side // 20)
+    draw.ellipse((a, a, b, b), fill=colour) if seed % 2 else draw.rectangle((a, a, b, b), fill=colour)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def image_request(seeds: list[int], side: int) -> dict:
+    return {"query": "a red circle", "documents": [{"image": base64.b64encode(shape_png(s, side)).decode()} for s in seeds]}
+
+
+def summary_ms(samples_s: list[float]) -> dict[str, float]:
+    ms = sorted(s * 1000 for s in samples_s)
+    return {
+        "n": len(ms),
+        "mean": round(statistics.fmean(ms), 2),
+        "p50": round(ms[len(ms) // 2], 2),
+        "p95": round(ms[min(len(ms) - 1, int(0.95 * len(ms)))], 2),
+    }
+
+
+def _pairs(body: dict):
+    from serve.engine.inputs import RerankItem, ScorePair
+
+    def item(x) -> RerankItem:
+        if isinstance(x, str):
+            return RerankItem(text=x)
+        return RerankItem(images=(base64.b64decode(x["image"]),))
+
+    q = item(body["query"])
+    return [ScorePair(q, item(d), None, "query", f"documents.{i}") for i, d in enumerate(body["documents"])]
+
+
+def run_serving_bench(
+    *,
+    out: str | Path = "out/bench-serving.json",
+    model_source: str = "tiny",
+    requests: int = 48,
+    docs_per_request: int = 8,
+    concurrency: int = 32,
+    image_requests: int = 12,
+    images_per_request: int = 4,
+    image_side: int = 224,
+    port: int = 8765,
+    redis_url: str | None = None,
+    num_cpus: float = 1,
+) -> dict[str, Any]:
+    import httpx
+    import torch
+    from ray import serve
+
+    from serve.config import ModelConfig
+    from serve.engine.engine import RerankEngine
+    from serve.local import embedded_serve
+
+    fleet = bench_fleet(model_source, port, redis_url, max_batch_size=concurrency, num_cpus=num_cpus)
+    load = text_requests(requests, docs_per_request)
+    burst = text_requests(requests * 3, docs_per_request, seed=1)
+    results: dict[str, Any] = {}
+    load_before = os.getloadavg()[0]
+    with embedded_serve(fleet, num_cpus=num_cpus + 1) as base, httpx.Client(base_url=base, timeout=300) as client:
+        arm_info = serve.get_deployment_handle("Arm-fp32", app_name="rerank").describe.remote().result()
+        # The direct engine gets the replica's thread count, so the comparison is like for like.
+        torch.set_num_threads(int(arm_info["torch_threads"]))
+        engine = RerankEngine.load(ModelConfig(source=model_source), "fp32", device="cpu")
+
+        def via_serve(body: dict) -> float:
+            t = time.perf_counter()
+            r = client.post("/v2/rerank", json=body)
+            r.raise_for_status()
+            return time.perf_counter() - t
+
+        def direct(body: dict) -> float:
+            pairs = _pairs(body)
+            t = time.perf_counter()
+            engine.score_pairs(pairs)
+            return time.perf_counter() - t
+
+        for body in load[:4]:  # warm both paths (allocator, tokenizer caches, Serve handles)
+            via_serve(body)
+            direct(body)
+
+        # 1. Same load, one request at a time: Serve vs direct, interleaved so drift hits both alike.
+        serve_s, direct_s = [], []
+        for body in load:
+            serve_s.append(via_serve(body))
+            direct_s.append(direct(body))
+        floor_s = []
+        for _ in range(50):  # HTTP + proxy + ingress, no arm: the floor of any Serve request here
+            t = time.perf_counter()
+            client.get("/health").raise_for_status()
+            floor_s.append(time.perf_counter() - t)
+        results["overhead"] = {
+            "requests": len(load),
+            "http_proxy_ingress_floor_ms": summary_ms(floor_s),
+            "batch_wait_timeout_ms": fleet.arms[0].batching.batch_wait_timeout_s * 1000,
+            "docs_per_request": docs_per_request,
+            "direct_ms": summary_ms(direct_s),
+            "serve_ms": summary_ms(serve_s),
+            "ratio_mean": round(statistics.fmean(serve_s) / statistics.fmean(direct_s), 3),
+            "added_ms_median": round((statistics.median(serve_s) - statistics.median(direct_s)) * 1000, 2),
+        }
+
+        # 2. Dynamic batching: throughput at concurrency 1 vs `concurrency`.
+        async def closed_loop(bodies: list[dict], in_flight: int) -> float:
+            sem = asyncio.Semaphore(in_flight)
+            async with httpx.AsyncClient(base_url=base, timeout=300, limits=httpx.Limits(max_connections=in_flight)) as c:
+
+                async def one(b):
+                    async with sem:
+                        (await c.post("/v2/rerank", json=b)).raise_for_status()
+
+                t = time.perf_counter()
+                await asyncio.gather(*(one(b) for b in bodies))
+                return time.perf_counter() - t
+
+        def batch_totals() -> tuple[int, float]:
+            arm = client.get("/v1/experiments").json()["arms"]["fp32"]
+            return arm["requests"], (arm["mean_batch_requests"] or 0) * arm["requests"]
+
+        wall_1 = asyncio.run(closed_loop(burst[: len(load)], 1))
+        n0, merged0 = batch_totals()
+        wall_n = asyncio.run(closed_loop(burst, concurrency))
+        n1, merged1 = batch_totals()
+        rps_1, rps_n = len(load) / wall_1, len(burst) / wall_n
+        results["batching"] = {
+            "concurrency": concurrency,
+            "rps_concurrency_1": round(rps_1, 2),
+            f"rps_concurrency_{concurrency}": round(rps_n, 2),
+            "pairs_per_s_concurrency_1": round(rps_1 * docs_per_request, 1),
+            f"pairs_per_s_concurrency_{concurrency}": round(rps_n * docs_per_request, 1),
+            "gain": round(rps_n / rps_1, 2),
+            # Mean number of requests sharing an engine call, as seen by each request of the burst.
+            f"mean_batch_requests_concurrency_{concurrency}": round((merged1 - merged0) / (n1 - n0), 2),
+        }
+
+        # 3. Image-feature cache: new images (miss) vs the same images again (hit).
+        def direct_with_features(body: dict) -> float:
+            pairs = _pairs(body)
+            images = [img for p in pairs for img in p.document.images]
+            features = {f.cache_key: f for f in engine.encode_images(images)}  # what a cache hit hands over
+            t = time.perf_counter()
+            engine.score_pairs(pairs, features)
+            return time.perf_counter() - t
+
+        miss_s, hit_s, direct_img_s, direct_feat_s = [], [], [], []
+        for i in range(image_requests):
+            body = image_request([1_000_000 + i * images_per_request + j for j in range(images_per_request)], image_side)
+            miss_s.append(via_serve(body))
+            hit_s.append(via_serve(body))
+            direct_img_s.append(direct(body))
+            direct_feat_s.append(direct_with_features(body))
+        results["image_cache"] = {
+            "requests": image_requests,
+            "images_per_request": images_per_request,
+            "image_px": f"{image_side}x{image_side} PNG",
+            "miss_ms": summary_ms(miss_s),
+            "hit_ms": summary_ms(hit_s),
+            "direct_engine_uncached_ms": summary_ms(direct_img_s),
+            "direct_engine_with_features_ms": summary_ms(direct_feat_s),
+            "hit_speedup_median": round(statistics.median(miss_s) / statistics.median(hit_s), 2),
+        }
+        results["engine"] = {k: v for k, v in arm_info.items() if k != "cache"}
+
+    results["setup"] = {
+        "date": dt.date.today().isoformat(),
+        "machine": f"{platform.machine()} {os.cpu_count()}-core CPU VM, no GPU ({platform.platform()})",
+        "fleet": "one fp32 arm, 1 replica, no shadow, in-process feature cache" + (f" + Redis {redis_url}" if redis_url else ""),
+        "ray_num_cpus": num_cpus + 1,
+        "load_average_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "torch_threads": int(arm_info["torch_threads"]),
+        "model": model_source,
+    }
+    out_file = Path(out)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    out_file.write_text(json.dumps(results, indent=2))
+    print(format_table(results))
+    print(f"written {out_file}")
+    return results
+
+
+def format_table(r: dict[str, Any]) -> str:
+    o, b, c = r["overhead"], r["batching"], r["image_cache"]
+    n = b["concurrency"]
+    rows = [
+        ("direct engine, 1 at a time (ms, p50/p95)", f"{o['direct_ms']['p50']} / {o['direct_ms']['p95']}"),
+        ("Serve path, 1 at a time (ms, p50/p95)", f"{o['serve_ms']['p50']} / {o['serve_ms']['p95']}"),
+        ("Serve / direct (mean latency ratio)", f"{o['ratio_mean']}x  (+{o['added_ms_median']} ms median)"),
+        ("  of which HTTP+proxy+ingress floor (ms, p50)", f"{o['http_proxy_ingress_floor_ms']['p50']}"),
+        ("  of which batch wait when alone (ms, max)", f"{o['batch_wait_timeout_ms']:g}"),
+        ("Serve throughput, concurrency 1 (req/s)", f"{b['rps_concurrency_1']}"),
+        (f"Serve throughput, concurrency {n} (req/s)", f"{b[f'rps_concurrency_{n}']}"),
+        ("dynamic batching gain", f"{b['gain']}x"),
+        (f"  requests per engine call at concurrency {n} (mean)", f"{b[f'mean_batch_requests_concurrency_{n}']}"),
+        ("image docs, cache miss (ms, p50/p95)", f"{c['miss_ms']['p50']} / {c['miss_ms']['p95']}"),
+        ("image docs, cache hit (ms, p50/p95)", f"{c['hit_ms']['p50']} / {c['hit_ms']['p95']}"),
+        ("cache hit speedup (median)", f"{c['hit_speedup_median']}x"),
+        ("engine alone: decode+ViT vs cached features (ms, p50)",
+         f"{c['direct_engine_uncached_ms']['p50']} vs {c['direct_engine_with_features_ms']['p50']}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+if __name__ == "__main__":
+    run_serving_bench()

@@ -1,0 +1,294 @@
+"""Two-tier image-feature cache: a bytes-bounded in-process LRU in front of an optional Redis.
+
+Keys come from `FeatureSpec.cache_key(image_digest)`, i.e. the image's content hash plus
+everything that changes its features (vision weights, vision precision, pixel limits); they are
+never derived from URLs or other display strings. The same tiers also hold a URL -> content
+digest memo so a repeated image URL can skip its download when its features are cached.
+
+The cache is an optimisation and must never fail a request: any Redis error, timeout or
+undecodable entry is counted, Redis is bypassed for `retry_after_s`, and the caller recomputes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import threading
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from serve.engine.features import FeatureDecodeError, ImageFeatures
+
+if TYPE_CHECKING:
+    from serve.config import CacheConfig
+
+log = logging.getLogger(__name__)
+
+# Events counted (and reported through `on_event`):
+HIT_LOCAL = "hit_local"  # served from the in-process LRU
+HIT_REDIS = "hit_redis"  # served from Redis
+MISS = "miss"  # in neither tier
+REDIS_ERROR = "redis_error"  # Redis unreachable, slow or failing: Redis is bypassed for a while
+CORRUPT = "corrupt"  # a Redis value that does not decode to the features asked for
+BYPASS = "bypass"  # an operation that skipped Redis because of a recent error
+TOO_LARGE = "too_large"  # an entry over max_item_bytes, not cached
+EVENTS = (HIT_LOCAL, HIT_REDIS, MISS, REDIS_ERROR, CORRUPT, BYPASS, TOO_LARGE)
+
+# Fixed per-entry overhead charged to the LRU byte budget (dict slot, tuple, key string).
+_ENTRY_OVERHEAD = 256
+
+
+class ByteLRU:
+    """Thread-safe LRU bounded by the sum of entry sizes (as given by the caller), with optional expiry."""
+
+    def __init__(self, max_bytes: int, *, clock: Callable[[], float] = time.monotonic):
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[str, tuple[Any, int, float | None]] = OrderedDict()
+        self._nbytes = 0
+        self._lock = threading.Lock()
+        self._clock = clock
+
+    def get(self, key: str) -> Any | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            value, size, expires = entry
+            if expires is not None and self._clock() >= expires:
+                del self._entries[key]
+                self._nbytes -= size
+                return None
+            self._entries.move_to_end(key)
+            return value
+
+    def put(self, key: str, value: Any, size: int, *, ttl_s: float | None = None) -> bool:
+        """Store unless the entry alone exceeds the budget; evicts least-recently-used entries to fit."""
+        size += _ENTRY_OVERHEAD
+        if size > self.max_bytes:
+            return False
+        expires = None if ttl_s is None else self._clock() + ttl_s
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._nbytes -= old[1]
+            self._entries[key] = (value, size, expires)
+            self._nbytes += size
+            while self._nbytes > self.max_bytes:
+                _, (_, evicted, _) = self._entries.popitem(last=False)
+                self._nbytes -= evicted
+        return True
+
+    @property
+    def nbytes(self) -> int:
+        return self._nbytes
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def features_nbytes(features: ImageFeatures) -> int:
+    """In-memory size of the tensors (what the LRU budget counts)."""
+    return sum(t.numel() * t.element_size() for t in (features.embeds, *features.deepstack))
+
+
+def url_memo_key(url: str) -> str:
+    return "urlmemo:" + hashlib.sha256(url.encode("utf-8")).hexdigest()
+
+
+class FeatureCache:
+    """`get_many` / `put_many` of `ImageFeatures` by cache key, plus the URL -> digest memo.
+
+    Async because the Redis tier is network I/O; the LRU tier is synchronous and thread-safe.
+    The Redis client is created lazily on the running event loop (and again if the loop changes).
+    """
+
+    def __init__(
+        self,
+        config: CacheConfig,
+        *,
+        key_prefix: str = "rerank:",
+        on_event: Callable[[str, int], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.config = config
+        self.key_prefix = key_prefix
+        self.local = ByteLRU(config.local_max_bytes, clock=clock) if config.local_max_bytes > 0 else None
+        self.counts: Counter[str] = Counter()
+        self._on_event = on_event
+        self._clock = clock
+        self._bypass_until = 0.0
+        self._redis = None
+        self._redis_loop: asyncio.AbstractEventLoop | None = None
+
+    # ------------------------------------------------------------------ features
+
+    async def get_many(self, keys: Sequence[str]) -> dict[str, ImageFeatures]:
+        found: dict[str, ImageFeatures] = {}
+        remote: list[str] = []
+        for key in dict.fromkeys(keys):
+            hit = self.local.get(key) if self.local is not None else None
+            if hit is not None:
+                found[key] = hit
+            else:
+                remote.append(key)
+        self._count(HIT_LOCAL, len(found))
+        if remote:
+            values = await self._redis_call(lambda r: r.mget([self.key_prefix + k for k in remote]))
+            for key, raw in zip(remote, values or [None] * len(remote)):
+                features = self._decode(key, raw) if raw is not None else None
+                if features is None:
+                    self._count(MISS)
+                    continue
+                found[key] = features
+                self._count(HIT_REDIS)
+                self._put_local(key, features)
+        return found
+
+    async def put_many(self, items: Iterable[ImageFeatures]) -> None:
+        blobs: dict[str, bytes] = {}
+        for features in items:
+            key = features.cache_key
+            if features_nbytes(features) > self.config.max_item_bytes:
+                self._count(TOO_LARGE)
+                continue
+            self._put_local(key, features)
+            if self.config.redis_url is not None:
+                blob = features.to_bytes()
+                if len(blob) > self.config.max_item_bytes:
+                    self._count(TOO_LARGE)
+                    continue
+                blobs[key] = blob
+        if blobs:
+            ttl = self.config.ttl_s
+
+            async def _store(r):
+                async with r.pipeline(transaction=False) as pipe:
+                    for key, blob in blobs.items():
+                        pipe.set(self.key_prefix + key, blob, ex=ttl)
+                    return await pipe.execute()
+
+            await self._redis_call(_store)
+
+    # ------------------------------------------------------------------ URL memo
+
+    async def get_url_digest(self, url: str) -> str | None:
+        key = url_memo_key(url)
+        digest = self.local.get(key) if self.local is not None else None
+        if digest is not None:
+            return digest
+        raw = await self._redis_call(lambda r: r.get(self.key_prefix + key))
+        if raw is None:
+            return None
+        try:
+            digest = raw.decode("ascii")
+        except UnicodeDecodeError:
+            digest = ""
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            self._corrupt(key)
+            return None
+        self._put_memo_local(key, digest)
+        return digest
+
+    async def put_url_digest(self, url: str, digest: str) -> None:
+        key = url_memo_key(url)
+        self._put_memo_local(key, digest)
+        await self._redis_call(lambda r: r.set(self.key_prefix + key, digest.encode("ascii"), ex=self.config.ttl_s))
+
+    # ------------------------------------------------------------------ plumbing
+
+    def snapshot(self) -> dict[str, int]:
+        return {e: self.counts.get(e, 0) for e in EVENTS}
+
+    async def aclose(self) -> None:
+        client, self._redis = self._redis, None
+        if client is not None:
+            try:
+                await client.aclose()
+            except Exception:  # noqa: BLE001 - closing a dead connection must not raise
+                pass
+
+    def _put_local(self, key: str, features: ImageFeatures) -> None:
+        if self.local is not None:
+            self.local.put(key, features, features_nbytes(features))
+
+    def _put_memo_local(self, key: str, digest: str) -> None:
+        if self.local is not None:
+            self.local.put(key, digest, len(key) + len(digest), ttl_s=self.config.ttl_s)
+
+    def _decode(self, key: str, raw: Any) -> ImageFeatures | None:
+        try:
+            features = ImageFeatures.from_bytes(bytes(raw))
+        except (FeatureDecodeError, TypeError) as e:
+            log.warning("image-feature cache: undecodable entry %s (%s); recomputing", key, e)
+            self._corrupt(key)
+            return None
+        if features.cache_key != key:
+            log.warning("image-feature cache: entry %s holds features of another key; recomputing", key)
+            self._corrupt(key)
+            return None
+        return features
+
+    def _corrupt(self, key: str) -> None:
+        # A bad value is that entry's problem, not Redis's: count it and let the recomputed value
+        # overwrite it; Redis stays in use for other keys.
+        self._count(CORRUPT)
+
+    def _count(self, event: str, n: int = 1) -> None:
+        if n <= 0:
+            return
+        self.counts[event] += n
+        if self._on_event is not None:
+            try:
+                self._on_event(event, n)
+            except Exception:  # noqa: BLE001 - metrics must never fail a request
+                log.exception("cache metrics hook failed")
+
+    def _client(self):
+        loop = asyncio.get_running_loop()
+        if self._redis is None or self._redis_loop is not loop:
+            from redis.asyncio import Redis
+            from redis.asyncio.retry import Retry
+            from redis.backoff import NoBackoff
+
+            timeout = self.config.redis_timeout_s
+            self._redis = Redis.from_url(
+                self.config.redis_url,
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
+                retry=Retry(NoBackoff(), 0),  # a failed call means bypass, not a retry storm
+            )
+            self._redis_loop = loop
+        return self._redis
+
+    async def _redis_call(self, op: Callable[[Any], Any]) -> Any:
+        """Run one Redis operation under the timeout; None on bypass or failure (never raises)."""
+        if self.config.redis_url is None:
+            return None
+        if self._clock() < self._bypass_until:
+            self._count(BYPASS)
+            return None
+        try:
+            # The socket timeout bounds each read; this bounds the whole operation (connect + pipeline).
+            async with asyncio.timeout(self.config.redis_timeout_s * 4):
+                return await op(self._client())
+        except Exception as e:  # noqa: BLE001 - any Redis failure degrades to a cache miss
+            self._bypass_until = self._clock() + self.config.retry_after_s
+            self._count(REDIS_ERROR)
+            log.warning(
+                "image-feature cache: Redis failed (%s: %s); bypassing it for %.1fs",
+                type(e).__name__, e, self.config.retry_after_s,
+            )  # fmt: skip
+            client, self._redis = self._redis, None
+            if client is not None:
+                asyncio.get_running_loop().create_task(_close_quietly(client))
+            return None
+
+
+async def _close_quietly(client) -> None:
+    try:
+        await client.aclose()
+    except Exception:  # noqa: BLE001
+        pass

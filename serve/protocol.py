@@ -1,0 +1,437 @@
+"""HTTP request and response models of the rerank API, apart from any serving logic.
+
+Three public shapes share one internal request:
+
+* Cohere v2 (`POST /v2/rerank`): `model`, `query`, `documents`, `top_n`, `return_documents`,
+  `max_tokens_per_doc`; results carry `relevance_score`.
+* Jina (`POST /v1/rerank`): `model`, `query`, `documents`, `top_n`, `return_documents`.
+* TEI (`POST /rerank`): `query`, `texts`, `raw_scores`, `return_text`, `truncate`,
+  `truncation_direction`; the response is a bare list with `score`.
+
+Every shape also takes the extensions `instruction`, `arm` (pin to a precision arm) and `user`
+(sticky A/B key). A query or document is a plain string, an object with `text` / `image` /
+`video`, or vLLM-style content parts. Each converts to `RerankRequest`, whose items are
+structurally parsed (`ItemSpec`) but whose media are still references (URL, data URI, base64):
+turning references into bytes is `serve.fetch`'s job.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, RootModel, model_validator
+
+from serve.engine.errors import InputError
+
+if TYPE_CHECKING:
+    from serve.config import LimitsConfig
+
+# A sigmoid score of exactly 0 or 1 (float32 saturation) has an infinite logit, which JSON
+# cannot carry; raw scores are clamped to this many units.
+_MAX_ABS_LOGIT = 30.0
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------------------- item shapes
+
+
+class URLRef(_Body):
+    url: str = Field(..., description="http(s) URL, data URI, or raw base64 of the media.")
+
+
+class ContentPart(_Body):
+    """One vLLM/OpenAI-style content part. The field named by `type` must be present."""
+
+    type: Literal["text", "image_url", "image", "video_url", "video"] = Field(..., description="Kind of this part.")
+    text: str | None = Field(None, description="Text, for type=text.")
+    image_url: URLRef | str | None = Field(None, description="Image as {url} or a string, for type=image_url.")
+    image: str | None = Field(None, description="Image (URL, data URI or base64), for type=image.")
+    video_url: URLRef | str | None = Field(None, description="Video file as {url} or a string, for type=video_url.")
+    video: str | list[str] | None = Field(
+        None, description="Video, for type=video: a file reference, or a list of frame images in time order."
+    )
+
+    @model_validator(mode="after")
+    def _payload_matches_type(self) -> ContentPart:
+        if getattr(self, self.type) is None:
+            raise ValueError(f"a part of type {self.type!r} needs the field {self.type!r}")
+        others = [k for k in ("text", "image_url", "image", "video_url", "video") if k != self.type and getattr(self, k) is not None]
+        if others:
+            raise ValueError(f"a part of type {self.type!r} must not also set {others}")
+        return self
+
+
+class InputItem(_Body):
+    """A query or document: text, images and at most one video; or content parts; or (on input) a plain string."""
+
+    text: str | None = Field(None, description="Text of the item.")
+    image: str | list[str] | None = Field(None, description="One image or a list: http(s) URL, data URI or base64 each.")
+    video: str | list[str] | None = Field(
+        None, description="A video file reference (URL, data URI, base64), or a list of frame images in time order."
+    )
+    content: list[ContentPart] | None = Field(
+        None, min_length=1, description="vLLM-style content parts (text, image_url, image, video_url, video)."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_string_is_text(cls, value: Any) -> Any:
+        return {"text": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _one_form(self) -> InputItem:
+        if self.content is not None and (self.text is not None or self.image is not None or self.video is not None):
+            raise ValueError("give either content parts or text/image/video fields, not both")
+        return self
+
+    def echo(self) -> dict[str, Any]:
+        """The item as the client gave it (for return_documents), without unset fields."""
+        return self.model_dump(exclude_none=True, mode="json")
+
+    def parse(self, field: str) -> ItemSpec:
+        texts: list[str] = []
+        images: list[MediaRef] = []
+        videos: list[VideoSpec] = []
+        if self.content is None:
+            if self.text is not None:
+                texts.append(self.text)
+            for i, ref in enumerate(_as_list(self.image)):
+                images.append(MediaRef(ref=ref, field=f"{field}.image" if isinstance(self.image, str) else f"{field}.image.{i}"))
+            if self.video is not None:
+                videos.append(_video_spec(self.video, f"{field}.video"))
+        else:
+            for i, part in enumerate(self.content):
+                where = f"{field}.content.{i}"
+                if part.type == "text":
+                    texts.append(part.text or "")
+                elif part.type in ("image_url", "image"):
+                    value = part.image_url if part.type == "image_url" else part.image
+                    ref = value.url if isinstance(value, URLRef) else value
+                    images.append(MediaRef(ref=str(ref), field=f"{where}.{part.type}"))
+                elif part.type == "video_url":
+                    value = part.video_url
+                    ref = value.url if isinstance(value, URLRef) else value
+                    videos.append(VideoSpec(source=MediaRef(ref=str(ref), field=f"{where}.video_url"), field=f"{where}.video_url"))
+                else:
+                    videos.append(_video_spec(part.video, f"{where}.video"))  # type: ignore[arg-type]
+        if len(videos) > 1:
+            raise InputError(field, f"at most one video per item, got {len(videos)}")
+        text = "\n".join(texts) if texts else None
+        spec = ItemSpec(text=text, images=images, video=videos[0] if videos else None, field=field)
+        if spec.is_empty:
+            raise InputError(field, "must have text, an image or a video")
+        return spec
+
+
+def _as_list(value: str | list[str] | None) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _video_spec(value: str | list[str], field: str) -> VideoSpec:
+    if isinstance(value, str):
+        return VideoSpec(source=MediaRef(ref=value, field=field), field=field)
+    if not value:
+        raise InputError(field, "a frame list must not be empty")
+    return VideoSpec(frames=[MediaRef(ref=f, field=f"{field}.{i}") for i, f in enumerate(value)], field=field)
+
+
+# ------------------------------------------------------------------------ internal request
+
+
+class MediaRef(BaseModel):
+    """A media reference still to be resolved to bytes, with the JSON path it came from."""
+
+    model_config = ConfigDict(frozen=True)
+
+    ref: str = Field(..., description="http(s) URL, data URI or raw base64.")
+    field: str = Field(..., description="Dotted JSON path of the reference, for error messages (e.g. documents.3.image).")
+
+
+class VideoSpec(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    source: MediaRef | None = Field(None, description="A video file reference.")
+    frames: list[MediaRef] = Field(default_factory=list, description="Frame images in time order.")
+    field: str = Field(..., description="Dotted JSON path of the video.")
+
+
+class ItemSpec(BaseModel):
+    """A parsed query or document: text plus media references."""
+
+    model_config = ConfigDict(frozen=True)
+
+    text: str | None = Field(None, description="Text (content-part texts joined by newlines).")
+    images: list[MediaRef] = Field(default_factory=list, description="Image references in order.")
+    video: VideoSpec | None = Field(None, description="At most one video.")
+    field: str = Field(..., description="Dotted JSON path of the item (query, documents.3, texts.0).")
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.text and not self.images and self.video is None
+
+
+class RerankRequest(BaseModel):
+    """The one internal request every API shape converts to."""
+
+    api: Literal["cohere", "jina", "tei"] = Field(..., description="Which public shape the request came in.")
+    model: str | None = Field(None, description="Model the client asked for (informational).")
+    query: ItemSpec = Field(..., description="The parsed query.")
+    documents: list[ItemSpec] = Field(..., description="The parsed documents, in request order.")
+    documents_echo: list[Any] = Field(..., description="Documents as given, returned when asked to.")
+    top_n: int | None = Field(None, description="How many results to return; all when None.")
+    return_documents: bool = Field(False, description="Include each document in its result.")
+    instruction: str | None = Field(None, description="Task instruction; the model's default when None.")
+    arm: str | None = Field(None, description="Arm pinned by the body field `arm`.")
+    user: str | None = Field(None, description="Sticky A/B key from the body field `user`.")
+    raw_scores: bool = Field(False, description="Return logits instead of probabilities (TEI).")
+    max_tokens_per_doc: int | None = Field(None, description="Per-document token limit (Cohere).")
+    truncate: bool = Field(True, description="Truncate over-long inputs instead of rejecting them (TEI).")
+    truncation_direction: Literal["left", "right"] = Field("right", description="Which end truncation removes (TEI).")
+
+    def check_limits(self, limits: LimitsConfig) -> None:
+        """Raise `InputError` naming the first field over a configured limit."""
+        docs_field = "texts" if self.api == "tei" else "documents"
+        if len(self.documents) > limits.max_documents:
+            raise InputError(docs_field, f"{len(self.documents)} documents, over the limit of {limits.max_documents}")
+        for item in [self.query, *self.documents]:
+            if item.text is not None and len(item.text) > limits.max_text_chars:
+                raise InputError(item.field, f"text has {len(item.text)} characters, over the limit of {limits.max_text_chars}")
+            if len(item.images) > limits.max_images_per_item:
+                raise InputError(item.field, f"{len(item.images)} images, over the limit of {limits.max_images_per_item}")
+            if item.video is not None and len(item.video.frames) > limits.max_video_frames:
+                raise InputError(
+                    item.video.field, f"{len(item.video.frames)} frames, over the limit of {limits.max_video_frames}"
+                )
+        if self.instruction is not None and len(self.instruction) > limits.max_text_chars:
+            raise InputError("instruction", f"{len(self.instruction)} characters, over the limit of {limits.max_text_chars}")
+
+
+# ------------------------------------------------------------------------ public requests
+
+
+class _Extensions(_Body):
+    instruction: str | None = Field(
+        None, min_length=1, description="Task instruction for the reranker; the model's default when omitted."
+    )
+    arm: str | None = Field(None, description="Pin this request to a named precision arm (same as the pin header).")
+    user: str | None = Field(None, min_length=1, description="Sticky A/B key: the same value stays on the same arm.")
+
+
+def _parse_items(query: InputItem, documents: list[InputItem], docs_field: str) -> tuple[ItemSpec, list[ItemSpec], list[Any]]:
+    return (
+        query.parse("query"),
+        [d.parse(f"{docs_field}.{i}") for i, d in enumerate(documents)],
+        [d.echo() for d in documents],
+    )
+
+
+class CohereRerankRequest(_Extensions):
+    """Cohere v2 `/v2/rerank` request."""
+
+    model: str | None = Field(None, description="Model name (informational; the fleet serves one model).")
+    query: InputItem = Field(..., description="The search query: a string or a multimodal item.")
+    documents: list[InputItem] = Field(..., min_length=1, description="Documents to rank: strings or multimodal items.")
+    top_n: int | None = Field(None, ge=1, description="Return only the n best results.")
+    return_documents: bool = Field(False, description="Include each document in its result.")
+    max_tokens_per_doc: int = Field(4096, ge=1, description="Documents longer than this many tokens are truncated.")
+
+    def to_internal(self) -> RerankRequest:
+        query, docs, echo = _parse_items(self.query, self.documents, "documents")
+        return RerankRequest(
+            api="cohere", model=self.model, query=query, documents=docs, documents_echo=echo, top_n=self.top_n,
+            return_documents=self.return_documents, instruction=self.instruction, arm=self.arm, user=self.user,
+            max_tokens_per_doc=self.max_tokens_per_doc,
+        )  # fmt: skip
+
+
+class JinaRerankRequest(_Extensions):
+    """Jina `/v1/rerank` request."""
+
+    model: str | None = Field(None, description="Model name (informational; the fleet serves one model).")
+    query: InputItem = Field(..., description="The search query: a string or a multimodal item.")
+    documents: list[InputItem] = Field(..., min_length=1, description="Documents to rank: strings or multimodal items.")
+    top_n: int | None = Field(None, ge=1, description="Return only the n best results.")
+    return_documents: bool = Field(True, description="Include each document in its result.")
+
+    def to_internal(self) -> RerankRequest:
+        query, docs, echo = _parse_items(self.query, self.documents, "documents")
+        return RerankRequest(
+            api="jina", model=self.model, query=query, documents=docs, documents_echo=echo, top_n=self.top_n,
+            return_documents=self.return_documents, instruction=self.instruction, arm=self.arm, user=self.user,
+        )  # fmt: skip
+
+
+class TEIRerankRequest(_Extensions):
+    """Text Embeddings Inference `/rerank` request."""
+
+    query: InputItem = Field(..., description="The search query: a string or a multimodal item.")
+    texts: list[InputItem] = Field(..., min_length=1, description="Documents to rank: strings or multimodal items.")
+    raw_scores: bool = Field(False, description="Return the logit log(s/(1-s)) instead of the probability s.")
+    return_text: bool = Field(False, description="Include each text in its result.")
+    truncate: bool = Field(
+        False,
+        description="Accepted for compatibility: inputs over the model's max_length are always truncated "
+        "(keeping the final tokens), so this flag does not change results.",
+    )
+    truncation_direction: Literal["Left", "Right", "left", "right"] = Field(
+        "Right", description="Accepted for compatibility (see truncate)."
+    )
+
+    def to_internal(self) -> RerankRequest:
+        query, docs, echo = _parse_items(self.query, self.texts, "texts")
+        return RerankRequest(
+            api="tei", query=query, documents=docs, documents_echo=echo, return_documents=self.return_text,
+            instruction=self.instruction, arm=self.arm, user=self.user, raw_scores=self.raw_scores,
+            truncate=self.truncate, truncation_direction=self.truncation_direction.lower(),  # type: ignore[arg-type]
+        )  # fmt: skip
+
+
+# -------------------------------------------------------------------------------- results
+
+
+class ImageCacheUse(BaseModel):
+    hits: int = Field(0, description="Images of this request whose features came from the cache.")
+    misses: int = Field(0, description="Images of this request encoded by the vision tower.")
+
+
+class ServingMeta(BaseModel):
+    arm: str = Field(..., description="Arm that answered.")
+    precision: str = Field(..., description="Numeric precision of that arm.")
+    model: str = Field(..., description="Model id the arm serves.")
+    routed_by: str = Field(..., description="Why this arm: pinned, sticky or weighted.")
+    image_cache: ImageCacheUse = Field(default_factory=ImageCacheUse, description="Image-feature cache use.")
+
+
+class RerankOutcome(BaseModel):
+    """Scores of one request in document order, plus who computed them."""
+
+    scores: list[float] = Field(..., description="Sigmoid score per document, in request order.")
+    meta: ServingMeta = Field(..., description="Which arm answered and how.")
+
+    def ranked(self, top_n: int | None) -> list[int]:
+        order = sorted(range(len(self.scores)), key=lambda i: -self.scores[i])
+        return order if top_n is None else order[:top_n]
+
+
+def logit(p: float) -> float:
+    """log(p / (1 - p)), clamped so saturated probabilities stay finite."""
+    if p <= 0.0:
+        return -_MAX_ABS_LOGIT
+    if p >= 1.0:
+        return _MAX_ABS_LOGIT
+    return max(-_MAX_ABS_LOGIT, min(_MAX_ABS_LOGIT, math.log(p) - math.log1p(-p)))
+
+
+class RankedDocument(BaseModel):
+    index: int = Field(..., description="Position of the document in the request.")
+    relevance_score: float = Field(..., description="Probability that the document answers the query (0..1).")
+    document: dict[str, Any] | None = Field(None, description="The document as given, when return_documents is set.")
+
+
+class CohereApiVersion(BaseModel):
+    version: str = Field("2", description="API version.")
+
+
+class CohereBilledUnits(BaseModel):
+    search_units: int = Field(1, description="One search unit per request.")
+
+
+class CohereMeta(ServingMeta):
+    api_version: CohereApiVersion = Field(default_factory=CohereApiVersion, description="Cohere API version.")
+    billed_units: CohereBilledUnits = Field(default_factory=CohereBilledUnits, description="Cohere billing units.")
+
+
+class CohereRerankResponse(BaseModel):
+    id: str = Field(..., description="Request id.")
+    results: list[RankedDocument] = Field(..., description="Results, best first.")
+    meta: CohereMeta = Field(..., description="Serving metadata: arm, precision, model.")
+
+    @classmethod
+    def build(cls, req: RerankRequest, outcome: RerankOutcome, request_id: str) -> CohereRerankResponse:
+        return cls(id=request_id, results=_ranked_documents(req, outcome), meta=CohereMeta(**outcome.meta.model_dump()))
+
+
+class JinaUsage(BaseModel):
+    total_tokens: int = Field(0, description="Tokens processed (0 when not counted).")
+
+
+class JinaRerankResponse(BaseModel):
+    model: str = Field(..., description="Model that ranked.")
+    usage: JinaUsage = Field(default_factory=JinaUsage, description="Token usage.")
+    results: list[RankedDocument] = Field(..., description="Results, best first.")
+    meta: ServingMeta = Field(..., description="Serving metadata: arm, precision, model.")
+
+    @classmethod
+    def build(cls, req: RerankRequest, outcome: RerankOutcome, request_id: str) -> JinaRerankResponse:
+        return cls(model=outcome.meta.model, results=_ranked_documents(req, outcome), meta=outcome.meta)
+
+
+class TEIRank(BaseModel):
+    index: int = Field(..., description="Position of the text in the request.")
+    score: float = Field(..., description="Probability (0..1), or the logit when raw_scores is set.")
+    text: str | None = Field(None, description="The text, when return_text is set.")
+
+
+class TEIRerankResponse(RootModel[list[TEIRank]]):
+    """TEI answers with a bare list, best first; arm and precision travel in headers."""
+
+    @classmethod
+    def build(cls, req: RerankRequest, outcome: RerankOutcome, request_id: str) -> TEIRerankResponse:
+        ranks = []
+        for i in outcome.ranked(req.top_n):
+            s = outcome.scores[i]
+            text = req.documents[i].text if req.return_documents else None
+            ranks.append(TEIRank(index=i, score=logit(s) if req.raw_scores else s, text=text))
+        return cls(ranks)
+
+
+def _ranked_documents(req: RerankRequest, outcome: RerankOutcome) -> list[RankedDocument]:
+    return [
+        RankedDocument(
+            index=i,
+            relevance_score=outcome.scores[i],
+            document=req.documents_echo[i] if req.return_documents else None,
+        )
+        for i in outcome.ranked(req.top_n)
+    ]
+
+
+# ----------------------------------------------------------------------- other endpoints
+
+
+class ErrorDetail(BaseModel):
+    type: str = Field(..., description="Error class, e.g. invalid_input, forbidden_url, unauthorized, overloaded.")
+    field: str | None = Field(None, description="Dotted path of the offending field, when one is to blame.")
+    message: str = Field(..., description="What is wrong.")
+    code: int = Field(..., description="HTTP status.")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail = Field(..., description="The error.")
+
+
+class ModelCard(BaseModel):
+    id: str = Field(..., description="Model id.")
+    object: Literal["model"] = Field("model", description="Object type (OpenAI list-models shape).")
+    owned_by: str = Field("rerank-fleet", description="Owner.")
+    arms: list[ArmCard] = Field(..., description="Precision arms serving this model.")
+
+
+class ArmCard(BaseModel):
+    name: str = Field(..., description="Arm name.")
+    precision: str = Field(..., description="Numeric precision.")
+    weight: float = Field(..., description="Normalised traffic share.")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = Field("list", description="Object type.")
+    data: list[ModelCard] = Field(..., description="Served models.")
+
+
+ModelCard.model_rebuild()

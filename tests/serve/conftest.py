@@ -1,0 +1,318 @@
+"""Fixtures of the serving tests: real Redis, a private Redis to kill, a local media server,
+and (for `@pytest.mark.ray` tests) one real Ray Serve app per session."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+import httpx
+import pytest
+from serving_testkit import free_port, png_bytes
+
+SHARED_REDIS = "redis://127.0.0.1:6379"
+UNIT_REDIS_DB = 11  # unit tests of the cache (keys under a per-run prefix)
+E2E_REDIS_DB = 12  # the end-to-end app's cache (flushed before and after)
+
+
+def _redis_answers(url: str) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def shared_redis_url() -> str:
+    if not _redis_answers(SHARED_REDIS):
+        pytest.fail("these tests need Redis on 127.0.0.1:6379 (.ci/run starts one)")
+    return SHARED_REDIS
+
+
+@pytest.fixture
+def unit_redis(shared_redis_url):
+    """(url, key_prefix) on the shared server's db 11; this test's keys are deleted afterwards."""
+    import redis
+
+    url = f"{shared_redis_url}/{UNIT_REDIS_DB}"
+    prefix = f"test-{uuid.uuid4().hex[:8]}:"
+    yield url, prefix
+    client = redis.Redis.from_url(url)
+    keys = list(client.scan_iter(match=prefix + "*"))
+    if keys:
+        client.delete(*keys)
+
+
+class PrivateRedis:
+    """A redis-server of our own on a free port, so a test can stop it without touching 6379."""
+
+    def __init__(self, workdir: Path):
+        if shutil.which("redis-server") is None:
+            pytest.fail("redis-server is needed for the Redis-outage test")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.pidfile = workdir / f"redis-{self.port}.pid"
+        subprocess.run(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--daemonize", "yes", "--pidfile", str(self.pidfile), "--dir", str(workdir)],
+            check=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while not _redis_answers(self.url):
+            if time.monotonic() > deadline:
+                raise RuntimeError("private redis-server did not start")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        """Kill it (SIGKILL: an outage, not a graceful shutdown) and wait until it is gone."""
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError, ValueError):
+            pid = int(self.pidfile.read_text().strip())
+            os.kill(pid, 9)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.05)
+
+    @property
+    def running(self) -> bool:
+        return _redis_answers(self.url)
+
+
+@pytest.fixture(scope="module")
+def private_redis(tmp_path_factory):
+    server = PrivateRedis(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+# ----------------------------------------------------------------------------- media server
+
+
+class MediaServer:
+    """Threaded HTTP server on 127.0.0.1 serving images, redirects, slow and oversize bodies."""
+
+    def __init__(self):
+        self.hits: Counter[str] = Counter()
+        self.hosts: list[str] = []
+        self.images: dict[str, bytes] = {"/img.png": png_bytes(), "/other.png": png_bytes((30, 30, 200), seed=5)}
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):  # noqa: N802
+                url = urlparse(self.path)
+                q = parse_qs(url.query)
+                server.hits[url.path] += 1
+                server.hosts.append(self.headers.get("Host", ""))
+                if url.path in server.images:
+                    body = server.images[url.path]
+                    self.send_response(200)
+                    self.send_header("Content-Type", "image/png")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                elif url.path == "/redirect":
+                    self.send_response(302)
+                    self.send_header("Location", q["to"][0])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                elif url.path == "/loop":
+                    self.send_response(302)
+                    self.send_header("Location", "/loop")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                elif url.path == "/slow":
+                    time.sleep(float(q.get("s", ["3"])[0]))
+                    self.send_response(200)
+                    self.send_header("Content-Length", "1")
+                    self.end_headers()
+                    self.wfile.write(b"x")
+                elif url.path == "/big-chunked":
+                    # No Content-Length: the cap must be enforced while streaming.
+                    self.send_response(200)
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    chunk = b"\0" * 65536
+                    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                        for _ in range(int(q.get("n", ["64"])[0])):
+                            self.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+                        self.wfile.write(b"0\r\n\r\n")
+                elif url.path == "/big-declared":
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(50 * 1024 * 1024))
+                    self.end_headers()
+                else:
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+
+        class QuietServer(ThreadingHTTPServer):
+            def handle_error(self, request, client_address):
+                pass  # clients that hang up early (byte caps, timeouts) are expected here
+
+        self.httpd = QuietServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, path: str, host: str = "127.0.0.1") -> str:
+        return f"http://{host}:{self.port}{path}"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def media_server():
+    server = MediaServer()
+    yield server
+    server.close()
+
+
+# ------------------------------------------------------------------------------ tiny model
+
+
+@pytest.fixture(scope="session")
+def tiny_model(request) -> Path:
+    """The trained tiny model's folder: the top-level `tiny_model_dir` fixture, or the folder named
+    by SERVE_TEST_MODEL_DIR (lets serving work proceed while the model's recipe is being changed)."""
+    override = os.environ.get("SERVE_TEST_MODEL_DIR")
+    if override:
+        return Path(override)
+    return Path(request.getfixturevalue("tiny_model_dir"))
+
+
+@pytest.fixture(scope="session")
+def engine_for(tiny_model):
+    """engine_for(precision) -> a RerankEngine on `tiny_model`, loaded once per precision
+    (overrides the top-level fixture of the same name so both use the same folder)."""
+    from serve.config import ModelConfig
+    from serve.engine.engine import RerankEngine
+
+    cache = {}
+
+    def get(precision: str):
+        if precision not in cache:
+            cache[precision] = RerankEngine.load(ModelConfig(source=str(tiny_model)), precision, device="cpu")
+        return cache[precision]
+
+    return get
+
+
+# ------------------------------------------------------------------------- Ray Serve apps
+
+
+@dataclass
+class RunningApp:
+    base_url: str
+    client: httpx.Client
+    redis_url: str | None
+    model: Path  # the model folder the app serves (its model id)
+
+
+def _fleet(model_dir: Path, arms: list[dict], redis_url: str | None, **extra) -> dict:
+    return {
+        "model": {"source": str(model_dir)},
+        "arms": arms,
+        "cache": {"redis_url": redis_url, "retry_after_s": 0.5, "redis_timeout_s": 0.2},
+        "limits": {
+            "max_documents": 50, "max_text_chars": 2000, "max_image_pixels": 4_000_000,
+            "max_request_bytes": 2 * 1024 * 1024, "fetch_timeout_s": 5, "allowed_hosts": ["localhost"],
+        },
+        **extra,
+    }  # fmt: skip
+
+
+def _arm(name: str, weight: float, *, max_ongoing: int = 32, max_queued: int = 256) -> dict:
+    return {
+        "name": name, "precision": name, "weight": weight, "max_ongoing_requests": max_ongoing, "max_queued_requests": max_queued,
+        "ray_actor_options": {"num_cpus": 0.5}, "batching": {"max_batch_size": 16, "batch_wait_timeout_s": 0.005},
+    }  # fmt: skip
+
+
+def _delete_keys(url: str, pattern: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    keys = list(client.scan_iter(match=pattern))
+    if keys:
+        client.delete(*keys)
+
+
+@pytest.fixture(scope="session")
+def ray_serve():
+    """One embedded Ray instance with Serve's proxy on a free loopback port, for the session."""
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    import ray
+    from ray import serve
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False, namespace="rerank-tests")
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _deploy(base: str, name: str, prefix: str, fleet: dict, redis_url: str | None) -> RunningApp:
+    from ray import serve
+
+    from serve.app import build_app
+
+    serve.run(build_app({"config": fleet}), name=name, route_prefix=prefix)
+    return RunningApp(base_url=base + prefix.rstrip("/"), client=httpx.Client(base_url=base + prefix.rstrip("/"), timeout=120),
+                      redis_url=redis_url, model=Path(fleet["model"]["source"]))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def serve_app(ray_serve, shared_redis_url, tiny_model):
+    """The main app: arms fp32 and nf4 (weights 0.5/0.5), shadow to nf4 at 0.5, Redis db 12, one API key."""
+    from ray import serve
+
+    redis_url = f"{shared_redis_url}/{E2E_REDIS_DB}"
+    _delete_keys(redis_url, "rerank:*")
+    fleet = _fleet(tiny_model, [_arm("fp32", 0.5), _arm("nf4", 0.5)], redis_url,
+                   router={"shadow": {"arm": "nf4", "fraction": 0.5}}, api_keys=["e2e-key"])  # fmt: skip
+    app = _deploy(ray_serve, "rerank", "/", fleet, redis_url)
+    try:
+        yield app
+    finally:
+        app.client.close()
+        serve.delete("rerank")
+        _delete_keys(redis_url, "rerank:*")
+
+
+@pytest.fixture(scope="module")
+def chaos_app(ray_serve, private_redis, tiny_model):
+    """A one-arm app whose Redis tier is the private redis-server the outage test kills; its arm
+    takes 2 requests at a time with 2 queued, so bursts also exercise backpressure."""
+    from ray import serve
+
+    arm = _arm("fp32", 1.0, max_ongoing=2, max_queued=2)
+    app = _deploy(ray_serve, "chaos", "/chaos", _fleet(tiny_model, [arm], private_redis.url), private_redis.url)
+    try:
+        yield app
+    finally:
+        app.client.close()
+        serve.delete("chaos")

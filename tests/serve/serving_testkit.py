@@ -1,0 +1,23 @@
+"""Small helpers shared by the serving tests (importable: pytest puts this folder on sys.path)."""
+
+from __future__ import annotations
+
+import io
+import socket
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def png_bytes(colour=(200, 30, 30), side: int = 96, seed: int = 0) -> bytes:
+    """A small PNG; `seed` varies a pixel so distinct seeds give distinct content."""
+    from PIL import Image
+
+    img = Image.new("RGB", (side, side), colour)
+    img.putpixel((seed % side, (seed // side) % side), (seed % 251, 7, 7))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
