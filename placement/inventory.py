@@ -9,10 +9,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from placement.hardware import GPU_CATALOGUE, PLANNED_PRECISIONS, GpuModel, PlannedPrecision
+from serve.config import describe_validation_error, read_yaml_mapping
 
 # Agreement of each precision's top-10 ranking with the bf16 reference (NDCG@10), used when the
 # inventory gives no measured figures. Conservative values from published reranker quantisation
@@ -298,19 +298,9 @@ class Inventory(_Strict):
         try:
             return cls.model_validate(data)
         except ValidationError as err:
-            problems = []
-            for e in err.errors():
-                where = ".".join(str(p) for p in e["loc"]) or "(top level)"
-                problems.append(f"{where}: {e['msg']}")
-            raise InventoryError(f"{source}: invalid inventory: " + "; ".join(problems)) from None
+            raise InventoryError(describe_validation_error(err, source, "inventory")) from None
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Inventory:
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError) as err:
-            raise InventoryError(f"{path}: cannot read YAML: {err}") from None
-        if not isinstance(data, dict):
-            raise InventoryError(f"{path}: the top level must be a mapping")
+        data = read_yaml_mapping(path, InventoryError)
         return cls.from_dict(data, source=str(path))

@@ -173,18 +173,11 @@ class FleetConfig(_Strict):
         try:
             return cls.model_validate(data)
         except ValidationError as e:
-            raise ConfigError(_describe(e, source)) from None
+            raise ConfigError(describe_validation_error(e, source, "configuration")) from None
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> FleetConfig:
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"{path}: cannot read YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_yaml_mapping(path, ConfigError), source=str(path))
 
     def to_dict(self) -> dict:
         """Plain data (secrets revealed) for Serve's `args`, which must be JSON-serialisable."""
@@ -193,9 +186,19 @@ class FleetConfig(_Strict):
         return data
 
 
-def _describe(err: ValidationError, source: str) -> str:
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        lines.append(f"{loc}: {e['msg']}")
-    return f"{source}: invalid configuration: " + "; ".join(lines)
+def read_yaml_mapping(path: str | Path, error: type[Exception]) -> dict:
+    """A YAML file whose top level is a mapping, or `error` saying why not."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise error(f"{path}: cannot read YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: the top level must be a mapping")
+    return data
+
+
+def describe_validation_error(err: ValidationError, source: str, what: str) -> str:
+    """One line naming every invalid field by its dotted path, e.g. `arms.1.precision: ...`."""
+    problems = [f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in err.errors()]
+    return f"{source}: invalid {what}: " + "; ".join(problems)

@@ -136,10 +136,14 @@ def run_engine_bench(
         "rows": rows,
     }
     print(format_table(report))
+    write_json(report, out)
+    return report
+
+
+def write_json(report: dict, out: str | None) -> None:
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(report, indent=2))
-    return report
 
 
 def _gib(n: int | float) -> float:

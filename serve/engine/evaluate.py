@@ -7,12 +7,11 @@ labels, and the largest absolute score difference.
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 
+from serve.engine.bench import write_json
 from serve.ranking import agreement, ndcg_at_k
 
 
@@ -47,9 +46,7 @@ def run_eval(model: str, precisions: list[str], reference: str = "fp32", device:
         "rows": rows,
     }
     print(format_table(rows))
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(report, indent=2))
+    write_json(report, out)
     return report
 
 
