@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -13,9 +14,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny_model_dir():
+    """The trained tiny model; RERANK_TEST_MODEL_DIR names another build (e.g. while its recipe changes)."""
     from serve.engine.tiny import ensure_tiny_model
 
-    return ensure_tiny_model()
+    override = os.environ.get("RERANK_TEST_MODEL_DIR")
+    return Path(override) if override else ensure_tiny_model()
 
 
 @pytest.fixture(scope="session")

@@ -192,70 +192,9 @@ def media_server():
 
 
 @pytest.fixture(scope="session")
-def tiny_model(request) -> Path:
-    """The trained tiny model's folder: the top-level `tiny_model_dir` fixture, or the folder named
-    by SERVE_TEST_MODEL_DIR (lets serving work proceed while the model's recipe is being changed)."""
-    override = os.environ.get("SERVE_TEST_MODEL_DIR")
-    if override:
-        return Path(override)
-    return Path(request.getfixturevalue("tiny_model_dir"))
-
-
-@pytest.fixture(scope="session")
-def engine_for(tiny_model):
-    """engine_for(precision) -> a RerankEngine on `tiny_model`, loaded once per precision
-    (overrides the top-level fixture of the same name so both use the same folder)."""
-    from serve.config import ModelConfig
-    from serve.engine.engine import RerankEngine
-
-    cache = {}
-
-    def get(precision: str):
-        if precision not in cache:
-            cache[precision] = RerankEngine.load(ModelConfig(source=str(tiny_model)), precision, device="cpu")
-        return cache[precision]
-
-    return get
-
-
-# ------------------------------------------------------------------------- Ray Serve apps
-
-
-@dataclass
-class RunningApp:
-    base_url: str
-    client: httpx.Client
-    redis_url: str | None
-    model: Path  # the model folder the app serves (its model id)
-
-
-def _fleet(model_dir: Path, arms: list[dict], redis_url: str | None, **extra) -> dict:
-    return {
-        "model": {"source": str(model_dir)},
-        "arms": arms,
-        "cache": {"redis_url": redis_url, "retry_after_s": 0.5, "redis_timeout_s": 0.2},
-        "limits": {
-            "max_documents": 50, "max_text_chars": 2000, "max_image_pixels": 4_000_000,
-            "max_request_bytes": 2 * 1024 * 1024, "fetch_timeout_s": 5, "allowed_hosts": ["localhost"],
-        },
-        **extra,
-    }  # fmt: skip
-
-
-def _arm(name: str, weight: float, *, max_ongoing: int = 32, max_queued: int = 256) -> dict:
-    return {
-        "name": name, "precision": name, "weight": weight, "max_ongoing_requests": max_ongoing, "max_queued_requests": max_queued,
-        "ray_actor_options": {"num_cpus": 0.5}, "batching": {"max_batch_size": 16, "batch_wait_timeout_s": 0.005},
-    }  # fmt: skip
-
-
-def _delete_keys(url: str, pattern: str) -> None:
-    import redis
-
-    client = redis.Redis.from_url(url)
-    keys = list(client.scan_iter(match=pattern))
-    if keys:
-        client.delete(*keys)
+def tiny_model(tiny_model_dir) -> Path:
+    """The trained tiny model's folder (the top-level `tiny_model_dir` fixture)."""
+    return Path(tiny_model_dir)
 
 
 @pytest.fixture(scope="session")
