@@ -62,11 +62,11 @@ def _metrics(ref_scores, scores, tasks) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"| {'precision':9} | {'spearman':>8} | {'NDCG@10 vs ref':>14} | {'top-10 overlap':>14} | {'NDCG@10 labels':>14} | {'max |Δscore|':>12} |"
+    head = f"| {'precision':9} | {'spearman':>8} | {'NDCG@10 vs ref':>14} | {'top-10 overlap':>14} | {'NDCG@10 labels':>14} | {'max abs Δscore':>14} |"
     lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
     for r in rows:
         lines.append(
             f"| {r['precision']:9} | {r['spearman']:8.4f} | {r['ndcg@10_vs_reference']:14.4f} | {r['top10_overlap']:14.4f} | "
-            f"{r['ndcg@10_labels']:14.4f} | {r['max_abs_score_diff']:12.5f} |"
+            f"{r['ndcg@10_labels']:14.4f} | {r['max_abs_score_diff']:14.5f} |"
         )
     return "\n".join(lines)

@@ -8,6 +8,7 @@ logits are read from lm_head rows, where quantization error lands directly on th
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ PRECISIONS = ("fp32", "bf16", "fp16", "int8", "nf4", "awq", "fp8")
 KEEP_16BIT = ["visual", "lm_head"]
 # LLM.int8 casts fp32 activations to fp16 for its int8 matmul and says so on every call.
 warnings.filterwarnings("ignore", message=".*MatMul8bitLt: inputs will be cast.*")
+logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
 FAMILIES = {"qwen3_vl": "qwen3-vl", "qwen2_5_vl": "lychee"}
 
 

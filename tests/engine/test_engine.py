@@ -53,19 +53,22 @@ def test_every_cpu_precision_scores_end_to_end(engine_for, mixed_pairs, precisio
     assert scores[0] > scores[1] and scores[0] > scores[2]
 
 
+# Bounds from `rerank-fleet eval` on the held-out set (docs/BENCHMARKS.md, "Fidelity"), with margin:
+# rankings barely move; absolute scores move more under nf4, so the ranking bound is the tight one.
+FIDELITY_BOUNDS = {"bf16": (0.99, 0.15), "int8": (0.99, 0.15), "nf4": (0.98, 0.50)}
+
+
 @pytest.mark.parametrize("precision", ["bf16", "int8", "nf4"])
 def test_quantized_agrees_with_fp32_within_documented_bound(engine_for, precision):
-    # Bounds documented in docs/BENCHMARKS.md ("Fidelity"): measured by `rerank-fleet eval` on this set.
     ref, cand = engine_for("fp32"), engine_for(precision)
-    tasks = eval_set(seed=5, n_queries=6)
     max_abs, spearmans = 0.0, []
-    for q, docs, _ in tasks:
+    for q, docs, _ in eval_set():
         a, b = ref.score(q, docs), cand.score(q, docs)
         max_abs = max(max_abs, max(abs(x - y) for x, y in zip(a, b)))
         spearmans.append(agreement(a, b)["spearman"])
-    bound = {"bf16": 0.05, "int8": 0.05, "nf4": 0.10}[precision]
-    assert max_abs <= bound, f"{precision}: max |score - fp32| = {max_abs:.4f} > {bound}"
-    assert min(spearmans) >= 0.9
+    min_mean_spearman, max_abs_bound = FIDELITY_BOUNDS[precision]
+    assert sum(spearmans) / len(spearmans) >= min_mean_spearman
+    assert max_abs <= max_abs_bound, f"{precision}: max |score - fp32| = {max_abs:.4f} > {max_abs_bound}"
 
 
 def test_batched_equals_single(engine_for, mixed_pairs):
