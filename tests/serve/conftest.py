@@ -193,8 +193,49 @@ def media_server():
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir) -> Path:
-    """The trained tiny model's folder (the top-level `tiny_model_dir` fixture)."""
+    """The trained tiny model's folder (the top-level `tiny_model_dir` fixture; `engine_for` there
+    loads engines from the same folder)."""
     return Path(tiny_model_dir)
+
+
+# ------------------------------------------------------------------------- Ray Serve apps
+
+
+@dataclass
+class RunningApp:
+    base_url: str
+    client: httpx.Client
+    redis_url: str | None
+    model: Path  # the model folder the app serves (its model id)
+
+
+def _fleet(model_dir: Path, arms: list[dict], redis_url: str | None, **extra) -> dict:
+    return {
+        "model": {"source": str(model_dir)},
+        "arms": arms,
+        "cache": {"redis_url": redis_url, "retry_after_s": 0.5, "redis_timeout_s": 0.2},
+        "limits": {
+            "max_documents": 50, "max_text_chars": 2000, "max_image_pixels": 4_000_000,
+            "max_request_bytes": 2 * 1024 * 1024, "fetch_timeout_s": 5, "allowed_hosts": ["localhost"],
+        },
+        **extra,
+    }  # fmt: skip
+
+
+def _arm(name: str, weight: float, *, max_ongoing: int = 32, max_queued: int = 256) -> dict:
+    return {
+        "name": name, "precision": name, "weight": weight, "max_ongoing_requests": max_ongoing, "max_queued_requests": max_queued,
+        "ray_actor_options": {"num_cpus": 0.5}, "batching": {"max_batch_size": 16, "batch_wait_timeout_s": 0.005},
+    }  # fmt: skip
+
+
+def _delete_keys(url: str, pattern: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    keys = list(client.scan_iter(match=pattern))
+    if keys:
+        client.delete(*keys)
 
 
 @pytest.fixture(scope="session")

@@ -187,7 +187,10 @@ def test_repeated_image_is_a_cache_hit_with_identical_scores(serve_app, engine_f
     engine = engine_for("fp32")
     q = RerankItem(text="a green circle")
     direct = engine.score_pairs([ScorePair(q, RerankItem(images=(img,))), ScorePair(q, RerankItem(text="a green circle"))])
-    assert {x["index"]: x["relevance_score"] for x in first["results"]} == dict(enumerate(direct))
+    # Within 1e-6, not bit-equal: the replica runs torch on 1 thread, this process on 2, and fp32
+    # sums in another order. Hit and miss inside the app (above) are bit-identical.
+    served = {x["index"]: x["relevance_score"] for x in first["results"]}
+    assert served.keys() == {0, 1} and all(abs(served[i] - direct[i]) <= 1e-6 for i in served)
     # The features went to the shared Redis tier too.
     import redis
 

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_main_job_serves_default_config_and_stops_on_ctrl_c(tiny_model, tmp_path):
     # The default config, with its model pinned to the folder the other tests use ("tiny" resolves
-    # to the same folder unless SERVE_TEST_MODEL_DIR points elsewhere).
+    # to the same folder unless RERANK_TEST_MODEL_DIR points elsewhere).
     config = yaml.safe_load(DEFAULT_CONFIG.read_text())
     config["model"]["source"] = str(tiny_model)
     config_path = tmp_path / "local.yaml"
