@@ -160,3 +160,35 @@ def test_unknown_and_unsupported_precisions_are_refused(tiny_model_dir):
         RerankEngine.load(cfg, "fp8", device="cpu")
     with pytest.raises(PrecisionUnsupported, match="pre-quantized W4A16"):
         RerankEngine.load(cfg, "awq", device="cpu")  # a plain checkpoint is not AWQ
+
+
+def _mp4(frames: list[bytes], fps: int = 4) -> bytes:
+    av = pytest.importorskip("av")
+    import numpy as np
+
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = 96, 96, "yuv420p"
+        for png in frames:
+            frame = av.VideoFrame.from_ndarray(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return buf.getvalue()
+
+
+def test_video_file_is_sampled_at_fps_and_scored(engine_for):
+    from serve.engine.vision import sample_frame_indices
+
+    eng = engine_for("fp32")
+    rng = random.Random(11)
+    data = _mp4([draw(Thing("blue", "square"), rng) for _ in range(12)], fps=4)  # 3 seconds
+    pair = ScorePair(RerankItem(text="blue square"), RerankItem(video=VideoInput(data=data)))
+    enc = eng._encode_pair(pair, {})
+    # 3 s at the default 1 fps -> the reference's minimum of 4 frames -> 2 temporal groups.
+    assert sample_frame_indices(12, 4.0, 1.0, 64) == [0, 4, 7, 11]
+    assert enc.kinds == [2] and enc.visuals[0].grid_thw[0] == 2
+    (s,) = eng.score_pairs([pair])
+    assert 0.0 < s < 1.0
+    with pytest.raises(ImageDecodeError, match="document.video"):
+        eng.score_pairs([ScorePair(RerankItem(text="q"), RerankItem(video=VideoInput(data=b"not a video")))])
