@@ -11,6 +11,7 @@ score = sigmoid(logit("yes") - logit("no")) at the last token, computed in fp32.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import threading
 from collections.abc import Mapping, Sequence
@@ -133,8 +134,6 @@ class RerankEngine:
             for name in ("chat_template.jinja", "chat_template.json"):
                 p = folder / name
                 if p.exists():
-                    import json
-
                     return p.read_text() if name.endswith(".jinja") else json.loads(p.read_text())["chat_template"]
         log.warning("no chat template in %s; using the built-in Qwen3-VL template", self.loaded.source)
         return QWEN3_VL_CHAT_TEMPLATE
