@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -184,8 +185,12 @@ class RerankEngine:
         for p in pairs:
             check_not_empty(p.query, p.query_field)
             check_not_empty(p.document, p.document_field)
-        features = self._resolve_images(pairs, dict(image_features or {}))
-        encoded = [self._encode_pair(p, features) for p in pairs]
+        # Hash each image once per call (a query image recurs in every pair), and run each video's
+        # ViT once however many pairs share it.
+        image_keys = {data: self.feature_spec.cache_key(image_digest(data)) for p in pairs for item in (p.query, p.document) for data in item.images}
+        features = self._resolve_images(pairs, dict(image_features or {}), image_keys)
+        videos: dict[VideoInput, tuple[ImageFeatures, PixelPatches]] = {}
+        encoded = [self._encode_pair(p, features, image_keys=image_keys, videos=videos) for p in pairs]
         scores: list[float] = [0.0] * len(pairs)
         for batch in self.plan_batches([len(e) for e in encoded]):
             out = self._score_batch([encoded[i] for i in batch])
@@ -221,18 +226,20 @@ class RerankEngine:
         with self._lock:
             out = self.visual(pixel_values, grid_thw=grid, return_dict=True)
         merge = self.visual.spatial_merge_size**2
-        sizes = [int(torch.tensor(p.grid_thw).prod()) // merge for p in patches]
+        sizes = [math.prod(p.grid_thw) // merge for p in patches]
         embeds = torch.split(out.pooler_output.float().cpu(), sizes)
         deep = getattr(out, "deepstack_features", None) or []
         deep_split = [torch.split(d.float().cpu(), sizes) for d in deep]
         return [(embeds[i], tuple(d[i] for d in deep_split)) for i in range(len(patches))]
 
-    def _resolve_images(self, pairs: Sequence[ScorePair], features: dict[str, ImageFeatures]) -> dict[str, ImageFeatures]:
+    def _resolve_images(
+        self, pairs: Sequence[ScorePair], features: dict[str, ImageFeatures], image_keys: Mapping[bytes, str]
+    ) -> dict[str, ImageFeatures]:
         todo: dict[str, tuple[bytes, str]] = {}
         for p in pairs:
             for item, fld in ((p.query, p.query_field), (p.document, p.document_field)):
                 for j, data in enumerate(item.images):
-                    key = self.feature_spec.cache_key(image_digest(data))
+                    key = image_keys[data]
                     if key not in features and key not in todo:
                         todo[key] = (data, f"{fld}.images.{j}")
         if todo:
@@ -248,21 +255,35 @@ class RerankEngine:
 
     # ---- text ---------------------------------------------------------------------------------
 
-    def _encode_pair(self, pair: ScorePair, features: Mapping[str, ImageFeatures], text: str | None = None) -> EncodedPair:
-        """Token ids of a pair; `text` overrides the rendered prompt (the tiny model's training curriculum)."""
+    def _encode_pair(
+        self,
+        pair: ScorePair,
+        features: Mapping[str, ImageFeatures],
+        text: str | None = None,
+        *,
+        image_keys: Mapping[bytes, str] | None = None,
+        videos: dict[VideoInput, tuple[ImageFeatures, PixelPatches]] | None = None,
+    ) -> EncodedPair:
+        """Token ids of a pair; `text` overrides the rendered prompt (the tiny model's training curriculum).
+        `image_keys` (bytes -> cache key) and `videos` (memo of video features) are shared across the
+        pairs of one call; without them each is computed here."""
         text = text if text is not None else self.render_prompt(pair)
+        videos = {} if videos is None else videos
         slots: list[VisionSlot] = []
         visuals: list[ImageFeatures] = []
         kinds: list[int] = []
         merge = self.vision_params.merge_size**2
         for item, fld in ((pair.query, pair.query_field), (pair.document, pair.document_field)):
             if item.video is not None:  # videos render first, as in the reference
-                feats, patches = self._video_features(item.video, fld)
+                if item.video not in videos:
+                    videos[item.video] = self._video_features(item.video, fld)
+                feats, patches = videos[item.video]
                 slots.append(VisionSlot("video", patches.tokens_per_frame(self.vision_params.merge_size), patches.timestamps))
                 visuals.append(feats)
                 kinds.append(VIDEO)
             for data in item.images:
-                feats = features[self.feature_spec.cache_key(image_digest(data))]
+                key = image_keys[data] if image_keys is not None else self.feature_spec.cache_key(image_digest(data))
+                feats = features[key]
                 t, h, w = feats.grid_thw
                 slots.append(VisionSlot("image", t * h * w // merge))
                 visuals.append(feats)

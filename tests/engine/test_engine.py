@@ -130,6 +130,21 @@ def test_video_frames_score_as_video(engine_for):
     assert 0.0 < s < 1.0
 
 
+def test_a_shared_query_video_runs_the_vit_once(engine_for, monkeypatch):
+    eng = engine_for("fp32")
+    rng = random.Random(5)
+    video = VideoInput(frames=tuple(draw(Thing("red", "circle"), rng) for _ in range(4)), fps=2.0)
+    docs = [RerankItem(text="a red circle"), RerankItem(text="a blue square"), RerankItem(text="a red cross")]
+    calls = []
+    real_run_vision = eng._run_vision
+    monkeypatch.setattr(eng, "_run_vision", lambda patches: calls.append(len(patches)) or real_run_vision(patches))
+    shared = eng.score(RerankItem(video=video), docs)
+    assert calls == [1]
+    monkeypatch.undo()
+    alone = [eng.score(RerankItem(video=video), [d])[0] for d in docs]
+    assert max(abs(a - b) for a, b in zip(shared, alone)) <= 1e-5
+
+
 def test_bad_input_gets_named_errors(engine_for):
     eng = engine_for("fp32")
     with pytest.raises(EmptyInput, match="documents.0"):
