@@ -28,15 +28,12 @@ from serve.cache import FeatureCache
 from serve.config import ArmConfig, BatchingConfig, FleetConfig
 from serve.engine.errors import InputError
 from serve.engine.features import ImageFeatures
-from serve.engine.inputs import RerankItem, ScorePair, image_digest
-from serve.fetch import ImageRef
+from serve.engine.inputs import ImageRef, ScorePair, image_digest
 
 log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
 PAIR_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
-# Bytes standing in for an image known only by digest (see `_engine_view`).
-_REF_PLACEHOLDER = b"rerank-fleet/image-ref/"
 
 
 @dataclass(frozen=True)
@@ -314,32 +311,16 @@ class ArmReplica:
         return out
 
     def _engine_view(self, job: ScoreJob, features: dict[str, ImageFeatures]) -> tuple[tuple[ScorePair, ...], dict[str, ImageFeatures]]:
-        """The job's pairs as the engine takes them, plus the features they need (by engine key).
-
-        The engine keys features by `feature_spec.cache_key(image_digest(bytes))`. An `ImageRef`
-        has no bytes, so it is replaced by placeholder bytes unique to its digest, and its
-        features are registered under the placeholder's key as well: the engine then uses the
-        cached features without ever decoding the placeholder.
-        """
+        """The job's pairs (documents truncated) plus the features they need, by engine key.
+        `ImageRef`s go to the engine as they are: it scores them from these features."""
         spec = self.engine.feature_spec
-        needed: dict[str, ImageFeatures] = {}
-
-        def item_view(item: RerankItem) -> RerankItem:
-            if not item.images:
-                return item
-            images = []
-            for img in item.images:
-                if isinstance(img, ImageRef):
-                    placeholder = _REF_PLACEHOLDER + img.digest.encode()
-                    needed[spec.cache_key(image_digest(placeholder))] = features[img.digest]
-                    images.append(placeholder)
-                else:
-                    needed[spec.cache_key(image_digest(img))] = features[image_digest(img)]
-                    images.append(img)
-            return replace(item, images=tuple(images))
-
-        pairs = tuple(replace(p, query=item_view(p.query), document=item_view(p.document)) for p in job.pairs)
-        pairs = truncate_documents(pairs, job.max_tokens_per_doc, self._cut_tokens)
+        needed = {
+            spec.cache_key(digest): features[digest]
+            for p in job.pairs
+            for item in (p.query, p.document)
+            for digest in map(image_digest, item.images)
+        }
+        pairs = truncate_documents(job.pairs, job.max_tokens_per_doc, self._cut_tokens)
         return pairs, needed
 
     def _cut_tokens(self, text: str, max_tokens: int) -> str:

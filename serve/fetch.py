@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 import httpx
 
 from serve.engine.errors import FetchError, ForbiddenURL, ImageTooLarge, InputError
-from serve.engine.inputs import RerankItem, VideoInput, image_digest
+from serve.engine.inputs import ImageRef, RerankItem, VideoInput, image_digest
 from serve.protocol import ItemSpec, MediaRef, VideoSpec
 
 if TYPE_CHECKING:
@@ -53,15 +53,6 @@ METADATA_ADDRESSES = frozenset(
 _REDIRECTS = (301, 302, 303, 307, 308)
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.\-]*):")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
-@dataclass(frozen=True)
-class ImageRef:
-    """An image known only by its content digest (URL memo hit): its bytes were not downloaded."""
-
-    digest: str
-    url: str
-    field: str
 
 
 ImageSource = bytes | ImageRef

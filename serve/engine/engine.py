@@ -24,7 +24,7 @@ import torch
 from serve.config import ModelConfig
 from serve.engine.errors import InputError, ModelLoadError
 from serve.engine.features import FeatureSpec, ImageFeatures
-from serve.engine.inputs import RerankItem, ScorePair, VideoInput, check_not_empty, image_digest
+from serve.engine.inputs import ImageRef, RerankItem, ScorePair, VideoInput, check_not_empty, image_digest
 from serve.engine.model import LoadedModel, load_model
 from serve.engine.prompt import QWEN3_VL_CHAT_TEMPLATE, VisionSlot, build_messages, expand_vision_placeholders, truncate_keeping_final
 from serve.engine.vision import PixelPatches, VisionParams, VisionPreprocessor
@@ -233,15 +233,18 @@ class RerankEngine:
         return [(embeds[i], tuple(d[i] for d in deep_split)) for i in range(len(patches))]
 
     def _resolve_images(
-        self, pairs: Sequence[ScorePair], features: dict[str, ImageFeatures], image_keys: Mapping[bytes, str]
+        self, pairs: Sequence[ScorePair], features: dict[str, ImageFeatures], image_keys: Mapping[bytes | ImageRef, str]
     ) -> dict[str, ImageFeatures]:
-        todo: dict[str, tuple[bytes, str]] = {}
+        todo: dict[str, tuple[bytes | ImageRef, str]] = {}
         for p in pairs:
             for item, fld in ((p.query, p.query_field), (p.document, p.document_field)):
                 for j, data in enumerate(item.images):
                     key = image_keys[data]
                     if key not in features and key not in todo:
                         todo[key] = (data, f"{fld}.images.{j}")
+        for key, (data, fld) in todo.items():
+            if isinstance(data, ImageRef):
+                raise InputError(data.field or fld, "image known only by its digest has no cached features; send its bytes")
         if todo:
             keys = list(todo)
             computed = self.encode_images([todo[k][0] for k in keys], [todo[k][1] for k in keys])
@@ -261,7 +264,7 @@ class RerankEngine:
         features: Mapping[str, ImageFeatures],
         text: str | None = None,
         *,
-        image_keys: Mapping[bytes, str] | None = None,
+        image_keys: Mapping[bytes | ImageRef, str] | None = None,
         videos: dict[VideoInput, tuple[ImageFeatures, PixelPatches]] | None = None,
     ) -> EncodedPair:
         """Token ids of a pair; `text` overrides the rendered prompt (the tiny model's training curriculum).

@@ -17,6 +17,16 @@ from serve.engine.errors import EmptyInput, ImageDecodeError, ImageTooLarge, Inp
 
 
 @dataclass(frozen=True)
+class ImageRef:
+    """An image known only by its content digest (a URL-memo hit at the ingress): its bytes were
+    not downloaded. The engine scores it from precomputed features; it cannot decode it."""
+
+    digest: str
+    url: str
+    field: str
+
+
+@dataclass(frozen=True)
 class VideoInput:
     """A video: either already-sampled frames (encoded images, in time order) or a video file."""
 
@@ -34,7 +44,7 @@ class RerankItem:
     """One side of a pair. Rendered videos first, then images, then text, as the reference does."""
 
     text: str | None = None
-    images: tuple[bytes, ...] = ()
+    images: tuple[bytes | ImageRef, ...] = ()
     video: VideoInput | None = None
 
     @property
@@ -52,8 +62,10 @@ class ScorePair:
     document_field: str = field(default="document")
 
 
-def image_digest(data: bytes) -> str:
+def image_digest(data: bytes | ImageRef) -> str:
     """Content identity of encoded image bytes (the cache key's first part)."""
+    if isinstance(data, ImageRef):
+        return data.digest
     return hashlib.sha256(data).hexdigest()
 
 

@@ -99,6 +99,21 @@ def test_split_vision_path_equals_fused_forward(engine_for, mixed_pairs):
     assert max(abs(a - b) for a, b in zip(split, fused)) <= 1e-5
 
 
+def test_image_known_only_by_digest_scores_from_its_features(engine_for):
+    from serve.engine.inputs import ImageRef, image_digest
+
+    eng = engine_for("fp32")
+    img = draw(Thing("green", "triangle"), random.Random(2))
+    ref = ImageRef(digest=image_digest(img), url="https://cdn.example/t.png", field="documents.0.image")
+    q = RerankItem(text="green triangle")
+    feats = {f.cache_key: f for f in eng.encode_images([img])}
+    from_bytes = eng.score_pairs([ScorePair(q, RerankItem(images=(img,)))])
+    from_ref = eng.score_pairs([ScorePair(q, RerankItem(images=(ref,)))], image_features=feats)
+    assert from_ref == from_bytes
+    with pytest.raises(InputError, match="documents.0.image.*no cached features"):
+        eng.score_pairs([ScorePair(q, RerankItem(images=(ref,)))])
+
+
 def test_image_features_roundtrip_bytes_losslessly(engine_for):
     eng = engine_for("fp32")
     f = eng.encode_images([draw(Thing("purple", "cross"), random.Random(1))])[0]
