@@ -15,7 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_model_dir():
     """The trained tiny model; RERANK_TEST_MODEL_DIR names another build (e.g. while its recipe changes)."""
-    from serve.engine.tiny import ensure_tiny_model
+    from workshop.tiny import ensure_tiny_model
 
     override = os.environ.get("RERANK_TEST_MODEL_DIR")
     return Path(override) if override else ensure_tiny_model()
@@ -23,17 +23,16 @@ def tiny_model_dir():
 
 @pytest.fixture(scope="session")
 def engine_for(tiny_model_dir):
-    """engine_for(precision) -> a RerankEngine on the tiny model, loaded once per precision."""
-    from serve.config import ModelConfig
-    from serve.engine.engine import RerankEngine
+    """engine_for(precision, **EngineConfig overrides) -> a RerankEngine on the tiny model, loaded once each."""
+    from engine.config import EngineConfig
+    from engine.engine import RerankEngine
 
     cache = {}
 
-    def get(precision: str, **model_overrides):
-        key = (precision, tuple(sorted(model_overrides.items())))
+    def get(precision: str, **overrides):
+        key = (precision, tuple(sorted(overrides.items())))
         if key not in cache:
-            cfg = ModelConfig(source=str(tiny_model_dir), **model_overrides)
-            cache[key] = RerankEngine.load(cfg, precision, device="cpu")
+            cache[key] = RerankEngine.load(str(tiny_model_dir), precision, config=EngineConfig(**overrides), device="cpu")
         return cache[key]
 
     return get

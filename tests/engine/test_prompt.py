@@ -1,7 +1,9 @@
 """The rendered prompt equals the official Qwen3-VL-Reranker layout, character for character."""
 
-from serve.engine.inputs import RerankItem, ScorePair, VideoInput
-from serve.engine.prompt import DEFAULT_INSTRUCTION, truncate_keeping_final
+from engine.inputs import ImageInput, RerankItem, VideoInput
+from engine.prompt import DEFAULT_INSTRUCTION, truncate_keeping_final
+
+X = ImageInput("0" * 64, None)
 
 SYSTEM = (
     "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the "
@@ -18,22 +20,22 @@ def test_default_instruction_is_the_official_one():
 
 def test_text_pair_renders_official_layout(engine_for):
     eng = engine_for("fp32")
-    got = eng.render_prompt(ScorePair(RerankItem(text="red circle"), RerankItem(text="a red circle")))
+    got = eng.render_prompt(RerankItem(text="red circle"), RerankItem(text="a red circle"))
     want = SYSTEM + "<|im_start|>user\n<Instruct>: " + DEFAULT_INSTRUCTION + "<Query>:red circle\n<Document>:a red circle" + END
     assert got == want
 
 
 def test_custom_instruction_and_parts_order_video_image_text(engine_for):
     eng = engine_for("fp32")
-    doc = RerankItem(text="caption", images=(b"x", b"y"), video=VideoInput(frames=(b"f",)))
-    got = eng.render_prompt(ScorePair(RerankItem(images=(b"q",)), doc, instruction="Find shapes."))
+    doc = RerankItem(text="caption", images=(X, X), video=VideoInput.of_frames((X,)))
+    got = eng.render_prompt(RerankItem(images=(X,)), doc, instruction="Find shapes.")
     want = SYSTEM + "<|im_start|>user\n<Instruct>: Find shapes.<Query>:" + IMG + "\n<Document>:" + VID + IMG + IMG + "caption" + END
     assert got == want
 
 
 def test_empty_side_renders_null(engine_for):
     eng = engine_for("fp32")
-    got = eng.render_prompt(ScorePair(RerankItem(text="q"), RerankItem()))
+    got = eng.render_prompt(RerankItem(text="q"), RerankItem())
     assert got.endswith("<Query>:q\n<Document>:NULL" + END)
 
 
@@ -46,3 +48,16 @@ def test_truncation_keeps_special_tokens_and_final_tail():
     assert len(out) == 9 and out[:6] == [100, 1, 2, 101, 101, 3]  # body text cut from its end
     assert truncate_keeping_final(ids, 5, keep, tail=2) is None  # cannot fit: caller raises
     assert truncate_keeping_final(ids, 20, keep, tail=2) == ids
+
+
+def test_one_render_per_request_equals_a_render_per_pair(engine_for):
+    """The engine renders the template once per request and splices each document in; for the
+    checkpoint's template that must be the text a full render of each pair gives."""
+    from engine.prompt import document_text, render_around_document
+
+    eng = engine_for("fp32")
+    assert eng.preparer.splice_ok
+    query = RerankItem(text="q <Document>: tricky?\n", images=(X,))
+    head, tail = render_around_document(eng.preparer.render, query, DEFAULT_INSTRUCTION)
+    for doc in (RerankItem(text="plain"), RerankItem(text="t", images=(X, X)), RerankItem(video=VideoInput.of_frames((X,))), RerankItem()):
+        assert head + document_text(doc) + tail == eng.render_prompt(query, doc)

@@ -6,35 +6,33 @@ from pathlib import Path
 
 import pytest
 
-from serve.config import ModelConfig
-from serve.engine.engine import RerankEngine
-from serve.engine.inputs import RerankItem
-from serve.engine.tiny import eval_set
-from serve.ranking import agreement
+from engine.engine import RerankEngine
+from workshop.ranking import agreement
+from workshop.tiny import eval_set
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
 def test_random_weight_builder_keeps_the_real_widths(tmp_path):
-    from serve.engine.random_model import build_random_model
+    from workshop.random_model import build_random_model
 
     real = json.loads((REPO / "configs/models/qwen3-vl-2b.json").read_text())
     # Real widths and heads; fewer layers and a small vocabulary so it fits a CI machine quickly.
     shrink = {"text_config": {"num_hidden_layers": 2, "vocab_size": 1024}, "vision_config": {"depth": 2, "deepstack_visual_indexes": [0, 1]}}
     folder = build_random_model(REPO / "configs/models/qwen3-vl-2b.json", tmp_path / "r2b", overrides=shrink)
-    engine = RerankEngine.load(ModelConfig(source=str(folder)), "fp32", device="cpu")
+    engine = RerankEngine.load(str(folder), "fp32", device="cpu")
     text = engine.model.config.text_config
     assert (text.hidden_size, text.intermediate_size, text.num_attention_heads) == (
         real["text_config"]["hidden_size"], real["text_config"]["intermediate_size"], real["text_config"]["num_attention_heads"])
     assert engine.model.config.vision_config.hidden_size == real["vision_config"]["hidden_size"]
-    (s,) = engine.score(RerankItem(text="red circle"), [RerankItem(text="a red circle")])
+    (s,) = engine.score("red circle", ["a red circle"])
     assert 0.0 < s < 1.0
 
 
 @pytest.fixture(scope="module")
 def awq_checkpoint(tiny_model_dir, tmp_path_factory):
-    from serve.engine.quantize import quantize
+    from workshop.quantize import quantize
 
     return quantize(str(tiny_model_dir), tmp_path_factory.mktemp("awq") / "tiny-awq", num_samples=8)
 
@@ -50,7 +48,7 @@ def test_quantize_writes_compressed_tensors_w4a16_without_vision_or_head(awq_che
 
 @pytest.mark.slow
 def test_awq_precision_loads_the_checkpoint_and_ranks_like_fp32(awq_checkpoint, engine_for):
-    awq = RerankEngine.load(ModelConfig(source=str(awq_checkpoint)), "awq", device="cpu")
+    awq = RerankEngine.load(str(awq_checkpoint), "awq", device="cpu")
     ref = engine_for("fp32")
     spearmans = []
     for q, docs, _ in eval_set(seed=5, n_queries=4):

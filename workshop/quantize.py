@@ -34,7 +34,7 @@ def awq_mappings():
 
 def calibration_pairs(n: int, seed: int = 0):
     """Rerank pairs shaped like traffic: text->image, image->text, text->text, matching and not."""
-    from serve.engine.tiny import training_pairs
+    from workshop.tiny import training_pairs
 
     stream = training_pairs(random.Random(seed))
     return [next(stream)[:2] for _ in range(n)]
@@ -45,12 +45,11 @@ def quantize(model: str, out: str | Path, *, scheme: str = "awq", num_samples: i
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from llmcompressor.modifiers.transform.awq import AWQModifier
 
-    from serve.config import ModelConfig
-    from serve.engine.engine import RerankEngine
-    from serve.engine.inputs import ScorePair
+    from engine.engine import RerankEngine
+    from workshop.tiny import resolve_source
 
     out = Path(out)
-    engine = RerankEngine.load(ModelConfig(source=model), "fp32" if not torch.cuda.is_available() else "bf16", device=device)
+    engine = RerankEngine.load(resolve_source(model), "fp32" if not torch.cuda.is_available() else "bf16", device=device)
     source = Path(engine.loaded.source)
     if scheme == "fp8":
         recipe = [QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=IGNORE)]
@@ -60,7 +59,7 @@ def quantize(model: str, out: str | Path, *, scheme: str = "awq", num_samples: i
             AWQModifier(mappings=awq_mappings(), duo_scaling=True),
             QuantizationModifier(targets="Linear", scheme="W4A16", ignore=IGNORE),
         ]
-        dataset = _calibration_dataset(engine, [ScorePair(q, d) for q, d in calibration_pairs(num_samples)])
+        dataset = _calibration_dataset(engine, calibration_pairs(num_samples))
         collate = _collate
     kwargs = {}
     if dataset is not None:
@@ -99,11 +98,11 @@ def _calibration_dataset(engine, pairs):
     """One row per pair: the exact tensors the model's forward takes (batch size 1, no padding)."""
     from datasets import Dataset
 
-    from serve.engine.tiny import training_batch
+    from workshop.tiny import training_batch
 
     rows = []
-    for p in pairs:
-        batch, _ = training_batch(engine, [(p.query, p.document, 0.0)])
+    for query, document in pairs:
+        batch, _ = training_batch(engine, [(query, document, 0.0)])
         rows.append({k: v[0].tolist() if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v.tolist() for k, v in batch.items()})
     return Dataset.from_list(rows)
 

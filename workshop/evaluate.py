@@ -11,29 +11,29 @@ import time
 
 import numpy as np
 
-from serve.engine.bench import write_json
-from serve.ranking import agreement, ndcg_at_k
+from workshop.bench import write_json
+from workshop.ranking import agreement, ndcg_at_k
 
 
 def labelled_set(model: str):
     if model != "tiny":
         raise SystemExit("eval needs a labelled set; only the tiny model's synthetic held-out set ships with the project")
-    from serve.engine.tiny import eval_set
+    from workshop.tiny import eval_set
 
     return eval_set()
 
 
 def run_eval(model: str, precisions: list[str], reference: str = "fp32", device: str = "auto", out: str | None = None) -> dict:
-    from serve.config import ModelConfig
-    from serve.engine.engine import RerankEngine
+    from engine.engine import RerankEngine
+    from workshop.tiny import resolve_source
 
     tasks = labelled_set(model)
-    cfg = ModelConfig(source=model)
-    ref = RerankEngine.load(cfg, reference, device=device)
+    source = resolve_source(model)
+    ref = RerankEngine.load(source, reference, device=device)
     ref_scores = [ref.score(q, docs) for q, docs, _ in tasks]
     rows = [{"precision": reference, "reference": reference, **_metrics(ref_scores, ref_scores, tasks)}]
     for precision in precisions:
-        eng = RerankEngine.load(cfg, precision, device=device)
+        eng = RerankEngine.load(source, precision, device=device)
         scores = [eng.score(q, docs) for q, docs, _ in tasks]
         rows.append({"precision": precision, "reference": reference, **_metrics(ref_scores, scores, tasks)})
         del eng

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from serve.engine.errors import ModelLoadError, PrecisionUnsupported, UnknownPrecision
+from engine.errors import ModelLoadError, PrecisionUnsupported, UnknownPrecision
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8", "nf4", "awq", "fp8")
 KEEP_16BIT = ["visual", "lm_head"]

@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
 
-from serve.engine.errors import ImageDecodeError, ImageTooLarge, InputError
-from serve.engine.inputs import VideoInput, decode_image
+from engine.errors import ImageDecodeError, ImageTooLarge, InputError
+from engine.inputs import VideoInput
 
 
 @dataclass(frozen=True)
@@ -72,11 +72,26 @@ class PixelPatches:
         return self.grid_thw[1] * self.grid_thw[2] // (merge_size**2)
 
 
+class PixelBudget:
+    """Decoded pixels one request may still spend (`EngineConfig.max_request_pixels`): every image
+    and video frame is charged from its header, before its pixels are decoded."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.spent = 0
+
+    def charge(self, pixels: int, field: str) -> None:
+        self.spent += pixels
+        if self.spent > self.limit:
+            raise ImageTooLarge(field, f"the request's images and frames decode to over {self.limit} pixels (max_request_pixels)")
+
+
 class VisionPreprocessor:
-    def __init__(self, params: VisionParams, *, max_image_bytes: int, max_image_pixels: int):
+    def __init__(self, params: VisionParams, *, max_image_bytes: int, max_image_pixels: int, max_video_frames: int = 4096):
         self.params = params
         self.max_image_bytes = max_image_bytes
         self.max_image_pixels = max_image_pixels
+        self.max_video_frames = max_video_frames
         self._image_processor = Qwen2VLImageProcessorPil(
             patch_size=params.patch_size,
             temporal_patch_size=params.temporal_patch_size,
@@ -87,11 +102,16 @@ class VisionPreprocessor:
             max_pixels=params.max_pixels,
         )
 
-    def decode(self, data: bytes, field: str) -> Image.Image:
-        return decode_image(data, field_name=field, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
+    def charge(self, data: bytes, field: str, budget: PixelBudget) -> None:
+        """Charge an image's decoded size to `budget` from its header (its limits checked too)."""
+        w, h = open_image(data, field_name=field, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels).size
+        budget.charge(w * h, field)
 
-    def image(self, data: bytes, field: str) -> PixelPatches:
-        img = self.decode(data, field)
+    def decode(self, data: bytes, field: str, budget: PixelBudget | None = None) -> Image.Image:
+        return decode_image(data, field_name=field, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels, budget=budget)
+
+    def image(self, data: bytes, field: str, budget: PixelBudget | None = None) -> PixelPatches:
+        img = self.decode(data, field, budget)
         try:
             out = self._image_processor(images=[img], return_tensors="pt")
         except ValueError as e:  # e.g. aspect ratio over 200
@@ -99,9 +119,9 @@ class VisionPreprocessor:
         t, h, w = (int(x) for x in out["image_grid_thw"][0])
         return PixelPatches(out["pixel_values"].to(torch.float32), (t, h, w))
 
-    def video(self, video: VideoInput, field: str) -> PixelPatches:
+    def video(self, video: VideoInput, field: str, budget: PixelBudget | None = None) -> PixelPatches:
         p = self.params
-        frames, indices, fps = self._sample_frames(video, field)
+        frames, indices, fps = self._sample_frames(video, field, budget)
         w0, h0 = frames[0].size
         max_px = max(p.video_max_pixels, p.min_pixels)
         h, w = smart_resize(h0, w0, factor=p.factor, min_pixels=p.min_pixels, max_pixels=max_px)
@@ -111,17 +131,15 @@ class VisionPreprocessor:
         pixel_values, grid = patchify_video(arr, p.patch_size, p.temporal_patch_size, p.merge_size)
         return PixelPatches(torch.from_numpy(pixel_values), grid, frame_timestamps(indices, fps, p.temporal_patch_size))
 
-    def _sample_frames(self, video: VideoInput, field: str) -> tuple[list[Image.Image], list[int], float]:
+    def _sample_frames(self, video: VideoInput, field: str, budget: PixelBudget | None) -> tuple[list[Image.Image], list[int], float]:
         p = self.params
         if video.frames:
-            images = [self.decode(b, f"{field}.frames.{i}") for i, b in enumerate(video.frames)]
             native_fps = video.fps or p.video_fps
-            idx = sample_frame_indices(len(images), native_fps, native_fps, p.video_max_frames, p.temporal_patch_size)
-            frames = [images[i] for i in idx]
+            idx = sample_frame_indices(len(video.frames), native_fps, native_fps, p.video_max_frames, p.temporal_patch_size)
+            # Only the sampled frames are decoded.
+            frames = [self.decode(video.frames[i].data or b"", f"{field}.{i}", budget) for i in idx]
         else:
-            frames_all, native_fps = decode_video_file(video.data or b"", field, self.max_image_pixels)
-            idx = sample_frame_indices(len(frames_all), native_fps, p.video_fps, p.video_max_frames, p.temporal_patch_size)
-            frames = [frames_all[i] for i in idx]
+            frames, idx, native_fps = decode_sampled_video(video.data or b"", field, self, budget)
         if len({f.size for f in frames}) != 1:
             raise InputError(field, "all video frames must have the same size")
         return frames, idx, native_fps
@@ -163,8 +181,13 @@ def patchify_video(frames: np.ndarray, patch: int, temporal: int, merge: int) ->
     return np.ascontiguousarray(x.reshape(gt * gh * gw, c * temporal * patch * patch), dtype=np.float32), (gt, gh, gw)
 
 
-def decode_video_file(data: bytes, field: str, max_pixels: int) -> tuple[list[Image.Image], float]:
-    """Decode every frame of an encoded video (PyAV). The frame count is bounded by the byte limit upstream."""
+def decode_sampled_video(data: bytes, field: str, pre: VisionPreprocessor, budget: PixelBudget | None) -> tuple[list[Image.Image], list[int], float]:
+    """Sample a video file's frames while decoding it (PyAV): the frame count comes from the
+    container (or a packet count, which decodes nothing), the indices are chosen first, and only
+    those frames are kept, so memory holds at most the sampled frames. A video with more than
+    `max_video_frames` frames, or whose decoded frames would exceed the pixel limits, is refused
+    before its frames are decoded."""
+    p = pre.params
     try:
         import av  # optional dependency: only video files need it
     except ImportError:
@@ -173,15 +196,65 @@ def decode_video_file(data: bytes, field: str, max_pixels: int) -> tuple[list[Im
         with av.open(io.BytesIO(data)) as container:
             stream = container.streams.video[0]
             fps = float(stream.average_rate or stream.guessed_rate or 24)
-            frames = []
-            for frame in container.decode(stream):
-                if frame.width * frame.height > max_pixels:
-                    raise ImageTooLarge(field, f"video frame is {frame.width}x{frame.height}, over {max_pixels} pixels")
-                frames.append(frame.to_image().convert("RGB"))
+            fps = fps if math.isfinite(fps) and fps > 0 else 24.0
+            width, height = stream.codec_context.width, stream.codec_context.height
+            if width * height > pre.max_image_pixels:
+                raise ImageTooLarge(field, f"video frames are {width}x{height}, over the limit of {pre.max_image_pixels} pixels")
+            total = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
+            if total > pre.max_video_frames:
+                raise ImageTooLarge(field, f"video has {total} frames, over the limit of {pre.max_video_frames} (max_video_frames)")
+            if total < 1:
+                raise ImageDecodeError(field, "video has no frames")
+            # Every frame is decoded (codecs need the ones before), so all of them are charged.
+            if budget is not None:
+                budget.charge(total * width * height, field)
+            wanted = sample_frame_indices(total, fps, p.video_fps, p.video_max_frames, p.temporal_patch_size)
+            keep = set(wanted)
+            container.seek(0)
+            frames: dict[int, Image.Image] = {}
+            for i, frame in enumerate(container.decode(stream)):
+                if i in keep:
+                    if frame.width * frame.height > pre.max_image_pixels:
+                        raise ImageTooLarge(field, f"video frame is {frame.width}x{frame.height}, over {pre.max_image_pixels} pixels")
+                    frames[i] = frame.to_image().convert("RGB")
+                if i >= wanted[-1] or i + 1 >= total:
+                    break
     except InputError:
         raise
     except Exception as e:
         raise ImageDecodeError(field, f"not a decodable video ({type(e).__name__}: {e})") from None
     if not frames:
         raise ImageDecodeError(field, "video has no frames")
-    return frames, fps if math.isfinite(fps) and fps > 0 else 24.0
+    # A container that over-reported its frame count: sample again among the frames it has.
+    got = sorted(frames)
+    if len(got) < len(wanted):
+        wanted = [got[i] for i in sample_frame_indices(len(got), fps, p.video_fps, p.video_max_frames, p.temporal_patch_size)]
+    return [frames[i] for i in wanted], wanted, fps
+
+
+def open_image(data: bytes, *, field_name: str, max_bytes: int, max_pixels: int) -> Image.Image:
+    """Open encoded bytes (header only: no pixels decoded yet), refusing oversize input."""
+    if len(data) > max_bytes:
+        raise ImageTooLarge(field_name, f"image is {len(data)} bytes, over the limit of {max_bytes}")
+    try:
+        img = Image.open(io.BytesIO(data))
+        w, h = img.size
+    except Exception as e:  # PIL raises many types for corrupt data
+        raise ImageDecodeError(field_name, f"not a decodable image ({type(e).__name__}: {e})") from None
+    if w < 1 or h < 1:
+        raise ImageDecodeError(field_name, f"image has no pixels ({w}x{h})")
+    if w * h > max_pixels:
+        raise ImageTooLarge(field_name, f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels} (max_image_pixels)")
+    return img
+
+
+def decode_image(data: bytes, *, field_name: str, max_bytes: int, max_pixels: int, budget: PixelBudget | None = None) -> Image.Image:
+    """Decode bytes to an RGB image; the limits (and `budget`) are checked from the header first."""
+    img = open_image(data, field_name=field_name, max_bytes=max_bytes, max_pixels=max_pixels)
+    if budget is not None:
+        budget.charge(img.size[0] * img.size[1], field_name)
+    try:
+        img.load()  # the first frame of an animated image
+        return img.convert("RGB")
+    except Exception as e:
+        raise ImageDecodeError(field_name, f"not a decodable image ({type(e).__name__}: {e})") from None

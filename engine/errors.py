@@ -1,8 +1,5 @@
-"""Typed errors of the engine and configuration.
-
-Each names the field and the problem. The HTTP layer maps `InputError` to 4xx and
-`ServiceUnavailable` to 503 in one function; nothing here knows about HTTP.
-"""
+"""Typed errors of the engine. Each names the field and the problem; none knows about HTTP
+(the serving layer maps them to status codes in its one table, `serve/errors.py`)."""
 
 from __future__ import annotations
 
@@ -17,8 +14,6 @@ class ConfigError(RerankError):
 
 class InputError(RerankError):
     """A client-supplied value is unusable. `field` names it (dotted path, e.g. documents.3.image)."""
-
-    status = 400
 
     def __init__(self, field: str, problem: str):
         self.field = field
@@ -35,23 +30,11 @@ class EmptyInput(InputError):
 
 
 class ImageDecodeError(InputError):
-    """Bytes that do not decode as an image (or video frame)."""
+    """Bytes that do not decode as an image (or video)."""
 
 
 class ImageTooLarge(InputError):
-    """Over the byte or pixel limit."""
-
-    status = 413
-
-
-class ForbiddenURL(InputError):
-    """A URL whose scheme or resolved address is not allowed."""
-
-
-class FetchError(InputError):
-    """A URL could not be fetched (status, timeout, size)."""
-
-    status = 422
+    """Over a byte, pixel, frame or decode-budget limit."""
 
 
 class UnknownPrecision(ConfigError):
@@ -64,7 +47,3 @@ class PrecisionUnsupported(ConfigError):
 
 class ModelLoadError(RerankError):
     """The checkpoint is missing, unreadable or of an unsupported architecture."""
-
-
-class ServiceUnavailable(RerankError):
-    """Retryable: overloaded or no healthy replica (HTTP 503)."""

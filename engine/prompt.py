@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from serve.engine.inputs import RerankItem
+from engine.inputs import RerankItem
 
 SYSTEM_PROMPT = (
     'Judge whether the Document meets the requirements based on the Query and the Instruct provided. '
@@ -58,13 +58,41 @@ def item_content(item: RerankItem, prefix: str) -> list[dict]:
 
 def build_messages(query: RerankItem, document: RerankItem, instruction: str) -> list[dict]:
     """The chat messages the official reranker scores for one (query, document) pair."""
+    return _messages(query, item_content(document, DOCUMENT_PREFIX), instruction)
+
+
+def _messages(query: RerankItem, document_parts: list[dict], instruction: str) -> list[dict]:
     content = [{"type": "text", "text": "<Instruct>: " + instruction}]
     content += item_content(query, QUERY_PREFIX)
-    content += item_content(document, DOCUMENT_PREFIX)
+    content += document_parts
     return [
         {"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]},
         {"role": "user", "content": content},
     ]
+
+
+# ---- one template render per request ---------------------------------------------------------
+# The chat template is Jinja: rendering it per pair costs more than a small model's forward pass.
+# Every pair of a request renders the same text around the document, so a request renders once
+# with a sentinel where the document goes, and each document's parts are spliced in. The engine
+# checks at load that this equals the full render for its checkpoint's template (else it renders
+# each pair in full).
+
+DOCUMENT_SENTINEL = "\x00rerank-document\x00"
+_PART_TEXT = {"image": IMAGE_PLACEHOLDER, "video": VIDEO_PLACEHOLDER}
+
+
+def render_around_document(render, query: RerankItem, instruction: str) -> tuple[str, str] | None:
+    """(text before the document, text after it) for `render(messages) -> str`; None if the
+    query itself contains the sentinel."""
+    text = render(_messages(query, [{"type": "text", "text": DOCUMENT_SENTINEL}], instruction))
+    pieces = text.split(DOCUMENT_SENTINEL)
+    return (pieces[0], pieces[1]) if len(pieces) == 2 else None
+
+
+def document_text(document: RerankItem) -> str:
+    """The document's parts as the Qwen chat templates render content parts: concatenated."""
+    return "".join(part.get("text") or _PART_TEXT[part["type"]] for part in item_content(document, DOCUMENT_PREFIX))
 
 
 @dataclass(frozen=True)

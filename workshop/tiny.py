@@ -19,6 +19,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ from PIL import Image, ImageDraw
 log = logging.getLogger(__name__)
 
 SEED = 1234
+TINY_MODEL_NAME = "tiny-qwen3-vl-reranker"  # the model id it is served under
 IMAGE_SIDE = 96  # 96 px = 6x6 patches of 16 -> 9 merged visual tokens
 COLOURS = {
     "red": (220, 40, 40),
@@ -101,18 +103,24 @@ def build_fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
+def resolve_source(source: str) -> str:
+    """A model source for `RerankEngine.load`: 'tiny' becomes the built offline model's folder."""
+    return str(ensure_tiny_model()) if source == "tiny" else source
+
+
 def ensure_tiny_model(root: Path | None = None) -> Path:
     """Path of the trained tiny model, building it (a few minutes, once) if not cached."""
     from filelock import FileLock
 
     root = root or cache_root()
-    target = root / f"tiny-qwen3-vl-reranker-{build_fingerprint()}"
+    target = root / f"{TINY_MODEL_NAME}-{build_fingerprint()}"
     if (target / "DONE").exists():
         return target
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):  # replicas and test workers may race to build it
         if (target / "DONE").exists():
             return target
+        print(f"[tiny model] building and training the offline model once (~5-8 min on 2 cores) into {target}", file=sys.stderr, flush=True)
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=".building-"))
         try:
             report = build_and_train(tmp)
@@ -200,10 +208,10 @@ TARGETS = {2: 0.98, 1: 0.25, 0: 0.02}  # kept off 0/1 so logits never saturate b
 
 def training_pairs(rng: random.Random, pool: ImagePool | None = None, *, kinds=KINDS, grades=(0, 1, 2)) -> Iterator[tuple]:
     """Endless (query, document, target) of the given pair kinds and relevance grades, uniformly."""
-    from serve.engine.inputs import RerankItem
+    from engine.inputs import ImageInput, RerankItem
 
-    def image_of(t: Thing) -> bytes:
-        return pool.sample(t) if pool is not None else draw(t, rng)
+    def image_of(t: Thing) -> ImageInput:
+        return ImageInput.of(pool.sample(t) if pool is not None else draw(t, rng))
 
     while True:
         q = random_thing(rng)
@@ -241,7 +249,7 @@ def curriculum(step: int, rng: random.Random) -> tuple[str, bool]:
 def eval_set(seed: int = 99, n_queries: int = 24, n_docs: int = 20, *, templates=HELD_OUT_QUERIES):
     """Held-out ranking tasks: a text query and `n_docs` candidates (images and captions) with graded
     relevance. New images, new query phrasings. Returns [(query_item, [doc_items], [gains])]."""
-    from serve.engine.inputs import RerankItem
+    from engine.inputs import ImageInput, RerankItem
 
     rng = random.Random(seed)
     tasks = []
@@ -251,7 +259,7 @@ def eval_set(seed: int = 99, n_queries: int = 24, n_docs: int = 20, *, templates
         for j in range(n_docs):
             rel = 2 if j < 3 else 1 if j < 9 else 0
             d = neighbour(q, rng, rel)
-            docs.append(RerankItem(images=(draw(d, rng),)) if rng.random() < 0.6 else RerankItem(text=caption(d, rng)))
+            docs.append(RerankItem(images=(ImageInput.of(draw(d, rng)),)) if rng.random() < 0.6 else RerankItem(text=caption(d, rng)))
             gains.append(float(rel))
         order = list(range(n_docs))
         rng.shuffle(order)
@@ -266,7 +274,7 @@ def build_tokenizer(folder: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from serve.engine.prompt import DEFAULT_INSTRUCTION, QWEN3_VL_CHAT_TEMPLATE, SYSTEM_PROMPT
+    from engine.prompt import DEFAULT_INSTRUCTION, QWEN3_VL_CHAT_TEMPLATE, SYSTEM_PROMPT
 
     rng = random.Random(SEED)
     corpus = [SYSTEM_PROMPT, DEFAULT_INSTRUCTION, "<Instruct>: <Query>: <Document>: NULL", "yes", "no"] * 50
@@ -328,18 +336,18 @@ def build_model(folder: Path, seed: int = SEED):
 
 
 def build_and_train(folder: Path, steps: int = TRAIN_STEPS) -> dict:
-    from serve.config import ModelConfig
-    from serve.engine.engine import RerankEngine
-    from serve.engine.model import LoadedModel
     from transformers import AutoTokenizer
+
+    from engine.config import EngineConfig
+    from engine.engine import RerankEngine
+    from engine.model import LoadedModel
 
     t0 = time.time()
     torch.manual_seed(SEED)
     model = build_model(folder)
     tok = AutoTokenizer.from_pretrained(folder)
-    tok.padding_side = "left"
     loaded = LoadedModel(model, folder, str(folder), "qwen3-vl", "fp32", torch.device("cpu"), torch.float32)
-    engine = RerankEngine(loaded, tok, ModelConfig(source=str(folder)), max_image_bytes=1 << 20, max_image_pixels=1 << 20, model_id="tiny")
+    engine = RerankEngine(loaded, tok, EngineConfig(max_image_bytes=1 << 20, max_image_pixels=1 << 20), model_id="tiny")
     rng = random.Random(SEED)
     pool = ImagePool(engine, random.Random(SEED + 2))
     streams = {
@@ -361,7 +369,7 @@ def build_and_train(folder: Path, steps: int = TRAIN_STEPS) -> dict:
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps))
     model.train()
-    align_report = align_vision(model, pool, random.Random(SEED + 1), engine.tokenizer)
+    align_report = align_vision(model, pool, random.Random(SEED + 1), engine.tokenizer, t0=t0)
     losses = []
     for step in range(steps):
         name, short = curriculum(step, rng)
@@ -376,10 +384,10 @@ def build_and_train(folder: Path, steps: int = TRAIN_STEPS) -> dict:
         sched.step()
         losses.append(loss.item())
         if step % 100 == 99:
-            log.info("tiny model step %d loss %.4f (%.0f s)", step + 1, float(np.mean(losses[-100:])), time.time() - t0)
+            progress(ALIGN_STEPS + step + 1, t0, f"training, loss {float(np.mean(losses[-100:])):.3f}")
     model.eval()
     model.save_pretrained(folder)
-    engine = RerankEngine.load(ModelConfig(source=str(folder)), "fp32", device="cpu")
+    engine = RerankEngine.load(str(folder), "fp32", device="cpu")
     ndcg = evaluate_ndcg(engine)
     return {
         "align_steps": ALIGN_STEPS, **align_report, "steps": steps, "text_steps": TEXT_STEPS, "image_steps": IMAGE_STEPS, "short_steps": SHORT_STEPS,
@@ -387,7 +395,15 @@ def build_and_train(folder: Path, steps: int = TRAIN_STEPS) -> dict:
     }
 
 
-def align_vision(model, pool: ImagePool, rng: random.Random, tokenizer, steps: int = ALIGN_STEPS, batch: int = 48) -> dict:
+def progress(done: int, t0: float, what: str, total: int = ALIGN_STEPS + TRAIN_STEPS) -> None:
+    """One line per 100 steps on stderr with the time left: the build takes minutes, once."""
+    elapsed = time.time() - t0
+    left = elapsed / done * (total - done)
+    print(f"[tiny model] step {done}/{total} ({100 * done // total}%), {what}, {elapsed:.0f} s elapsed, ~{left / 60:.1f} min left",
+          file=sys.stderr, flush=True)  # fmt: skip
+
+
+def align_vision(model, pool: ImagePool, rng: random.Random, tokenizer, steps: int = ALIGN_STEPS, batch: int = 48, *, t0: float) -> dict:
     """Stage 1: regress the merged visual tokens onto the (frozen) decoder embeddings of the image's
     words — even tokens onto the colour word, odd onto the shape word — and the deepstack features
     onto zero. Reports how often the nearest colour/shape word of the mean token is right."""
@@ -421,36 +437,46 @@ def align_vision(model, pool: ImagePool, rng: random.Random, tokenizer, steps: i
             right = (torch.cdist(c_tok, colours).argmin(1) == c_idx) & (torch.cdist(s_tok, shapes).argmin(1) == s_idx)
             accs.append(float(right.float().mean()))
         if step % 100 == 99:
-            log.info("vision alignment step %d loss %.3f accuracy %.2f", step + 1, loss.item(), np.mean(accs[-50:]))
+            progress(step + 1, t0, f"vision alignment, accuracy {np.mean(accs[-50:]):.2f}")
     return {"vision_alignment_accuracy": float(np.mean(accs[-50:]))}
 
 
-def short_prompt(engine, pair) -> str:
+def short_prompt(engine, query, document) -> str:
     """Curriculum prompt: the official query/document parts without the system turn and instruction."""
-    from serve.engine.prompt import DOCUMENT_PREFIX, QUERY_PREFIX, item_content
+    from engine.prompt import DOCUMENT_PREFIX, QUERY_PREFIX, item_content
 
-    content = item_content(pair.query, QUERY_PREFIX) + item_content(pair.document, DOCUMENT_PREFIX)
+    content = item_content(query, QUERY_PREFIX) + item_content(document, DOCUMENT_PREFIX)
     messages = [{"role": "user", "content": content}]
     return engine.tokenizer.apply_chat_template(messages, chat_template=engine.chat_template, tokenize=False, add_generation_prompt=True)
 
 
 def training_batch(engine, examples, short: bool = False, patch_cache: dict | None = None) -> tuple[dict, torch.Tensor]:
-    """Token ids and pixel values of a batch, through the engine's own prompt encoding."""
-    from serve.engine.features import ImageFeatures
-    from serve.engine.inputs import ScorePair, image_digest
+    """Left-padded token ids and pixel values of a batch, for the model's own forward (training
+    runs the HF path; the engine's scoring is tested against it)."""
+    from engine.prompt import VisionSlot, expand_vision_placeholders
 
-    pairs, targets, patches, grids = [], [], [], {}
+    merge = engine.vision_params.merge_size**2
+    rows, targets, patches = [], [], []
     for q, d, target in examples:
-        pairs.append(ScorePair(q, d))
         targets.append(target)
+        slots = []
         for item in (q, d):
-            for b in item.images:
-                pp = (patch_cache or {}).get(id(b)) or engine.preprocessor.image(b, "image")
+            for img in item.images:
+                pp = (patch_cache or {}).get(id(img.data)) or engine.preprocessor.image(img.data, "image")
                 patches.append(pp)
-                key = engine.feature_spec.cache_key(image_digest(b))
-                grids[key] = ImageFeatures(torch.empty(0), (), pp.grid_thw, engine.feature_spec, "")
-    rows = [engine._encode_pair(p, grids, short_prompt(engine, p) if short else None) for p in pairs]
-    batch = engine.collate(rows)
+                t, h, w = pp.grid_thw
+                slots.append(VisionSlot("image", t * h * w // merge))
+        text = short_prompt(engine, q, d) if short else engine.render_prompt(q, d)
+        rows.append(engine.tokenizer(expand_vision_placeholders(text, slots), add_special_tokens=False)["input_ids"])
+    width = max(len(r) for r in rows)
+    image_id, video_id = engine.model.config.image_token_id, engine.model.config.video_token_id
+    ids = torch.full((len(rows), width), engine.tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, width - len(row) :] = torch.tensor(row)
+        mask[r, width - len(row) :] = 1
+    mm = ((ids == image_id) * 1 + (ids == video_id) * 2).to(torch.int) * mask.to(torch.int)
+    batch = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": mm}
     if patches:
         batch["pixel_values"] = torch.cat([p.pixel_values for p in patches])
         batch["image_grid_thw"] = torch.tensor([p.grid_thw for p in patches])
@@ -458,7 +484,7 @@ def training_batch(engine, examples, short: bool = False, patch_cache: dict | No
 
 
 def evaluate_ndcg(engine, tasks=None, k: int = 10) -> float:
-    from serve.ranking import ndcg_at_k
+    from workshop.ranking import ndcg_at_k
 
     tasks = tasks if tasks is not None else eval_set()
     return float(np.mean([ndcg_at_k(engine.score(q, docs), gains, k) for q, docs, gains in tasks]))

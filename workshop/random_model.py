@@ -21,7 +21,7 @@ def build_random_model(config_json: str | Path, out: str | Path, *, dtype: torch
     """Write a loadable checkpoint of the architecture in `config_json` with random weights."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    from serve.engine.tiny import ensure_tiny_model
+    from workshop.tiny import ensure_tiny_model
 
     out = Path(out)
     if (out / "DONE").exists():

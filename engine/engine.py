@@ -1,0 +1,203 @@
+"""`RerankEngine`: scores (query, document) pairs exactly as the official Qwen3-VL-Reranker.
+
+Two phases, so CPU work overlaps the device (a replica runs `prepare` on a CPU pool while
+`forward` runs the previous batch):
+
+    prepared = engine.prepare(request, cached_features)   # CPU; the only place input errors arise
+    results = engine.forward([prepared, ...])             # device; one call per dynamic batch
+
+`score` does both for one request. The vision path is split from the decoder: `forward` returns
+the features of every image it encoded, so a cache can feed them back to `prepare` later.
+
+score = sigmoid(logit("yes") - logit("no")) at the last token, computed in fp32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from engine.config import EngineConfig
+from engine.errors import ModelLoadError
+from engine.features import FeatureSpec, ImageFeatures
+from engine.forward import Forward, RequestScores
+from engine.inputs import ImageInput, RerankItem, ScoreRequest
+from engine.model import LoadedModel, load_model
+from engine.prepare import VIDEO, PreparedRequest, Preparer
+from engine.prompt import QWEN3_VL_CHAT_TEMPLATE
+from engine.vision import VisionParams, VisionPreprocessor
+
+log = logging.getLogger(__name__)
+
+
+class RerankEngine:
+    def __init__(self, loaded: LoadedModel, tokenizer, cfg: EngineConfig, *, model_id: str):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.model_id = model_id
+        self.precision = loaded.precision
+        self.device = loaded.device
+        hf_cfg = self.model.config
+        image_token_id, video_token_id = int(hf_cfg.image_token_id), int(hf_cfg.video_token_id)
+        self.yes_id, self.no_id = self._answer_token_ids()
+        self.chat_template = self._chat_template()
+        folder = loaded.folder or Path(_hub_folder(loaded.source))
+        self.vision_params = VisionParams.from_checkpoint(
+            folder, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels, video_max_pixels=cfg.video_max_pixels,
+            video_fps=cfg.video_fps, video_max_frames=cfg.video_max_frames,
+        )  # fmt: skip
+        self.preprocessor = VisionPreprocessor(
+            self.vision_params, max_image_bytes=cfg.max_image_bytes, max_image_pixels=cfg.max_image_pixels, max_video_frames=cfg.max_video_frames
+        )
+        visual = self.model.model.visual
+        self.feature_spec = FeatureSpec(
+            vision_fingerprint=_vision_fingerprint(loaded.family, visual),
+            vision_precision=str(next(visual.parameters()).dtype).removeprefix("torch."),
+            min_pixels=cfg.min_pixels,
+            max_pixels=cfg.max_pixels,
+        )
+        self.preparer = Preparer(
+            cfg, tokenizer, self.chat_template, self.preprocessor, self.feature_spec, self._rope_index,
+            image_token_id=image_token_id, video_token_id=video_token_id,
+        )  # fmt: skip
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.forwarder = Forward(
+            self.model, family=loaded.family, device=self.device, feature_spec=self.feature_spec, yes_id=self.yes_id, no_id=self.no_id,
+            pad_id=pad, image_token_id=image_token_id, video_token_id=video_token_id, max_batch_tokens=cfg.max_batch_tokens,
+        )  # fmt: skip
+
+    # ---- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, source: str, precision: str, *, config: EngineConfig | None = None, device: str = "auto", model_id: str | None = None) -> RerankEngine:
+        """Load a checkpoint (local folder or hub id) at `precision`. The engine never builds a
+        model: make the offline one first (`workshop.tiny.ensure_tiny_model`)."""
+        from transformers import AutoTokenizer
+
+        loaded = load_model(source, precision, device)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except Exception as e:
+            raise ModelLoadError(f"model: cannot load the tokenizer of {source!r}: {e}") from None
+        return cls(loaded, tokenizer, config or EngineConfig(), model_id=model_id or source)
+
+    def _answer_token_ids(self) -> tuple[int, int]:
+        ids = []
+        for word in ("yes", "no"):
+            toks = self.tokenizer(word, add_special_tokens=False)["input_ids"]
+            if len(toks) != 1:
+                raise ModelLoadError(f"model: tokenizer splits {word!r} into {len(toks)} tokens; the reranker needs one")
+            ids.append(toks[0])
+        return ids[0], ids[1]
+
+    def _chat_template(self) -> str:
+        tpl = getattr(self.tokenizer, "chat_template", None)
+        if tpl:
+            return tpl
+        folder = self.loaded.folder
+        if folder is not None:
+            for name in ("chat_template.jinja", "chat_template.json"):
+                p = folder / name
+                if p.exists():
+                    return p.read_text() if name.endswith(".jinja") else json.loads(p.read_text())["chat_template"]
+        log.warning("no chat template in %s; using the built-in Qwen3-VL template", self.loaded.source)
+        return QWEN3_VL_CHAT_TEMPLATE
+
+    def _rope_index(self, ids: torch.Tensor, mm: torch.Tensor, image_grid: torch.Tensor | None, video_grid: torch.Tensor | None) -> torch.Tensor:
+        """Multimodal rotary positions (3, 1, L) of one whole pair: the model's own function (pure)."""
+        kwargs = {}
+        if self.loaded.family == "lychee" and video_grid is not None:
+            p = self.vision_params
+            kwargs["second_per_grid_ts"] = torch.full((video_grid.shape[0],), p.temporal_patch_size / p.video_fps)
+        positions, _ = self.model.model.get_rope_index(ids, mm_token_type_ids=mm, image_grid_thw=image_grid, video_grid_thw=video_grid, **kwargs)
+        return positions
+
+    def describe(self) -> dict:
+        return {
+            "model": self.model_id,
+            "family": self.loaded.family,
+            "precision": self.precision,
+            "device": str(self.device),
+            "compute_dtype": str(self.loaded.compute_dtype).removeprefix("torch."),
+            "vision_fingerprint": self.feature_spec.vision_fingerprint,
+            "share_prefix": self.cfg.share_prefix,
+        }
+
+    # ---- the two phases -----------------------------------------------------------------------
+
+    def prepare(self, request: ScoreRequest, features: Mapping[str, ImageFeatures] | None = None) -> PreparedRequest:
+        return self.preparer.prepare(request, features)
+
+    def forward(self, prepared: Sequence[PreparedRequest]) -> list[RequestScores]:
+        return self.forwarder.run(prepared)
+
+    # ---- conveniences -------------------------------------------------------------------------
+
+    def score(self, query: RerankItem | str, documents: Sequence[RerankItem | str], instruction: str | None = None) -> list[float]:
+        return self.forward([self.prepare(ScoreRequest.of(query, documents, instruction))])[0].scores
+
+    def score_requests(self, requests: Sequence[ScoreRequest], features: Mapping[str, ImageFeatures] | None = None) -> list[RequestScores]:
+        return self.forward([self.prepare(r, features) for r in requests])
+
+    def encode_images(self, images: Sequence[ImageInput]) -> list[ImageFeatures]:
+        """Decode, resize and run the ViT on images; one `ImageFeatures` each, in order."""
+        patches = [self.preprocessor.image(img.data or b"", img.field) for img in images]
+        computed = self.forwarder.encode(patches)
+        return [ImageFeatures(e, d, p.grid_thw, self.feature_spec, img.digest) for img, p, (e, d) in zip(images, patches, computed)]
+
+    def render_prompt(self, query: RerankItem, document: RerankItem, instruction: str | None = None) -> str:
+        """The chat-templated text of a pair, one placeholder per image/video (before expansion)."""
+        return self.preparer.render_pair(query, document, instruction)
+
+    @torch.inference_mode()
+    def reference_scores(self, request: ScoreRequest) -> list[float]:
+        """For tests: each pair through the model's own fused forward from pixel values, one at a
+        time, left-padding free, no precomputed features, no shared prefix."""
+        prepared = self.preparer.prepare(request)
+        out = []
+        for row in prepared.rows:
+            batch = {
+                "input_ids": row.ids[None].to(self.device),
+                "attention_mask": torch.ones((1, len(row)), dtype=torch.long, device=self.device),
+                "mm_token_type_ids": _mm_types(row.ids, self.forwarder)[None].to(self.device),
+            }
+            images = [prepared.patches[k] for k, kind in zip(row.visuals, row.kinds) if kind != VIDEO]
+            videos = [prepared.patches[k] for k, kind in zip(row.visuals, row.kinds) if kind == VIDEO]
+            dtype = self.forwarder.vision_dtype
+            if images:
+                batch["pixel_values"] = torch.cat([p.pixel_values for p in images]).to(self.device, dtype)
+                batch["image_grid_thw"] = torch.tensor([p.grid_thw for p in images], device=self.device)
+            if videos:
+                batch["pixel_values_videos"] = torch.cat([p.pixel_values for p in videos]).to(self.device, dtype)
+                batch["video_grid_thw"] = torch.tensor([p.grid_thw for p in videos], device=self.device)
+            logits = self.model(**batch, use_cache=False, logits_to_keep=1).logits[:, -1].float()
+            out.append(float(torch.sigmoid(logits[0, self.yes_id] - logits[0, self.no_id])))
+        return out
+
+
+def _mm_types(ids: torch.Tensor, fwd: Forward) -> torch.Tensor:
+    mm = torch.zeros_like(ids, dtype=torch.int)
+    mm[ids == fwd.image_token_id] = 1
+    mm[ids == fwd.video_token_id] = 2
+    return mm
+
+
+def _vision_fingerprint(family: str, visual: torch.nn.Module) -> str:
+    h = hashlib.sha256(family.encode())
+    for name, p in sorted(visual.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def _hub_folder(source: str) -> str:
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(source, allow_patterns=["*.json"])

@@ -1,0 +1,252 @@
+"""Phase one: a request becomes token ids, multimodal positions and pixel patches, on a CPU worker.
+
+This is the only phase that can fail a request for its input, and it fails only that request,
+with a named error: text that is not valid Unicode, an empty side, an image that does not
+decode or is over a limit, a request whose images decode to more pixels than its budget.
+Nothing here touches the model's weights; `engine.forward` consumes the result.
+
+Shared prefix: every pair of a request renders the same text up to the document (system turn,
+instruction, query). `shared` is the number of leading tokens all rows have in common (cut so
+that the prefix holds only whole query images/videos), and forward runs them once.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from engine.config import EngineConfig
+from engine.errors import EmptyInput, InputError
+from engine.features import FeatureSpec, ImageFeatures
+from engine.inputs import ImageInput, RerankItem, ScoreRequest, VideoInput
+from engine.prompt import VisionSlot, build_messages, document_text, expand_vision_placeholders, render_around_document, truncate_keeping_final
+from engine.vision import PixelBudget, PixelPatches, VisionPreprocessor
+
+IMAGE, VIDEO = 1, 2  # mm_token_type_ids values, as the HF processors emit them
+RopeIndex = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class PreparedRow:
+    """One (query, document) pair, whole: the forward pass slices off the shared prefix."""
+
+    ids: torch.Tensor  # (L,) token ids
+    positions: torch.Tensor  # (3, L) multimodal rotary positions
+    visuals: tuple[str, ...]  # feature keys of the pair's images/videos, in order of their tokens
+    kinds: tuple[int, ...]  # IMAGE or VIDEO per visual
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+
+@dataclass
+class PreparedRequest:
+    rows: list[PreparedRow]
+    shared: int = 0  # leading tokens common to every row, computed once (0: not shared)
+    shared_visuals: int = 0  # visuals inside those tokens
+    features: dict[str, ImageFeatures] = field(default_factory=dict)  # known features, by key
+    patches: dict[str, PixelPatches] = field(default_factory=dict)  # visuals the ViT must run, by key
+    digests: dict[str, str] = field(default_factory=dict)  # key -> image digest, for new features
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(r) for r in self.rows)
+
+
+def check_text(text: str, field_name: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(field_name, f"text is not valid Unicode (a lone surrogate at character {e.start})") from None
+
+
+class Preparer:
+    """Turns `ScoreRequest`s into `PreparedRequest`s. Thread-safe: run several on a CPU pool."""
+
+    def __init__(
+        self,
+        cfg: EngineConfig,
+        tokenizer,
+        chat_template: str,
+        vision: VisionPreprocessor,
+        feature_spec: FeatureSpec,
+        rope_index: RopeIndex,
+        *,
+        image_token_id: int,
+        video_token_id: int,
+    ):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.vision = vision
+        self.feature_spec = feature_spec
+        self.rope_index = rope_index
+        self.image_token_id = image_token_id
+        self.video_token_id = video_token_id
+        self.merge = vision.params.merge_size**2
+        self._keep_tokens = set(tokenizer.all_special_ids) | {image_token_id, video_token_id}
+        self._tail_len = len(tokenizer("<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"])
+        self.splice_ok = self._check_splice()
+
+    # ---- text ---------------------------------------------------------------------------------
+
+    def render(self, messages: list[dict]) -> str:
+        return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True)
+
+    def render_pair(self, query: RerankItem, document: RerankItem, instruction: str | None = None) -> str:
+        """The chat-templated text of one pair, one placeholder per image/video (before expansion)."""
+        return self.render(build_messages(query, document, instruction or self.cfg.default_instruction))
+
+    def _check_splice(self) -> bool:
+        """Whether rendering once per request and splicing documents in equals a full render per
+        pair for this checkpoint's template (true of the Qwen templates)."""
+        probe = ImageInput("0" * 64, None)
+        query = RerankItem(text="probe query", images=(probe,))
+        around = render_around_document(self.render, query, self.cfg.default_instruction)
+        if around is None:
+            return False
+        docs = (RerankItem(text="a document"), RerankItem(text="text", images=(probe, probe)), RerankItem(images=(probe,)))
+        return all(self.render_pair(query, d) == around[0] + document_text(d) + around[1] for d in docs)
+
+    def _texts(self, req: ScoreRequest) -> list[str]:
+        instruction = req.instruction or self.cfg.default_instruction
+        around = render_around_document(self.render, req.query, instruction) if self.splice_ok else None
+        if around is None:
+            return [self.render_pair(req.query, d, instruction) for d in req.documents]
+        head, tail = around
+        return [head + document_text(d) + tail for d in req.documents]
+
+    def cut_text(self, text: str, max_tokens: int) -> str:
+        """Text cut to its first `max_tokens` tokens (Cohere `max_tokens_per_doc`)."""
+        if len(text) <= max_tokens:  # a token is at least one character
+            return text
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return text if len(ids) <= max_tokens else self.tokenizer.decode(ids[:max_tokens])
+
+    # ---- the request --------------------------------------------------------------------------
+
+    def prepare(self, req: ScoreRequest, features: Mapping[str, ImageFeatures] | None = None) -> PreparedRequest:
+        """Validate and encode one request. `features` (cache key -> features) skips decoding
+        those images; every other image is decoded and patchified here."""
+        features = features or {}
+        if not req.documents:
+            raise InputError("documents", "must not be empty")
+        items = (req.query, *req.documents)
+        for item in items:
+            if item.is_empty:
+                raise EmptyInput(item.field, "must have text, an image or a video")
+            if item.text:
+                check_text(item.text, f"{item.field}.text")
+        if req.instruction:
+            check_text(req.instruction, "instruction")
+        if req.max_tokens_per_doc is not None:
+            docs = tuple(replace(d, text=self.cut_text(d.text, req.max_tokens_per_doc)) if d.text else d for d in req.documents)
+            req = replace(req, documents=docs)
+            items = (req.query, *req.documents)
+
+        out = PreparedRequest(rows=[])
+        # Every image to decode is charged from its header before any is decoded: a request over
+        # its pixel budget is refused before it costs a decode.
+        budget = PixelBudget(self.cfg.max_request_pixels)
+        to_decode = {self.feature_spec.cache_key(img.digest): img for item in items for img in item.images if img.data is not None}
+        for key, img in to_decode.items():
+            if key not in features:
+                self.vision.charge(img.data, img.field, budget)
+        grids: dict[str, tuple[int, int, int]] = {}
+        timestamps: dict[str, tuple[float, ...]] = {}
+        for item in items:
+            if item.video is not None:
+                key = self._video(item.video, out, budget)
+                grids[key], timestamps[key] = out.patches[key].grid_thw, out.patches[key].timestamps
+            for img in item.images:
+                key = self._image(img, features, out)
+                grids[key] = (out.features[key] if key in out.features else out.patches[key]).grid_thw
+
+        query_visuals = self._visuals(req.query)
+        for doc, text in zip(req.documents, self._texts(req)):
+            visuals = query_visuals + self._visuals(doc)
+            slots = [
+                VisionSlot("video", grids[k][1] * grids[k][2] // self.merge, timestamps[k]) if kind == VIDEO
+                else VisionSlot("image", grids[k][0] * grids[k][1] * grids[k][2] // self.merge)
+                for k, kind in visuals
+            ]  # fmt: skip
+            out.rows.append(self._row(expand_vision_placeholders(text, slots), visuals, grids, doc.field))
+        if self.cfg.share_prefix and len(out.rows) > 1:
+            out.shared, out.shared_visuals = self._shared_prefix(out.rows, len(query_visuals), grids)
+        return out
+
+    def _image(self, img: ImageInput, features: Mapping[str, ImageFeatures], out: PreparedRequest) -> str:
+        key = self.feature_spec.cache_key(img.digest)
+        if key in out.features or key in out.patches:
+            return key
+        if key in features:
+            out.features[key] = features[key]
+        elif img.data is None:
+            raise InputError(img.field, "image known only by its digest has no cached features; send its bytes")
+        else:
+            out.patches[key] = self.vision.image(img.data, img.field)  # charged in `prepare`
+            out.digests[key] = img.digest
+        return key
+
+    def _video(self, video: VideoInput, out: PreparedRequest, budget: PixelBudget) -> str:
+        key = f"video:{video.digest}:{self.feature_spec.cache_key(video.digest)}"
+        if key not in out.patches:
+            out.patches[key] = self.vision.video(video, video.field, budget)
+        return key
+
+    def _visuals(self, item: RerankItem) -> list[tuple[str, int]]:
+        """(key, kind) of an item's visuals in prompt order: video first, then images."""
+        spec = self.feature_spec
+        found = [(f"video:{item.video.digest}:{spec.cache_key(item.video.digest)}", VIDEO)] if item.video is not None else []
+        return found + [(spec.cache_key(img.digest), IMAGE) for img in item.images]
+
+    def _row(self, text: str, visuals: list[tuple[str, int]], grids: Mapping[str, tuple[int, int, int]], doc_field: str) -> PreparedRow:
+        try:
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        except Exception as e:  # a tokenizer refusing text is that request's input problem
+            raise InputError(doc_field, f"text cannot be tokenized ({type(e).__name__})") from None
+        if len(ids) > self.cfg.max_length:
+            cut = truncate_keeping_final(ids, self.cfg.max_length, self._keep_tokens, self._tail_len)
+            if cut is None:
+                raise InputError(doc_field, f"images/video need more than max_length={self.cfg.max_length} tokens")
+            ids = cut
+        ids_t = torch.tensor(ids, dtype=torch.long)
+        if not visuals:  # text only: every rotary section is the plain position
+            positions = torch.arange(len(ids), dtype=torch.long).expand(3, -1)
+        else:
+            mm = torch.zeros(len(ids), dtype=torch.int)
+            mm[ids_t == self.image_token_id] = IMAGE
+            mm[ids_t == self.video_token_id] = VIDEO
+            img = [grids[k] for k, kind in visuals if kind == IMAGE]
+            vid = [grids[k] for k, kind in visuals if kind == VIDEO]
+            positions = self.rope_index(
+                ids_t[None], mm[None], torch.tensor(img, dtype=torch.long) if img else None, torch.tensor(vid, dtype=torch.long) if vid else None
+            )[:, 0]
+        return PreparedRow(ids_t, positions, tuple(k for k, _ in visuals), tuple(kind for _, kind in visuals))
+
+    def _shared_prefix(self, rows: list[PreparedRow], query_visuals: int, grids: Mapping[str, tuple[int, int, int]]) -> tuple[int, int]:
+        """(tokens, visuals) every row shares: the longest common prefix of token ids, cut back to
+        the start of the first visual it would split or that belongs to a document. At least one
+        token of each row stays outside it (the scored position)."""
+        first = rows[0].ids
+        lcp = min(len(r) for r in rows) - 1
+        for r in rows[1:]:
+            n = min(lcp, len(r))
+            diff = (r.ids[:n] != first[:n]).nonzero()
+            lcp = min(lcp, int(diff[0]) if len(diff) else n)
+        vis_pos = ((first == self.image_token_id) | (first == self.video_token_id)).nonzero().flatten().tolist()
+        sizes = [grids[k][0] * grids[k][1] * grids[k][2] // self.merge for k in rows[0].visuals]
+        ends = [sum(sizes[: i + 1]) for i in range(len(sizes))]  # visual tokens up to the end of visual i
+        inside = bisect.bisect_left(vis_pos, lcp)  # visual tokens before the cut
+        whole = bisect.bisect_right(ends, inside)  # visuals entirely before it
+        if whole < len(ends) and inside > (ends[whole - 1] if whole else 0):
+            lcp = vis_pos[ends[whole - 1] if whole else 0]  # the cut splits visual `whole`: cut before it
+        if whole > query_visuals:
+            whole = query_visuals
+            lcp = vis_pos[ends[whole - 1] if whole else 0]
+        if lcp < self.cfg.min_shared_tokens:
+            return 0, 0
+        return lcp, whole

@@ -1,1 +1,0 @@
-"""The reranker engine one arm replica runs: prompt building, vision features, scoring."""

@@ -1,0 +1,126 @@
+"""Shared-prefix scoring: the tokens every pair of a request shares run once, and the scores equal
+the unshared path (1e-5 in fp32) for text, image and video queries, across requests in one
+batch, and at every CPU precision (bitsandbytes layers included)."""
+
+import random
+
+import pytest
+
+from engine.config import EngineConfig
+from engine.engine import RerankEngine
+from engine.inputs import ImageInput, RerankItem, ScoreRequest, VideoInput
+from workshop.tiny import Thing, draw
+
+# fp32: the same arithmetic in other shapes. Lower precisions round differently when the prefix
+# runs apart from the rest (bf16: 8-bit mantissa), and LLM.int8 picks its fp16 outlier columns per
+# matmul input, so any change of batch composition moves int8 scores by ~1e-2 (measured 6.4e-3).
+TOLERANCE = {"fp32": 1e-5, "bf16": 3e-2, "int8": 2e-2, "nf4": 1e-4}
+
+
+def _img(rng, colour="red", shape="circle", side=96):
+    return ImageInput.of(draw(Thing(colour, shape), rng, side=side))
+
+
+@pytest.fixture(scope="module")
+def requests():
+    rng = random.Random(21)
+    docs = [
+        RerankItem(text="a red circle"),
+        RerankItem(text="a blue square"),
+        RerankItem(images=(_img(rng, "red", "circle"),)),
+        RerankItem(text="caption", images=(_img(rng, "green", "cross", 128), _img(rng, "yellow", "square"))),
+        RerankItem(text="an image showing a red circle " * 6),
+        RerankItem(video=VideoInput.of_frames(tuple(_img(rng) for _ in range(4)), fps=2.0)),
+    ]
+    long_query = " and ".join(f"find a {c} {s}" for c in ("red", "blue", "green") for s in ("circle", "square", "cross")) * 3
+    return {
+        "text query": ScoreRequest.of("red circle", docs),
+        "long text query": ScoreRequest.of(long_query, docs[:4]),
+        "image query": ScoreRequest.of(RerankItem(images=(_img(rng, "blue", "square"),)), docs),
+        "image+text query": ScoreRequest.of(RerankItem(text="like this", images=(_img(rng, "purple", "cross"), _img(rng))), docs[:3]),
+        "video query": ScoreRequest.of(RerankItem(video=VideoInput.of_frames(tuple(_img(rng, "green") for _ in range(6)), fps=2.0)), docs[:4]),
+        "same query again": ScoreRequest.of("red circle", docs[2:], instruction=None),
+        "custom instruction": ScoreRequest.of("red circle", docs[:3], instruction="Find shapes of the same colour."),
+        "one document": ScoreRequest.of("red circle", docs[:1]),
+    }
+
+
+def _unshared(engine: RerankEngine) -> RerankEngine:
+    return RerankEngine(engine.loaded, engine.tokenizer, EngineConfig(share_prefix=False), model_id=engine.model_id)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8", "nf4"])
+def test_shared_prefix_equals_unshared_in_one_mixed_batch(engine_for, requests, precision):
+    shared = engine_for(precision)
+    unshared = _unshared(shared)
+    reqs = list(requests.values())
+    a = shared.forward([shared.prepare(r) for r in reqs])
+    b = unshared.forward([unshared.prepare(r) for r in reqs])
+    worst = max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra.scores, rb.scores))
+    assert worst <= TOLERANCE[precision], f"{precision}: max |shared - unshared| = {worst:.2e}"
+
+
+@pytest.mark.parametrize("case", ["text query", "image query", "image+text query", "video query", "long text query"])
+def test_shared_prefix_equals_the_models_own_forward(engine_for, requests, case):
+    eng = engine_for("fp32")
+    req = requests[case]
+    prepared = eng.prepare(req)
+    assert prepared.shared > 0, "every pair of a multi-document request shares its system turn, instruction and query"
+    got = eng.forward([prepared])[0].scores
+    assert max(abs(x - y) for x, y in zip(got, eng.reference_scores(req))) <= 1e-5
+
+
+def test_the_prefix_holds_the_query_and_no_document(engine_for, requests):
+    eng = engine_for("fp32")
+    image_query = eng.prepare(requests["image query"])
+    assert image_query.shared_visuals == 1  # the query image, not the image documents
+    first_doc_visual = (image_query.rows[2].ids == eng.model.config.image_token_id).nonzero().flatten()
+    query_tokens = int((image_query.rows[0].ids == eng.model.config.image_token_id).sum())
+    assert int(first_doc_visual[query_tokens]) >= image_query.shared  # the document's image starts after it
+    text_query = eng.prepare(requests["text query"])
+    assert text_query.shared_visuals == 0
+    assert all(len(r) > text_query.shared for r in text_query.rows)  # each row keeps its scored token
+
+
+def test_requests_with_the_same_prefix_share_one_prefix_pass(engine_for, requests):
+    eng = engine_for("fp32")
+    calls = []
+    real = eng.forwarder._decode
+    eng.forwarder._decode = lambda rows, start, *a, **k: calls.append((len(rows), start)) or real(rows, start, *a, **k)
+    try:
+        results = eng.forward([eng.prepare(requests["text query"]), eng.prepare(requests["same query again"])])
+    finally:
+        del eng.forwarder._decode
+    prefix_passes = [c for c in calls if c[1] == 0]
+    assert prefix_passes == [(1, 0)]  # one prefix, computed once for both requests
+    assert sum(n for n, start in calls if start > 0) == 6 + 4
+    assert [len(r.scores) for r in results] == [6, 4]
+
+
+def test_token_budget_counts_the_prefix_once(engine_for, requests):
+    req = requests["long text query"]
+    eng = engine_for("fp32")
+    prepared = eng.prepare(req)
+    p = prepared.shared
+    longest_rest = max(len(r) for r in prepared.rows) - p
+    rows = len(prepared.rows)
+    # Fits when the prefix counts once, not when every row carries it.
+    budget = p + rows * longest_rest
+    assert budget < rows * (p + longest_rest)
+    tight = engine_for("fp32", max_batch_tokens=budget)
+    calls = []
+    real = tight.forwarder._decode
+    tight.forwarder._decode = lambda r, start, *a, **k: calls.append(len(r)) or real(r, start, *a, **k)
+    try:
+        got = tight.forward([tight.prepare(req)])[0]
+    finally:
+        del tight.forwarder._decode
+    assert calls == [1, rows]  # the prefix, then every row in one micro-batch
+    assert got.tokens == p + sum(len(r) - p for r in prepared.rows)
+
+
+def test_sharing_off_runs_every_row_whole(engine_for, requests):
+    eng = _unshared(engine_for("fp32"))
+    prepared = eng.prepare(requests["text query"])
+    assert prepared.shared == 0
+    assert eng.forward([prepared])[0].tokens == sum(len(r) for r in prepared.rows)

@@ -1,0 +1,57 @@
+"""The folders are the layers and imports point one way (engine <- workshop <- serve <- placement,
+loadtest, cli). Each package is imported in a clean interpreter where the modules it must not
+need are blocked: importing one of them fails there."""
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+PROBE = textwrap.dedent(
+    """
+    import importlib, importlib.abc, pkgutil, sys
+
+    BLOCKED = set(sys.argv[2].split(","))
+
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name in BLOCKED or name.split(".")[0] in BLOCKED:
+                raise ImportError(f"blocked in this layer: {name}")
+            return None
+
+    sys.meta_path.insert(0, Block())
+    package = importlib.import_module(sys.argv[1])
+    names = [m.name for m in pkgutil.walk_packages(package.__path__, package.__name__ + ".")]
+    for name in names:
+        importlib.import_module(name)
+    print(len(names) + 1, "modules")
+    """
+)
+
+LAYERS = {
+    # The engine needs torch, transformers (and what they import) and PIL; never the serving layer,
+    # Ray, an HTTP framework, Redis or pydantic config.
+    "engine": "serve,workshop,placement,loadtest,ray,fastapi,starlette,uvicorn,redis,pydantic,locust",
+    # Planning is pure: pydantic, yaml and scipy; no model, image or Ray code.
+    "placement": "torch,PIL,ray,transformers,fastapi,starlette,uvicorn,redis,httpx,locust,bitsandbytes,"
+    "engine.engine,engine.forward,engine.prepare,engine.vision,engine.model,workshop",
+}
+
+
+@pytest.mark.parametrize("package", sorted(LAYERS))
+def test_package_imports_without_the_layers_above_it(package):
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, package, LAYERS[package]], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "modules" in out.stdout
+
+
+def test_the_probe_does_block():
+    """The check can fail: a layer that needs a blocked module is refused."""
+    out = subprocess.run([sys.executable, "-c", PROBE, "engine", "torch"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "blocked in this layer: torch" in out.stderr
