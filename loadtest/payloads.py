@@ -1,7 +1,7 @@
 """Rerank traffic for load tests: Cohere v2 `/v2/rerank` bodies with text and image documents.
 
 Pure and seeded: no I/O, no network. The images are the tiny model's coloured shapes
-(`serve.engine.tiny.draw`) and the texts its captions and queries, so the tiny model ranks them
+(`workshop.tiny.draw`) and the texts its captions and queries, so the tiny model ranks them
 meaningfully and a real reranker still gets well-formed multimodal traffic.
 
 Image documents come from two sources:
@@ -27,7 +27,7 @@ from types import ModuleType
 def _tiny() -> ModuleType:
     """The tiny model's synthetic world (imported on first use: it pulls in torch, which the
     command line and the runner do not need)."""
-    from serve.engine import tiny
+    from workshop import tiny
 
     return tiny
 

@@ -270,7 +270,7 @@ def locust_env(plan: LoadTestPlan, arms: tuple[str, ...], pin_header: str, out_d
     })  # fmt: skip
     if plan.api_key:
         env[ENV_PREFIX + "API_KEY"] = plan.api_key
-    # The locustfile imports loadtest.payloads (and serve.engine.tiny): make the checkout importable.
+    # The locustfile imports loadtest.payloads (and workshop.tiny): make the checkout importable.
     root = str(LOCUSTFILE.parent.parent)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env

@@ -144,9 +144,9 @@ def serve_application(report: PlacementReport, *, redis_url: str | None) -> dict
     """One Serve application: the app's args, plus each deployment's settings spelled out for operators.
 
     The `deployments` entries are exactly what `serve.app.build_app` sets from the same arms
-    (`serve.app.arm_options`), so the file shows the replicas and GPU pinning without changing them.
+    (`serve.deploy_options.arm_options`), so the file shows the replicas and GPU pinning without changing them.
     """
-    from serve.app import IMPORT_PATH, INGRESS_ACTOR_OPTIONS, arm_options
+    from serve.deploy_options import IMPORT_PATH, INGRESS_ACTOR_OPTIONS, arm_options
 
     fleet = fleet_config(report, redis_url=redis_url)
     deployments = [{"name": INGRESS_DEPLOYMENT, "ray_actor_options": {**INGRESS_ACTOR_OPTIONS, "num_gpus": 0}}]

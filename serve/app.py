@@ -17,16 +17,13 @@ from typing import Any
 from ray.serve import Application
 from ray.serve.schema import ServeDeploySchema
 
+from engine.errors import ConfigError
 from serve.arm import ArmReplica
-from serve.config import ArmConfig, FleetConfig
-from serve.engine.errors import ConfigError
+from serve.config import FleetConfig
+from serve.deploy_options import APP_NAME, IMPORT_PATH, arm_options, ingress_options
 from serve.ingress import Ingress
 
-IMPORT_PATH = "serve.app:build_app"
-APP_NAME = "rerank"
-# The ingress only parses, fetches and routes; it reserves a fraction of a CPU so small nodes
-# keep their cores for arm replicas.
-INGRESS_ACTOR_OPTIONS = {"num_cpus": 0.1}
+__all__ = ["APP_NAME", "IMPORT_PATH", "build_app", "load_fleet", "resolve_model", "serve_config"]
 
 
 def load_fleet(args: dict[str, Any]) -> FleetConfig:
@@ -53,33 +50,21 @@ def load_fleet(args: dict[str, Any]) -> FleetConfig:
     return fleet
 
 
-def arm_options(arm: ArmConfig) -> dict[str, Any]:
-    """Serve deployment options of one arm (also what a Serve config's `deployments` entry overrides)."""
-    opts: dict[str, Any] = {
-        "name": f"Arm-{arm.name}",
-        "ray_actor_options": arm.ray_actor_options.to_ray(),
-        "max_ongoing_requests": arm.max_ongoing_requests,
-        "max_queued_requests": arm.max_queued_requests,
-        "user_config": arm.batching.model_dump(),  # applied by ArmReplica.reconfigure; changeable live
-    }
-    if arm.autoscaling is not None:
-        opts["autoscaling_config"] = arm.autoscaling.model_dump()
-    else:
-        opts["num_replicas"] = arm.num_replicas
-    return opts
+def resolve_model(fleet: FleetConfig) -> FleetConfig:
+    """The fleet with `model.source: tiny` replaced by the built offline model's folder, building
+    it here (with progress) if needed: replicas only ever load a model that exists."""
+    if fleet.model.source != "tiny":
+        return fleet
+    from workshop.tiny import TINY_MODEL_NAME, ensure_tiny_model
 
-
-def ingress_options(fleet: FleetConfig) -> dict[str, Any]:
-    """The ingress must admit as many concurrent requests as the arms can hold (Serve's default of
-    a few would cap every arm's batches at that number)."""
-    capacity = sum(
-        a.max_ongoing_requests * (a.autoscaling.max_replicas if a.autoscaling else a.num_replicas) for a in fleet.arms
-    )
-    return {"name": "Ingress", "ray_actor_options": INGRESS_ACTOR_OPTIONS, "max_ongoing_requests": max(64, capacity)}
+    data = fleet.to_dict()
+    data["model"]["source"] = str(ensure_tiny_model())
+    data["model"]["served_name"] = fleet.model.served_name or TINY_MODEL_NAME
+    return FleetConfig.from_dict(data, source="model.source")
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    fleet = load_fleet(args)
+    fleet = resolve_model(load_fleet(args))
     config = fleet.to_dict()
     arms = {arm.name: ArmReplica.options(**arm_options(arm)).bind(config, arm.name) for arm in fleet.arms}
     return Ingress.options(**ingress_options(fleet)).bind(config, arms)

@@ -6,6 +6,8 @@
    (`@serve.batch` merges concurrent requests into one engine call).
 3. Image-feature cache: latency of image-document requests whose images are new (miss: decode,
    resize, ViT) vs repeated (hit: features from the in-replica LRU).
+4. Shared prefix: a ~400-token query against 100 documents vs a short query against the same
+   documents, through the served API (the prefix runs once per request, so length costs little).
 
 The fleet is one fp32 arm of the configured model without shadowing, so every figure is the
 primary path alone. `run_serving_bench` prints a table and writes JSON; the CLI wraps it.
@@ -39,7 +41,7 @@ def bench_fleet(model_source: str, port: int, redis_url: str | None, max_batch_s
             "arms": [{
                 "name": "fp32", "precision": "fp32", "weight": 1, "max_ongoing_requests": max(64, 2 * max_batch_size),
                 "ray_actor_options": {"num_cpus": num_cpus},
-                "batching": {"max_batch_size": max_batch_size, "batch_wait_timeout_s": 0.01},
+                "batching": {"max_batch_size": max_batch_size},
             }],
             "cache": {"redis_url": redis_url},
             "http": {"host": "127.0.0.1", "port": port},
@@ -81,16 +83,16 @@ def summary_ms(samples_s: list[float]) -> dict[str, float]:
     }
 
 
-def _pairs(body: dict):
-    from serve.engine.inputs import RerankItem, ScorePair
+def score_request(body: dict):
+    """The engine request the HTTP body becomes (what the direct path scores)."""
+    from engine.inputs import ImageInput, RerankItem, ScoreRequest
 
     def item(x) -> RerankItem:
         if isinstance(x, str):
             return RerankItem(text=x)
-        return RerankItem(images=(base64.b64decode(x["image"]),))
+        return RerankItem(images=(ImageInput.of(base64.b64decode(x["image"])),))
 
-    q = item(body["query"])
-    return [ScorePair(q, item(d), None, "query", f"documents.{i}") for i, d in enumerate(body["documents"])]
+    return ScoreRequest.of(item(body["query"]), [item(d) for d in body["documents"]])
 
 
 def run_serving_bench(
@@ -103,6 +105,7 @@ def run_serving_bench(
     image_requests: int = 12,
     images_per_request: int = 4,
     image_side: int = 224,
+    prefix_requests: int = 10,
     port: int = 8765,
     redis_url: str | None = None,
     num_cpus: float = 1,
@@ -111,9 +114,9 @@ def run_serving_bench(
     import torch
     from ray import serve
 
-    from serve.config import ModelConfig
-    from serve.engine.engine import RerankEngine
+    from engine.engine import RerankEngine
     from serve.local import embedded_serve
+    from workshop.tiny import resolve_source
 
     fleet = bench_fleet(model_source, port, redis_url, max_batch_size=concurrency, num_cpus=num_cpus)
     load = text_requests(requests, docs_per_request)
@@ -124,7 +127,7 @@ def run_serving_bench(
         arm_info = serve.get_deployment_handle("Arm-fp32", app_name="rerank").describe.remote().result()
         # The direct engine gets the replica's thread count, so the comparison is like for like.
         torch.set_num_threads(int(arm_info["torch_threads"]))
-        engine = RerankEngine.load(ModelConfig(source=model_source), "fp32", device="cpu")
+        engine = RerankEngine.load(resolve_source(model_source), "fp32", config=fleet.engine_config(), device="cpu")
 
         def via_serve(body: dict) -> float:
             t = time.perf_counter()
@@ -133,9 +136,9 @@ def run_serving_bench(
             return time.perf_counter() - t
 
         def direct(body: dict) -> float:
-            pairs = _pairs(body)
+            request = score_request(body)
             t = time.perf_counter()
-            engine.score_pairs(pairs)
+            engine.forward([engine.prepare(request)])
             return time.perf_counter() - t
 
         for body in load[:4]:  # warm both paths (allocator, tokenizer caches, Serve handles)
@@ -198,11 +201,10 @@ def run_serving_bench(
 
         # 3. Image-feature cache: new images (miss) vs the same images again (hit).
         def direct_with_features(body: dict) -> float:
-            pairs = _pairs(body)
-            images = [img for p in pairs for img in p.document.images]
-            features = {f.cache_key: f for f in engine.encode_images(images)}  # what a cache hit hands over
+            request = score_request(body)
+            features = {f.cache_key: f for f in engine.encode_images(list(request.images()))}  # what a cache hit hands over
             t = time.perf_counter()
-            engine.score_pairs(pairs, features)
+            engine.forward([engine.prepare(request, features)])
             return time.perf_counter() - t
 
         miss_s, hit_s, direct_img_s, direct_feat_s = [], [], [], []
@@ -221,6 +223,31 @@ def run_serving_bench(
             "direct_engine_uncached_ms": summary_ms(direct_img_s),
             "direct_engine_with_features_ms": summary_ms(direct_feat_s),
             "hit_speedup_median": round(statistics.median(miss_s) / statistics.median(hit_s), 2),
+        }
+        # 4. Long vs short query, 100 documents each, through Serve (one request at a time).
+        from workshop.bench import LONG_QUERY_PHRASES
+
+        rng = random.Random(7)
+        captions = [f"a {c} {s}" for c in COLOURS for s in SHAPES]
+        documents = [rng.choice(captions) for _ in range(100)]
+        long_query = " and ".join(f"find {rng.choice(captions)}" for _ in range(LONG_QUERY_PHRASES))
+        short_s, long_s = [], []
+        for i in range(prefix_requests + 1):
+            short_body = {"query": rng.choice(captions), "documents": documents}
+            long_body = {"query": long_query + f" {i}", "documents": documents}
+            s_t, l_t = via_serve(short_body), via_serve(long_body)
+            if i:  # the first pair warms up
+                short_s.append(s_t)
+                long_s.append(l_t)
+        usage = client.post("/v1/rerank", json={"query": long_query, "documents": documents}).json()["usage"]["total_tokens"]
+        results["shared_prefix"] = {
+            "requests": prefix_requests,
+            "documents": len(documents),
+            "long_query_tokens": len(engine.tokenizer(long_query, add_special_tokens=False)["input_ids"]),
+            "long_request_decoder_tokens": usage,
+            "short_query_ms": summary_ms(short_s),
+            "long_query_ms": summary_ms(long_s),
+            "long_over_short_p50": round(statistics.median(long_s) / statistics.median(short_s), 2),
         }
         results["engine"] = {k: v for k, v in arm_info.items() if k != "cache"}
 
@@ -242,7 +269,7 @@ def run_serving_bench(
 
 
 def format_table(r: dict[str, Any]) -> str:
-    o, b, c = r["overhead"], r["batching"], r["image_cache"]
+    o, b, c, p = r["overhead"], r["batching"], r["image_cache"], r["shared_prefix"]
     n = b["concurrency"]
     rows = [
         ("direct engine, 1 at a time (ms, p50/p95)", f"{o['direct_ms']['p50']} / {o['direct_ms']['p95']}"),
@@ -259,6 +286,9 @@ def format_table(r: dict[str, Any]) -> str:
         ("cache hit speedup (median)", f"{c['hit_speedup_median']}x"),
         ("engine alone: decode+ViT vs cached features (ms, p50)",
          f"{c['direct_engine_uncached_ms']['p50']} vs {c['direct_engine_with_features_ms']['p50']}"),
+        (f"short query x {p['documents']} docs through Serve (ms, p50/p95)", f"{p['short_query_ms']['p50']} / {p['short_query_ms']['p95']}"),
+        (f"{p['long_query_tokens']}-token query x {p['documents']} docs (ms, p50/p95)", f"{p['long_query_ms']['p50']} / {p['long_query_ms']['p95']}"),
+        ("long / short query (p50)", f"{p['long_over_short_p50']}x"),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -12,6 +12,7 @@ undecodable entry is counted, Redis is bypassed for `retry_after_s`, and the cal
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import logging
 import threading
@@ -20,7 +21,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from serve.engine.features import FeatureDecodeError, ImageFeatures
+from engine.features import FeatureDecodeError, ImageFeatures
 
 if TYPE_CHECKING:
     from serve.config import CacheConfig
@@ -36,6 +37,17 @@ CORRUPT = "corrupt"  # a Redis value that does not decode to the features asked 
 BYPASS = "bypass"  # an operation that skipped Redis because of a recent error
 TOO_LARGE = "too_large"  # an entry over max_item_bytes, not cached
 EVENTS = (HIT_LOCAL, HIT_REDIS, MISS, REDIS_ERROR, CORRUPT, BYPASS, TOO_LARGE)
+
+# The events of the request being served: each request sets its own Counter (asyncio tasks copy
+# the context), so concurrent requests on one replica never see each other's events.
+_request_events: contextvars.ContextVar[Counter | None] = contextvars.ContextVar("request_events", default=None)
+
+
+def track_request_events() -> Counter:
+    """Count this task's cache events (from now on, in this asyncio task only) into the returned Counter."""
+    events: Counter = Counter()
+    _request_events.set(events)
+    return events
 
 # Fixed per-entry overhead charged to the LRU byte budget (dict slot, tuple, key string).
 _ENTRY_OVERHEAD = 256
@@ -240,6 +252,9 @@ class FeatureCache:
         if n <= 0:
             return
         self.counts[event] += n
+        mine = _request_events.get()
+        if mine is not None:
+            mine[event] += n
         if self._on_event is not None:
             try:
                 self._on_event(event, n)

@@ -27,16 +27,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-pixels", type=int, default=None)
 
 
-def _model_config(args):
-    from serve.config import ModelConfig
+def _engine_config(args):
+    from engine.config import EngineConfig
 
     extra = {k: v for k, v in (("max_pixels", args.max_pixels), ("min_pixels", args.min_pixels)) if v is not None}
-    return ModelConfig(source=args.model, **extra)
+    return EngineConfig(**extra)
 
 
-def _read_item(value: str):
+def _read_item(value: str, field: str):
     """A document/query on the command line: text, or an image path/URL (by extension or scheme)."""
-    from serve.engine.inputs import RerankItem
+    from engine.inputs import ImageInput, RerankItem
 
     lower = value.lower()
     if lower.startswith(("http://", "https://")):
@@ -44,18 +44,19 @@ def _read_item(value: str):
 
         r = httpx.get(value, timeout=20, follow_redirects=True)
         r.raise_for_status()
-        return RerankItem(images=(r.content,))
+        return RerankItem(images=(ImageInput.of(r.content, field, value),), field=field)
     if lower.endswith((".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")) and Path(value).exists():
-        return RerankItem(images=(Path(value).read_bytes(),))
-    return RerankItem(text=value)
+        return RerankItem(images=(ImageInput.of(Path(value).read_bytes(), field),), field=field)
+    return RerankItem(text=value, field=field)
 
 
 def cmd_score(args) -> int:
-    from serve.engine.engine import RerankEngine
+    from engine.engine import RerankEngine
+    from workshop.tiny import resolve_source
 
-    engine = RerankEngine.load(_model_config(args), args.precision, device=args.device)
-    query = _read_item(args.query)
-    docs = [_read_item(d) for d in args.documents]
+    engine = RerankEngine.load(resolve_source(args.model), args.precision, config=_engine_config(args), device=args.device)
+    query = _read_item(args.query, "query")
+    docs = [_read_item(d, f"documents.{i}") for i, d in enumerate(args.documents)]
     scores = engine.score(query, docs, instruction=args.instruction)
     order = sorted(range(len(docs)), key=lambda i: -scores[i])
     print(f"model={engine.model_id} precision={engine.precision} device={engine.device}")
@@ -66,17 +67,25 @@ def cmd_score(args) -> int:
 
 
 def cmd_bench_engine(args) -> int:
-    from serve.engine.bench import run_engine_bench
+    from placement.hardware import GPU_CATALOGUE, gpu_for_device_name
+    from workshop.bench import run_engine_bench
 
+    def peak_tflops(device_name: str, precision: str) -> float | None:
+        key = gpu_for_device_name(device_name)
+        return GPU_CATALOGUE[key].peak_tflops(precision) if key else None
+
+    sharing = {"both": [False, True], "on": [True], "off": [False]}[args.share_prefix]
     run_engine_bench(
         model=args.model,
         precisions=args.precisions.split(","),
-        batch_sizes=[int(b) for b in args.batch_sizes.split(",")],
+        batch_sizes=[int(b) for b in args.batch_sizes.split(",") if b],
+        cases=[c for c in args.cases.split(",") if c],
+        sharing=sharing,
         device=args.device,
-        image_share=args.image_share,
         repeats=args.repeats,
         out=args.out,
         random_config=args.random_config,
+        peak_tflops=peak_tflops,
     )
     return 0
 
@@ -89,14 +98,14 @@ def cmd_bench_serving(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from serve.engine.evaluate import run_eval
+    from workshop.evaluate import run_eval
 
     run_eval(model=args.model, precisions=args.precisions.split(","), reference=args.reference, device=args.device, out=args.out)
     return 0
 
 
 def cmd_quantize(args) -> int:
-    from serve.engine.quantize import quantize
+    from workshop.quantize import quantize
 
     out = quantize(args.model, args.out, scheme=args.scheme, num_samples=args.samples)
     print(f"wrote {out}")
@@ -104,7 +113,7 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_build_tiny(args) -> int:
-    from serve.engine.tiny import ensure_tiny_model
+    from workshop.tiny import ensure_tiny_model
 
     path = ensure_tiny_model()
     print(path)
@@ -142,8 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("engine", help="engine throughput, latency and peak memory")
     _add_model_args(p)
     p.add_argument("--precisions", default="fp32,bf16,int8,nf4")
-    p.add_argument("--batch-sizes", default="1,8,32")
-    p.add_argument("--image-share", type=float, default=0.5, help="share of documents that are images")
+    p.add_argument("--cases", default="short100,batch32x8,long100,imgquery,imgdocs", help="named cases (workshop/bench.py CASES)")
+    p.add_argument("--batch-sizes", default="1,8,32", help="also: one query x N documents, half images (docsN cases)")
+    p.add_argument("--share-prefix", default="both", choices=["both", "on", "off"], help="shared-prefix scoring on, off or both")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--random-config", default=None, help="config.json of a real architecture: random weights, no download")
     p.add_argument("--out", default="out/bench-engine.json")
@@ -194,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as e:
-        from serve.engine.errors import RerankError
+        from engine.errors import RerankError
 
         if isinstance(e, RerankError):
             print(f"error: {e}", file=sys.stderr)

@@ -13,15 +13,12 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
-from serve.engine.errors import ConfigError
-from serve.engine.prompt import DEFAULT_INSTRUCTION
+from engine.config import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, EngineConfig
+from engine.errors import ConfigError
+from engine.prompt import DEFAULT_INSTRUCTION
 
 Precision = Literal["fp32", "bf16", "fp16", "int8", "nf4", "awq", "fp8"]
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8", "nf4", "awq", "fp8")
-
-# Official Qwen3-VL-Reranker pixel limits: 4*32*32 .. 1800*32*32.
-DEFAULT_MIN_PIXELS = 4 * 32 * 32
-DEFAULT_MAX_PIXELS = 1800 * 32 * 32
 
 
 class _Strict(BaseModel):
@@ -34,6 +31,7 @@ class ModelConfig(_Strict):
         description="'tiny' for the project's trained offline model, a local folder, or a hub id "
         "such as Qwen/Qwen3-VL-Reranker-8B or vec-ai/lychee-rerank-mm.",
     )
+    served_name: str | None = Field(None, description="Model id reported in responses; default: the source.")
     max_length: int = Field(8192, ge=64, description="Token limit per pair; longer pairs are truncated keeping the final tokens.")
     min_pixels: int = Field(DEFAULT_MIN_PIXELS, ge=1, description="Smallest image area after resize.")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Largest image area after resize.")
@@ -43,7 +41,14 @@ class ModelConfig(_Strict):
         768 * 32 * 32, ge=1, description="Largest area of one video frame after resize (videos are costlier than images)."
     )
     default_instruction: str = Field(DEFAULT_INSTRUCTION, min_length=1, description="Instruction when a request gives none.")
-    max_batch_tokens: int = Field(16384, ge=64, description="Token budget of one engine micro-batch (padded length x rows).")
+    max_batch_tokens: int = Field(
+        16384, ge=64, description="Token budget of one engine micro-batch: shared prefix + rows x longest remainder."
+    )
+    share_prefix: bool = Field(True, description="Run the tokens every pair of a request shares (system turn, instruction, query) once.")
+
+    @property
+    def name(self) -> str:
+        return self.served_name or self.source
 
     @model_validator(mode="after")
     def _pixels_ordered(self) -> ModelConfig:
@@ -79,7 +84,9 @@ class AutoscalingConfig(_Strict):
 
 class BatchingConfig(_Strict):
     max_batch_size: int = Field(32, ge=1, description="Most requests merged into one engine call by @serve.batch.")
-    batch_wait_timeout_s: float = Field(0.01, ge=0, description="How long the first request waits for others to join.")
+    # 0: a request alone starts at once; under load the requests that arrive while a batch runs
+    # form the next one (one batch runs at a time), so batching costs no idle wait.
+    batch_wait_timeout_s: float = Field(0.0, ge=0, description="How long the first request waits for others to join.")
 
 
 class ArmConfig(_Strict):
@@ -96,6 +103,12 @@ class ArmConfig(_Strict):
     ray_actor_options: ActorOptions = Field(default_factory=ActorOptions, description="Resources per replica.")
     batching: BatchingConfig = Field(default_factory=BatchingConfig, description="Dynamic batching limits.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the engine runs; auto picks cuda when a GPU is assigned.")
+    torch_threads: int | None = Field(
+        None, ge=1, description="Intra-op threads of the forward pass; default: the replica's CPU reservation (at least 1)."
+    )
+    prepare_workers: int = Field(
+        1, ge=1, description="CPU threads preparing requests (decode, resize, tokenize) while the forward pass runs."
+    )
 
 
 class ShadowConfig(_Strict):
@@ -124,7 +137,11 @@ class LimitsConfig(_Strict):
     max_text_chars: int = Field(32_000, ge=1, description="Characters per text field.")
     max_images_per_item: int = Field(8, ge=0, description="Images in one query or document.")
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Encoded bytes of one image.")
-    max_image_pixels: int = Field(64 * 1024 * 1024, ge=1, description="Decoded pixels of one image (decompression-bomb guard).")
+    max_image_pixels: int = Field(32 * 1024 * 1024, ge=1, description="Decoded pixels of one image or video frame (decompression-bomb guard).")
+    max_request_pixels: int = Field(
+        128 * 1024 * 1024, ge=1, description="Decoded pixels of all images and video frames of one request (decode budget)."
+    )
+    max_video_file_frames: int = Field(4096, ge=1, description="Frames a video file may have (counted before decoding).")
     max_video_frames: int = Field(256, ge=1, description="Frames given in one video.")
     max_video_bytes: int = Field(200 * 1024 * 1024, ge=1, description="Encoded bytes of one video file.")
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1, description="Bytes of one HTTP request body.")
@@ -161,6 +178,16 @@ class FleetConfig(_Strict):
         if self.router.shadow is not None and self.router.shadow.arm not in names:
             raise ValueError(f"router.shadow.arm {self.router.shadow.arm!r} is not one of the arms {names}")
         return self
+
+    def engine_config(self) -> EngineConfig:
+        """What the engine needs of this configuration (model settings and decode limits)."""
+        m, lim = self.model, self.limits
+        return EngineConfig(
+            max_length=m.max_length, min_pixels=m.min_pixels, max_pixels=m.max_pixels, video_fps=m.video_fps,
+            video_max_frames=m.video_max_frames, video_max_pixels=m.video_max_pixels, default_instruction=m.default_instruction,
+            max_batch_tokens=m.max_batch_tokens, share_prefix=m.share_prefix, max_image_bytes=lim.max_image_bytes,
+            max_image_pixels=lim.max_image_pixels, max_request_pixels=lim.max_request_pixels, max_video_frames=lim.max_video_file_frames,
+        )  # fmt: skip
 
     def arm(self, name: str) -> ArmConfig:
         for a in self.arms:

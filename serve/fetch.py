@@ -15,9 +15,11 @@ URL fetches defend against server-side request forgery:
 * the body is streamed with a byte cap, and the whole fetch has a time limit;
 * proxies from the environment are ignored (they would bypass the address check).
 
-Errors name the JSON field: `ForbiddenURL` (400), `FetchError` (422), `ImageTooLarge` (413).
+Errors name the JSON field: `ForbiddenURL`, `FetchError`, `ImageTooLarge`. Each image is hashed
+here, once, as it enters (`ImageInput.of`), and its digest travels with it to the engine.
 A URL -> content-digest memo (kept in the feature-cache tiers) lets a repeated image URL
-skip its download: the item then carries an `ImageRef` instead of bytes.
+skip its download: the item then carries an `ImageInput` with its digest and URL but no bytes;
+an arm that has no features for it downloads it with this same fetcher.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from serve.engine.errors import FetchError, ForbiddenURL, ImageTooLarge, InputError
-from serve.engine.inputs import ImageRef, RerankItem, VideoInput, image_digest
+from engine.errors import ImageTooLarge, InputError
+from engine.inputs import ImageInput, RerankItem, VideoInput
+from serve.errors import FetchError, ForbiddenURL
 from serve.protocol import ItemSpec, MediaRef, VideoSpec
 
 if TYPE_CHECKING:
@@ -53,17 +56,6 @@ METADATA_ADDRESSES = frozenset(
 _REDIRECTS = (301, 302, 303, 307, 308)
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.\-]*):")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
-ImageSource = bytes | ImageRef
-
-
-@dataclass(frozen=True)
-class ResolvedMedia:
-    """An item's media as bytes, or as `ImageRef` for memoised URLs."""
-
-    item: RerankItem  # `images` entries are bytes or ImageRef
-    image_fields: dict[str, str]  # digest -> JSON path of the first image with that content
 
 
 # ------------------------------------------------------------------------ address policy
@@ -203,7 +195,7 @@ class MediaFetcher:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    async def resolve_items(self, specs: list[ItemSpec], *, use_memo: bool = True) -> list[ResolvedMedia]:
+    async def resolve_items(self, specs: list[ItemSpec], *, use_memo: bool = True) -> list[RerankItem]:
         """All media of all items, fetched concurrently. The first failure (in field order) is raised."""
         results = await asyncio.gather(*(self.resolve_item(s, use_memo=use_memo) for s in specs), return_exceptions=True)
         for r in results:
@@ -211,26 +203,27 @@ class MediaFetcher:
                 raise r
         return results  # type: ignore[return-value]
 
-    async def resolve_item(self, spec: ItemSpec, *, use_memo: bool = True) -> ResolvedMedia:
+    async def resolve_item(self, spec: ItemSpec, *, use_memo: bool = True) -> RerankItem:
         images = await asyncio.gather(*(self.image(ref, use_memo=use_memo) for ref in spec.images))
         video = await self.video(spec.video) if spec.video is not None else None
-        fields: dict[str, str] = {}
-        for ref, img in zip(spec.images, images):
-            fields.setdefault(img.digest if isinstance(img, ImageRef) else image_digest(img), ref.field)
-        return ResolvedMedia(item=RerankItem(text=spec.text, images=tuple(images), video=video), image_fields=fields)
+        return RerankItem(text=spec.text, images=tuple(images), video=video, field=spec.field)
 
-    async def image(self, ref: MediaRef, *, use_memo: bool = True) -> ImageSource:
+    async def image(self, ref: MediaRef, *, use_memo: bool = True) -> ImageInput:
         if not _is_url(ref.ref):
-            return decode_inline(ref.ref, ref.field, self.limits.max_image_bytes)
+            return ImageInput.of(decode_inline(ref.ref, ref.field, self.limits.max_image_bytes), ref.field)
         check_url(ref.ref, self.limits, ref.field)
         if use_memo and self.memo is not None:
             digest = await self.memo.get_url_digest(ref.ref)
             if digest is not None:
-                return ImageRef(digest=digest, url=ref.ref, field=ref.field)
-        data = await self.fetch_url(ref.ref, ref.field, self.limits.max_image_bytes)
+                return ImageInput(digest=digest, data=None, field=ref.field, url=ref.ref)
+        return await self.download_image(ref.ref, ref.field)
+
+    async def download_image(self, url: str, field: str) -> ImageInput:
+        """Fetch an image URL (and remember its digest in the memo, when there is one)."""
+        image = ImageInput.of(await self.fetch_url(url, field, self.limits.max_image_bytes), field, url)
         if self.memo is not None:
-            await self.memo.put_url_digest(ref.ref, image_digest(data))
-        return data
+            await self.memo.put_url_digest(url, image.digest)
+        return image
 
     async def video(self, spec: VideoSpec) -> VideoInput:
         if spec.source is not None:
@@ -239,12 +232,12 @@ class MediaFetcher:
                 data = await self.fetch_url(ref.ref, ref.field, self.limits.max_video_bytes)
             else:
                 data = decode_inline(ref.ref, ref.field, self.limits.max_video_bytes)
-            return VideoInput(data=data)
+            return VideoInput.of_file(data, spec.field)
         frames = await asyncio.gather(*(self.image(f, use_memo=False) for f in spec.frames))
-        total = sum(len(f) for f in frames)  # type: ignore[arg-type]
+        total = sum(len(f.data or b"") for f in frames)
         if total > self.limits.max_video_bytes:
             raise ImageTooLarge(spec.field, f"frames total {total} bytes, over the limit of {self.limits.max_video_bytes}")
-        return VideoInput(frames=tuple(frames))  # type: ignore[arg-type]
+        return VideoInput.of_frames(tuple(frames), spec.field)
 
     async def fetch_url(self, url: str, field: str, max_bytes: int) -> bytes:
         """GET with the address check on every hop, a byte cap and an overall time limit."""

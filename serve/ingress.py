@@ -1,46 +1,41 @@
 """The HTTP front door (`Ingress` deployment): parse, route, fetch media, call an arm, answer.
 
-Data flow: request -> protocol model -> `RerankRequest` -> router decision -> media fetched
-concurrently -> `ScoreJob` -> the chosen arm's handle -> ranked response. A shadowed request is
-mirrored to the shadow arm by a background task started after the primary answer is in hand,
-so it never delays the primary response; its ranking agreement with the primary feeds
-`/v1/experiments`.
+Data flow: request -> protocol model -> `RerankRequest` (validated, media still references)
+-> router decision -> media fetched concurrently, each image hashed once -> engine
+`ScoreRequest` -> the chosen arm's handle -> ranked response. A shadowed request is mirrored to
+the shadow arm by a background task started after the primary answer is in hand, so it never
+delays the primary response; its ranking agreement with the primary feeds `/v1/experiments`.
 
-Errors are raised as typed exceptions and turned into HTTP by `error_response`, the one place
-that decides status codes; a 500 never carries the exception text.
+Errors are raised as typed exceptions and turned into HTTP by `serve.errors.error_response`.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the endpoint annotations at
 # runtime, and through Serve's class-based ingress string annotations are not resolved.
 import asyncio
-import hmac
 import logging
-import re
 import time
 import uuid
-from collections import Counter, deque
-from dataclasses import dataclass, field, replace
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve.arm import ArmResult, ImagesNeeded, InputRejected, ScoreJob
+from engine.errors import InputError
+from engine.inputs import RerankItem, ScoreRequest
+from serve.arm_result import ArmResult
 from serve.cache import FeatureCache
 from serve.config import FleetConfig
-from serve.engine.errors import InputError, ServiceUnavailable
-from serve.engine.inputs import RerankItem, ScorePair, image_digest
-from serve.fetch import ImageRef, MediaFetcher, ResolvedMedia
+from serve.errors import error_response, log_if_internal
+from serve.experiments import ExperimentStats
+from serve.fetch import MediaFetcher
+from serve.guard import Guard, GuardMiddleware
 from serve.protocol import (
     ArmCard,
     CohereRerankRequest,
     CohereRerankResponse,
-    ErrorDetail,
     ErrorResponse,
     ImageCacheUse,
     JinaRerankRequest,
@@ -53,186 +48,12 @@ from serve.protocol import (
     TEIRerankRequest,
     TEIRerankResponse,
 )
-from serve.ranking import agreement
 from serve.router import ArmRouter, resolve_pin
+from workshop.ranking import agreement
 
 log = logging.getLogger(__name__)
 
-PUBLIC_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 MAX_SHADOW_IN_FLIGHT = 64
-LATENCY_WINDOW = 4096
-_UNAVAILABLE = (ServiceUnavailable, BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError,
-                ActorDiedError, ActorUnavailableError, RayActorError)  # fmt: skip
-
-
-class RequestTooLarge(InputError):
-    status = 413
-
-
-class Unauthorized(InputError):
-    status = 401
-
-
-# ------------------------------------------------------------------------ error mapping
-
-
-def error_response(exc: BaseException, request_id: str | None = None) -> JSONResponse:
-    """The one mapping from exceptions to HTTP: 4xx naming the field, 503/504 for capacity, else 500.
-
-    Pure (no logging): callers log what maps to 500 via `log_if_internal`."""
-    if isinstance(exc, RayTaskError) and exc.cause is not None:
-        exc = exc.cause
-    headers: dict[str, str] = {}  # Serve's proxy sets x-request-id on every response itself
-    if isinstance(exc, InputError):
-        status, kind, fld, message = exc.status, _snake(type(exc).__name__), exc.field, str(exc)
-        if isinstance(exc, Unauthorized):
-            headers["www-authenticate"] = "Bearer"
-    elif isinstance(exc, RequestValidationError):
-        status, kind = 422, "invalid_request"
-        fld, message = _describe_validation(exc)
-    elif isinstance(exc, StarletteHTTPException):
-        status, kind, fld, message = exc.status_code, "http_error", None, str(exc.detail)
-    elif isinstance(exc, _UNAVAILABLE):
-        status, kind, fld, message = 503, "overloaded", None, "no replica can take this request now; retry later"
-        headers["retry-after"] = "1"
-    elif isinstance(exc, TimeoutError):
-        status, kind, fld, message = 504, "timeout", None, "the request did not finish within the time limit"
-    else:
-        status, kind, fld = 500, "internal_error", None
-        message = "internal error" + (f" (request {request_id})" if request_id else "")
-    body = ErrorResponse(error=ErrorDetail(type=kind, field=fld, message=message, code=status))
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
-
-
-def log_if_internal(resp: JSONResponse, exc: BaseException, request_id: str | None) -> JSONResponse:
-    if resp.status_code == 500:
-        log.error("internal error (request %s)", request_id, exc_info=(type(exc), exc, exc.__traceback__))
-    return resp
-
-
-def _describe_validation(exc: RequestValidationError) -> tuple[str, str]:
-    errors = exc.errors()
-    if not errors:
-        return "body", "invalid request body"
-    first = errors[0]
-    loc = [str(p) for p in first.get("loc", ())]
-    if loc and loc[0] == "body":
-        loc = loc[1:]
-    fld = ".".join(loc) or "body"
-    msg = str(first.get("msg", "invalid")).removeprefix("Value error, ")
-    if first.get("type") == "json_invalid":
-        fld, msg = "body", f"not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})"
-    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
-    return fld, f"{fld}: {msg}{more}"
-
-
-def _snake(name: str) -> str:
-    out = re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
-    return {"input_error": "invalid_input", "image_too_large": "too_large"}.get(out, out)
-
-
-# ------------------------------------------------------------------------- experiments
-
-
-def percentile(sorted_values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile of an ascending list (None when empty)."""
-    if not sorted_values:
-        return None
-    rank = max(1, min(len(sorted_values), int(-(-q * len(sorted_values) // 100))))
-    return sorted_values[rank - 1]
-
-
-@dataclass
-class ArmStats:
-    requests: int = 0
-    client_errors: int = 0
-    server_errors: int = 0
-    routed_by: Counter = field(default_factory=Counter)
-    latencies_s: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
-    cache_hits: int = 0
-    cache_misses: int = 0
-    cache_events: Counter = field(default_factory=Counter)
-    batch_requests_sum: int = 0
-    shadow_requests: int = 0
-    shadow_errors: int = 0
-    shadow_dropped: int = 0
-    agreement_n: int = 0
-    agreement_sums: Counter = field(default_factory=Counter)
-    agreement_against: Counter = field(default_factory=Counter)
-
-
-class ExperimentStats:
-    """Per-arm counters for `/v1/experiments`: kept by one ingress replica, latency over a bounded window."""
-
-    def __init__(self, arms: list[str]):
-        self.arms = {a: ArmStats() for a in arms}
-
-    def record_answer(self, arm: str, reason: str, latency_s: float, result: ArmResult) -> None:
-        s = self.arms[arm]
-        s.requests += 1
-        s.routed_by[reason] += 1
-        s.latencies_s.append(latency_s)
-        s.batch_requests_sum += result.batch_requests
-        self._record_cache(s, result)
-
-    def record_error(self, arm: str, status: int) -> None:
-        if status >= 500:
-            self.arms[arm].server_errors += 1
-        else:
-            self.arms[arm].client_errors += 1
-
-    def record_shadow(self, arm: str, primary: str, scores: dict[str, float], result: ArmResult) -> None:
-        s = self.arms[arm]
-        s.shadow_requests += 1
-        s.agreement_n += 1
-        s.agreement_sums.update(scores)
-        s.agreement_against[primary] += 1
-        self._record_cache(s, result)
-
-    def record_shadow_failure(self, arm: str, *, dropped: bool = False) -> None:
-        if dropped:
-            self.arms[arm].shadow_dropped += 1
-        else:
-            self.arms[arm].shadow_errors += 1
-
-    @staticmethod
-    def _record_cache(s: ArmStats, result: ArmResult) -> None:
-        s.cache_hits += result.cache_hits
-        s.cache_misses += result.cache_misses
-        s.cache_events.update(result.cache_events)
-
-    def snapshot(self) -> dict[str, dict]:
-        out = {}
-        for name, s in self.arms.items():
-            lat = sorted(s.latencies_s)
-            looked_up = s.cache_hits + s.cache_misses
-            out[name] = {
-                "requests": s.requests,
-                "errors": {"client": s.client_errors, "server": s.server_errors},
-                "routed_by": dict(s.routed_by),
-                "latency_ms": {
-                    "window": len(lat),
-                    **{f"p{q}": None if (v := percentile(lat, q)) is None else round(v * 1000, 3) for q in (50, 95, 99)},
-                },
-                "mean_batch_requests": round(s.batch_requests_sum / s.requests, 3) if s.requests else None,
-                "image_cache": {
-                    "hits": s.cache_hits,
-                    "misses": s.cache_misses,
-                    "hit_rate": round(s.cache_hits / looked_up, 4) if looked_up else None,
-                    "events": dict(s.cache_events),
-                },
-                "shadow": {
-                    "requests": s.shadow_requests,
-                    "errors": s.shadow_errors,
-                    "dropped": s.shadow_dropped,
-                    "agreement": {
-                        "n": s.agreement_n,
-                        "against": dict(s.agreement_against),
-                        **({k: round(v / s.agreement_n, 6) for k, v in sorted(s.agreement_sums.items())} if s.agreement_n else {}),
-                    },
-                },
-            }
-        return out
 
 
 class IngressMetrics:
@@ -256,109 +77,12 @@ class IngressMetrics:
         self.memo_events = metrics.Counter("rerank_url_memo_events", "URL-memo cache events of the ingress.", ("event",))
 
 
-# --------------------------------------------------------------------------- pure glue
-
-
-def build_job(req: RerankRequest, media: list[ResolvedMedia]) -> ScoreJob:
-    """The arm's view of a request: one pair per document, sharing the query item."""
-    query, docs = media[0], media[1:]
-    pairs = tuple(
-        ScorePair(query.item, d.item, req.instruction, req.query.field, spec.field) for d, spec in zip(docs, req.documents)
-    )
-    fields: dict[str, str] = {}
-    for m in media:
-        for digest, path in m.image_fields.items():
-            fields.setdefault(digest, path)
-    return ScoreJob(pairs=pairs, image_fields=fields, max_tokens_per_doc=req.max_tokens_per_doc)
-
-
-async def replace_refs(job: ScoreJob, digests: set[str], fetcher: MediaFetcher) -> ScoreJob:
-    """The job with every `ImageRef` among `digests` downloaded (for an arm that lacks their features)."""
-    refs: dict[str, ImageRef] = {}
-    for p in job.pairs:
-        for item in (p.query, p.document):
-            for img in item.images:
-                if isinstance(img, ImageRef) and img.digest in digests:
-                    refs.setdefault(img.url, img)
-    urls = list(refs)
-    data = await asyncio.gather(*(fetcher.fetch_url(u, refs[u].field, fetcher.limits.max_image_bytes) for u in urls))
-    by_url = dict(zip(urls, data))
-    fields = dict(job.image_fields)
-    for u, b in by_url.items():
-        fields.setdefault(image_digest(b), refs[u].field)
-        if fetcher.memo is not None:
-            await fetcher.memo.put_url_digest(u, image_digest(b))
-
-    def swap(item: RerankItem) -> RerankItem:
-        if not any(isinstance(i, ImageRef) and i.url in by_url for i in item.images):
-            return item
-        return replace(item, images=tuple(by_url.get(i.url, i) if isinstance(i, ImageRef) else i for i in item.images))
-
-    pairs = tuple(replace(p, query=swap(p.query), document=swap(p.document)) for p in job.pairs)
-    return replace(job, pairs=pairs, image_fields=fields)
+def score_request(req: RerankRequest, items: list[RerankItem]) -> ScoreRequest:
+    """The engine's view of a request: the query, its documents and the instruction."""
+    return ScoreRequest(items[0], tuple(items[1:]), req.instruction, req.max_tokens_per_doc)
 
 
 # --------------------------------------------------------------------------------- HTTP
-
-
-class GuardMiddleware:
-    """API-key check and request-body cap, before any body is parsed (pure ASGI)."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        guard: "Guard | None" = getattr(scope.get("app").state, "guard", None) if scope.get("app") else None
-        if scope["type"] != "http" or guard is None:
-            return await self.app(scope, receive, send)
-        path = scope.get("path", "")
-        if guard.api_keys and not path.endswith(tuple(PUBLIC_PATHS)):
-            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-            if not guard.authorized(headers.get("authorization")):
-                return await error_response(Unauthorized("authorization", "missing or invalid Bearer API key"))(scope, receive, send)
-        declared = next((v for k, v in scope.get("headers", []) if k.lower() == b"content-length"), None)
-        if declared is not None and declared.isdigit() and int(declared) > guard.max_request_bytes:
-            err = RequestTooLarge("body", f"request body is {int(declared)} bytes, over the limit of {guard.max_request_bytes}")
-            return await error_response(err)(scope, receive, send)
-        # Read the body up to the cap before the app parses it (FastAPI would turn an exception
-        # raised mid-read into a generic 400); then replay it.
-        chunks, seen = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # client went away
-            chunk = message.get("body", b"")
-            seen += len(chunk)
-            if seen > guard.max_request_bytes:
-                err = RequestTooLarge("body", f"request body is over the limit of {guard.max_request_bytes} bytes")
-                return await error_response(err)(scope, receive, send)
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        return await self.app(scope, replay, send)
-
-
-@dataclass(frozen=True)
-class Guard:
-    api_keys: tuple[str, ...]
-    max_request_bytes: int
-
-    def authorized(self, header: str | None) -> bool:
-        if not header or not header.lower().startswith("bearer "):
-            return False
-        given = header[7:].strip().encode()
-        # Compare against every key (no early exit) so timing says nothing about which matched.
-        return sum(hmac.compare_digest(given, k.encode()) for k in self.api_keys) > 0
 
 
 app = FastAPI(
@@ -470,8 +194,8 @@ class Ingress:
         sticky_key = request.headers.get(self.fleet.router.sticky_header) or req.user
         decision = self.router.route(pin=pin, pin_field=pin_field, sticky_key=sticky_key)
 
-        media = await self.fetcher.resolve_items([req.query, *req.documents])
-        job = build_job(req, media)
+        items = await self.fetcher.resolve_items([req.query, *req.documents])
+        job = score_request(req, items)
         try:
             result = await self._call_arm(decision.arm, job)
         except Exception as e:
@@ -484,7 +208,7 @@ class Ingress:
             self._start_shadow(decision.shadow_arm, decision.arm, job, result.scores)
 
         outcome = RerankOutcome(
-            scores=result.scores,
+            scores=result.scores, tokens=result.tokens,
             meta=ServingMeta(
                 arm=result.arm, precision=result.precision, model=result.model, routed_by=decision.reason,
                 image_cache=ImageCacheUse(hits=result.cache_hits, misses=result.cache_misses),
@@ -495,21 +219,12 @@ class Ingress:
         response.headers["x-rerank-routed-by"] = decision.reason
         return shape.build(req, outcome, request_id)
 
-    async def _call_arm(self, arm: str, job: ScoreJob) -> ArmResult:
-        """Call an arm under the request time limit; resend bytes once if it lacks memoised images."""
-        timeout = self.fleet.limits.request_timeout_s
-        async with asyncio.timeout(timeout):
-            outcome = await self._arms[arm].remote(job)
-            if isinstance(outcome, ImagesNeeded):
-                job = await replace_refs(job, set(outcome.digests), self.fetcher)
-                outcome = await self._arms[arm].remote(job)
-        if isinstance(outcome, InputRejected):
-            raise outcome.to_error()
-        if not isinstance(outcome, ArmResult):
-            raise ServiceUnavailable(f"arm {arm} did not accept the resent images")
-        return outcome
+    async def _call_arm(self, arm: str, job: ScoreRequest) -> ArmResult:
+        """Call an arm under the request time limit; its errors are raised here as themselves."""
+        async with asyncio.timeout(self.fleet.limits.request_timeout_s):
+            return await self._arms[arm].remote(job)
 
-    def _start_shadow(self, arm: str, primary: str, job: ScoreJob, primary_scores: list[float]) -> None:
+    def _start_shadow(self, arm: str, primary: str, job: ScoreRequest, primary_scores: list[float]) -> None:
         if len(self._shadow_tasks) >= MAX_SHADOW_IN_FLIGHT:
             self.stats.record_shadow_failure(arm, dropped=True)  # shadowing must not pile up under load
             self.metrics.shadow_failures.inc(tags={"arm": arm, "reason": "dropped"})
@@ -518,7 +233,7 @@ class Ingress:
         self._shadow_tasks.add(task)
         task.add_done_callback(self._shadow_tasks.discard)
 
-    async def _shadow(self, arm: str, primary: str, job: ScoreJob, primary_scores: list[float]) -> None:
+    async def _shadow(self, arm: str, primary: str, job: ScoreRequest, primary_scores: list[float]) -> None:
         try:
             result = await self._call_arm(arm, job)
             k = self.fleet.router.shadow.top_k if self.fleet.router.shadow else 10

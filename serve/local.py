@@ -42,12 +42,15 @@ def ray_cpus_for(fleet: FleetConfig) -> float:
 
 @contextlib.contextmanager
 def embedded_serve(fleet: FleetConfig, *, num_cpus: float | None = None) -> Iterator[str]:
-    """Embedded Ray + Serve running `fleet`; yields the base URL; shuts both down on exit."""
+    """Embedded Ray + Serve running `fleet`; yields the base URL; shuts both down on exit.
+    The model is made ready first (the offline one is built here, with progress, if needed)."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private, loopback-only instance
     import ray
     from ray import serve
 
-    from serve.app import APP_NAME, build_app
+    from serve.app import APP_NAME, build_app, resolve_model
+
+    fleet = resolve_model(fleet)
 
     ray.init(
         address="local",  # always a fresh embedded instance, never an existing cluster (RAY_ADDRESS)

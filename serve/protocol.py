@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, model_validator
 
-from serve.engine.errors import InputError
+from engine.errors import InputError
 
 if TYPE_CHECKING:
     from serve.config import LimitsConfig
@@ -313,6 +313,7 @@ class RerankOutcome(BaseModel):
 
     scores: list[float] = Field(..., description="Sigmoid score per document, in request order.")
     meta: ServingMeta = Field(..., description="Which arm answered and how.")
+    tokens: int = Field(0, description="Tokens the decoder ran for this request (a shared prefix counted once).")
 
     def ranked(self, top_n: int | None) -> list[int]:
         order = sorted(range(len(self.scores)), key=lambda i: -self.scores[i])
@@ -358,7 +359,7 @@ class CohereRerankResponse(BaseModel):
 
 
 class JinaUsage(BaseModel):
-    total_tokens: int = Field(0, description="Tokens processed (0 when not counted).")
+    total_tokens: int = Field(0, description="Tokens the decoder ran for this request (its shared prefix once).")
 
 
 class JinaRerankResponse(BaseModel):
@@ -369,7 +370,9 @@ class JinaRerankResponse(BaseModel):
 
     @classmethod
     def build(cls, req: RerankRequest, outcome: RerankOutcome, request_id: str) -> JinaRerankResponse:
-        return cls(model=outcome.meta.model, results=_ranked_documents(req, outcome), meta=outcome.meta)
+        return cls(
+            model=outcome.meta.model, usage=JinaUsage(total_tokens=outcome.tokens), results=_ranked_documents(req, outcome), meta=outcome.meta
+        )
 
 
 class TEIRank(BaseModel):

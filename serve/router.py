@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from serve.engine.errors import InputError
+from engine.errors import InputError
 
 RouteReason = Literal["pinned", "sticky", "weighted"]
 

@@ -1,0 +1,42 @@
+"""Serve deployment options of a fleet: pure functions of `FleetConfig`, no Ray import.
+
+`serve.app.build_app` applies them; the placement renderer writes the same values into the
+Serve configs it generates, so an operator reads there exactly what the app sets.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from serve.config import ArmConfig, FleetConfig
+
+IMPORT_PATH = "serve.app:build_app"
+APP_NAME = "rerank"
+# The ingress only parses, fetches and routes; it reserves a fraction of a CPU so small nodes
+# keep their cores for arm replicas.
+INGRESS_ACTOR_OPTIONS = {"num_cpus": 0.1}
+
+
+def arm_options(arm: ArmConfig) -> dict[str, Any]:
+    """Serve deployment options of one arm (also what a Serve config's `deployments` entry overrides)."""
+    opts: dict[str, Any] = {
+        "name": f"Arm-{arm.name}",
+        "ray_actor_options": arm.ray_actor_options.to_ray(),
+        "max_ongoing_requests": arm.max_ongoing_requests,
+        "max_queued_requests": arm.max_queued_requests,
+        "user_config": arm.batching.model_dump(),  # applied by ArmReplica.reconfigure; changeable live
+    }
+    if arm.autoscaling is not None:
+        opts["autoscaling_config"] = arm.autoscaling.model_dump()
+    else:
+        opts["num_replicas"] = arm.num_replicas
+    return opts
+
+
+def ingress_options(fleet: FleetConfig) -> dict[str, Any]:
+    """The ingress must admit as many concurrent requests as the arms can hold (Serve's default of
+    a few would cap every arm's batches at that number)."""
+    capacity = sum(
+        a.max_ongoing_requests * (a.autoscaling.max_replicas if a.autoscaling else a.num_replicas) for a in fleet.arms
+    )
+    return {"name": "Ingress", "ray_actor_options": INGRESS_ACTOR_OPTIONS, "max_ongoing_requests": max(64, capacity)}

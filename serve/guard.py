@@ -1,0 +1,70 @@
+"""The ASGI guard in front of the app: API-key check and request-body cap, before any body is parsed."""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+
+from serve.errors import RequestTooLarge, Unauthorized, error_response
+
+PUBLIC_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+
+
+class GuardMiddleware:
+    """API-key check and request-body cap, before any body is parsed (pure ASGI)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        guard: Guard | None = getattr(scope.get("app").state, "guard", None) if scope.get("app") else None
+        if scope["type"] != "http" or guard is None:
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        if guard.api_keys and not path.endswith(tuple(PUBLIC_PATHS)):
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+            if not guard.authorized(headers.get("authorization")):
+                return await error_response(Unauthorized("authorization", "missing or invalid Bearer API key"))(scope, receive, send)
+        declared = next((v for k, v in scope.get("headers", []) if k.lower() == b"content-length"), None)
+        if declared is not None and declared.isdigit() and int(declared) > guard.max_request_bytes:
+            err = RequestTooLarge("body", f"request body is {int(declared)} bytes, over the limit of {guard.max_request_bytes}")
+            return await error_response(err)(scope, receive, send)
+        # Read the body up to the cap before the app parses it (FastAPI would turn an exception
+        # raised mid-read into a generic 400); then replay it.
+        chunks, seen = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # client went away
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            if seen > guard.max_request_bytes:
+                err = RequestTooLarge("body", f"request body is over the limit of {guard.max_request_bytes} bytes")
+                return await error_response(err)(scope, receive, send)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+
+@dataclass(frozen=True)
+class Guard:
+    api_keys: tuple[str, ...]
+    max_request_bytes: int
+
+    def authorized(self, header: str | None) -> bool:
+        if not header or not header.lower().startswith("bearer "):
+            return False
+        given = header[7:].strip().encode()
+        # Compare against every key (no early exit) so timing says nothing about which matched.
+        return sum(hmac.compare_digest(given, k.encode()) for k in self.api_keys) > 0
