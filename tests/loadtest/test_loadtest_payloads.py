@@ -76,7 +76,7 @@ def test_repeat_rate_between_mixes_pool_and_fresh_images():
 
 
 def test_text_documents_have_the_configured_length_and_keep_their_caption():
-    from serve.engine.tiny import COLOURS, SHAPES
+    from workshop.tiny import COLOURS, SHAPES
 
     cfg = TrafficConfig(docs=10, image_share=0.0, text_chars=300)
     texts = _texts(TrafficGenerator(cfg, ImagePool(1, 0)).next_request().body)

@@ -163,17 +163,24 @@ def test_stand_in_deployments_land_on_their_planned_gpu_types(small_plan, cluste
         serve.delete("standin")
 
 
-def _tiny_model_is_built() -> bool:
+def _tiny_model_source() -> str | None:
+    """'tiny' when the offline model of this code is built (`serve.app.resolve_model` then finds
+    it), else the build RERANK_TEST_MODEL_DIR names (as the top-level `tiny_model_dir` fixture
+    does), else None: building it here would take minutes (the engine tests build it)."""
     try:
-        from serve.engine.tiny import build_fingerprint, cache_root
+        from workshop.tiny import TINY_MODEL_NAME, build_fingerprint, cache_root
     except ImportError:
-        return False
-    return (cache_root() / f"tiny-qwen3-vl-reranker-{build_fingerprint()}" / "DONE").exists()
+        return None
+    if (cache_root() / f"{TINY_MODEL_NAME}-{build_fingerprint()}" / "DONE").exists():
+        return "tiny"
+    override = os.environ.get("RERANK_TEST_MODEL_DIR")
+    return override if override and (Path(override) / "DONE").exists() else None
 
 
-@pytest.mark.skipif(not _tiny_model_is_built(), reason="the tiny model is not built yet (the engine tests build it)")
+@pytest.mark.skipif(_tiny_model_source() is None, reason="the tiny model is not built yet (the engine tests build it)")
 def test_the_serving_app_lands_on_its_planned_gpu_types(small_plan, cluster):
-    """The real app (`serve.app.build_app`) from the generated Serve config, model source 'tiny'.
+    """The real app (`serve.app.build_app`) from the generated Serve config, model source 'tiny'
+    (or the tiny build RERANK_TEST_MODEL_DIR names).
 
     Only two things change from the generated config: the model is the project's tiny offline
     model, and the engines run on CPU since the GPUs are simulated. Replica counts and
@@ -186,7 +193,7 @@ def test_the_serving_app_lands_on_its_planned_gpu_types(small_plan, cluster):
 
     (application,) = render_serve_config(small_plan)["applications"]
     fleet = application["args"]["config"]
-    fleet["model"]["source"] = "tiny"
+    fleet["model"]["source"] = _tiny_model_source()
     for arm in fleet["arms"]:
         arm["device"] = "cpu"
     serve.start(http_options={"host": "127.0.0.1", "port": _free_port()}, proxy_location="HeadOnly")

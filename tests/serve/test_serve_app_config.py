@@ -1,17 +1,22 @@
-"""Application building from the fleet config: Serve options per arm, the standard Serve
-config, and config errors naming the field. No Ray cluster needed."""
+"""Application building from the fleet config: Serve options per arm (`serve.deploy_options`),
+the standard Serve config, the offline model's resolution, the engine's view of the config, and
+config errors naming the field. No Ray cluster needed."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from serve.app import IMPORT_PATH, arm_options, build_app, load_fleet, serve_config
+from engine.config import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, EngineConfig
+from engine.errors import ConfigError
+from serve.app import APP_NAME, IMPORT_PATH, build_app, load_fleet, resolve_model, serve_config
 from serve.config import FleetConfig
-from serve.engine.errors import ConfigError
+from serve.deploy_options import INGRESS_ACTOR_OPTIONS, arm_options, ingress_options
 from serve.local import DEFAULT_CONFIG, local_fleet, ray_cpus_for
 
 FLEET = {
@@ -41,25 +46,92 @@ def test_arm_options_follow_the_config():
     fleet = FleetConfig.from_dict(FLEET)
     fp32, nf4 = (arm_options(a) for a in fleet.arms)
     assert fp32["name"] == "Arm-fp32" and fp32["num_replicas"] == 2 and "autoscaling_config" not in fp32
-    assert fp32["user_config"] == {"max_batch_size": 8, "batch_wait_timeout_s": 0.01}
+    assert fp32["user_config"] == {"max_batch_size": 8, "batch_wait_timeout_s": 0.0}  # no idle wait by default
     assert nf4["autoscaling_config"]["max_replicas"] == 4 and "num_replicas" not in nf4
     assert nf4["ray_actor_options"]["num_gpus"] == 0.5 and nf4["ray_actor_options"]["accelerator_type"] == "A10G"
     assert nf4["max_ongoing_requests"] == 64 and nf4["max_queued_requests"] == 256
+    # The ingress admits what every arm replica can hold: 64 x 2 fp32 replicas + 64 x 4 nf4 replicas at most.
+    ingress = ingress_options(fleet)
+    assert ingress == {"name": "Ingress", "ray_actor_options": INGRESS_ACTOR_OPTIONS, "max_ongoing_requests": 64 * 2 + 64 * 4}
+    small = FleetConfig.from_dict({"arms": [{"name": "a", "precision": "fp32", "max_ongoing_requests": 4}]})
+    assert ingress_options(small)["max_ongoing_requests"] == 64  # never below Serve's useful minimum
 
 
-def test_serve_config_is_a_valid_standard_serve_config(tmp_path: Path):
+def test_deploy_options_need_no_ray():
+    """The placement renderer imports the deployment options where Ray may not be installed."""
+    code = "import sys, serve.deploy_options; print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[2])
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.fixture
+def built_tiny(monkeypatch, tiny_model_dir):
+    """`model.source: tiny` resolves to the tests' tiny model folder (no build in a unit test)."""
+    import workshop.tiny
+
+    monkeypatch.setattr(workshop.tiny, "ensure_tiny_model", lambda root=None: Path(tiny_model_dir))
+    return Path(tiny_model_dir)
+
+
+def test_serve_config_is_a_valid_standard_serve_config(tmp_path: Path, built_tiny):
     fleet = FleetConfig.from_dict(FLEET)
     cfg = serve_config(fleet)
     ServeDeploySchema.model_validate(cfg)
     app = cfg["applications"][0]
-    assert app["import_path"] == IMPORT_PATH and app["route_prefix"] == "/"
+    assert app["name"] == APP_NAME and app["import_path"] == IMPORT_PATH and app["route_prefix"] == "/"
     assert FleetConfig.from_dict(app["args"]["config"]) == fleet  # args round-trip, secrets included
-    # The same args build the application the way `serve run` / `serve deploy` would.
-    assert build_app(app["args"]) is not None
+    # The same args build the application the way `serve run` / `serve deploy` would; every
+    # deployment is bound to the resolved model folder, never to the word "tiny".
+    application = build_app(app["args"])
+    ingress = application._bound_deployment
+    assert ingress.name == "Ingress" and ingress.max_ongoing_requests == ingress_options(fleet)["max_ongoing_requests"]
+    config, arms = ingress.init_args
+    assert config["model"]["source"] == str(built_tiny) and sorted(arms) == ["fp32", "nf4"]
+    for name, arm_app in arms.items():
+        arm = arm_app._bound_deployment
+        assert arm.name == f"Arm-{name}" and arm.init_args == (config, name)
+        assert arm.user_config == arm_options(fleet.arm(name))["user_config"]
     path = tmp_path / "fleet.yaml"
     path.write_text(yaml.safe_dump(FLEET))
     assert load_fleet({"config_path": str(path)}) == fleet
     assert load_fleet({"config_path": str(path), "redis_url": "redis://h:1/2"}).cache.redis_url == "redis://h:1/2"
+
+
+def test_resolve_model_replaces_tiny_with_the_built_folder(built_tiny):
+    from workshop.tiny import TINY_MODEL_NAME
+
+    fleet = FleetConfig.from_dict(FLEET)
+    assert fleet.model.name == "tiny"  # served_name unset: the source
+    resolved = resolve_model(fleet)
+    assert resolved.model.source == str(built_tiny) and resolved.model.served_name == TINY_MODEL_NAME
+    assert resolved.model.name == TINY_MODEL_NAME
+    # Nothing else changes.
+    assert resolved.model_copy(update={"model": fleet.model}) == fleet
+    named = FleetConfig.from_dict({**FLEET, "model": {"source": "tiny", "served_name": "my-reranker"}})
+    assert resolve_model(named).model.name == "my-reranker" and resolve_model(named).model.source == str(built_tiny)
+    folder = FleetConfig.from_dict({**FLEET, "model": {"source": "/models/qwen3-vl-reranker-8b"}})
+    assert resolve_model(folder) is folder and folder.model.name == "/models/qwen3-vl-reranker-8b"
+
+
+def test_engine_config_carries_the_model_settings_and_decode_limits():
+    fleet = FleetConfig.from_dict(
+        {**FLEET, "model": {"source": "tiny", "max_length": 512, "min_pixels": 1024, "max_pixels": 65536, "video_fps": 2.0,
+                            "video_max_frames": 8, "video_max_pixels": 32768, "default_instruction": "rank it",
+                            "max_batch_tokens": 4096, "share_prefix": False},
+         "limits": {"max_image_bytes": 1000, "max_image_pixels": 2000, "max_request_pixels": 3000, "max_video_file_frames": 40}}
+    )  # fmt: skip
+    assert fleet.engine_config() == EngineConfig(
+        max_length=512, min_pixels=1024, max_pixels=65536, video_fps=2.0, video_max_frames=8, video_max_pixels=32768,
+        default_instruction="rank it", max_batch_tokens=4096, share_prefix=False, max_image_bytes=1000,
+        max_image_pixels=2000, max_request_pixels=3000, max_video_frames=40,
+    )  # fmt: skip
+    # The defaults of both sides agree.
+    default = FleetConfig.from_dict({"arms": [{"name": "a", "precision": "fp32"}]})
+    assert default.engine_config() == EngineConfig()
+    assert (default.model.min_pixels, default.model.max_pixels) == (DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS)
+    assert (default.limits.max_image_pixels, default.limits.max_request_pixels) == (32 * 1024 * 1024, 128 * 1024 * 1024)
+    assert default.arms[0].batching.batch_wait_timeout_s == 0.0
+    assert (default.arms[0].torch_threads, default.arms[0].prepare_workers) == (None, 1)
 
 
 @pytest.mark.parametrize(
@@ -70,6 +142,9 @@ def test_serve_config_is_a_valid_standard_serve_config(tmp_path: Path):
         (lambda d: d["router"]["shadow"].update(arm="nope"), "router.shadow.arm"),
         (lambda d: d.update(cache={"ttl_s": 0}), "cache.ttl_s"),
         (lambda d: d.update(colour="red"), "colour"),
+        (lambda d: d["arms"][0].update(prepare_workers=0), "arms.0.prepare_workers"),
+        (lambda d: d["arms"][0].update(torch_threads=0), "arms.0.torch_threads"),
+        (lambda d: d.update(limits={"max_request_pixels": 0}), "limits.max_request_pixels"),
     ],
 )
 def test_invalid_config_names_field_and_reason(mutate, field):

@@ -1,13 +1,15 @@
-"""The arm replica's batch logic: a real `Arm-fp32` deployment on the session's Ray cluster, called
-through its DeploymentHandle with the real tiny engine. Concurrent requests share one engine
-call, a bad request fails alone, cache hits give identical scores, images known only by digest
-are resolved from the cache or asked for, and batching limits follow `reconfigure`.
+"""The arm replica: a real `Arm-fp32` deployment on the session's Ray cluster, called through its
+DeploymentHandle with the real tiny engine. Requests prepare apart and share one forward call;
+a bad request fails alone, before it joins a batch, and never fails its neighbours; cache hits
+give identical scores; an image sent by digest only is fetched by the arm itself; batching
+limits follow `reconfigure`.
 
 (Serve's in-process `_local_testing_mode` cannot run `@serve.batch` in Ray 2.60: the batch queue
 asks for a replica context that mode does not set.)
 
 Batches are made deterministic without timing: `max_batch_size` equals the number of requests
-sent at once and `batch_wait_timeout_s` is long, so a batch closes exactly when all have arrived."""
+that reach the batch at once and `batch_wait_timeout_s` is long, so a batch closes exactly when
+all have arrived."""
 
 from __future__ import annotations
 
@@ -16,27 +18,27 @@ import base64
 import pytest
 from serving_testkit import png_bytes
 
-from serve.arm import ArmReplica, ArmResult, ImagesNeeded, InputRejected, ScoreJob
-from serve.engine.errors import EmptyInput, ImageDecodeError
-from serve.engine.inputs import RerankItem, ScorePair, image_digest
-from serve.fetch import ImageRef
-
+from engine.errors import EmptyInput, ImageDecodeError, InputError
+from engine.inputs import ImageInput, RerankItem, ScoreRequest
+from serve.arm import ArmReplica
+from serve.arm_result import ArmResult
 
 pytestmark = pytest.mark.ray
 
 APP = "arm-under-test"
 
 
-def deploy_arm(tiny_model, max_batch_size: int):
+def deploy_arm(tiny_model, max_batch_size: int, **limits):
     """(Re)deploy the arm alone (no HTTP route); a changed batching config is applied in place."""
     from ray import serve
 
-    from serve.app import arm_options
     from serve.config import FleetConfig
+    from serve.deploy_options import arm_options
 
     config = {
         "model": {"source": str(tiny_model)},
         "arms": [{"name": "fp32", "precision": "fp32", "ray_actor_options": {"num_cpus": 0.5}}],
+        "limits": {"allow_private_urls": True, **limits},
     }  # fmt: skip
     options = arm_options(FleetConfig.from_dict(config).arms[0])
     options["user_config"] = {"max_batch_size": max_batch_size, "batch_wait_timeout_s": 1.0}
@@ -58,76 +60,81 @@ def engine(engine_for):
     return engine_for("fp32")
 
 
-def text_job(*docs: str, query: str = "a red circle") -> ScoreJob:
-    q = RerankItem(text=query)
-    return ScoreJob(pairs=tuple(ScorePair(q, RerankItem(text=d), None, "query", f"documents.{i}") for i, d in enumerate(docs)))
+def text_request(*docs: str, query: str = "a red circle") -> ScoreRequest:
+    return ScoreRequest.of(query, list(docs))
 
 
-def image_job(*images: bytes, query: str = "a red circle") -> ScoreJob:
-    q = RerankItem(text=query)
-    pairs = tuple(ScorePair(q, RerankItem(images=(img,)), None, "query", f"documents.{i}") for i, img in enumerate(images))
-    return ScoreJob(pairs=pairs, image_fields={image_digest(img): f"documents.{i}.image" for i, img in enumerate(images)})
+def image_request(*images: bytes, query: str = "a red circle") -> ScoreRequest:
+    return ScoreRequest.of(query, [RerankItem(images=(ImageInput.of(img, f"documents.{i}.image"),)) for i, img in enumerate(images)])
 
 
-def run_concurrently(replica, *jobs):
-    """Submit all jobs at once (so they can share a batch); each outcome or its exception."""
-    responses = [replica.score.remote(j) for j in jobs]
-    out = [r.result(timeout_s=300) for r in responses]
-    return [o.to_error() if isinstance(o, InputRejected) else o for o in out]
+def run_concurrently(replica, *requests):
+    """Submit all at once (so they can share a batch); each result or its exception."""
+    responses = [replica.score.remote(r) for r in requests]
+    out = []
+    for r in responses:
+        try:
+            out.append(r.result(timeout_s=300))
+        except Exception as e:  # noqa: BLE001 - the test inspects it
+            out.append(e)
+    return out
 
 
-def test_concurrent_requests_share_one_engine_call_and_bad_ones_fail_alone(replica, engine):
-    good_text = text_job("a red circle", "a blue square")
-    not_an_image = image_job(b"these bytes are not an image")
-    empty_doc = ScoreJob(pairs=(ScorePair(RerankItem(text="q"), RerankItem(), None, "query", "documents.0"),))
-    good_image = image_job(png_bytes((220, 40, 40), seed=101))
-    out = run_concurrently(replica, good_text, not_an_image, empty_doc, good_image)  # one batch of 4
-    assert isinstance(out[1], ImageDecodeError) and out[1].field == "documents.0.image"
-    assert isinstance(out[2], EmptyInput) and out[2].field == "documents.0"
-    for result, job in ((out[0], good_text), (out[3], good_image)):
+def test_bad_requests_fail_alone_and_never_join_the_batch(replica, engine):
+    good_text = text_request("a red circle", "a blue square")
+    not_an_image = image_request(b"these bytes are not an image")
+    empty_doc = ScoreRequest.of("q", [RerankItem()])
+    lone_surrogate = text_request("fine", query="bad \ud800 query")
+    good_image = image_request(png_bytes((220, 40, 40), seed=101))
+    # Four good requests arrive with the three bad ones: the bad ones fail in prepare, so the
+    # four good ones fill one batch of 4 (max_batch_size) and close it.
+    good = [good_text, good_image, text_request("x"), text_request("y", "z")]
+    out = run_concurrently(replica, good[0], not_an_image, empty_doc, good[1], lone_surrogate, good[2], good[3])
+    bad = {1: (ImageDecodeError, "documents.0.image"), 2: (EmptyInput, "documents.0"), 4: (InputError, "query.text")}
+    for i, (kind, field) in bad.items():
+        assert isinstance(out[i], kind) and out[i].field == field, repr(out[i])
+    results = [out[0], out[3], out[5], out[6]]
+    for result, request in zip(results, good):
         assert isinstance(result, ArmResult) and result.arm == "fp32" and result.precision == "fp32"
         # Merged with the others, yet the same as scoring this request alone on the engine (up to
         # float32 rounding: another batch composition pads and sums in another order).
-        assert result.scores == pytest.approx(engine.score_pairs(list(job.pairs)), abs=1e-5)
-    # The undecodable image was dropped before the engine call; the other three shared it (the
-    # empty document then failed it, and the per-request retry isolated that one).
-    assert out[0].batch_requests == out[3].batch_requests == 3
+        assert result.scores == pytest.approx(engine.forward([engine.prepare(request)])[0].scores, abs=1e-5)
+        assert result.batch_requests == 4
+    assert "lone surrogate" in out[4].problem
 
 
 def test_cache_hit_gives_identical_scores(replica):
-    job = image_job(png_bytes((40, 80, 220), seed=202), png_bytes((40, 170, 60), seed=203), query="a blue square")
-    first, second = run_concurrently(replica, job)[0], run_concurrently(replica, job)[0]  # batches of 1 (wait timeout)
+    request = image_request(png_bytes((40, 80, 220), seed=202), png_bytes((40, 170, 60), seed=203), query="a blue square")
+    first, second = run_concurrently(replica, request)[0], run_concurrently(replica, request)[0]  # batches of 1 (wait timeout)
     assert (first.cache_hits, first.cache_misses) == (0, 2)
     assert (second.cache_hits, second.cache_misses) == (2, 0)
     assert second.scores == first.scores
-    assert second.cache_events.get("hit_local") == 2
+    assert second.cache_events.get("hit_local") == 2 and first.cache_events.get("miss") == 2
 
 
-def test_image_refs_are_resolved_from_cache_or_asked_for(replica):
-    img = png_bytes((230, 210, 40), seed=303)
-    digest = image_digest(img)
-    ref_job = ScoreJob(
-        pairs=(ScorePair(RerankItem(text="a yellow circle"), RerankItem(images=(ImageRef(digest, "https://x/y.png", "documents.0.image"),)),
-                         None, "query", "documents.0"),),
-        image_fields={digest: "documents.0.image"},
-    )  # fmt: skip
-    asked = run_concurrently(replica, ref_job)[0]
-    assert asked == ImagesNeeded((digest,))
-    with_bytes = run_concurrently(replica, image_job(img, query="a yellow circle"))[0]
-    by_ref = run_concurrently(replica, ref_job)[0]
-    assert isinstance(by_ref, ArmResult) and by_ref.cache_hits == 1
-    assert by_ref.scores == with_bytes.scores
+def test_an_image_sent_by_digest_is_scored_from_cache_or_fetched_by_the_arm(replica, media_server):
+    url = media_server.url("/img.png")
+    data = media_server.images["/img.png"]
+    digest_only = ScoreRequest.of("a red circle", [RerankItem(images=(ImageInput(ImageInput.of(data).digest, None, "documents.0.image", url),))])
+    hits_before = media_server.hits["/img.png"]
+    fetched = run_concurrently(replica, digest_only)[0]
+    assert isinstance(fetched, ArmResult) and fetched.cache_misses == 1
+    assert media_server.hits["/img.png"] == hits_before + 1  # the arm downloaded it: no round trip to the ingress
+    again = run_concurrently(replica, digest_only)[0]
+    assert again.cache_hits == 1 and media_server.hits["/img.png"] == hits_before + 1
+    with_bytes = run_concurrently(replica, image_request(data))[0]
+    assert again.scores == fetched.scores == with_bytes.scores
 
 
 def test_batch_size_follows_reconfigure(replica):
     """Batching limits come from `user_config` through `reconfigure`, applied to the running replica
     (a Serve config redeploy that changes only `user_config` calls it the same way)."""
-    out = run_concurrently(replica, *(text_job(f"doc {i}") for i in range(4)))
+    out = run_concurrently(replica, *(text_request(f"doc {i}") for i in range(4)))
     assert [r.batch_requests for r in out] == [4, 4, 4, 4]
     before = replica.describe.remote().result(timeout_s=60)
     try:
         replica.reconfigure.remote({"max_batch_size": 1, "batch_wait_timeout_s": 1.0}).result(timeout_s=60)
-        out = run_concurrently(replica, *(text_job(f"doc {i}") for i in range(3)))
+        out = run_concurrently(replica, *(text_request(f"doc {i}") for i in range(3)))
         assert [r.batch_requests for r in out] == [1, 1, 1]
         after = replica.describe.remote().result(timeout_s=60)
         assert (before["max_batch_size"], after["max_batch_size"]) == (4, 1) and after["pid"] == before["pid"]
@@ -137,13 +144,12 @@ def test_batch_size_follows_reconfigure(replica):
 
 def test_max_tokens_per_doc_truncates_document_text(replica, engine):
     long_doc = "red circle " * 200
-    full = run_concurrently(replica, text_job(long_doc))[0].scores
-    cut_job = ScoreJob(pairs=text_job(long_doc).pairs, max_tokens_per_doc=8)
-    cut = run_concurrently(replica, cut_job)[0].scores
+    full = run_concurrently(replica, text_request(long_doc))[0]
+    cut = run_concurrently(replica, ScoreRequest.of("a red circle", [long_doc], max_tokens_per_doc=8))[0]
     tok = engine.tokenizer
     short = tok.decode(tok(long_doc, add_special_tokens=False)["input_ids"][:8])
-    assert cut == engine.score_pairs([ScorePair(RerankItem(text="a red circle"), RerankItem(text=short), None)])
-    assert cut != full
+    assert cut.scores == pytest.approx(engine.score("a red circle", [short]), abs=1e-6)
+    assert cut.scores != full.scores and cut.tokens < full.tokens
 
 
 def test_base64_roundtrip_sanity():

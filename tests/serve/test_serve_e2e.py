@@ -79,6 +79,7 @@ def test_jina_multimodal_roundtrip(serve_app, media_server):
     by_index = {x["index"]: x["document"] for x in body["results"]}
     assert by_index[3]["content"][1] == {"type": "text", "text": "a red square"}
     assert body["meta"]["image_cache"]["hits"] + body["meta"]["image_cache"]["misses"] == 3
+    assert body["usage"]["total_tokens"] > 0  # the tokens the decoder ran, counted by the arm
 
 
 def test_tei_roundtrip_and_raw_scores(serve_app):
@@ -174,7 +175,7 @@ def test_shadow_agreement_appears_in_experiments(serve_app):
 
 
 def test_repeated_image_is_a_cache_hit_with_identical_scores(serve_app, engine_for):
-    from serve.engine.inputs import RerankItem, ScorePair
+    from engine.inputs import ImageInput, RerankItem
 
     img = png_bytes((40, 170, 60), seed=4242)
     body = {"query": "a green circle", "documents": [{"image": base64.b64encode(img).decode()}, "a green circle"]}
@@ -185,8 +186,7 @@ def test_repeated_image_is_a_cache_hit_with_identical_scores(serve_app, engine_f
     assert second["results"] == first["results"]
     # ... and identical to the engine's own uncached path (it decodes and encodes the image itself).
     engine = engine_for("fp32")
-    q = RerankItem(text="a green circle")
-    direct = engine.score_pairs([ScorePair(q, RerankItem(images=(img,))), ScorePair(q, RerankItem(text="a green circle"))])
+    direct = engine.score("a green circle", [RerankItem(images=(ImageInput.of(img),)), "a green circle"])
     # Within 1e-6, not bit-equal: the replica runs torch on 1 thread, this process on 2, and fp32
     # sums in another order. Hit and miss inside the app (above) are bit-identical.
     served = {x["index"]: x["relevance_score"] for x in first["results"]}
@@ -210,8 +210,7 @@ def test_repeated_image_url_skips_the_download(serve_app, media_server):
 def test_memoised_url_is_fetched_again_when_an_arm_lacks_its_features(serve_app, media_server):
     """The ingress skips a memoised URL's download and sends only the digest; an arm without the
     features (here: fp32, after the shared Redis tier was emptied; the first request went to nf4,
-    which is never shadowed) asks for the bytes, the ingress downloads once more and the request
-    still succeeds."""
+    which is never shadowed) downloads the image itself, once, and the request still succeeds."""
     import redis
 
     media_server.images["/third.png"] = png_bytes((150, 60, 190), seed=9090)

@@ -9,11 +9,11 @@ import threading
 
 import redis
 import torch
+from serving_testkit import free_port
 
+from engine.features import FeatureSpec, ImageFeatures
 from serve.cache import BYPASS, CORRUPT, HIT_LOCAL, HIT_REDIS, MISS, REDIS_ERROR, TOO_LARGE, ByteLRU, FeatureCache
 from serve.config import CacheConfig
-from serve.engine.features import FeatureSpec, ImageFeatures
-from serving_testkit import free_port
 
 SPEC = FeatureSpec(vision_fingerprint="fp-test", vision_precision="float32", min_pixels=4096, max_pixels=1843200)
 
@@ -192,3 +192,37 @@ def test_metrics_hook_sees_every_event():
     run(cache.get_many([f.cache_key, features(11).cache_key]))
     assert (HIT_LOCAL, 1) in seen and (MISS, 1) in seen
     assert cache.snapshot()[HIT_LOCAL] == 1
+
+
+def test_each_request_counts_only_its_own_events():
+    """Concurrent requests on one replica share the cache but each sees only the events of its own
+    lookups and stores (what an arm reports per request as `cache_events`)."""
+    from serve.cache import track_request_events
+
+    cache = FeatureCache(CacheConfig(max_item_bytes=16 * 1024))
+    known = features(12)
+    run(cache.put_many([known]))
+    started = asyncio.Event()
+
+    async def request(keys: list[str], stores: list[ImageFeatures], wait: bool):
+        events = track_request_events()
+        if wait:
+            await started.wait()  # interleave with the other request
+        else:
+            started.set()
+        await cache.get_many(keys)
+        await asyncio.sleep(0)
+        await cache.put_many(stores)
+        await cache.get_many(keys)
+        return events
+
+    async def go():
+        big = features(13, tokens=64, hidden=64)  # 48 KiB: over max_item_bytes
+        a = asyncio.create_task(request([known.cache_key], [], wait=True))
+        b = asyncio.create_task(request([features(14).cache_key, features(15).cache_key], [big], wait=False))
+        return await asyncio.gather(a, b)
+
+    a, b = run(go())
+    assert a == {HIT_LOCAL: 2}
+    assert b == {MISS: 4, TOO_LARGE: 1}
+    assert cache.counts[HIT_LOCAL] == 2 and cache.counts[MISS] == 4 and cache.counts[TOO_LARGE] == 1

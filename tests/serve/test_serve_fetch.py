@@ -9,12 +9,13 @@ import ipaddress
 
 import pytest
 
+from engine.errors import ImageTooLarge, InputError
+from engine.inputs import ImageInput, RerankItem, VideoInput, sha256_hex
 from serve.cache import FeatureCache
 from serve.config import CacheConfig, LimitsConfig
-from serve.engine.errors import FetchError, ForbiddenURL, ImageTooLarge, InputError
-from serve.engine.inputs import image_digest
-from serve.fetch import ImageRef, MediaFetcher, address_problem, check_url, decode_inline
-from serve.protocol import CohereRerankRequest, MediaRef
+from serve.errors import FetchError, ForbiddenURL, classify
+from serve.fetch import MediaFetcher, address_problem, check_url, decode_inline
+from serve.protocol import CohereRerankRequest, JinaRerankRequest, MediaRef
 
 
 def fetch(limits: LimitsConfig, url: str, *, resolver=None, max_bytes: int | None = None) -> bytes:
@@ -111,7 +112,7 @@ def test_byte_caps_declared_and_streamed(media_server):
     limits = LimitsConfig(allow_private_urls=True, max_image_bytes=1024 * 1024)
     with pytest.raises(ImageTooLarge) as e:
         fetch(limits, media_server.url("/big-declared"))
-    assert e.value.status == 413 and e.value.field == "documents.0.image"
+    assert classify(e.value) == (413, "too_large") and e.value.field == "documents.0.image"
     with pytest.raises(ImageTooLarge):
         fetch(limits, media_server.url("/big-chunked?n=64"))  # 4 MiB without Content-Length
 
@@ -119,7 +120,7 @@ def test_byte_caps_declared_and_streamed(media_server):
 def test_time_limit_and_http_errors(media_server):
     with pytest.raises(FetchError) as e:
         fetch(LimitsConfig(allow_private_urls=True, fetch_timeout_s=0.3), media_server.url("/slow?s=2"))
-    assert "longer than 0.3s" in e.value.problem and e.value.status == 422
+    assert "longer than 0.3s" in e.value.problem and classify(e.value) == (422, "fetch_error")
     with pytest.raises(FetchError) as e:
         fetch(LimitsConfig(allow_private_urls=True), media_server.url("/missing.png"))
     assert "HTTP 404" in e.value.problem
@@ -141,7 +142,8 @@ def test_inline_media():
 
 
 def test_item_resolution_and_url_memo(media_server):
-    """A repeated URL is served from the memo (no second download) as an ImageRef with the content digest."""
+    """A repeated URL is served from the memo (no second download) as an ImageInput with the
+    content digest and the URL but no bytes; a fetch that skips the memo still records it."""
     limits = LimitsConfig(allow_private_urls=True)
     url = media_server.url("/other.png")
     spec = CohereRerankRequest.model_validate({"query": {"text": "q", "image": url}, "documents": ["d"]}).to_internal().query
@@ -153,17 +155,59 @@ def test_item_resolution_and_url_memo(media_server):
             first = await fetcher.resolve_item(spec)
             second = await fetcher.resolve_item(spec)
             fresh = await fetcher.image(MediaRef(ref=url, field="query.image"), use_memo=False)
-            return first, second, fresh
+            no_memo = await fetcher.resolve_item(spec, use_memo=False)
+            other_memo = FeatureCache(CacheConfig())
+            downloaded = await MediaFetcher(limits, memo=other_memo).download_image(url, "documents.4.image")
+            recorded = await other_memo.get_url_digest(url)
+            return first, second, fresh, no_memo, downloaded, recorded
         finally:
             await fetcher.aclose()
 
     before = media_server.hits["/other.png"]
-    first, second, fresh = asyncio.run(go())
+    first, second, fresh, no_memo, downloaded, recorded = asyncio.run(go())
     data = media_server.images["/other.png"]
-    assert first.item.images == (data,) and first.image_fields == {image_digest(data): "query.image"}
-    assert second.item.images == (ImageRef(digest=image_digest(data), url=url, field="query.image"),)
-    assert fresh == data
-    assert media_server.hits["/other.png"] == before + 2  # first resolve + the explicit no-memo fetch
+    digest = sha256_hex(data)
+    assert isinstance(first, RerankItem) and (first.text, first.field, first.video) == ("q", "query", None)
+    assert first.images == (ImageInput(digest, data, "query.image", url),)
+    assert second.images == (ImageInput(digest=digest, data=None, field="query.image", url=url),)
+    assert (second.text, second.field) == ("q", "query")
+    assert fresh == first.images[0] and no_memo == first
+    assert downloaded == ImageInput(digest, data, "documents.4.image", url) and recorded == digest
+    # first resolve + the explicit no-memo fetch + the no-memo resolve + download_image
+    assert media_server.hits["/other.png"] == before + 4
+
+
+def test_resolve_items_keeps_order_and_fields_and_raises_the_first_failure(media_server):
+    png = media_server.images["/img.png"]
+    b64 = base64.b64encode(png).decode()
+    req = JinaRerankRequest.model_validate({
+        "query": {"text": "q", "image": b64},
+        "documents": ["a", {"image": [b64, media_server.url("/other.png")]}, {"video": [b64, b64]}],
+    }).to_internal()  # fmt: skip
+    bad = JinaRerankRequest.model_validate({
+        "query": "q",
+        "documents": ["a", {"image": media_server.url("/missing.png")}, {"image": "http://127.0.0.1:1/x.png"}],
+    }).to_internal()  # fmt: skip
+
+    async def go():
+        fetcher = MediaFetcher(LimitsConfig(allow_private_urls=True))
+        try:
+            items = await fetcher.resolve_items([req.query, *req.documents])
+            with pytest.raises(FetchError) as e:
+                await fetcher.resolve_items([bad.query, *bad.documents])
+            return items, e.value
+        finally:
+            await fetcher.aclose()
+
+    items, error = asyncio.run(go())
+    assert [(i.text, i.field) for i in items] == [("q", "query"), ("a", "documents.0"), (None, "documents.1"), (None, "documents.2")]
+    assert items[0].images == (ImageInput.of(png, "query.image"),)
+    other = media_server.images["/other.png"]
+    assert items[1].images == ()
+    assert items[2].images == (ImageInput.of(png, "documents.1.image.0"), ImageInput.of(other, "documents.1.image.1", media_server.url("/other.png")))
+    frames = (ImageInput.of(png, "documents.2.video.0"), ImageInput.of(png, "documents.2.video.1"))
+    assert items[3].video == VideoInput.of_frames(frames, "documents.2.video") and items[3].images == ()
+    assert error.field == "documents.1.image" and "HTTP 404" in error.problem  # the first failure in field order
 
 
 def _fixed(*addresses: str):

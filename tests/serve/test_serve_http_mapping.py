@@ -1,10 +1,14 @@
-"""The one exception -> HTTP mapping, the API-key / body-size guard (in-process ASGI), the
-experiment statistics and the request -> arm job glue. No Ray needed."""
+"""The one exception -> HTTP mapping (`serve.errors`), the API-key / body-size guard
+(`serve.guard`, in-process ASGI), the experiment statistics (`serve.experiments`) and the
+request -> engine request glue (`serve.ingress.score_request`, the arm's digest-only image
+download). No Ray cluster needed."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import logging
 
 import httpx
 import pytest
@@ -13,15 +17,30 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from ray.exceptions import RayTaskError
 from ray.serve.exceptions import BackPressureError
+from serving_testkit import png_bytes
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve.arm import ArmResult
-from serve.config import LimitsConfig
-from serve.engine.errors import FetchError, ForbiddenURL, ImageTooLarge, InputError, ServiceUnavailable
-from serve.engine.inputs import image_digest
-from serve.fetch import ImageRef, MediaFetcher, ResolvedMedia
-from serve.engine.inputs import RerankItem
-from serve.ingress import ExperimentStats, Guard, GuardMiddleware, build_job, error_response, percentile, replace_refs
-from serve.protocol import CohereRerankRequest
+from engine.errors import EmptyInput, ImageDecodeError, ImageTooLarge, InputError
+from engine.inputs import ImageInput, RerankItem, ScoreRequest, sha256_hex
+from serve.arm_result import ArmResult
+from serve.cache import FeatureCache
+from serve.config import CacheConfig, LimitsConfig
+from serve.errors import (
+    ERROR_TABLE,
+    FetchError,
+    ForbiddenURL,
+    RequestTooLarge,
+    ServiceUnavailable,
+    Unauthorized,
+    classify,
+    error_response,
+    log_if_internal,
+)
+from serve.experiments import ExperimentStats, percentile
+from serve.fetch import MediaFetcher
+from serve.guard import Guard, GuardMiddleware
+from serve.ingress import score_request
+from serve.protocol import CohereRerankRequest, JinaRerankRequest
 
 
 def body(resp) -> dict:
@@ -35,6 +54,12 @@ def body(resp) -> dict:
         (ForbiddenURL("query.image", "loopback"), 400, "forbidden_url", "query.image"),
         (FetchError("documents.0.image", "HTTP 404"), 422, "fetch_error", "documents.0.image"),
         (ImageTooLarge("documents.1.image", "too big"), 413, "too_large", "documents.1.image"),
+        (RequestTooLarge("body", "over the limit"), 413, "too_large", "body"),
+        (Unauthorized("authorization", "no key"), 401, "unauthorized", "authorization"),
+        (ImageDecodeError("documents.2.image", "not an image"), 400, "image_decode_error", "documents.2.image"),
+        (EmptyInput("documents.4", "must have text"), 400, "empty_input", "documents.4"),
+        (StarletteHTTPException(404, "Not Found"), 404, "http_error", None),
+        (StarletteHTTPException(405, "Method Not Allowed"), 405, "http_error", None),
         (ServiceUnavailable("busy"), 503, "overloaded", None),
         (BackPressureError(num_queued_requests=9, max_queued_requests=8), 503, "overloaded", None),
         (TimeoutError(), 504, "timeout", None),
@@ -44,15 +69,36 @@ def test_typed_errors_map_to_status_and_field(exc, status, kind, field):
     resp = error_response(exc, "rid-1")
     err = body(resp)
     assert resp.status_code == status and err["code"] == status and err["type"] == kind and err["field"] == field
-    if status == 503:
-        assert resp.headers["retry-after"] == "1"
+    assert classify(exc) == (status, kind)  # the one table decides both
+    if field is not None:
+        assert err["message"].startswith(f"{field}: ")
+    assert (resp.headers.get("retry-after") == "1") == (status == 503)
+    assert (resp.headers.get("www-authenticate") == "Bearer") == (status == 401)
 
 
-def test_unexpected_errors_are_500_without_leaking():
-    resp = error_response(RuntimeError("secret path /etc/shadow and token abc"), "rid-2")
+def test_error_table_kinds_are_distinct_per_status_and_input_errors_come_before_their_base():
+    kinds = {kind for _, _, kind in ERROR_TABLE}
+    assert kinds == {"unauthorized", "too_large", "forbidden_url", "fetch_error", "image_decode_error", "empty_input",
+                     "invalid_input", "invalid_request", "http_error", "overloaded", "timeout"}  # fmt: skip
+    first = {kind: i for i, (_, _, kind) in reversed(list(enumerate(ERROR_TABLE)))}
+    for specific in ("unauthorized", "too_large", "forbidden_url", "fetch_error", "image_decode_error", "empty_input"):
+        assert first[specific] < first["invalid_input"]  # else every InputError subclass would be "invalid_input"
+    assert classify(RuntimeError("boom")) == (500, "internal_error")
+
+
+def test_unexpected_errors_are_500_without_leaking(caplog):
+    exc = RuntimeError("secret path /etc/shadow and token abc")
+    resp = error_response(exc, "rid-2")
     err = body(resp)
     assert resp.status_code == 500 and err["type"] == "internal_error"
     assert "secret" not in resp.body.decode() and "rid-2" in err["message"]
+    # Only internal errors are logged (with the request id and the traceback), never client errors.
+    with caplog.at_level(logging.ERROR, logger="serve.errors"):
+        assert log_if_internal(resp, exc, "rid-2") is resp
+        client = InputError("documents.0", "bad")
+        log_if_internal(error_response(client), client, "rid-3")
+    assert [r.getMessage() for r in caplog.records] == ["internal error (request rid-2)"]
+    assert caplog.records[0].exc_info[1] is exc
 
 
 def test_errors_from_a_replica_are_unwrapped():
@@ -145,41 +191,100 @@ def test_percentiles_and_experiment_snapshot():
     assert agreement["against"] == {"fp32": 2} and snap["nf4"]["shadow"]["errors"] == 1
 
 
-def test_build_job_pairs_documents_with_the_query():
-    req = CohereRerankRequest.model_validate({"query": "q", "documents": ["a", "b"], "instruction": "find"}).to_internal()
-    img = b"\x89PNG..."
-    media = [
-        ResolvedMedia(RerankItem(text="q", images=(img,)), {image_digest(img): "query.image"}),
-        ResolvedMedia(RerankItem(text="a"), {}),
-        ResolvedMedia(RerankItem(text="b", images=(img,)), {image_digest(img): "documents.1.image"}),
-    ]
-    job = build_job(req, media)
-    assert [(p.query.text, p.document.text, p.document_field, p.instruction) for p in job.pairs] == [
-        ("q", "a", "documents.0", "find"), ("q", "b", "documents.1", "find")]  # fmt: skip
-    assert job.image_fields == {image_digest(img): "query.image"}  # first path wins
-    assert job.max_tokens_per_doc == 4096
-
-
-def test_replace_refs_downloads_only_requested_digests(media_server):
-    url = media_server.url("/img.png")
-    data = media_server.images["/img.png"]
-    ref = ImageRef(digest=image_digest(data), url=url, field="documents.0.image")
-    other = ImageRef(digest="f" * 64, url=media_server.url("/other.png"), field="documents.1.image")
-    req = CohereRerankRequest.model_validate({"query": "q", "documents": ["a", "b"]}).to_internal()
-    job = build_job(req, [ResolvedMedia(RerankItem(text="q"), {}), ResolvedMedia(RerankItem(text="a", images=(ref,)), {}),
-                          ResolvedMedia(RerankItem(text="b", images=(other,)), {})])  # fmt: skip
+def test_score_request_keeps_the_query_documents_instruction_and_each_images_field():
+    img = png_bytes((220, 40, 40), seed=31)
+    b64 = base64.b64encode(img).decode()
+    req = CohereRerankRequest.model_validate(
+        {"query": {"text": "q", "image": b64}, "documents": ["a", {"text": "b", "image": b64}], "instruction": "find"}
+    ).to_internal()
 
     async def go():
-        fetcher = MediaFetcher(LimitsConfig(allow_private_urls=True))
+        fetcher = MediaFetcher(LimitsConfig())
         try:
-            return await replace_refs(job, {ref.digest}, fetcher)
+            return await fetcher.resolve_items([req.query, *req.documents])
         finally:
             await fetcher.aclose()
 
-    fixed = asyncio.run(go())
-    assert fixed.pairs[0].document.images == (data,)
-    assert fixed.pairs[1].document.images == (other,)
-    assert fixed.image_fields[ref.digest] == "documents.0.image"
+    job = score_request(req, asyncio.run(go()))
+    assert isinstance(job, ScoreRequest)
+    assert (job.query.text, job.query.field) == ("q", "query")
+    assert [(d.text, d.field) for d in job.documents] == [("a", "documents.0"), ("b", "documents.1")]
+    assert (job.instruction, job.max_tokens_per_doc) == ("find", 4096)
+    # The same image in two places is hashed to one digest but keeps the field it was given at each.
+    assert list(job.images()) == [ImageInput.of(img, "query.image"), ImageInput.of(img, "documents.1.image")]
+    assert {i.digest for i in job.images()} == {sha256_hex(img)}
+    jina = JinaRerankRequest.model_validate({"query": "q", "documents": ["a"]}).to_internal()
+    plain = score_request(jina, [RerankItem(text="q", field="query"), RerankItem(text="a", field="documents.0")])
+    assert plain == ScoreRequest.of("q", ["a"]) and plain.max_tokens_per_doc is None and plain.instruction is None
+
+
+def _digest_only(data: bytes, field: str, url: str) -> ImageInput:
+    return ImageInput(sha256_hex(data), None, field, url)
+
+
+def _arm_features(engine, request: ScoreRequest, cached: list[ImageInput]):
+    """The arm replica's own `_features` (cache lookup, then download of digest-only images no tier
+    has), on a real in-process cache and fetcher, without Ray or a second model load."""
+    from serve.arm import ArmReplica
+
+    arm = object.__new__(ArmReplica.func_or_class)
+    arm.engine, arm.fetcher = engine, MediaFetcher(LimitsConfig(allow_private_urls=True))
+    arm.cache = FeatureCache(CacheConfig())
+
+    async def go():
+        try:
+            await arm.cache.put_many(engine.encode_images(cached))
+            return await arm._features(request)
+        finally:
+            await arm.fetcher.aclose()
+
+    return asyncio.run(go())
+
+
+def test_the_arm_downloads_only_digest_only_images_it_has_no_features_for(media_server, engine_for):
+    """An image the ingress sent by digest (a memoised URL) is scored from cached features when the
+    arm has them, and downloaded by the arm (once per URL) when it has not; images with bytes stay."""
+    engine = engine_for("fp32")
+    lacking_url, cached_url = media_server.url("/img.png"), media_server.url("/other.png")
+    lacking_data, cached_data = media_server.images["/img.png"], media_server.images["/other.png"]
+    inline = ImageInput.of(png_bytes((40, 80, 220), seed=32), "documents.2.image")
+    request = ScoreRequest.of(
+        RerankItem(text="a red circle", images=(_digest_only(lacking_data, "query.image", lacking_url),)),
+        [RerankItem(images=(_digest_only(lacking_data, "documents.0.image", lacking_url),)),
+         RerankItem(images=(_digest_only(cached_data, "documents.1.image", cached_url),)),
+         RerankItem(images=(inline,))],
+    )  # fmt: skip
+    hits = dict(media_server.hits)
+    fixed, features = _arm_features(engine, request, [ImageInput.of(cached_data, "documents.1.image")])
+    assert media_server.hits["/img.png"] == hits.get("/img.png", 0) + 1  # two references, one download
+    assert media_server.hits["/other.png"] == hits.get("/other.png", 0)  # its features were cached
+    downloaded = ImageInput.of(lacking_data, "documents.0.image", lacking_url)
+    assert fixed.documents[0].images == (downloaded,)
+    (query_image,) = fixed.query.images
+    assert (query_image.digest, query_image.data, query_image.url) == (downloaded.digest, lacking_data, lacking_url)
+    assert fixed.documents[1].images == request.documents[1].images  # still digest-only
+    assert fixed.documents[2].images == (inline,)
+    assert (fixed.query.text, [d.field for d in fixed.documents]) == ("a red circle", ["documents.0", "documents.1", "documents.2"])
+    assert list(features) == [engine.feature_spec.cache_key(sha256_hex(cached_data))]
+    # The fixed request scores as if every image had been sent with its bytes.
+    with_bytes = ScoreRequest.of(
+        RerankItem(text="a red circle", images=(ImageInput.of(lacking_data),)),
+        [RerankItem(images=(ImageInput.of(d),)) for d in (lacking_data, cached_data)] + [RerankItem(images=(inline,))],
+    )
+    scores = engine.forward([engine.prepare(fixed, features)])[0].scores
+    assert scores == pytest.approx(engine.forward([engine.prepare(with_bytes)])[0].scores, abs=1e-5)
+    # Nothing cached and nothing to download: the request comes back as it was.
+    assert _arm_features(engine, ScoreRequest.of("q", [RerankItem(images=(inline,))]), []) == (ScoreRequest.of("q", [RerankItem(images=(inline,))]), {})
+
+
+def test_an_image_the_arm_downloads_keeps_the_field_of_each_reference(media_server, engine_for):
+    url, data = media_server.url("/img.png"), media_server.images["/img.png"]
+    request = ScoreRequest.of(
+        RerankItem(text="q", images=(_digest_only(data, "query.image", url),)),
+        [RerankItem(images=(_digest_only(data, "documents.0.image", url),))],
+    )
+    fixed, _ = _arm_features(engine_for("fp32"), request, [])
+    assert [i.field for i in fixed.images()] == ["query.image", "documents.0.image"]
 
 
 def test_metric_definitions_are_accepted_by_ray():

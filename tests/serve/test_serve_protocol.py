@@ -7,8 +7,8 @@ import math
 import pytest
 from pydantic import ValidationError
 
+from engine.errors import InputError
 from serve.config import LimitsConfig
-from serve.engine.errors import InputError
 from serve.protocol import (
     CohereRerankRequest,
     CohereRerankResponse,
@@ -128,7 +128,8 @@ def test_limits_name_the_field():
 
 def test_cohere_and_jina_responses_sorted_with_meta():
     req = CohereRerankRequest.model_validate({"query": "q", "documents": ["a", "b", "c"], "top_n": 2, "return_documents": True})
-    outcome = RerankOutcome(scores=[0.2, 0.9, 0.5], meta=META)
+    outcome = RerankOutcome(scores=[0.2, 0.9, 0.5], meta=META, tokens=57)
+    assert RerankOutcome(scores=[0.5], meta=META).tokens == 0
     resp = CohereRerankResponse.build(req.to_internal(), outcome, "rid").model_dump(exclude_none=True)
     assert [r["index"] for r in resp["results"]] == [1, 2]
     assert resp["results"][0] == {"index": 1, "relevance_score": 0.9, "document": {"text": "b"}}
@@ -137,6 +138,7 @@ def test_cohere_and_jina_responses_sorted_with_meta():
     jresp = JinaRerankResponse.build(jreq.to_internal(), outcome, "rid").model_dump(exclude_none=True)
     assert [r["index"] for r in jresp["results"]] == [1, 2, 0] and "document" not in jresp["results"][0]
     assert jresp["model"] == "tiny" and jresp["meta"]["precision"] == "fp32"
+    assert jresp["usage"] == {"total_tokens": 57}  # the tokens the decoder ran for this request
 
 
 def test_tei_raw_scores_are_logits_and_text_returned():

@@ -7,8 +7,8 @@ import random
 
 import pytest
 
+from engine.errors import InputError
 from serve.config import FleetConfig
-from serve.engine.errors import InputError
 from serve.router import ArmRouter, ShadowPolicy, resolve_pin
 
 
