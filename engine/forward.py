@@ -3,9 +3,10 @@
 For a batch of `PreparedRequest`s:
 1. the vision tower runs once over every image/video no cache had (attention stays within each);
 2. rows are grouped by shared prefix (requests with the same prefix tokens and query visuals
-   join one group); each group's prefix runs through the decoder once, and its key/value cache
-   is expanded over micro-batches of the rows' remaining tokens, whose multimodal rotary
-   positions continue from the prefix (they were computed on the whole pair in prepare);
+   join one group); each group's prefix runs through the decoder once, and micro-batches of the
+   rows' remaining tokens attend to its key/value cache, read once per layer and never copied
+   per row (`engine.prefix_attention`); their multimodal rotary positions continue from the
+   prefix (they were computed on the whole pair in prepare);
 3. rows with no shared prefix run whole, in length-sorted micro-batches;
 4. score = sigmoid(logit("yes") - logit("no")) at each row's last token, in fp32.
 
@@ -24,6 +25,7 @@ import torch
 from transformers import DynamicCache
 
 from engine.features import FeatureSpec, ImageFeatures
+from engine.prefix_attention import SharedPrefixCache, use_prefix_attention
 from engine.prepare import PreparedRequest, PreparedRow
 from engine.vision import PixelPatches
 
@@ -61,6 +63,7 @@ class Forward:
         self.image_token_id, self.video_token_id = image_token_id, video_token_id
         self.max_batch_tokens = max_batch_tokens
         self.lock = threading.Lock()  # torch modules are not re-entrant
+        use_prefix_attention(self.core.language_model.config)
 
     # ---- public -------------------------------------------------------------------------------
 
@@ -184,9 +187,12 @@ class Forward:
                 lm_kwargs["deepstack_visual_embeds"] = [
                     torch.cat([v.deepstack[layer] for v in visuals]).to(embeds.device, embeds.dtype) for layer in range(len(visuals[0].deepstack))
                 ]
-        cache = _expand(prefix_cache, n, self.core.language_model.config) if prefix_cache is not None else None
-        if keep_cache and cache is None:
-            cache = DynamicCache(config=self.core.language_model.config)
+        config = self.core.language_model.config
+        if prefix_cache is not None:
+            cache = SharedPrefixCache(prefix_cache, config)
+            lm_kwargs["shared_prefix"] = cache
+        else:
+            cache = DynamicCache(config=config) if keep_cache else None
         out = self.core.language_model(
             inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=cache is not None, **lm_kwargs
         )
@@ -203,12 +209,3 @@ class Forward:
         else:  # a quantized head (only if configured): read its output, then go to fp32
             logits = head(last_hidden)[:, [self.yes_id, self.no_id]].float()
         return torch.sigmoid(logits[:, 0] - logits[:, 1]).tolist()
-
-
-def _expand(prefix: DynamicCache, n: int, config) -> DynamicCache:
-    """A fresh cache holding the prefix's keys/values for `n` rows (the prefix cache stays intact)."""
-    cache = DynamicCache(config=config)
-    for i, layer in enumerate(prefix.layers):
-        cache.update(layer.keys.expand(n, -1, -1, -1), layer.values.expand(n, -1, -1, -1), i)
-    return cache
-

@@ -13,7 +13,8 @@ that the prefix holds only whole query images/videos), and forward runs them onc
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Mapping
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -24,6 +25,8 @@ from engine.features import FeatureSpec, ImageFeatures
 from engine.inputs import ImageInput, RerankItem, ScoreRequest, VideoInput
 from engine.prompt import VisionSlot, build_messages, document_text, expand_vision_placeholders, render_around_document, truncate_keeping_final
 from engine.vision import PixelBudget, PixelPatches, VisionPreprocessor
+
+log = logging.getLogger(__name__)
 
 IMAGE, VIDEO = 1, 2  # mm_token_type_ids values, as the HF processors emit them
 RopeIndex = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor]
@@ -63,6 +66,28 @@ def check_text(text: str, field_name: str) -> None:
         raise InputError(field_name, f"text is not valid Unicode (a lone surrogate at character {e.start})") from None
 
 
+def head_cut(tokenizer, head: str, special_tokens: Sequence[str]) -> int:
+    """An offset in `head` where tokenizing the two sides apart gives the tokens of the whole,
+    whatever text follows the head: just after its last special token (added tokens split the
+    input before anything else), or later at the end of a pre-token that no following text can
+    move: at least 8 characters before the end of the head (a pre-token's extent depends on the
+    next character or two), a pre-token that does not end in whitespace (lookahead patterns such
+    as `\\s+(?!\\S)` look past it), in ASCII text (no normalizer composes across it).
+    `Preparer._token_ids` still checks each request's first pair against the whole."""
+    start = max((head.rfind(t) + len(t) for t in special_tokens if t and t in head), default=0)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    region = head[start:]
+    if backend is None or backend.pre_tokenizer is None or not region.isascii():
+        return start
+    if backend.normalizer is not None and backend.normalizer.normalize_str(region) != region:
+        return start
+    cut = start
+    for _, (_, end) in backend.pre_tokenizer.pre_tokenize_str(region):
+        if 0 < end <= len(region) - 8 and not region[end - 1].isspace():
+            cut = start + end
+    return cut
+
+
 class Preparer:
     """Turns `ScoreRequest`s into `PreparedRequest`s. Thread-safe: run several on a CPU pool."""
 
@@ -89,6 +114,7 @@ class Preparer:
         self.merge = vision.params.merge_size**2
         self._keep_tokens = set(tokenizer.all_special_ids) | {image_token_id, video_token_id}
         self._tail_len = len(tokenizer("<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"])
+        self._special_strings = [t for t in tokenizer.all_special_tokens + list(getattr(tokenizer, "added_tokens_encoder", {})) if t]
         self.splice_ok = self._check_splice()
 
     # ---- text ---------------------------------------------------------------------------------
@@ -111,13 +137,33 @@ class Preparer:
         docs = (RerankItem(text="a document"), RerankItem(text="text", images=(probe, probe)), RerankItem(images=(probe,)))
         return all(self.render_pair(query, d) == around[0] + document_text(d) + around[1] for d in docs)
 
-    def _texts(self, req: ScoreRequest) -> list[str]:
+    def _token_ids(self, req: ScoreRequest, slots_of) -> list[list[int]]:
+        """Token ids of every pair of the request. The text before the document (system turn,
+        instruction, query) is rendered once; when the template splices, its tokens up to a safe
+        cut (`head_cut`) are computed once too, and each document tokenizes only the rest. The
+        first pair is checked against a whole tokenization; on any difference the request falls
+        back to tokenizing every pair whole."""
         instruction = req.instruction or self.cfg.default_instruction
+        query_slots = slots_of(req.query)
         around = render_around_document(self.render, req.query, instruction) if self.splice_ok else None
         if around is None:
-            return [self.render_pair(req.query, d, instruction) for d in req.documents]
-        head, tail = around
-        return [head + document_text(d) + tail for d in req.documents]
+            texts = [expand_vision_placeholders(self.render_pair(req.query, d, instruction), query_slots + slots_of(d)) for d in req.documents]
+            return [self._tokenize(t, d.field) for t, d in zip(texts, req.documents)]
+        head = expand_vision_placeholders(around[0], query_slots)
+        rests = [expand_vision_placeholders(document_text(d) + around[1], slots_of(d)) for d in req.documents]
+        cut = head_cut(self.tokenizer, head, self._special_strings)
+        head_ids = self._tokenize(head[:cut], req.query.field)
+        ids = [head_ids + self._tokenize(head[cut:] + rest, d.field) for rest, d in zip(rests, req.documents)]
+        if ids[0] != self._tokenize(head + rests[0], req.documents[0].field):
+            log.warning("split tokenization differs from the whole for this request; tokenizing every pair whole")
+            ids = [self._tokenize(head + rest, d.field) for rest, d in zip(rests, req.documents)]
+        return ids
+
+    def _tokenize(self, text: str, field_name: str) -> list[int]:
+        try:
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        except Exception as e:  # a tokenizer refusing text is that request's input problem
+            raise InputError(field_name, f"text cannot be tokenized ({type(e).__name__})") from None
 
     def cut_text(self, text: str, max_tokens: int) -> str:
         """Text cut to its first `max_tokens` tokens (Cohere `max_tokens_per_doc`)."""
@@ -165,15 +211,16 @@ class Preparer:
                 key = self._image(img, features, out)
                 grids[key] = (out.features[key] if key in out.features else out.patches[key]).grid_thw
 
-        query_visuals = self._visuals(req.query)
-        for doc, text in zip(req.documents, self._texts(req)):
-            visuals = query_visuals + self._visuals(doc)
-            slots = [
+        def slots_of(item: RerankItem) -> list[VisionSlot]:
+            return [
                 VisionSlot("video", grids[k][1] * grids[k][2] // self.merge, timestamps[k]) if kind == VIDEO
                 else VisionSlot("image", grids[k][0] * grids[k][1] * grids[k][2] // self.merge)
-                for k, kind in visuals
+                for k, kind in self._visuals(item)
             ]  # fmt: skip
-            out.rows.append(self._row(expand_vision_placeholders(text, slots), visuals, grids, doc.field))
+
+        query_visuals = self._visuals(req.query)
+        for doc, ids in zip(req.documents, self._token_ids(req, slots_of)):
+            out.rows.append(self._row(ids, query_visuals + self._visuals(doc), grids, doc.field))
         if self.cfg.share_prefix and len(out.rows) > 1:
             out.shared, out.shared_visuals = self._shared_prefix(out.rows, len(query_visuals), grids)
         return out
@@ -203,11 +250,7 @@ class Preparer:
         found = [(f"video:{item.video.digest}:{spec.cache_key(item.video.digest)}", VIDEO)] if item.video is not None else []
         return found + [(spec.cache_key(img.digest), IMAGE) for img in item.images]
 
-    def _row(self, text: str, visuals: list[tuple[str, int]], grids: Mapping[str, tuple[int, int, int]], doc_field: str) -> PreparedRow:
-        try:
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        except Exception as e:  # a tokenizer refusing text is that request's input problem
-            raise InputError(doc_field, f"text cannot be tokenized ({type(e).__name__})") from None
+    def _row(self, ids: list[int], visuals: list[tuple[str, int]], grids: Mapping[str, tuple[int, int, int]], doc_field: str) -> PreparedRow:
         if len(ids) > self.cfg.max_length:
             cut = truncate_keeping_final(ids, self.cfg.max_length, self._keep_tokens, self._tail_len)
             if cut is None:
