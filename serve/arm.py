@@ -4,14 +4,17 @@ A request flows one way through a replica:
 1. its images' features are looked up in the feature cache (in-replica LRU, then Redis); an
    image the ingress sent by digest only (a memoised URL) that no tier has is downloaded here,
    with the same safe fetcher the ingress uses;
-2. `engine.prepare` runs on a CPU pool (decode, resize, tokenize): a bad input fails this
-   request alone, before it can join a batch;
-3. `@serve.batch` merges prepared requests and `engine.forward` scores them in one call on the
-   forward thread; while it runs, the next requests prepare;
-4. newly encoded features are stored in the cache.
+2. `@serve.batch` merges the requests that are waiting; the batch prepares each of them on the
+   CPU pool (`engine.prepare`: decode, resize, tokenize), concurrently, and a bad input fails
+   its own request only; then `engine.forward` scores the prepared ones in one call on the
+   forward thread. Two batches are in flight (`max_concurrent_batches=2`): while batch k is on
+   the forward thread, batch k+1 prepares;
+3. newly encoded features are stored in the cache.
 
-Errors travel one way: raised, carried to the ingress by Ray, mapped to HTTP there
-(`serve.errors`). A forward failure fails the requests of that batch, never a hung future.
+Errors travel one way: the engine raises, `score` raises (an input error found in a batch is
+handed to its own request's caller and raised there), Ray carries it to the ingress, and the
+ingress maps it to HTTP (`serve.errors`). A forward failure fails the requests of that batch;
+no future is ever left unresolved.
 """
 
 from __future__ import annotations
@@ -106,15 +109,15 @@ class ArmReplica:
 
     def reconfigure(self, user_config: dict) -> None:
         batching = BatchingConfig.model_validate(user_config)
-        self._forward_batch.set_max_batch_size(batching.max_batch_size)
-        self._forward_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+        self._score_batch.set_max_batch_size(batching.max_batch_size)
+        self._score_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
 
     def describe(self) -> dict:
         import torch
 
         return {
             "arm": self.arm.name, **self.engine.describe(), "torch_threads": torch.get_num_threads(), "pid": os.getpid(),
-            "prepare_workers": self.arm.prepare_workers, "max_batch_size": self._forward_batch._get_max_batch_size(),
+            "prepare_workers": self.arm.prepare_workers, "max_batch_size": self._score_batch._get_max_batch_size(),
             "cache": self.cache.snapshot(),
         }  # fmt: skip
 
@@ -123,8 +126,10 @@ class ArmReplica:
         events = track_request_events()
         try:
             request, features = await self._features(request)
-            prepared = await self._run(self._prepare_pool, self.engine.prepare, request, features)
-            result, batch_requests = await self._forward_batch(prepared)
+            outcome = await self._score_batch((request, features))
+            if isinstance(outcome, BaseException):  # this request's own input error
+                raise outcome
+            result, batch_requests = outcome
             await self.cache.put_many(result.new_features)
         except Exception as e:
             self.metrics.errors.inc(tags={"kind": type(e).__name__})
@@ -140,11 +145,20 @@ class ArmReplica:
             batch_requests=batch_requests, cache_events=dict(events), tokens=result.tokens,
         )  # fmt: skip
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
-    async def _forward_batch(self, prepared: list) -> list:
-        self.metrics.batch_pairs.observe(sum(len(p.rows) for p in prepared))
-        results = await self._run(self._forward_thread, self.engine.forward, prepared)
-        return [(r, len(prepared)) for r in results]
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0, max_concurrent_batches=2)
+    async def _score_batch(self, items: list) -> list:
+        """[(request, cached features)] -> per request (RequestScores, requests forwarded
+        together) or its InputError. A failure of the forward pass itself raises, for all."""
+        prepared = await asyncio.gather(
+            *(self._run(self._prepare_pool, self.engine.prepare, request, features) for request, features in items), return_exceptions=True
+        )
+        for p in prepared:
+            if isinstance(p, BaseException) and not isinstance(p, InputError):
+                raise p
+        good = [p for p in prepared if not isinstance(p, BaseException)]
+        self.metrics.batch_pairs.observe(sum(len(p.rows) for p in good))
+        results = iter(await self._run(self._forward_thread, self.engine.forward, good) if good else [])
+        return [p if isinstance(p, BaseException) else (next(results), len(good)) for p in prepared]
 
     async def _features(self, request: ScoreRequest) -> tuple[ScoreRequest, dict]:
         """Cached features of the request's images; images sent by digest only that no cache tier

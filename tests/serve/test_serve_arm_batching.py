@@ -1,6 +1,6 @@
 """The arm replica: a real `Arm-fp32` deployment on the session's Ray cluster, called through its
-DeploymentHandle with the real tiny engine. Requests prepare apart and share one forward call;
-a bad request fails alone, before it joins a batch, and never fails its neighbours; cache hits
+DeploymentHandle with the real tiny engine. Requests of a batch prepare apart and share one
+forward call; a bad request fails alone and never fails its neighbours; cache hits
 give identical scores; an image sent by digest only is fetched by the arm itself; batching
 limits follow `reconfigure`.
 
@@ -80,16 +80,20 @@ def run_concurrently(replica, *requests):
     return out
 
 
-def test_bad_requests_fail_alone_and_never_join_the_batch(replica, engine):
+def test_bad_requests_fail_alone_and_never_fail_their_batch(replica, engine):
     good_text = text_request("a red circle", "a blue square")
     not_an_image = image_request(b"these bytes are not an image")
     empty_doc = ScoreRequest.of("q", [RerankItem()])
     lone_surrogate = text_request("fine", query="bad \ud800 query")
     good_image = image_request(png_bytes((220, 40, 40), seed=101))
-    # Four good requests arrive with the three bad ones: the bad ones fail in prepare, so the
-    # four good ones fill one batch of 4 (max_batch_size) and close it.
+    # Seven requests make one batch (max_batch_size 7): the three bad ones fail in prepare, each
+    # alone, and the four good ones are forwarded together.
     good = [good_text, good_image, text_request("x"), text_request("y", "z")]
-    out = run_concurrently(replica, good[0], not_an_image, empty_doc, good[1], lone_surrogate, good[2], good[3])
+    replica.reconfigure.remote({"max_batch_size": 7, "batch_wait_timeout_s": 1.0}).result(timeout_s=60)
+    try:
+        out = run_concurrently(replica, good[0], not_an_image, empty_doc, good[1], lone_surrogate, good[2], good[3])
+    finally:
+        replica.reconfigure.remote({"max_batch_size": 4, "batch_wait_timeout_s": 1.0}).result(timeout_s=60)
     bad = {1: (ImageDecodeError, "documents.0.image"), 2: (EmptyInput, "documents.0"), 4: (InputError, "query.text")}
     for i, (kind, field) in bad.items():
         assert isinstance(out[i], kind) and out[i].field == field, repr(out[i])
