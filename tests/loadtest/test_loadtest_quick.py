@@ -36,7 +36,7 @@ def _check_table_matches_locust_csv(table: dict, stats: dict) -> None:
 
 
 def test_quick_pinned_run_report_numbers_come_from_the_run(standin, tmp_path):
-    from serve.cli import main
+    from cli import main
 
     # Traffic before the run (unpinned, some shadowed): the report must leave it out.
     with httpx.Client(base_url=standin.url) as client:

@@ -60,7 +60,7 @@ def test_allow_remote_skips_the_check_without_resolving():
 
 
 def test_run_and_cli_refuse_before_doing_anything(tmp_path):
-    from serve.cli import main
+    from cli import main
 
     out = tmp_path / "never-created"
     with pytest.raises(RemoteTargetRefused):

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.ray
 
 
 def test_quick_pinned_run_against_the_local_app(fleet_app, tmp_path):
-    from serve.cli import main
+    from cli import main
 
     out = tmp_path / "serve-quick"
     assert main(["loadtest", "--quick", "--host", fleet_app, "--out", str(out)]) == 0
