@@ -193,3 +193,27 @@ def _group_rejections(assessments: list[OptionAssessment], inventory: Inventory)
             continue
         rejections.append(Rejection(a.precision, a.node_type.name, a.rejection))
     return tuple(rejections)
+
+
+def arm_name(precision: str, node_type: str) -> str:
+    return f"{precision}-{node_type}"
+
+
+def arm_weights(plan: Plan) -> dict[tuple[str, str], float]:
+    """Traffic share per arm: a precision's share split between its node types by their capacity.
+
+    Precisions with a required share get exactly that share; the precisions left to the planner
+    split what remains in proportion to the capacity the plan gave them.
+    """
+    demand = plan.demand
+    free_capacity = sum(plan.capacity_of(p) for p in demand.free_precisions)
+    weights = {}
+    for placement in plan.placements:
+        if placement.precision in demand.shares:
+            share = demand.shares[placement.precision]
+            group_capacity = plan.capacity_of(placement.precision)
+        else:
+            share = demand.free_share
+            group_capacity = free_capacity
+        weights[(placement.precision, placement.node_type)] = round(share * placement.pairs_per_s / group_capacity, 4)
+    return weights

@@ -20,7 +20,7 @@ import yaml
 
 from placement.hardware import GpuModel
 from placement.inventory import Inventory, NodeType
-from placement.planner import PlacementReport, plan_placement
+from placement.planner import PlacementReport, arm_name, arm_weights, plan_placement
 from placement.solve import Plan
 
 INGRESS_DEPLOYMENT = "Ingress"
@@ -34,32 +34,8 @@ GCP_SOURCE_IMAGE = "projects/deeplearning-platform-release/global/images/family/
 EXAMPLE_INVENTORY = "configs/placement-example.yaml"
 
 
-def arm_name(precision: str, node_type: str) -> str:
-    return f"{precision}-{node_type}"
-
-
 def deployment_name(arm: str) -> str:
     return f"Arm-{arm}"
-
-
-def arm_weights(plan: Plan) -> dict[tuple[str, str], float]:
-    """Traffic share per arm: a precision's share split between its node types by their capacity.
-
-    Precisions with a required share get exactly that share; the precisions left to the planner
-    split what remains in proportion to the capacity the plan gave them.
-    """
-    demand = plan.demand
-    free_capacity = sum(plan.capacity_of(p) for p in demand.free_precisions)
-    weights = {}
-    for placement in plan.placements:
-        if placement.precision in demand.shares:
-            share = demand.shares[placement.precision]
-            group_capacity = plan.capacity_of(placement.precision)
-        else:
-            share = demand.free_share
-            group_capacity = free_capacity
-        weights[(placement.precision, placement.node_type)] = round(share * placement.pairs_per_s / group_capacity, 4)
-    return weights
 
 
 @dataclass(frozen=True)

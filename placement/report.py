@@ -7,8 +7,7 @@ from pathlib import Path
 
 from placement.hardware import PLANNED_PRECISIONS
 from placement.memory import GIB, Workload, count_parameters, read_architecture, replica_memory
-from placement.planner import PlacementReport
-from placement.render import arm_name, arm_weights
+from placement.planner import PlacementReport, arm_name, arm_weights
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
