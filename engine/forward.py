@@ -35,7 +35,7 @@ VIT_PATCH_BUDGET = 65536  # patches per vision-tower call
 @dataclass
 class RequestScores:
     scores: list[float]
-    new_features: list[ImageFeatures]  # images this batch encoded (for the feature cache)
+    new_features: list[ImageFeatures]  # images (not videos) this batch encoded, for the feature cache
     tokens: int  # tokens the decoder ran for this request (its shared prefix once)
 
 
@@ -75,7 +75,7 @@ class Forward:
             for group in self._groups(requests):
                 self._score_group(group, requests, features, scores)
         return [
-            RequestScores(s, [new[k] for k in r.patches if k in new], sum(len(row) - r.shared for row in r.rows) + r.shared)
+            RequestScores(s, [new[k] for k in r.digests if k in new], sum(len(row) - r.shared for row in r.rows) + r.shared)
             for s, r in zip(scores, requests)
         ]
 

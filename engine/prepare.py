@@ -52,7 +52,7 @@ class PreparedRequest:
     shared_visuals: int = 0  # visuals inside those tokens
     features: dict[str, ImageFeatures] = field(default_factory=dict)  # known features, by key
     patches: dict[str, PixelPatches] = field(default_factory=dict)  # visuals the ViT must run, by key
-    digests: dict[str, str] = field(default_factory=dict)  # key -> image digest, for new features
+    digests: dict[str, str] = field(default_factory=dict)  # key -> digest of each image to encode, for new features
 
     @property
     def tokens(self) -> int:
@@ -239,16 +239,19 @@ class Preparer:
         return key
 
     def _video(self, video: VideoInput, out: PreparedRequest, budget: PixelBudget) -> str:
-        key = f"video:{video.digest}:{self.feature_spec.cache_key(video.digest)}"
+        key = self._video_key(video)
         if key not in out.patches:
             out.patches[key] = self.vision.video(video, video.field, budget)
         return key
 
     def _visuals(self, item: RerankItem) -> list[tuple[str, int]]:
         """(key, kind) of an item's visuals in prompt order: video first, then images."""
-        spec = self.feature_spec
-        found = [(f"video:{item.video.digest}:{spec.cache_key(item.video.digest)}", VIDEO)] if item.video is not None else []
-        return found + [(spec.cache_key(img.digest), IMAGE) for img in item.images]
+        found = [(self._video_key(item.video), VIDEO)] if item.video is not None else []
+        return found + [(self.feature_spec.cache_key(img.digest), IMAGE) for img in item.images]
+
+    def _video_key(self, video: VideoInput) -> str:
+        """A video's key within a batch: videos are encoded per batch, never cached."""
+        return "video:" + self.feature_spec.cache_key(video.digest)
 
     def _row(self, ids: list[int], visuals: list[tuple[str, int]], grids: Mapping[str, tuple[int, int, int]], doc_field: str) -> PreparedRow:
         if len(ids) > self.cfg.max_length:

@@ -32,7 +32,6 @@ import re
 import socket
 import urllib.parse
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import httpx
