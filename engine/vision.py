@@ -111,7 +111,7 @@ class VisionPreprocessor:
         return decode_image(data, field_name=field, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels, budget=budget)
 
     def image(self, data: bytes, field: str, budget: PixelBudget | None = None) -> PixelPatches:
-        img = self.decode(data, field, budget)
+        img = resize_as_reference(self.decode(data, field, budget), self.params, field)
         try:
             out = self._image_processor(images=[img], return_tensors="pt")
         except ValueError as e:  # e.g. aspect ratio over 200
@@ -248,6 +248,47 @@ def open_image(data: bytes, *, field_name: str, max_bytes: int, max_pixels: int)
     return img
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB as qwen-vl-utils makes it (`to_rgb`): RGBA composited onto white through its alpha;
+    every other mode converted by PIL (which ignores the transparency of P and LA)."""
+    if img.mode == "RGBA":
+        white = Image.new("RGB", img.size, (255, 255, 255))
+        white.paste(img, mask=img.split()[3])
+        return white
+    return img.convert("RGB")
+
+
+MAX_ASPECT_RATIO = 200  # qwen-vl-utils' MAX_RATIO
+
+
+def reference_size(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """(height, width) as qwen-vl-utils' `smart_resize` computes them: multiples of `factor`, the
+    area within [min_pixels, max_pixels], a side never under `factor` (its `max(factor, ...)`)."""
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise ValueError(f"absolute aspect ratio must be smaller than {MAX_ASPECT_RATIO}, got {max(height, width) / min(height, width):.1f}")
+    h = max(factor, round(height / factor) * factor)
+    w = max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h, w = math.floor(height / beta / factor) * factor, math.floor(width / beta / factor) * factor
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def resize_as_reference(img: Image.Image, params: VisionParams, field: str) -> Image.Image:
+    """The official pipeline resizes each image with PIL before the processor sees it
+    (qwen-vl-utils `fetch_image`: `image.resize((w, h))`, PIL's default filter); the processor then
+    finds its size already fitting and leaves it."""
+    width, height = img.size
+    try:
+        h, w = reference_size(height, width, params.factor, params.min_pixels, params.max_pixels)
+    except ValueError as e:
+        raise InputError(field, f"image cannot be resized: {e}") from None
+    return img if (w, h) == img.size else img.resize((w, h))
+
+
 def decode_image(data: bytes, *, field_name: str, max_bytes: int, max_pixels: int, budget: PixelBudget | None = None) -> Image.Image:
     """Decode bytes to an RGB image; the limits (and `budget`) are checked from the header first."""
     img = open_image(data, field_name=field_name, max_bytes=max_bytes, max_pixels=max_pixels)
@@ -255,6 +296,6 @@ def decode_image(data: bytes, *, field_name: str, max_bytes: int, max_pixels: in
         budget.charge(img.size[0] * img.size[1], field_name)
     try:
         img.load()  # the first frame of an animated image
-        return img.convert("RGB")
+        return to_rgb(img)
     except Exception as e:
         raise ImageDecodeError(field_name, f"not a decodable image ({type(e).__name__}: {e})") from None
