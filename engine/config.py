@@ -17,7 +17,9 @@ DEFAULT_MAX_PIXELS = 1800 * 32 * 32
 
 @dataclass(frozen=True)
 class EngineConfig:
-    max_length: int = 8192  # tokens per pair; longer pairs are truncated keeping the final tokens
+    # Tokens of a pair's body (all but the final 5); longer bodies lose ordinary tokens from their
+    # end. The official reranker's MAX_LENGTH: a pair has at most 10240 + 5 tokens.
+    max_length: int = 10240
     min_pixels: int = DEFAULT_MIN_PIXELS  # image area after resize
     max_pixels: int = DEFAULT_MAX_PIXELS
     video_fps: float = 1.0

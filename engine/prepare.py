@@ -113,7 +113,6 @@ class Preparer:
         self.video_token_id = video_token_id
         self.merge = vision.params.merge_size**2
         self._keep_tokens = set(tokenizer.all_special_ids) | {image_token_id, video_token_id}
-        self._tail_len = len(tokenizer("<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"])
         self._special_strings = [t for t in tokenizer.all_special_tokens + list(getattr(tokenizer, "added_tokens_encoder", {})) if t]
         self.splice_ok = self._check_splice()
 
@@ -254,11 +253,10 @@ class Preparer:
         return "video:" + self.feature_spec.cache_key(video.digest)
 
     def _row(self, ids: list[int], visuals: list[tuple[str, int]], grids: Mapping[str, tuple[int, int, int]], doc_field: str) -> PreparedRow:
-        if len(ids) > self.cfg.max_length:
-            cut = truncate_keeping_final(ids, self.cfg.max_length, self._keep_tokens, self._tail_len)
-            if cut is None:
-                raise InputError(doc_field, f"images/video need more than max_length={self.cfg.max_length} tokens")
-            ids = cut
+        cut = truncate_keeping_final(ids, self.cfg.max_length, self._keep_tokens)
+        if cut is None:
+            raise InputError(doc_field, f"images/video need more than max_length={self.cfg.max_length} tokens")
+        ids = cut
         ids_t = torch.tensor(ids, dtype=torch.long)
         if not visuals:  # text only: every rotary section is the plain position
             positions = torch.arange(len(ids), dtype=torch.long).expand(3, -1)

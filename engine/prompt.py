@@ -128,18 +128,25 @@ def expand_vision_placeholders(text: str, slots: list[VisionSlot]) -> str:
     return "".join(out)
 
 
-def truncate_keeping_final(ids: list[int], max_length: int, keep: set[int], tail: int) -> list[int] | None:
-    """Fit `ids` into `max_length` by dropping ordinary tokens from the end of the body.
+# The official reranker truncates all but the last 5 tokens (the end of the user turn and the
+# generation prompt, `input_ids[:-5]`) to MAX_LENGTH and appends those 5: a pair has at most
+# max_length + 5 tokens.
+FINAL_TOKENS = 5
 
-    Special tokens (vision pads, turn markers: `keep`) and the final `tail` tokens (end of the user
-    turn and the generation prompt, where the score is read) are never dropped, so vision tokens
-    stay aligned with their features. Returns None when even that does not fit.
+
+def truncate_keeping_final(ids: list[int], max_length: int, keep: set[int], tail: int = FINAL_TOKENS) -> list[int] | None:
+    """Fit the body (all but the final `tail` tokens) into `max_length` by dropping ordinary
+    tokens from its end, as the official `truncate_tokens_optimized` does.
+
+    Special tokens (vision pads, turn markers: `keep`) and the final `tail` tokens (where the score
+    is read) are never dropped, so vision tokens stay aligned with their features. Returns None
+    when the body's special tokens alone exceed `max_length` (the official code would go on with an
+    over-long sequence; here it is refused).
     """
-    if len(ids) <= max_length:
-        return ids
     body, end = ids[: len(ids) - tail], ids[len(ids) - tail :]
-    n_special = sum(1 for t in body if t in keep)
-    budget = max_length - tail - n_special
+    if len(body) <= max_length:
+        return ids
+    budget = max_length - sum(1 for t in body if t in keep)
     if budget < 0:
         return None
     kept: list[int] = []

@@ -32,7 +32,10 @@ class ModelConfig(_Strict):
         "such as Qwen/Qwen3-VL-Reranker-8B or vec-ai/lychee-rerank-mm.",
     )
     served_name: str | None = Field(None, description="Model id reported in responses; default: the source.")
-    max_length: int = Field(8192, ge=64, description="Token limit per pair; longer pairs are truncated keeping the final tokens.")
+    max_length: int = Field(
+        10240, ge=64, description="Tokens of a pair's body (all but its final 5), as the official reranker's MAX_LENGTH; "
+        "longer bodies lose ordinary tokens from their end, special and vision tokens are kept.",
+    )
     min_pixels: int = Field(DEFAULT_MIN_PIXELS, ge=1, description="Smallest image area after resize.")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Largest image area after resize.")
     video_fps: float = Field(1.0, gt=0, description="Frames sampled per second of video.")

@@ -42,12 +42,12 @@ def test_empty_side_renders_null(engine_for):
 def test_truncation_keeps_special_tokens_and_final_tail():
     keep = {100, 101}
     ids = [100, 1, 2, 101, 101, 3, 4, 5, 6, 7, 100, 8, 9]
-    out = truncate_keeping_final(ids, 9, keep, tail=2)
-    assert out[-2:] == [8, 9]  # the final tokens (generation prompt) survive
+    out = truncate_keeping_final(ids, 9, keep, tail=2)  # the body (11 tokens) must fit 9
+    assert out[-2:] == [8, 9]  # the final tokens (generation prompt) survive, on top of the 9
     assert [t for t in out if t in keep] == [100, 101, 101, 100]  # vision/turn markers all kept
-    assert len(out) == 9 and out[:6] == [100, 1, 2, 101, 101, 3]  # body text cut from its end
-    assert truncate_keeping_final(ids, 5, keep, tail=2) is None  # cannot fit: caller raises
-    assert truncate_keeping_final(ids, 20, keep, tail=2) == ids
+    assert out == [100, 1, 2, 101, 101, 3, 4, 5, 100, 8, 9]  # body text cut from its end
+    assert truncate_keeping_final(ids, 3, keep, tail=2) is None  # 4 special tokens cannot fit 3
+    assert truncate_keeping_final(ids, 11, keep, tail=2) == ids  # a body of exactly max_length stays
 
 
 def test_one_render_per_request_equals_a_render_per_pair(engine_for):

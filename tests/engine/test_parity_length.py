@@ -1,0 +1,60 @@
+"""Length parity with the official reranker (QwenLM/Qwen3-VL-Embedding, `tokenize`): all but the
+final 5 tokens are truncated to MAX_LENGTH = 10240 keeping every special token, then the 5 are
+appended, so pairs of up to 10245 tokens are kept whole. The reference below is that code,
+re-stated (not the engine's), run on the same rendered text."""
+
+import pytest
+
+from engine.config import EngineConfig
+from engine.inputs import RerankItem, ScoreRequest
+
+
+def official_truncate(tokens: list[int], max_length: int, special_tokens: list[int]) -> list[int]:
+    """`Qwen3VLReranker.truncate_tokens_optimized`, as in the official file."""
+    if len(tokens) <= max_length:
+        return tokens
+    special = set(special_tokens)
+    num_special = sum(1 for t in tokens if t in special)
+    keep_non_special = max_length - num_special
+    out, kept = [], 0
+    for t in tokens:
+        if t in special:
+            out.append(t)
+        elif kept < keep_non_special:
+            out.append(t)
+            kept += 1
+    return out
+
+
+def official_ids(engine, query: RerankItem, document: RerankItem, max_length: int) -> list[int]:
+    ids = engine.tokenizer(engine.render_prompt(query, document), add_special_tokens=False)["input_ids"]
+    return official_truncate(ids[:-5], max_length, engine.tokenizer.all_special_ids) + ids[-5:]
+
+
+def test_the_default_is_the_official_max_length():
+    assert EngineConfig().max_length == 10240
+
+
+@pytest.mark.parametrize("extra", [-3, 0, 2, 5, 6, 40, 400])
+def test_long_pairs_are_cut_exactly_as_the_official_code_cuts_them(engine_for, extra):
+    max_length = 200
+    eng = engine_for("fp32", max_length=max_length)
+    query = RerankItem(text="red circle")
+    base = len(eng.tokenizer(eng.render_prompt(query, RerankItem(text="a")), add_special_tokens=False)["input_ids"])
+    # One more word adds one token on the tiny tokenizer: aim at max_length + 5 + extra tokens.
+    words = max(1, max_length + 5 + extra - base + 1)
+    doc = RerankItem(text=" ".join(["circle"] * words))
+    want = official_ids(eng, query, doc, max_length)
+    got = eng.prepare(ScoreRequest.of(query, [doc])).rows[0].ids.tolist()
+    assert got == want
+    assert len(got) <= max_length + 5
+
+
+def test_a_pair_of_10245_tokens_is_not_cut_at_the_default(engine_for):
+    eng = engine_for("fp32")
+    query = RerankItem(text="red circle")
+    base = len(eng.tokenizer(eng.render_prompt(query, RerankItem(text="a")), add_special_tokens=False)["input_ids"])
+    doc = RerankItem(text=" ".join(["circle"] * (10245 - base + 1)))
+    whole = eng.tokenizer(eng.render_prompt(query, doc), add_special_tokens=False)["input_ids"]
+    assert len(whole) == 10245
+    assert eng.prepare(ScoreRequest.of(query, [doc])).rows[0].ids.tolist() == whole == official_ids(eng, query, doc, 10240)
