@@ -25,10 +25,6 @@ class InputError(RerankError):
         return (type(self), (self.field, self.problem))
 
 
-class EmptyInput(InputError):
-    """A query or document has no text, image or video."""
-
-
 class ImageDecodeError(InputError):
     """Bytes that do not decode as an image (or video)."""
 

@@ -67,7 +67,9 @@ class RerankItem:
 
     @property
     def is_empty(self) -> bool:
-        return not self.text and not self.images and self.video is None
+        """Nothing given (text None, no image, no video): scored as `NULL`, as the official
+        reranker does. An empty string is text, rendered as nothing."""
+        return self.text is None and not self.images and self.video is None
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Phase one: a request becomes token ids, multimodal positions and pixel patches, on a CPU worker.
 
 This is the only phase that can fail a request for its input, and it fails only that request,
-with a named error: text that is not valid Unicode, an empty side, an image that does not
+with a named error: text that is not valid Unicode, an image that does not
 decode or is over a limit, a request whose images decode to more pixels than its budget.
 Nothing here touches the model's weights; `engine.forward` consumes the result.
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from engine.config import EngineConfig
-from engine.errors import EmptyInput, InputError
+from engine.errors import InputError
 from engine.features import FeatureSpec, ImageFeatures
 from engine.inputs import ImageInput, RerankItem, ScoreRequest, VideoInput
 from engine.prompt import VisionSlot, build_messages, document_text, expand_vision_placeholders, render_around_document, truncate_keeping_final
@@ -181,8 +181,6 @@ class Preparer:
             raise InputError("documents", "must not be empty")
         items = (req.query, *req.documents)
         for item in items:
-            if item.is_empty:
-                raise EmptyInput(item.field, "must have text, an image or a video")
             if item.text:
                 check_text(item.text, f"{item.field}.text")
         if req.instruction:

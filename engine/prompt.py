@@ -51,7 +51,7 @@ def item_content(item: RerankItem, prefix: str) -> list[dict]:
     if item.video is not None:
         parts.append({"type": "video"})
     parts.extend({"type": "image"} for _ in item.images)
-    if item.text:
+    if item.text is not None:
         parts.append({"type": "text", "text": item.text})
     return parts
 
@@ -92,7 +92,7 @@ def render_around_document(render, query: RerankItem, instruction: str) -> tuple
 
 def document_text(document: RerankItem) -> str:
     """The document's parts as the Qwen chat templates render content parts: concatenated."""
-    return "".join(part.get("text") or _PART_TEXT[part["type"]] for part in item_content(document, DOCUMENT_PREFIX))
+    return "".join(part["text"] if part["type"] == "text" else _PART_TEXT[part["type"]] for part in item_content(document, DOCUMENT_PREFIX))
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError,
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.errors import EmptyInput, ImageDecodeError, ImageTooLarge, InputError, RerankError
+from engine.errors import ImageDecodeError, ImageTooLarge, InputError, RerankError
 from serve.protocol import ErrorDetail, ErrorResponse
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,6 @@ ERROR_TABLE: tuple[tuple[type | tuple[type, ...], int, str], ...] = (
     (ForbiddenURL, 400, "forbidden_url"),
     (FetchError, 422, "fetch_error"),
     (ImageDecodeError, 400, "image_decode_error"),
-    (EmptyInput, 400, "empty_input"),
     (InputError, 400, "invalid_input"),
     (RequestValidationError, 422, "invalid_request"),
     (StarletteHTTPException, 0, "http_error"),  # status from the exception

@@ -68,7 +68,7 @@ class ContentPart(_Body):
 class InputItem(_Body):
     """A query or document: text, images and at most one video; or content parts; or (on input) a plain string."""
 
-    text: str | None = Field(None, description="Text of the item.")
+    text: str | None = Field(None, description="Text of the item. An item with no text, image or video is scored as NULL (the official behaviour).")
     image: str | list[str] | None = Field(None, description="One image or a list: http(s) URL, data URI or base64 each.")
     video: str | list[str] | None = Field(
         None, description="A video file reference (URL, data URI, base64), or a list of frame images in time order."
@@ -120,11 +120,10 @@ class InputItem(_Body):
                     videos.append(_video_spec(part.video, f"{where}.video"))  # type: ignore[arg-type]
         if len(videos) > 1:
             raise InputError(field, f"at most one video per item, got {len(videos)}")
-        text = "\n".join(texts) if texts else None
-        spec = ItemSpec(text=text, images=images, video=videos[0] if videos else None, field=field)
-        if spec.is_empty:
-            raise InputError(field, "must have text, an image or a video")
-        return spec
+        # Several texts render back to back, as the official template renders consecutive text parts.
+        text = "".join(texts) if texts else None
+        # Nothing at all ({} as an item) is scored as NULL, as the official reranker does.
+        return ItemSpec(text=text, images=images, video=videos[0] if videos else None, field=field)
 
 
 def _as_list(value: str | list[str] | None) -> list[str]:
@@ -166,14 +165,10 @@ class ItemSpec(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    text: str | None = Field(None, description="Text (content-part texts joined by newlines).")
+    text: str | None = Field(None, description="Text (content-part texts joined, as the template renders them).")
     images: list[MediaRef] = Field(default_factory=list, description="Image references in order.")
     video: VideoSpec | None = Field(None, description="At most one video.")
     field: str = Field(..., description="Dotted JSON path of the item (query, documents.3, texts.0).")
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.text and not self.images and self.video is None
 
 
 class RerankRequest(BaseModel):

@@ -58,3 +58,38 @@ def test_a_pair_of_10245_tokens_is_not_cut_at_the_default(engine_for):
     whole = eng.tokenizer(eng.render_prompt(query, doc), add_special_tokens=False)["input_ids"]
     assert len(whole) == 10245
     assert eng.prepare(ScoreRequest.of(query, [doc])).rows[0].ids.tolist() == whole == official_ids(eng, query, doc, 10240)
+
+
+SYSTEM = 'Judge whether the Document meets the requirements based on the Query and the Instruct provided. Note that the answer can only be "yes" or "no".'
+INSTRUCTION = "Given a search query, retrieve relevant candidates that answer the query."
+
+
+def official_messages(query_parts: list[str], doc_parts: list[str]) -> list[dict]:
+    """`format_mm_instruction` of the official file for text-only sides: each side is a prefix
+    part, then one part per text, or the single part NULL when the side has nothing."""
+    def side(prefix: str, texts: list[str]) -> list[dict]:
+        return [{"type": "text", "text": prefix}] + [{"type": "text", "text": t} for t in (texts or ["NULL"])]
+
+    content = [{"type": "text", "text": "<Instruct>: " + INSTRUCTION}] + side("<Query>:", query_parts) + side("\n<Document>:", doc_parts)
+    return [{"role": "system", "content": [{"type": "text", "text": SYSTEM}]}, {"role": "user", "content": content}]
+
+
+@pytest.mark.parametrize(
+    "query, document, query_parts, doc_parts",
+    [
+        (RerankItem(text="q"), RerankItem(), ["q"], []),  # nothing given: NULL
+        (RerankItem(), RerankItem(text="d"), [], ["d"]),
+        (RerankItem(text="q"), RerankItem(text=""), ["q"], [""]),  # an empty string is text: rendered as nothing
+        (RerankItem(text="  "), RerankItem(text="d"), ["  "], ["d"]),
+    ],
+)
+def test_empty_sides_tokenize_as_the_official_layout(engine_for, query, document, query_parts, doc_parts):
+    eng = engine_for("fp32")
+    text = eng.tokenizer.apply_chat_template(
+        official_messages(query_parts, doc_parts), chat_template=eng.chat_template, tokenize=False, add_generation_prompt=True
+    )
+    want = eng.tokenizer(text, add_special_tokens=False)["input_ids"]
+    prepared = eng.prepare(ScoreRequest.of(query, [document]))
+    assert prepared.rows[0].ids.tolist() == want
+    (score,) = eng.forward([prepared])[0].scores
+    assert 0.0 < score < 1.0

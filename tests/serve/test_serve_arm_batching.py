@@ -18,7 +18,7 @@ import base64
 import pytest
 from serving_testkit import png_bytes
 
-from engine.errors import EmptyInput, ImageDecodeError, InputError
+from engine.errors import ImageDecodeError, InputError
 from engine.inputs import ImageInput, RerankItem, ScoreRequest
 from serve.arm import ArmReplica
 from serve.arm_result import ArmResult
@@ -68,6 +68,16 @@ def image_request(*images: bytes, query: str = "a red circle") -> ScoreRequest:
     return ScoreRequest.of(query, [RerankItem(images=(ImageInput.of(img, f"documents.{i}.image"),)) for i, img in enumerate(images)])
 
 
+def _png_of(width: int, height: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def run_concurrently(replica, *requests):
     """Submit all at once (so they can share a batch); each result or its exception."""
     responses = [replica.score.remote(r) for r in requests]
@@ -83,7 +93,7 @@ def run_concurrently(replica, *requests):
 def test_bad_requests_fail_alone_and_never_fail_their_batch(replica, engine):
     good_text = text_request("a red circle", "a blue square")
     not_an_image = image_request(b"these bytes are not an image")
-    empty_doc = ScoreRequest.of("q", [RerankItem()])
+    too_thin = image_request(_png_of(4020, 20))  # aspect ratio over 200
     lone_surrogate = text_request("fine", query="bad \ud800 query")
     good_image = image_request(png_bytes((220, 40, 40), seed=101))
     # Seven requests make one batch (max_batch_size 7): the three bad ones fail in prepare, each
@@ -91,10 +101,10 @@ def test_bad_requests_fail_alone_and_never_fail_their_batch(replica, engine):
     good = [good_text, good_image, text_request("x"), text_request("y", "z")]
     replica.reconfigure.remote({"max_batch_size": 7, "batch_wait_timeout_s": 1.0}).result(timeout_s=60)
     try:
-        out = run_concurrently(replica, good[0], not_an_image, empty_doc, good[1], lone_surrogate, good[2], good[3])
+        out = run_concurrently(replica, good[0], not_an_image, too_thin, good[1], lone_surrogate, good[2], good[3])
     finally:
         replica.reconfigure.remote({"max_batch_size": 4, "batch_wait_timeout_s": 1.0}).result(timeout_s=60)
-    bad = {1: (ImageDecodeError, "documents.0.image"), 2: (EmptyInput, "documents.0"), 4: (InputError, "query.text")}
+    bad = {1: (ImageDecodeError, "documents.0.image"), 2: (InputError, "documents.0.image"), 4: (InputError, "query.text")}
     for i, (kind, field) in bad.items():
         assert isinstance(out[i], kind) and out[i].field == field, repr(out[i])
     results = [out[0], out[3], out[5], out[6]]

@@ -20,7 +20,7 @@ from ray.serve.exceptions import BackPressureError
 from serving_testkit import png_bytes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.errors import EmptyInput, ImageDecodeError, ImageTooLarge, InputError
+from engine.errors import ImageDecodeError, ImageTooLarge, InputError
 from engine.inputs import ImageInput, RerankItem, ScoreRequest, sha256_hex
 from serve.arm_result import ArmResult
 from serve.cache import FeatureCache
@@ -57,7 +57,6 @@ def body(resp) -> dict:
         (RequestTooLarge("body", "over the limit"), 413, "too_large", "body"),
         (Unauthorized("authorization", "no key"), 401, "unauthorized", "authorization"),
         (ImageDecodeError("documents.2.image", "not an image"), 400, "image_decode_error", "documents.2.image"),
-        (EmptyInput("documents.4", "must have text"), 400, "empty_input", "documents.4"),
         (StarletteHTTPException(404, "Not Found"), 404, "http_error", None),
         (StarletteHTTPException(405, "Method Not Allowed"), 405, "http_error", None),
         (ServiceUnavailable("busy"), 503, "overloaded", None),
@@ -78,10 +77,10 @@ def test_typed_errors_map_to_status_and_field(exc, status, kind, field):
 
 def test_error_table_kinds_are_distinct_per_status_and_input_errors_come_before_their_base():
     kinds = {kind for _, _, kind in ERROR_TABLE}
-    assert kinds == {"unauthorized", "too_large", "forbidden_url", "fetch_error", "image_decode_error", "empty_input",
+    assert kinds == {"unauthorized", "too_large", "forbidden_url", "fetch_error", "image_decode_error",
                      "invalid_input", "invalid_request", "http_error", "overloaded", "timeout"}  # fmt: skip
     first = {kind: i for i, (_, _, kind) in reversed(list(enumerate(ERROR_TABLE)))}
-    for specific in ("unauthorized", "too_large", "forbidden_url", "fetch_error", "image_decode_error", "empty_input"):
+    for specific in ("unauthorized", "too_large", "forbidden_url", "fetch_error", "image_decode_error"):
         assert first[specific] < first["invalid_input"]  # else every InputError subclass would be "invalid_input"
     assert classify(RuntimeError("boom")) == (500, "internal_error")
 

@@ -78,3 +78,15 @@ def test_jina_usage_counts_the_tokens_scored(serve_app):
     # The shared prefix (system turn, instruction, query) is run once: one more document costs
     # only its own tokens, far fewer than a whole pair.
     assert 0 < three - one < one / 2
+
+
+def test_the_api_scores_empty_sides_as_the_engine_does(serve_app, engine_for):
+    from engine.inputs import RerankItem
+
+    body = {"query": "a red circle", "documents": [{}, {"text": ""}, "a red circle"]}
+    r = serve_app.client.post("/v2/rerank", headers=AUTH, json=body)
+    assert r.status_code == 200, r.text
+    by_index = {res["index"]: res["relevance_score"] for res in r.json()["results"]}
+    engine = engine_for("fp32")
+    alone = engine.score("a red circle", [RerankItem(), RerankItem(text=""), "a red circle"])
+    assert max(abs(by_index[i] - s) for i, s in enumerate(alone)) <= 1e-5

@@ -58,7 +58,7 @@ def test_multimodal_item_shapes_and_field_paths():
     d0, d1, d2, d3, d4 = req.documents
     assert [m.ref for m in d0.images] == ["https://x/1.png", "https://x/2.png"]
     assert [m.field for m in d0.images] == ["documents.0.image.0", "documents.0.image.1"]
-    assert d1.text == "cap\ntion" and d1.images[0].ref == "https://x/3.png"
+    assert d1.text == "caption" and d1.images[0].ref == "https://x/3.png"  # text parts back to back, as the template
     assert d1.images[0].field == "documents.1.content.0.image_url"
     assert d2.images[0].field == "documents.2.content.0.image"
     assert [f.field for f in d2.video.frames] == ["documents.2.content.1.video.0", "documents.2.content.1.video.1"]
@@ -97,10 +97,10 @@ def test_unknown_top_level_field_and_bad_top_n():
     assert {"top_k", "top_n"} <= set(locs(e.value))
 
 
-def test_empty_item_and_two_videos_are_input_errors():
-    with pytest.raises(InputError) as e:
-        CohereRerankRequest.model_validate({"query": "q", "documents": ["ok", {"text": ""}]}).to_internal()
-    assert e.value.field == "documents.1"
+def test_empty_items_are_kept_for_null_and_two_videos_are_an_input_error():
+    req = CohereRerankRequest.model_validate({"query": "q", "documents": ["ok", {"text": ""}, {}]}).to_internal()
+    # Official: an item with nothing is scored as NULL; an empty string is text, rendered as nothing.
+    assert [(d.text, d.images, d.video) for d in req.documents] == [("ok", [], None), ("", [], None), (None, [], None)]
     with pytest.raises(InputError) as e:
         JinaRerankRequest.model_validate(
             {"query": {"content": [{"type": "video", "video": "a"}, {"type": "video_url", "video_url": "b"}]}, "documents": ["d"]}
