@@ -7,7 +7,7 @@ over the batch, and the row's own tokens apart:
 
     softmax([q . K_prefix, q . K_own] / sqrt(d) + mask) . [V_prefix, V_own]
 
-computed in fp32 as one softmax over both parts, so it equals attention over the concatenation.
+one softmax (in fp32) over both parts, so it equals attention over the concatenation.
 
 Wiring, through transformers' own extension points: `PREFIX_ATTENTION` is registered as an
 attention implementation (and its mask function, sdpa's) and set on the decoder's config; it
@@ -48,42 +48,60 @@ class SharedPrefixCache(DynamicCache):
         self.layers = [_PrefixLayer(layer.keys, layer.values) for layer in prefix.layers]
 
 
+QUERY_CHUNK = 1024  # queries per step: bounds the fp32 score block to B x H x 1024 x (P + S)
+
+
 def prefix_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, shared_prefix=None, **kwargs):
     """query (B, H, S, D); key/value (B, Hkv, S, D) of the rows' own tokens; the prefix's
     (1, Hkv, P, D) from `shared_prefix`. `attention_mask` (B, 1, S, P + S), True = attend: its
     prefix part is all True (every row follows the whole prefix), its own part is causal with
     the rows' right padding. The prefix product runs as one matmul per kv head over every
-    row's queries, so the prefix is never broadcast (copied) to the batch."""
+    row's queries, so the prefix is never broadcast (copied) to the batch; long rows run in
+    chunks of queries (each softmax is per query: exact). Scores are rounded to the inputs'
+    dtype before the fp32 softmax, as transformers' eager attention does."""
     if shared_prefix is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     layer = shared_prefix.layers[module.layer_idx]
     pk, pv = layer.keys[0], layer.values[0]  # (Hkv, P, D)
     b, h, s, d = query.shape
-    kv = key.shape[1]
-    g = h // kv  # head h uses kv head h // g, as repeat_kv
     p = pk.shape[-2]
     scale = scaling if scaling is not None else d**-0.5
-    q = query.reshape(b, kv, g * s, d)
-    # Scores against the prefix, (Hkv, B*G*S, P), and against the rows' own tokens, (B, Hkv, G*S, S).
-    q_by_head = q.transpose(0, 1).reshape(kv, b * g * s, d)
-    to_prefix = torch.bmm(q_by_head, pk.transpose(-1, -2)).float().mul_(scale)
-    to_own = (q @ key.transpose(-1, -2)).float().mul_(scale)
-    if attention_mask is None:
-        own_allowed = torch.ones((s, s), dtype=torch.bool, device=query.device).tril()[None, None]
+    if attention_mask is None:  # no padding: causal over the rows' own tokens
+        own_allowed = torch.ones((s, s), dtype=torch.bool, device=query.device).tril()[None, None].expand(b, 1, s, s)
     else:
         own_allowed = attention_mask[..., p:].bool()
-    own_allowed = own_allowed.expand(b, 1, s, s).unsqueeze(2).expand(b, 1, g, s, s).reshape(b, 1, g * s, s)
-    to_own = to_own.masked_fill_(~own_allowed, float("-inf"))
+    chunks = [
+        _attend(query[:, :, i : i + QUERY_CHUNK], key[:, :, : i + QUERY_CHUNK], value[:, :, : i + QUERY_CHUNK], pk, pv,
+                own_allowed[:, :, i : i + QUERY_CHUNK, : i + QUERY_CHUNK], scale)
+        for i in range(0, s, QUERY_CHUNK)
+    ]  # fmt: skip
+    out = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=2)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _attend(query, key, value, pk, pv, own_allowed, scale):
+    """One block of queries (B, H, S, D) over the prefix (Hkv, P, D) and the rows' own keys
+    (B, Hkv, K, D) up to the block's end; returns (B, H, S, D)."""
+    b, h, s, d = query.shape
+    kv = key.shape[1]
+    g = h // kv  # head h uses kv head h // g, as repeat_kv
+    k_own = key.shape[2]
+    q = query.reshape(b, kv, g * s, d)
+    # Scores against the prefix, (Hkv, B*G*S, P), and against the rows' own tokens, (B, Hkv, G*S, K).
+    to_prefix = torch.bmm(q.transpose(0, 1).reshape(kv, b * g * s, d), pk.transpose(-1, -2)).float().mul_(scale)
+    to_own = (q @ key.transpose(-1, -2)).float().mul_(scale)
+    allowed = own_allowed.expand(b, 1, s, k_own).unsqueeze(2).expand(b, 1, g, s, k_own).reshape(b, 1, g * s, k_own)
+    to_own = to_own.masked_fill_(~allowed, float("-inf"))
     # One softmax over both parts: shared maximum, shared denominator.
-    own_by_head = to_own.transpose(0, 1).reshape(kv, b * g * s, s)
+    own_by_head = to_own.transpose(0, 1).reshape(kv, b * g * s, k_own)
     top = torch.maximum(to_prefix.amax(-1, keepdim=True), own_by_head.amax(-1, keepdim=True))
     e_prefix = to_prefix.sub_(top).exp_()
     e_own = own_by_head.sub(top).exp_()
     denom = e_prefix.sum(-1, keepdim=True) + e_own.sum(-1, keepdim=True)
     out = torch.bmm(e_prefix.div_(denom).to(value.dtype), pv)  # (Hkv, B*G*S, D)
-    own_probs = e_own.div_(denom).to(value.dtype).view(kv, b, g * s, s).transpose(0, 1)
+    own_probs = e_own.div_(denom).to(value.dtype).view(kv, b, g * s, k_own).transpose(0, 1)
     out = out.view(kv, b, g * s, d).transpose(0, 1) + own_probs @ value  # (B, Hkv, G*S, D)
-    return out.reshape(b, h, s, d).transpose(1, 2).contiguous(), None
+    return out.reshape(b, h, s, d)
 
 
 AttentionInterface.register(PREFIX_ATTENTION, prefix_attention)

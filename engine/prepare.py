@@ -114,6 +114,7 @@ class Preparer:
         self.merge = vision.params.merge_size**2
         self._keep_tokens = set(tokenizer.all_special_ids) | {image_token_id, video_token_id}
         self._special_strings = [t for t in tokenizer.all_special_tokens + list(getattr(tokenizer, "added_tokens_encoder", {})) if t]
+        self._user_forbidden = [t for t in tokenizer.all_special_tokens if t]
         self.splice_ok = self._check_splice()
 
     # ---- text ---------------------------------------------------------------------------------
@@ -182,9 +183,9 @@ class Preparer:
         items = (req.query, *req.documents)
         for item in items:
             if item.text:
-                check_text(item.text, f"{item.field}.text")
+                self._check_user_text(item.text, f"{item.field}.text")
         if req.instruction:
-            check_text(req.instruction, "instruction")
+            self._check_user_text(req.instruction, "instruction")
         if req.max_tokens_per_doc is not None:
             docs = tuple(replace(d, text=self.cut_text(d.text, req.max_tokens_per_doc)) if d.text else d for d in req.documents)
             req = replace(req, documents=docs)
@@ -222,6 +223,14 @@ class Preparer:
             out.shared, out.shared_visuals = self._shared_prefix(out.rows, len(query_visuals), grids)
         return out
 
+    def _check_user_text(self, text: str, field_name: str) -> None:
+        check_text(text, field_name)
+        # A special token typed as text would become the real token (an image pad, a turn marker)
+        # and misalign the prompt: refused, naming it.
+        for token in self._user_forbidden:
+            if token in text:
+                raise InputError(field_name, f"text contains the reserved token {token!r}")
+
     def _image(self, img: ImageInput, features: Mapping[str, ImageFeatures], out: PreparedRequest) -> str:
         key = self.feature_spec.cache_key(img.digest)
         if key in out.features or key in out.patches:
@@ -256,6 +265,9 @@ class Preparer:
             raise InputError(doc_field, f"images/video need more than max_length={self.cfg.max_length} tokens")
         ids = cut
         ids_t = torch.tensor(ids, dtype=torch.long)
+        expected = sum(grids[k][0] * grids[k][1] * grids[k][2] // self.merge for k, _ in visuals)
+        if int(((ids_t == self.image_token_id) | (ids_t == self.video_token_id)).sum()) != expected:
+            raise InputError(doc_field, "the prompt's vision tokens do not match its images and videos")
         if not visuals:  # text only: every rotary section is the plain position
             positions = torch.arange(len(ids), dtype=torch.long).expand(3, -1)
         else:

@@ -124,7 +124,10 @@ class VisionPreprocessor:
         frames, indices, fps = self._sample_frames(video, field, budget)
         w0, h0 = frames[0].size
         max_px = max(p.video_max_pixels, p.min_pixels)
-        h, w = smart_resize(h0, w0, factor=p.factor, min_pixels=p.min_pixels, max_pixels=max_px)
+        try:
+            h, w = smart_resize(h0, w0, factor=p.factor, min_pixels=p.min_pixels, max_pixels=max_px)
+        except ValueError as e:  # e.g. aspect ratio over 200
+            raise InputError(field, f"video frames cannot be resized: {e}") from None
         arr = np.stack([np.asarray(f.resize((w, h), Image.BICUBIC), dtype=np.float32) / 255.0 for f in frames])
         arr = (arr - np.asarray(p.image_mean, np.float32)) / np.asarray(p.image_std, np.float32)
         arr = arr.transpose(0, 3, 1, 2)  # T, C, H, W
@@ -198,6 +201,8 @@ def decode_sampled_video(data: bytes, field: str, pre: VisionPreprocessor, budge
             fps = float(stream.average_rate or stream.guessed_rate or 24)
             fps = fps if math.isfinite(fps) and fps > 0 else 24.0
             width, height = stream.codec_context.width, stream.codec_context.height
+            if width < 1 or height < 1:
+                raise ImageDecodeError(field, f"video stream declares no frame size ({width}x{height})")
             if width * height > pre.max_image_pixels:
                 raise ImageTooLarge(field, f"video frames are {width}x{height}, over the limit of {pre.max_image_pixels} pixels")
             total = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
@@ -212,10 +217,13 @@ def decode_sampled_video(data: bytes, field: str, pre: VisionPreprocessor, budge
             keep = set(wanted)
             container.seek(0)
             frames: dict[int, Image.Image] = {}
+            decoded = 0
             for i, frame in enumerate(container.decode(stream)):
+                decoded = i + 1
+                # The budget was charged at the declared size: a stream whose frames grow is refused.
+                if (frame.width, frame.height) != (width, height):
+                    raise ImageDecodeError(field, f"video frame {i} is {frame.width}x{frame.height}, not the declared {width}x{height}")
                 if i in keep:
-                    if frame.width * frame.height > pre.max_image_pixels:
-                        raise ImageTooLarge(field, f"video frame is {frame.width}x{frame.height}, over {pre.max_image_pixels} pixels")
                     frames[i] = frame.to_image().convert("RGB")
                 if i >= wanted[-1] or i + 1 >= total:
                     break
@@ -225,10 +233,11 @@ def decode_sampled_video(data: bytes, field: str, pre: VisionPreprocessor, budge
         raise ImageDecodeError(field, f"not a decodable video ({type(e).__name__}: {e})") from None
     if not frames:
         raise ImageDecodeError(field, "video has no frames")
-    # A container that over-reported its frame count: sample again among the frames it has.
-    got = sorted(frames)
-    if len(got) < len(wanted):
-        wanted = [got[i] for i in sample_frame_indices(len(got), fps, p.video_fps, p.video_max_frames, p.temporal_patch_size)]
+    if len(frames) < len(wanted):
+        # The container over-reported its frame count: sample the frames it really has, each
+        # index served by the nearest frame that was kept.
+        kept = sorted(frames)
+        wanted = [min(kept, key=lambda k: abs(k - w)) for w in sample_frame_indices(decoded, fps, p.video_fps, p.video_max_frames, p.temporal_patch_size)]
     return [frames[i] for i in wanted], wanted, fps
 
 
@@ -271,6 +280,8 @@ def reference_size(height: int, width: int, factor: int, min_pixels: int, max_pi
     if h * w > max_pixels:
         beta = math.sqrt(height * width / max_pixels)
         h, w = math.floor(height / beta / factor) * factor, math.floor(width / beta / factor) * factor
+        if h < factor or w < factor:  # qwen-vl-utils would pass a zero side on: refuse instead
+            raise ValueError(f"a {width}x{height} image has a side under {factor} px within max_pixels={max_pixels}")
     elif h * w < min_pixels:
         beta = math.sqrt(min_pixels / (height * width))
         h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor

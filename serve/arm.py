@@ -148,13 +148,11 @@ class ArmReplica:
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0, max_concurrent_batches=2)
     async def _score_batch(self, items: list) -> list:
         """[(request, cached features)] -> per request (RequestScores, requests forwarded
-        together) or its InputError. A failure of the forward pass itself raises, for all."""
+        together) or the exception its preparation raised (that request's alone, whatever its
+        kind). A failure of the forward pass itself raises, for all."""
         prepared = await asyncio.gather(
             *(self._run(self._prepare_pool, self.engine.prepare, request, features) for request, features in items), return_exceptions=True
         )
-        for p in prepared:
-            if isinstance(p, BaseException) and not isinstance(p, InputError):
-                raise p
         good = [p for p in prepared if not isinstance(p, BaseException)]
         self.metrics.batch_pairs.observe(sum(len(p.rows) for p in good))
         results = iter(await self._run(self._forward_thread, self.engine.forward, good) if good else [])

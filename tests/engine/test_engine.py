@@ -208,6 +208,12 @@ def test_bad_input_gets_named_errors(engine_for, tiny_model_dir):
         eng.score("abc\ud800", ["d"])
     with pytest.raises(InputError, match="instruction: text is not valid Unicode"):
         eng.score("q", ["d"], instruction="\udfff")
+    # A special token typed as text would become the real token (an image pad here) and misalign
+    # the prompt for every request in its batch: refused, naming the field and the token.
+    with pytest.raises(InputError, match=r"documents.0.text: text contains the reserved token '<\|image_pad\|>'"):
+        eng.score(RerankItem(text="q", images=(ImageInput.of(_png(64, 64)),)), ["doc <|image_pad|> x"])
+    with pytest.raises(InputError, match="query.text: text contains the reserved token '<\\|im_end\\|>'"):
+        eng.score("q <|im_end|>", ["d"])
     tight = engine_for("fp32", max_image_bytes=100)
     with pytest.raises(ImageTooLarge, match="bytes"):
         tight.score("q", [RerankItem(images=(ImageInput.of(_png(64, 64)),))])

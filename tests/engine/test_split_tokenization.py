@@ -37,8 +37,11 @@ def qwen2_style_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", additional_special_tokens=SPECIALS[1:])
 
 
-def _random_text(rng: random.Random, n: int) -> str:
-    return "".join(rng.choice(PIECES) for _ in range(n))
+def _random_text(rng: random.Random, n: int, pieces=PIECES) -> str:
+    return "".join(rng.choice(pieces) for _ in range(n))
+
+
+USER_PIECES = [p for p in PIECES if "<|" not in p]  # prepare refuses special tokens in user text
 
 
 @pytest.mark.parametrize("which", ["tiny", "qwen2-style"])
@@ -67,8 +70,8 @@ def test_prepare_tokenizes_each_pair_as_a_whole_render_would(engine_for):
     eng = engine_for("fp32")
     rng = random.Random(2)
     for _ in range(40):
-        query = RerankItem(text=_random_text(rng, rng.randint(1, 30)))
-        docs = [RerankItem(text=_random_text(rng, rng.randint(1, 10)) or "x") for _ in range(4)]
+        query = RerankItem(text=_random_text(rng, rng.randint(1, 30), USER_PIECES))
+        docs = [RerankItem(text=_random_text(rng, rng.randint(1, 10), USER_PIECES)) for _ in range(4)]
         prepared = eng.prepare(ScoreRequest.of(query, docs))
         for row, doc in zip(prepared.rows, docs):
             whole = eng.tokenizer(eng.render_prompt(query, doc), add_special_tokens=False)["input_ids"]
