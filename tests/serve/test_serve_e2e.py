@@ -241,7 +241,7 @@ def _bad_cases(media_server):
         ("/v1/rerank", {"query": "q", "documents": [{"content": [{"type": "image_url"}]}]}, 422, "documents.0.content.0"),
         ("/rerank", {"query": "q", "texts": ["d"] * 51}, 400, "texts"),
         ("/v2/rerank", {"query": "q", "documents": ["x" * 2001]}, 400, "documents.0"),
-        ("/v2/rerank", {"query": "bad \ud800", "documents": ["d"]}, 400, "query.text"),
+        ("/v2/rerank", {"query": "q <|im_end|>", "documents": ["d"]}, 400, "query.text"),
         ("/v2/rerank", {"query": "q", "documents": [{"image": "%%% not base64"}]}, 400, "documents.0.image"),
         ("/v2/rerank", {"query": "q", "documents": [{"image": base64.b64encode(b"plain text, no image").decode()}]}, 400, "documents.0.image"),
         ("/v2/rerank", {"query": "q", "documents": [{"image": base64.b64encode(big_png).decode()}]}, 413, "documents.0.image"),
