@@ -69,7 +69,7 @@ class RerankEngine:
         )  # fmt: skip
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.forwarder = Forward(
-            self.model, family=loaded.family, device=self.device, feature_spec=self.feature_spec, yes_id=self.yes_id, no_id=self.no_id,
+            self.model, device=self.device, feature_spec=self.feature_spec, yes_id=self.yes_id, no_id=self.no_id,
             pad_id=pad, image_token_id=image_token_id, video_token_id=video_token_id, max_batch_tokens=cfg.max_batch_tokens,
         )  # fmt: skip
 
@@ -166,7 +166,7 @@ class RerankEngine:
             batch = {
                 "input_ids": row.ids[None].to(self.device),
                 "attention_mask": torch.ones((1, len(row)), dtype=torch.long, device=self.device),
-                "mm_token_type_ids": _mm_types(row.ids, self.forwarder)[None].to(self.device),
+                "mm_token_type_ids": self.preparer.mm_types(row.ids)[None].to(self.device),
             }
             images = [prepared.patches[k] for k, kind in zip(row.visuals, row.kinds) if kind != VIDEO]
             videos = [prepared.patches[k] for k, kind in zip(row.visuals, row.kinds) if kind == VIDEO]
@@ -180,13 +180,6 @@ class RerankEngine:
             logits = self.model(**batch, use_cache=False, logits_to_keep=1).logits[:, -1].float()
             out.append(float(torch.sigmoid(logits[0, self.yes_id] - logits[0, self.no_id])))
         return out
-
-
-def _mm_types(ids: torch.Tensor, fwd: Forward) -> torch.Tensor:
-    mm = torch.zeros_like(ids, dtype=torch.int)
-    mm[ids == fwd.image_token_id] = 1
-    mm[ids == fwd.video_token_id] = 2
-    return mm
 
 
 def _vision_fingerprint(family: str, visual: torch.nn.Module) -> str:

@@ -50,13 +50,12 @@ class _Group:
 class Forward:
     """The device side of the engine: vision tower and decoder under one lock."""
 
-    def __init__(self, model, *, family: str, device: torch.device, feature_spec: FeatureSpec, yes_id: int, no_id: int,
+    def __init__(self, model, *, device: torch.device, feature_spec: FeatureSpec, yes_id: int, no_id: int,
                  pad_id: int, image_token_id: int, video_token_id: int, max_batch_tokens: int):  # fmt: skip
         self.model = model
         self.core = model.model
         self.visual = model.model.visual
         self.vision_dtype = next(self.visual.parameters()).dtype
-        self.family = family
         self.device = device
         self.feature_spec = feature_spec
         self.yes_id, self.no_id, self.pad_id = yes_id, no_id, pad_id

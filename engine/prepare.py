@@ -54,10 +54,6 @@ class PreparedRequest:
     patches: dict[str, PixelPatches] = field(default_factory=dict)  # visuals the ViT must run, by key
     digests: dict[str, str] = field(default_factory=dict)  # key -> digest of each image to encode, for new features
 
-    @property
-    def tokens(self) -> int:
-        return sum(len(r) for r in self.rows)
-
 
 def check_text(text: str, field_name: str) -> None:
     try:
@@ -137,20 +133,19 @@ class Preparer:
         docs = (RerankItem(text="a document"), RerankItem(text="text", images=(probe, probe)), RerankItem(images=(probe,)))
         return all(self.render_pair(query, d) == around[0] + document_text(d) + around[1] for d in docs)
 
-    def _token_ids(self, req: ScoreRequest, slots_of) -> list[list[int]]:
+    def _token_ids(self, req: ScoreRequest, query_slots: list[VisionSlot], doc_slots: list[list[VisionSlot]]) -> list[list[int]]:
         """Token ids of every pair of the request. The text before the document (system turn,
         instruction, query) is rendered once; when the template splices, its tokens up to a safe
         cut (`head_cut`) are computed once too, and each document tokenizes only the rest. The
         first pair is checked against a whole tokenization; on any difference the request falls
         back to tokenizing every pair whole."""
         instruction = req.instruction or self.cfg.default_instruction
-        query_slots = slots_of(req.query)
         around = render_around_document(self.render, req.query, instruction) if self.splice_ok else None
         if around is None:
-            texts = [expand_vision_placeholders(self.render_pair(req.query, d, instruction), query_slots + slots_of(d)) for d in req.documents]
+            texts = [expand_vision_placeholders(self.render_pair(req.query, d, instruction), query_slots + s) for d, s in zip(req.documents, doc_slots)]
             return [self._tokenize(t, d.field) for t, d in zip(texts, req.documents)]
         head = expand_vision_placeholders(around[0], query_slots)
-        rests = [expand_vision_placeholders(document_text(d) + around[1], slots_of(d)) for d in req.documents]
+        rests = [expand_vision_placeholders(document_text(d) + around[1], s) for d, s in zip(req.documents, doc_slots)]
         cut = head_cut(self.tokenizer, head, self._special_strings)
         head_ids = self._tokenize(head[:cut], req.query.field)
         ids = [head_ids + self._tokenize(head[cut:] + rest, d.field) for rest, d in zip(rests, req.documents)]
@@ -209,16 +204,18 @@ class Preparer:
                 key = self._image(img, features, out)
                 grids[key] = (out.features[key] if key in out.features else out.patches[key]).grid_thw
 
-        def slots_of(item: RerankItem) -> list[VisionSlot]:
+        def slots(visuals: list[tuple[str, int]]) -> list[VisionSlot]:
             return [
                 VisionSlot("video", grids[k][1] * grids[k][2] // self.merge, timestamps[k]) if kind == VIDEO
                 else VisionSlot("image", grids[k][0] * grids[k][1] * grids[k][2] // self.merge)
-                for k, kind in self._visuals(item)
+                for k, kind in visuals
             ]  # fmt: skip
 
         query_visuals = self._visuals(req.query)
-        for doc, ids in zip(req.documents, self._token_ids(req, slots_of)):
-            out.rows.append(self._row(ids, query_visuals + self._visuals(doc), grids, doc.field))
+        doc_visuals = [self._visuals(d) for d in req.documents]
+        token_ids = self._token_ids(req, slots(query_visuals), [slots(v) for v in doc_visuals])
+        for doc, visuals, ids in zip(req.documents, doc_visuals, token_ids):
+            out.rows.append(self._row(ids, query_visuals + visuals, grids, doc.field))
         if self.cfg.share_prefix and len(out.rows) > 1:
             out.shared, out.shared_visuals = self._shared_prefix(out.rows, len(query_visuals), grids)
         return out
@@ -265,21 +262,26 @@ class Preparer:
             raise InputError(doc_field, f"images/video need more than max_length={self.cfg.max_length} tokens")
         ids = cut
         ids_t = torch.tensor(ids, dtype=torch.long)
+        mm = self.mm_types(ids_t)
         expected = sum(grids[k][0] * grids[k][1] * grids[k][2] // self.merge for k, _ in visuals)
-        if int(((ids_t == self.image_token_id) | (ids_t == self.video_token_id)).sum()) != expected:
+        if int((mm > 0).sum()) != expected:
             raise InputError(doc_field, "the prompt's vision tokens do not match its images and videos")
         if not visuals:  # text only: every rotary section is the plain position
             positions = torch.arange(len(ids), dtype=torch.long).expand(3, -1)
         else:
-            mm = torch.zeros(len(ids), dtype=torch.int)
-            mm[ids_t == self.image_token_id] = IMAGE
-            mm[ids_t == self.video_token_id] = VIDEO
             img = [grids[k] for k, kind in visuals if kind == IMAGE]
             vid = [grids[k] for k, kind in visuals if kind == VIDEO]
             positions = self.rope_index(
                 ids_t[None], mm[None], torch.tensor(img, dtype=torch.long) if img else None, torch.tensor(vid, dtype=torch.long) if vid else None
             )[:, 0]
         return PreparedRow(ids_t, positions, tuple(k for k, _ in visuals), tuple(kind for _, kind in visuals))
+
+    def mm_types(self, ids: torch.Tensor) -> torch.Tensor:
+        """mm_token_type_ids of token ids: IMAGE at image pads, VIDEO at video pads, 0 elsewhere."""
+        mm = torch.zeros_like(ids, dtype=torch.int)
+        mm[ids == self.image_token_id] = IMAGE
+        mm[ids == self.video_token_id] = VIDEO
+        return mm
 
     def _shared_prefix(self, rows: list[PreparedRow], query_visuals: int, grids: Mapping[str, tuple[int, int, int]]) -> tuple[int, int]:
         """(tokens, visuals) every row shares: the longest common prefix of token ids, cut back to
