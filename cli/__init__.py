@@ -30,8 +30,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _engine_config(args):
     from engine.config import EngineConfig
 
-    extra = {k: v for k, v in (("max_pixels", args.max_pixels), ("min_pixels", args.min_pixels)) if v is not None}
-    return EngineConfig(**extra)
+    return EngineConfig(min_pixels=args.min_pixels, max_pixels=args.max_pixels)
 
 
 def _read_item(value: str, field: str):

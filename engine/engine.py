@@ -34,6 +34,12 @@ from engine.vision import VisionParams, VisionPreprocessor
 
 log = logging.getLogger(__name__)
 
+# Families whose video path is not implemented, and why (a request with a video gets this, naming the field).
+VIDEO_REFUSAL = {
+    "lychee": "video is not supported for lychee-rerank-mm: Qwen2.5-VL renders videos without Qwen3-VL's per-frame "
+    "timestamps and needs its own temporal positions, which this engine does not implement yet; send frames as images",
+}
+
 
 class RerankEngine:
     def __init__(self, loaded: LoadedModel, tokenizer, cfg: EngineConfig, *, model_id: str):
@@ -49,10 +55,10 @@ class RerankEngine:
         self.yes_id, self.no_id = self._answer_token_ids()
         self.chat_template = self._chat_template()
         folder = loaded.folder or Path(_hub_folder(loaded.source))
-        self.vision_params = VisionParams.from_checkpoint(
-            folder, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels, video_max_pixels=cfg.video_max_pixels,
-            video_fps=cfg.video_fps, video_max_frames=cfg.video_max_frames,
-        )  # fmt: skip
+        try:
+            self.vision_params = VisionParams.from_checkpoint(folder, cfg, loaded.family)
+        except ValueError as e:
+            raise ModelLoadError(f"model: {e}") from None
         self.preprocessor = VisionPreprocessor(
             self.vision_params, max_image_bytes=cfg.max_image_bytes, max_image_pixels=cfg.max_image_pixels, max_video_frames=cfg.max_video_frames
         )
@@ -60,12 +66,12 @@ class RerankEngine:
         self.feature_spec = FeatureSpec(
             vision_fingerprint=_vision_fingerprint(loaded.family, visual),
             vision_precision=str(next(visual.parameters()).dtype).removeprefix("torch."),
-            min_pixels=cfg.min_pixels,
-            max_pixels=cfg.max_pixels,
+            min_pixels=self.vision_params.min_pixels,
+            max_pixels=self.vision_params.max_pixels,
         )
         self.preparer = Preparer(
             cfg, tokenizer, self.chat_template, self.preprocessor, self.feature_spec, self._rope_index,
-            image_token_id=image_token_id, video_token_id=video_token_id,
+            image_token_id=image_token_id, video_token_id=video_token_id, video_refusal=VIDEO_REFUSAL.get(loaded.family),
         )  # fmt: skip
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.forwarder = Forward(
@@ -112,11 +118,7 @@ class RerankEngine:
 
     def _rope_index(self, ids: torch.Tensor, mm: torch.Tensor, image_grid: torch.Tensor | None, video_grid: torch.Tensor | None) -> torch.Tensor:
         """Multimodal rotary positions (3, 1, L) of one whole pair: the model's own function (pure)."""
-        kwargs = {}
-        if self.loaded.family == "lychee" and video_grid is not None:
-            p = self.vision_params
-            kwargs["second_per_grid_ts"] = torch.full((video_grid.shape[0],), p.temporal_patch_size / p.video_fps)
-        positions, _ = self.model.model.get_rope_index(ids, mm_token_type_ids=mm, image_grid_thw=image_grid, video_grid_thw=video_grid, **kwargs)
+        positions, _ = self.model.model.get_rope_index(ids, mm_token_type_ids=mm, image_grid_thw=image_grid, video_grid_thw=video_grid)
         return positions
 
     def describe(self) -> dict:

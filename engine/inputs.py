@@ -39,7 +39,7 @@ class VideoInput:
 
     frames: tuple[ImageInput, ...] = ()
     data: bytes | None = None
-    fps: float | None = None  # native frame rate of `frames`; timestamps need it
+    fps: float | None = None  # frame rate of `frames` for their timestamps; None: the official 2.0
     field: str = "video"
     digest: str = ""  # identity: hash of the file bytes or of the frame digests
 
@@ -62,14 +62,14 @@ class RerankItem:
 
     text: str | None = None
     images: tuple[ImageInput, ...] = ()
-    video: VideoInput | None = None
+    videos: tuple[VideoInput, ...] = ()  # several per side, as the official `format_mm_content` takes
     field: str = "item"  # dotted JSON path (query, documents.3)
 
     @property
     def is_empty(self) -> bool:
         """Nothing given (text None, no image, no video): scored as `NULL`, as the official
         reranker does. An empty string is text, rendered as nothing."""
-        return self.text is None and not self.images and self.video is None
+        return self.text is None and not self.images and not self.videos
 
 
 @dataclass(frozen=True)

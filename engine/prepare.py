@@ -98,6 +98,7 @@ class Preparer:
         *,
         image_token_id: int,
         video_token_id: int,
+        video_refusal: str | None = None,
     ):
         self.cfg = cfg
         self.tokenizer = tokenizer
@@ -107,6 +108,7 @@ class Preparer:
         self.rope_index = rope_index
         self.image_token_id = image_token_id
         self.video_token_id = video_token_id
+        self.video_refusal = video_refusal  # why this model takes no video (None: it does)
         self.merge = vision.params.merge_size**2
         self._keep_tokens = set(tokenizer.all_special_ids) | {image_token_id, video_token_id}
         self._special_strings = [t for t in tokenizer.all_special_tokens + list(getattr(tokenizer, "added_tokens_encoder", {})) if t]
@@ -179,6 +181,8 @@ class Preparer:
         for item in items:
             if item.text:
                 self._check_user_text(item.text, f"{item.field}.text")
+            if item.videos and self.video_refusal:
+                raise InputError(item.videos[0].field, self.video_refusal)
         if req.instruction:
             self._check_user_text(req.instruction, "instruction")
         if req.max_tokens_per_doc is not None:
@@ -197,8 +201,8 @@ class Preparer:
         grids: dict[str, tuple[int, int, int]] = {}
         timestamps: dict[str, tuple[float, ...]] = {}
         for item in items:
-            if item.video is not None:
-                key = self._video(item.video, out, budget)
+            for video in item.videos:
+                key = self._video(video, out, budget)
                 grids[key], timestamps[key] = out.patches[key].grid_thw, out.patches[key].timestamps
             for img in item.images:
                 key = self._image(img, features, out)
@@ -248,9 +252,8 @@ class Preparer:
         return key
 
     def _visuals(self, item: RerankItem) -> list[tuple[str, int]]:
-        """(key, kind) of an item's visuals in prompt order: video first, then images."""
-        found = [(self._video_key(item.video), VIDEO)] if item.video is not None else []
-        return found + [(self.feature_spec.cache_key(img.digest), IMAGE) for img in item.images]
+        """(key, kind) of an item's visuals in prompt order: videos first, then images."""
+        return [(self._video_key(v), VIDEO) for v in item.videos] + [(self.feature_spec.cache_key(img.digest), IMAGE) for img in item.images]
 
     def _video_key(self, video: VideoInput) -> str:
         """A video's key within a batch: videos are encoded per batch, never cached."""

@@ -48,8 +48,7 @@ def item_content(item: RerankItem, prefix: str) -> list[dict]:
     if item.is_empty:
         parts.append({"type": "text", "text": "NULL"})
         return parts
-    if item.video is not None:
-        parts.append({"type": "video"})
+    parts.extend({"type": "video"} for _ in item.videos)
     parts.extend({"type": "image"} for _ in item.images)
     if item.text is not None:
         parts.append({"type": "text", "text": item.text})

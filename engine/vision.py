@@ -1,9 +1,11 @@
 """CPU pre-processing of images and videos into the patch tensors the vision tower reads.
 
-Kept apart from the model step so it can run while the accelerator works. Images go through
-transformers' PIL-backed Qwen2-VL image processor (no torchvision needed); video frames are
-sampled as the reference (qwen-vl-utils) does and patchified with the same layout the Qwen3-VL
-video processor uses, written here because that processor requires torchvision.
+Kept apart from the model step so it can run while the accelerator works. Each step follows the
+official pipeline (the reranker's calls into qwen-vl-utils 0.0.14, then the Qwen3-VL processor):
+images are sized by qwen-vl-utils' `smart_resize` and go through transformers' PIL-backed
+Qwen2-VL image processor; videos are sampled, sized, resized (torchvision's bicubic, re-stated in
+torch because torchvision has no CPU build here), normalised and patchified as qwen-vl-utils and
+the Qwen3-VL video processor do. `tests/engine/test_parity_video.py` holds each against them.
 """
 
 from __future__ import annotations
@@ -17,15 +19,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from engine.config import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, EngineConfig
 from engine.errors import ImageDecodeError, ImageTooLarge, InputError
 from engine.inputs import VideoInput
 
 
 @dataclass(frozen=True)
 class VisionParams:
-    """The checkpoint's image-processor settings plus our (configurable) pixel limits."""
+    """The checkpoint's image-processor settings plus the pixel and frame limits in force."""
 
     patch_size: int
     temporal_patch_size: int
@@ -34,30 +37,56 @@ class VisionParams:
     image_std: tuple[float, float, float]
     min_pixels: int
     max_pixels: int
-    video_max_pixels: int
-    video_fps: float
-    video_max_frames: int
+    video_fps: float = 1.0
+    video_max_frames: int = 64
+    video_min_pixels: int = 128 * 32 * 32
+    video_max_pixels: int = 768 * 32 * 32
+    video_total_pixels: int = 10 * 768 * 32 * 32
+    video_file_total_pixels: int = int(128000 * 32 * 32 * 0.9)
+    frame_list_fps: float = 2.0
 
     @property
     def factor(self) -> int:
         return self.patch_size * self.merge_size
 
     @classmethod
-    def from_checkpoint(cls, folder: Path, *, min_pixels: int, max_pixels: int, video_max_pixels: int, video_fps: float, video_max_frames: int) -> VisionParams:
+    def from_checkpoint(cls, folder: Path, cfg: EngineConfig, family: str) -> VisionParams:
+        """Patch geometry from the checkpoint's preprocessor_config.json; image limits from `cfg`,
+        or where `cfg` leaves them unset the family's official ones: Qwen3-VL-Reranker's constants,
+        or for lychee-rerank-mm (Qwen2.5-VL) the limits its checkpoint's processor declares."""
         cfg_path = folder / "preprocessor_config.json"
-        cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+        pre = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+        if family == "lychee":
+            size = pre.get("size") or {}
+            default_min = int(pre.get("min_pixels") or size.get("shortest_edge") or QWEN2_5_VL_MIN_PIXELS)
+            default_max = int(pre.get("max_pixels") or size.get("longest_edge") or QWEN2_5_VL_MAX_PIXELS)
+        else:
+            default_min, default_max = DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS
+        min_pixels = cfg.min_pixels if cfg.min_pixels is not None else default_min
+        max_pixels = cfg.max_pixels if cfg.max_pixels is not None else default_max
+        if min_pixels > max_pixels:
+            raise ValueError(f"min_pixels ({min_pixels}) must not exceed max_pixels ({max_pixels})")
         return cls(
-            patch_size=int(cfg.get("patch_size", 16)),
-            temporal_patch_size=int(cfg.get("temporal_patch_size", 2)),
-            merge_size=int(cfg.get("merge_size", 2)),
-            image_mean=tuple(cfg.get("image_mean", (0.5, 0.5, 0.5))),  # type: ignore[arg-type]
-            image_std=tuple(cfg.get("image_std", (0.5, 0.5, 0.5))),  # type: ignore[arg-type]
+            patch_size=int(pre.get("patch_size", 16)),
+            temporal_patch_size=int(pre.get("temporal_patch_size", 2)),
+            merge_size=int(pre.get("merge_size", 2)),
+            image_mean=tuple(pre.get("image_mean", (0.5, 0.5, 0.5))),  # type: ignore[arg-type]
+            image_std=tuple(pre.get("image_std", (0.5, 0.5, 0.5))),  # type: ignore[arg-type]
             min_pixels=min_pixels,
             max_pixels=max_pixels,
-            video_max_pixels=video_max_pixels,
-            video_fps=video_fps,
-            video_max_frames=video_max_frames,
+            video_fps=cfg.video_fps,
+            video_max_frames=cfg.video_max_frames,
+            video_min_pixels=cfg.video_min_pixels,
+            video_max_pixels=cfg.video_max_pixels,
+            video_total_pixels=cfg.video_total_pixels,
+            video_file_total_pixels=cfg.video_file_total_pixels,
+            frame_list_fps=cfg.frame_list_fps,
         )
+
+
+# Qwen2.5-VL's image processor defaults, for a lychee checkpoint that declares no limits.
+QWEN2_5_VL_MIN_PIXELS = 56 * 56
+QWEN2_5_VL_MAX_PIXELS = 28 * 28 * 1280
 
 
 @dataclass(frozen=True)
@@ -120,51 +149,89 @@ class VisionPreprocessor:
         return PixelPatches(out["pixel_values"].to(torch.float32), (t, h, w))
 
     def video(self, video: VideoInput, field: str, budget: PixelBudget | None = None) -> PixelPatches:
-        p = self.params
-        frames, indices, fps = self._sample_frames(video, field, budget)
-        w0, h0 = frames[0].size
-        max_px = max(p.video_max_pixels, p.min_pixels)
-        try:
-            h, w = smart_resize(h0, w0, factor=p.factor, min_pixels=p.min_pixels, max_pixels=max_px)
-        except ValueError as e:  # e.g. aspect ratio over 200
-            raise InputError(field, f"video frames cannot be resized: {e}") from None
-        arr = np.stack([np.asarray(f.resize((w, h), Image.BICUBIC), dtype=np.float32) / 255.0 for f in frames])
-        arr = (arr - np.asarray(p.image_mean, np.float32)) / np.asarray(p.image_std, np.float32)
-        arr = arr.transpose(0, 3, 1, 2)  # T, C, H, W
-        pixel_values, grid = patchify_video(arr, p.patch_size, p.temporal_patch_size, p.merge_size)
-        return PixelPatches(torch.from_numpy(pixel_values), grid, frame_timestamps(indices, fps, p.temporal_patch_size))
-
-    def _sample_frames(self, video: VideoInput, field: str, budget: PixelBudget | None) -> tuple[list[Image.Image], list[int], float]:
+        """A video as the official pipeline makes it: qwen-vl-utils' `fetch_video` (frames picked,
+        each frame's area bounded by the per-frame limits and the whole video's pixel cap, resized
+        by torchvision's bicubic), then the Qwen3-VL video processor (with `do_resize=False`):
+        rescale and normalise fused, patchify, one timestamp per temporal group."""
         p = self.params
         if video.frames:
-            native_fps = video.fps or p.video_fps
-            idx = sample_frame_indices(len(video.frames), native_fps, native_fps, p.video_max_frames, p.temporal_patch_size)
-            # Only the sampled frames are decoded.
-            frames = [self.decode(video.frames[i].data or b"", f"{field}.{i}", budget) for i in idx]
+            frames, indices, fps = self._frame_list(video, field, budget)
+            total_pixels = p.video_total_pixels
         else:
-            frames, idx, native_fps = decode_sampled_video(video.data or b"", field, self, budget)
-        if len({f.size for f in frames}) != 1:
+            frames, indices, fps = decode_sampled_video(video.data or b"", field, self, budget)
+            total_pixels = p.video_file_total_pixels
+        w0, h0 = frames[0].size
+        max_px = max(min(p.video_max_pixels, total_pixels / len(frames) * FRAME_FACTOR), int(p.video_min_pixels * 1.05))
+        try:
+            h, w = reference_size(h0, w0, p.factor, p.video_min_pixels, max_px)
+        except ValueError as e:  # e.g. aspect ratio over 200
+            raise InputError(field, f"video frames cannot be resized: {e}") from None
+        mean = torch.tensor([m * (1 / RESCALE) for m in p.image_mean], dtype=torch.float32)[:, None, None]
+        std = torch.tensor([s * (1 / RESCALE) for s in p.image_std], dtype=torch.float32)[:, None, None]
+        temporal = p.temporal_patch_size
+        frames = frames + [frames[-1]] * (-len(frames) % temporal)  # the processor pads with the last frame
+        grid = (len(frames) // temporal, h // p.patch_size, w // p.patch_size)
+        per_group = grid[1] * grid[2]
+        pixel_values = torch.empty((grid[0] * per_group, 3 * temporal * p.patch_size**2), dtype=torch.float32)
+        # One temporal group at a time: memory holds the output and two float frames, never the whole float video.
+        for g in range(grid[0]):
+            group = torch.stack([resize_like_torchvision(frame_tensor(f), h, w) for f in frames[g * temporal : (g + 1) * temporal]])
+            pixel_values[g * per_group : (g + 1) * per_group] = patchify_video((group - mean) / std, p.patch_size, temporal, p.merge_size)[0]
+        return PixelPatches(pixel_values, grid, frame_timestamps(indices, fps, temporal))
+
+    def _frame_list(self, video: VideoInput, field: str, budget: PixelBudget | None) -> tuple[list[Image.Image], list[int], float]:
+        """A video given as frames, as the official reranker and qwen-vl-utils take it: every frame
+        up to `video_max_frames`, more picked by `linspace` (rounded down); each frame resized by
+        `fetch_image` on its own first (qwen-vl-utils passes its factor as the patch size there, so
+        sides snap to multiples of twice the factor); an odd count padded with the last frame;
+        timestamps at `frame_list_fps` (2.0, qwen-vl-utils' sample_fps) unless the video gives one."""
+        p = self.params
+        snap = 2 * p.factor
+        frames = []
+        for i in frame_list_indices(len(video.frames), p.video_max_frames):
+            img = self.decode(video.frames[i].data or b"", f"{field}.{i}", budget)  # only the kept frames are decoded
+            try:
+                h, w = reference_size(img.height, img.width, snap, 4 * snap * snap, 16384 * snap * snap)
+            except ValueError as e:
+                raise InputError(f"{field}.{i}", f"video frame cannot be resized: {e}") from None
+            frames.append(img.resize((w, h)))
+        if len({f.size for f in frames}) != 1:  # the official torch.stack fails here
             raise InputError(field, "all video frames must have the same size")
-        return frames, idx, native_fps
+        while len(frames) % FRAME_FACTOR:
+            frames.append(frames[-1])
+        return frames, list(range(len(frames))), video.fps or p.frame_list_fps
 
 
-def sample_frame_indices(total: int, native_fps: float, fps: float, max_frames: int, multiple: int = 2, min_frames: int = 4) -> list[int]:
-    """Frame indices as qwen-vl-utils (`smart_nframes`) samples them: `fps` per second of video,
-    between `min_frames` and `max_frames`, a multiple of the temporal patch size, spread evenly
-    from the first to the last frame."""
+FRAME_FACTOR = 2  # qwen-vl-utils: frame counts are multiples of 2
+RESCALE = 1 / 255  # the video processor's rescale_factor, fused into the normalisation as it does
+
+
+def frame_list_indices(total: int, max_frames: int) -> list[int]:
+    """The official reranker's `sample_frames`: all frames up to `max_frames`, else
+    `np.linspace(0, total - 1, max_frames, dtype=int)` (rounded down)."""
+    if total <= max_frames:
+        return list(range(total))
+    return [int(i) for i in np.linspace(0, total - 1, max_frames, dtype=int)]
+
+
+def sample_frame_indices(total: int, native_fps: float, fps: float, max_frames: int, min_frames: int = 4) -> list[int]:
+    """Frame indices of a video file as qwen-vl-utils picks them: `smart_nframes` (`fps` per second
+    of video, between `min_frames` and `max_frames`, a multiple of 2, at most every frame), then its
+    readers' `torch.linspace(0, total - 1, n).round()` (float32, ties to even)."""
     if total < 1:
         raise ValueError("video has no frames")
-    lo = math.ceil(min_frames / multiple) * multiple
-    hi = math.floor(min(max_frames, total) / multiple) * multiple
+    lo = math.ceil(min_frames / FRAME_FACTOR) * FRAME_FACTOR
+    hi = math.floor(max_frames / FRAME_FACTOR) * FRAME_FACTOR
     n = min(max(total / native_fps * fps, lo), hi, total)
-    n = math.floor(n / multiple) * multiple
-    if n < multiple:  # a clip shorter than one temporal patch: keep every frame, patchify pads
+    n = math.floor(n / FRAME_FACTOR) * FRAME_FACTOR
+    if n < FRAME_FACTOR:  # one frame: qwen-vl-utils refuses it; here it is kept (and padded)
         return list(range(total))
-    return [int(x) for x in np.rint(np.linspace(0, total - 1, n))]
+    return torch.linspace(0, total - 1, n).round().long().tolist()
 
 
 def frame_timestamps(indices: list[int], fps: float, temporal: int) -> tuple[float, ...]:
-    """Seconds of each temporal group: mean of its first and last frame time, as Qwen3-VL renders them."""
+    """Seconds of each temporal group, as the Qwen3-VL processor's `_calculate_timestamps`: the
+    indices padded with the last, each over `fps`, the mean of a group's first and last."""
     idx = list(indices)
     while len(idx) % temporal:
         idx.append(idx[-1])
@@ -172,16 +239,33 @@ def frame_timestamps(indices: list[int], fps: float, temporal: int) -> tuple[flo
     return tuple((t[i] + t[i + temporal - 1]) / 2 for i in range(0, len(t), temporal))
 
 
-def patchify_video(frames: np.ndarray, patch: int, temporal: int, merge: int) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """(T, C, H, W) normalised frames -> (groups*gh*gw, C*temporal*patch*patch), Qwen2/3-VL order."""
+def frame_tensor(img: Image.Image) -> torch.Tensor:
+    """An RGB frame as a (C, H, W) uint8 tensor, as qwen-vl-utils stacks them."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8).transpose(2, 0, 1).copy())
+
+
+def resize_like_torchvision(frame: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(C, H, W) uint8 -> (C, height, width) float32 as qwen-vl-utils resizes video frames
+    (`torchvision.transforms.functional.resize`, bicubic, antialias, on uint8: interpolated in
+    float32, clamped, rounded back to uint8; then `.float()`). Frame by frame: the interpolation
+    is per plane, so this equals resizing the stacked video, with one frame's memory at a time."""
+    if tuple(frame.shape[1:]) == (height, width):
+        return frame.float()
+    out = torch.nn.functional.interpolate(frame[None].float(), size=(height, width), mode="bicubic", align_corners=False, antialias=True)
+    return out.clamp(0, 255).round().to(torch.uint8)[0].float()
+
+
+def patchify_video(frames: torch.Tensor, patch: int, temporal: int, merge: int) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """(T, C, H, W) normalised frames -> (groups*gh*gw, C*temporal*patch*patch), the Qwen3-VL video
+    processor's layout (frames padded to a multiple of `temporal` with the last)."""
     t, c, h, w = frames.shape
-    if t % temporal:
-        frames = np.concatenate([frames, np.repeat(frames[-1:], temporal - t % temporal, axis=0)])
-        t = frames.shape[0]
+    if pad := -t % temporal:
+        frames = torch.cat([frames, frames[-1:].expand(pad, -1, -1, -1)])
+        t += pad
     gt, gh, gw = t // temporal, h // patch, w // patch
     x = frames.reshape(gt, temporal, c, gh // merge, merge, patch, gw // merge, merge, patch)
-    x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
-    return np.ascontiguousarray(x.reshape(gt * gh * gw, c * temporal * patch * patch), dtype=np.float32), (gt, gh, gw)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return x.reshape(gt * gh * gw, c * temporal * patch * patch).contiguous(), (gt, gh, gw)
 
 
 def decode_sampled_video(data: bytes, field: str, pre: VisionPreprocessor, budget: PixelBudget | None) -> tuple[list[Image.Image], list[int], float]:
@@ -213,7 +297,7 @@ def decode_sampled_video(data: bytes, field: str, pre: VisionPreprocessor, budge
             # Every frame is decoded (codecs need the ones before), so all of them are charged.
             if budget is not None:
                 budget.charge(total * width * height, field)
-            wanted = sample_frame_indices(total, fps, p.video_fps, p.video_max_frames, p.temporal_patch_size)
+            wanted = sample_frame_indices(total, fps, p.video_fps, p.video_max_frames)
             keep = set(wanted)
             container.seek(0)
             frames: dict[int, Image.Image] = {}
@@ -237,7 +321,7 @@ def decode_sampled_video(data: bytes, field: str, pre: VisionPreprocessor, budge
         # The container over-reported its frame count: sample the frames it really has, each
         # index served by the nearest frame that was kept.
         kept = sorted(frames)
-        wanted = [min(kept, key=lambda k: abs(k - w)) for w in sample_frame_indices(decoded, fps, p.video_fps, p.video_max_frames, p.temporal_patch_size)]
+        wanted = [min(kept, key=lambda k: abs(k - w)) for w in sample_frame_indices(decoded, fps, p.video_fps, p.video_max_frames)]
     return [frames[i] for i in wanted], wanted, fps
 
 

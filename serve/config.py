@@ -13,7 +13,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
-from engine.config import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, EngineConfig
+from engine.config import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, VIDEO_TOTAL_PIXELS, EngineConfig
 from engine.errors import ConfigError
 from engine.prompt import DEFAULT_INSTRUCTION
 
@@ -36,12 +36,22 @@ class ModelConfig(_Strict):
         10240, ge=64, description="Tokens of a pair's body (all but its final 5), as the official reranker's MAX_LENGTH; "
         "longer bodies lose ordinary tokens from their end, special and vision tokens are kept.",
     )
-    min_pixels: int = Field(DEFAULT_MIN_PIXELS, ge=1, description="Smallest image area after resize.")
-    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Largest image area after resize.")
-    video_fps: float = Field(1.0, gt=0, description="Frames sampled per second of video.")
-    video_max_frames: int = Field(64, ge=2, description="Most frames sampled from one video.")
-    video_max_pixels: int = Field(
-        768 * 32 * 32, ge=1, description="Largest area of one video frame after resize (videos are costlier than images)."
+    min_pixels: int | None = Field(
+        None, ge=1, description="Smallest image area after resize; default: the model's official limit "
+        f"(Qwen3-VL-Reranker {DEFAULT_MIN_PIXELS}; lychee-rerank-mm: its checkpoint's processor).",
+    )
+    max_pixels: int | None = Field(
+        None, ge=1, description="Largest image area after resize; default: the model's official limit "
+        f"(Qwen3-VL-Reranker {DEFAULT_MAX_PIXELS}; lychee-rerank-mm: its checkpoint's processor).",
+    )
+    video_fps: float = Field(1.0, gt=0, description="Frames sampled per second of a video file (official FPS).")
+    video_max_frames: int = Field(
+        64, ge=2, description="Most frames sampled from a video file, and kept from a frame list (official MAX_FRAMES)."
+    )
+    video_min_pixels: int = Field(VIDEO_MIN_PIXELS, ge=1, description="Smallest area of one video frame after resize (qwen-vl-utils).")
+    video_max_pixels: int = Field(VIDEO_MAX_PIXELS, ge=1, description="Largest area of one video frame after resize (official FRAME_MAX_PIXELS).")
+    video_total_pixels: int = Field(
+        VIDEO_TOTAL_PIXELS, ge=1, description="Largest area of a frame-list video's frames together (official MAX_TOTAL_PIXELS)."
     )
     default_instruction: str = Field(DEFAULT_INSTRUCTION, min_length=1, description="Instruction when a request gives none.")
     max_batch_tokens: int = Field(
@@ -55,7 +65,7 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _pixels_ordered(self) -> ModelConfig:
-        if self.min_pixels > self.max_pixels:
+        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
             raise ValueError(f"min_pixels ({self.min_pixels}) must not exceed max_pixels ({self.max_pixels})")
         return self
 
@@ -187,7 +197,8 @@ class FleetConfig(_Strict):
         m, lim = self.model, self.limits
         return EngineConfig(
             max_length=m.max_length, min_pixels=m.min_pixels, max_pixels=m.max_pixels, video_fps=m.video_fps,
-            video_max_frames=m.video_max_frames, video_max_pixels=m.video_max_pixels, default_instruction=m.default_instruction,
+            video_max_frames=m.video_max_frames, video_min_pixels=m.video_min_pixels, video_max_pixels=m.video_max_pixels,
+            video_total_pixels=m.video_total_pixels, default_instruction=m.default_instruction,
             max_batch_tokens=m.max_batch_tokens, share_prefix=m.share_prefix, max_image_bytes=lim.max_image_bytes,
             max_image_pixels=lim.max_image_pixels, max_request_pixels=lim.max_request_pixels, max_video_frames=lim.max_video_file_frames,
         )  # fmt: skip

@@ -204,8 +204,8 @@ class MediaFetcher:
 
     async def resolve_item(self, spec: ItemSpec, *, use_memo: bool = True) -> RerankItem:
         images = await asyncio.gather(*(self.image(ref, use_memo=use_memo) for ref in spec.images))
-        video = await self.video(spec.video) if spec.video is not None else None
-        return RerankItem(text=spec.text, images=tuple(images), video=video, field=spec.field)
+        videos = await asyncio.gather(*(self.video(v) for v in spec.videos))
+        return RerankItem(text=spec.text, images=tuple(images), videos=tuple(videos), field=spec.field)
 
     async def image(self, ref: MediaRef, *, use_memo: bool = True) -> ImageInput:
         if not _is_url(ref.ref):

@@ -66,7 +66,7 @@ class ContentPart(_Body):
 
 
 class InputItem(_Body):
-    """A query or document: text, images and at most one video; or content parts; or (on input) a plain string."""
+    """A query or document: text, images and a video; or content parts (any number of texts, images and videos); or (on input) a plain string."""
 
     text: str | None = Field(None, description="Text of the item. An item with no text, image or video is scored as NULL (the official behaviour).")
     image: str | list[str] | None = Field(None, description="One image or a list: http(s) URL, data URI or base64 each.")
@@ -118,12 +118,10 @@ class InputItem(_Body):
                     videos.append(VideoSpec(source=MediaRef(ref=str(ref), field=f"{where}.video_url"), field=f"{where}.video_url"))
                 else:
                     videos.append(_video_spec(part.video, f"{where}.video"))  # type: ignore[arg-type]
-        if len(videos) > 1:
-            raise InputError(field, f"at most one video per item, got {len(videos)}")
         # Several texts render back to back, as the official template renders consecutive text parts.
         text = "".join(texts) if texts else None
         # Nothing at all ({} as an item) is scored as NULL, as the official reranker does.
-        return ItemSpec(text=text, images=images, video=videos[0] if videos else None, field=field)
+        return ItemSpec(text=text, images=images, videos=videos, field=field)
 
 
 def _as_list(value: str | list[str] | None) -> list[str]:
@@ -167,7 +165,7 @@ class ItemSpec(BaseModel):
 
     text: str | None = Field(None, description="Text (content-part texts joined, as the template renders them).")
     images: list[MediaRef] = Field(default_factory=list, description="Image references in order.")
-    video: VideoSpec | None = Field(None, description="At most one video.")
+    videos: list[VideoSpec] = Field(default_factory=list, description="Video references in order.")
     field: str = Field(..., description="Dotted JSON path of the item (query, documents.3, texts.0).")
 
 
@@ -199,10 +197,9 @@ class RerankRequest(BaseModel):
                 raise InputError(item.field, f"text has {len(item.text)} characters, over the limit of {limits.max_text_chars}")
             if len(item.images) > limits.max_images_per_item:
                 raise InputError(item.field, f"{len(item.images)} images, over the limit of {limits.max_images_per_item}")
-            if item.video is not None and len(item.video.frames) > limits.max_video_frames:
-                raise InputError(
-                    item.video.field, f"{len(item.video.frames)} frames, over the limit of {limits.max_video_frames}"
-                )
+            for video in item.videos:
+                if len(video.frames) > limits.max_video_frames:
+                    raise InputError(video.field, f"{len(video.frames)} frames, over the limit of {limits.max_video_frames}")
         if self.instruction is not None and len(self.instruction) > limits.max_text_chars:
             raise InputError("instruction", f"{len(self.instruction)} characters, over the limit of {limits.max_text_chars}")
 
