@@ -76,7 +76,7 @@ def test_a_small_video_of_thousands_of_frames_is_refused_before_decoding(engine_
     data = _mp4(6000, 32)
     assert len(data) < 2 * MIB
     before = rss()
-    req = ScoreRequest.of("q", [RerankItem(video=VideoInput.of_file(data, "documents.0.video"))])
+    req = ScoreRequest.of("q", [RerankItem(videos=(VideoInput.of_file(data, "documents.0.video"),))])
     with pytest.raises(ImageTooLarge, match=r"documents.0.video: video has 6000 frames, over the limit of 4096 \(max_video_frames\)"):
         eng.prepare(req)
     assert rss() - before < 64 * MIB
@@ -85,7 +85,7 @@ def test_a_small_video_of_thousands_of_frames_is_refused_before_decoding(engine_
 def test_a_long_video_is_sampled_while_decoding_with_bounded_memory(engine_for):
     eng = engine_for("fp32")
     data = _mp4(720, 320)  # 30 s at 24 fps: 720 frames of 300 KB as RGB (216 MB if all were kept)
-    req = ScoreRequest.of("q", [RerankItem(video=VideoInput.of_file(data, "documents.0.video"))])
+    req = ScoreRequest.of("q", [RerankItem(videos=(VideoInput.of_file(data, "documents.0.video"),))])
     before = rss()
     prepared = eng.prepare(req)
     grown = rss() - before
@@ -98,6 +98,6 @@ def test_a_long_video_is_sampled_while_decoding_with_bounded_memory(engine_for):
 
 def test_the_request_budget_counts_video_frames_too(engine_for):
     eng = engine_for("fp32", max_request_pixels=100 * 320 * 320)
-    req = ScoreRequest.of("q", [RerankItem(video=VideoInput.of_file(_mp4(240, 320), "documents.0.video"))])
+    req = ScoreRequest.of("q", [RerankItem(videos=(VideoInput.of_file(_mp4(240, 320), "documents.0.video"),))])
     with pytest.raises(ImageTooLarge, match="documents.0.video: .*max_request_pixels"):
         eng.prepare(req)

@@ -167,7 +167,7 @@ def test_video_frames_score_as_video(engine_for):
     eng = engine_for("fp32")
     rng = random.Random(3)
     frames = tuple(_img(Thing("red", "circle"), rng) for _ in range(4))
-    req = ScoreRequest.of("red circle", [RerankItem(video=VideoInput.of_frames(frames, fps=2.0))])
+    req = ScoreRequest.of("red circle", [RerankItem(videos=(VideoInput.of_frames(frames, fps=2.0),))])
     prepared = eng.prepare(req)
     (row,) = prepared.rows
     assert row.kinds == (VIDEO,)
@@ -189,10 +189,10 @@ def test_a_shared_query_video_runs_the_vit_once(engine_for, monkeypatch):
     calls = []
     real_vit = eng.forwarder._vit
     monkeypatch.setattr(eng.forwarder, "_vit", lambda patches: calls.append(len(patches)) or real_vit(patches))
-    shared = eng.score(RerankItem(video=video), docs)
+    shared = eng.score(RerankItem(videos=(video,)), docs)
     assert calls == [1]
     monkeypatch.undo()
-    alone = [eng.score(RerankItem(video=video), [d])[0] for d in docs]
+    alone = [eng.score(RerankItem(videos=(video,)), [d])[0] for d in docs]
     assert max(abs(a - b) for a, b in zip(shared, alone)) <= 1e-5
 
 
@@ -260,7 +260,7 @@ def test_video_file_is_sampled_at_fps_and_scored(engine_for):
     eng = engine_for("fp32")
     rng = random.Random(11)
     data = mp4([draw(Thing("blue", "square"), rng) for _ in range(12)], fps=4)  # 3 seconds
-    req = ScoreRequest.of("blue square", [RerankItem(video=VideoInput.of_file(data, "documents.0.video"))])
+    req = ScoreRequest.of("blue square", [RerankItem(videos=(VideoInput.of_file(data, "documents.0.video"),))])
     prepared = eng.prepare(req)
     # 3 s at the default 1 fps -> the reference's minimum of 4 frames -> 2 temporal groups.
     assert sample_frame_indices(12, 4.0, 1.0, 64) == [0, 4, 7, 11]
@@ -270,4 +270,4 @@ def test_video_file_is_sampled_at_fps_and_scored(engine_for):
     (s,) = eng.forward([prepared])[0].scores
     assert 0.0 < s < 1.0
     with pytest.raises(ImageDecodeError, match="documents.0.video"):
-        eng.score("q", [RerankItem(video=VideoInput.of_file(b"not a video", "documents.0.video"))])
+        eng.score("q", [RerankItem(videos=(VideoInput.of_file(b"not a video", "documents.0.video"),))])

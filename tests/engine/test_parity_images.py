@@ -4,13 +4,10 @@ image_patch_size=16 and the reranker's min/max pixels) followed by the processor
 images are composited onto white; a side under the patch factor is clamped up as its
 `smart_resize` does; the pixel tensors and grids are identical, so are the scores.
 
-qwen-vl-utils imports torchvision at the top of the module (its video readers), and torchvision
-has no CPU build here: the import is made with an empty stand-in for torchvision, removed again
-right after; the image functions compared never touch it."""
+The `qwen_vl_utils` fixture (conftest) imports qwen-vl-utils' image functions in this process;
+its video path runs in the official reference's own process (`test_parity_video.py`)."""
 
 import io
-import sys
-import types
 
 import pytest
 import torch
@@ -18,26 +15,6 @@ from PIL import Image
 
 from engine.config import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 from engine.inputs import ImageInput, RerankItem, ScoreRequest
-
-
-@pytest.fixture(scope="module")
-def qwen_vl_utils():
-    stand_in = types.ModuleType("torchvision")
-    stand_in.io = types.ModuleType("torchvision.io")
-    stand_in.transforms = types.ModuleType("torchvision.transforms")
-    stand_in.transforms.InterpolationMode = types.SimpleNamespace(BICUBIC="bicubic", BILINEAR="bilinear")
-    names = {"torchvision": stand_in, "torchvision.io": stand_in.io, "torchvision.transforms": stand_in.transforms}
-    saved = {n: sys.modules.get(n) for n in names}
-    sys.modules.update(names)
-    try:
-        import qwen_vl_utils.vision_process as vp
-    finally:
-        for n, m in saved.items():
-            if m is None:
-                sys.modules.pop(n, None)
-            else:
-                sys.modules[n] = m
-    return vp
 
 
 def _png(img: Image.Image) -> bytes:

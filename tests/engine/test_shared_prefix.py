@@ -30,7 +30,7 @@ def requests():
         RerankItem(images=(_img(rng, "red", "circle"),)),
         RerankItem(text="caption", images=(_img(rng, "green", "cross", 128), _img(rng, "yellow", "square"))),
         RerankItem(text="an image showing a red circle " * 6),
-        RerankItem(video=VideoInput.of_frames(tuple(_img(rng) for _ in range(4)), fps=2.0)),
+        RerankItem(videos=(VideoInput.of_frames(tuple(_img(rng) for _ in range(4)), fps=2.0),)),
     ]
     long_query = " and ".join(f"find a {c} {s}" for c in ("red", "blue", "green") for s in ("circle", "square", "cross")) * 3
     return {
@@ -38,7 +38,7 @@ def requests():
         "long text query": ScoreRequest.of(long_query, docs[:4]),
         "image query": ScoreRequest.of(RerankItem(images=(_img(rng, "blue", "square"),)), docs),
         "image+text query": ScoreRequest.of(RerankItem(text="like this", images=(_img(rng, "purple", "cross"), _img(rng))), docs[:3]),
-        "video query": ScoreRequest.of(RerankItem(video=VideoInput.of_frames(tuple(_img(rng, "green") for _ in range(6)), fps=2.0)), docs[:4]),
+        "video query": ScoreRequest.of(RerankItem(videos=(VideoInput.of_frames(tuple(_img(rng, "green") for _ in range(6)), fps=2.0),)), docs[:4]),
         "same query again": ScoreRequest.of("red circle", docs[2:], instruction=None),
         "custom instruction": ScoreRequest.of("red circle", docs[:3], instruction="Find shapes of the same colour."),
         "one document": ScoreRequest.of("red circle", docs[:1]),

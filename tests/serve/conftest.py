@@ -296,3 +296,19 @@ def chaos_app(ray_serve, private_redis, tiny_model):
     finally:
         app.client.close()
         serve.delete("chaos")
+
+
+@pytest.fixture(scope="module")
+def parity_app(ray_serve, tiny_model):
+    """One fp32 arm, no cache, text and body limits wide enough for the parity items (a pair of
+    10k tokens, 70-frame videos sent inline)."""
+    from ray import serve
+
+    fleet = _fleet(tiny_model, [_arm("fp32", 1.0)], None)
+    fleet["limits"].update(max_text_chars=200_000, max_request_bytes=8 * 1024 * 1024)
+    app = _deploy(ray_serve, "parity", "/parity", fleet, None)
+    try:
+        yield app
+    finally:
+        app.client.close()
+        serve.delete("parity")

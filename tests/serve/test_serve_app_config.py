@@ -12,7 +12,7 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from engine.config import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, EngineConfig
+from engine.config import VIDEO_TOTAL_PIXELS, EngineConfig
 from engine.errors import ConfigError
 from serve.app import APP_NAME, IMPORT_PATH, build_app, load_fleet, resolve_model, serve_config
 from serve.config import FleetConfig
@@ -128,7 +128,10 @@ def test_engine_config_carries_the_model_settings_and_decode_limits():
     # The defaults of both sides agree.
     default = FleetConfig.from_dict({"arms": [{"name": "a", "precision": "fp32"}]})
     assert default.engine_config() == EngineConfig()
-    assert (default.model.min_pixels, default.model.max_pixels) == (DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS)
+    # Image limits unset: the engine takes the model family's official ones (Qwen3-VL-Reranker's
+    # constants, lychee's from its checkpoint), so a lychee fleet never gets Qwen3-VL's.
+    assert (default.model.min_pixels, default.model.max_pixels) == (None, None)
+    assert default.model.video_total_pixels == VIDEO_TOTAL_PIXELS == 10 * 768 * 32 * 32
     assert (default.limits.max_image_pixels, default.limits.max_request_pixels) == (32 * 1024 * 1024, 128 * 1024 * 1024)
     assert default.arms[0].batching.batch_wait_timeout_s == 0.0
     assert (default.arms[0].torch_threads, default.arms[0].prepare_workers) == (None, 1)

@@ -167,7 +167,7 @@ def test_item_resolution_and_url_memo(media_server):
     first, second, fresh, no_memo, downloaded, recorded = asyncio.run(go())
     data = media_server.images["/other.png"]
     digest = sha256_hex(data)
-    assert isinstance(first, RerankItem) and (first.text, first.field, first.video) == ("q", "query", None)
+    assert isinstance(first, RerankItem) and (first.text, first.field, first.videos) == ("q", "query", ())
     assert first.images == (ImageInput(digest, data, "query.image", url),)
     assert second.images == (ImageInput(digest=digest, data=None, field="query.image", url=url),)
     assert (second.text, second.field) == ("q", "query")
@@ -206,7 +206,7 @@ def test_resolve_items_keeps_order_and_fields_and_raises_the_first_failure(media
     assert items[1].images == ()
     assert items[2].images == (ImageInput.of(png, "documents.1.image.0"), ImageInput.of(other, "documents.1.image.1", media_server.url("/other.png")))
     frames = (ImageInput.of(png, "documents.2.video.0"), ImageInput.of(png, "documents.2.video.1"))
-    assert items[3].video == VideoInput.of_frames(frames, "documents.2.video") and items[3].images == ()
+    assert items[3].videos == (VideoInput.of_frames(frames, "documents.2.video"),) and items[3].images == ()
     assert error.field == "documents.1.image" and "HTTP 404" in error.problem  # the first failure in field order
 
 

@@ -61,9 +61,9 @@ def test_multimodal_item_shapes_and_field_paths():
     assert d1.text == "caption" and d1.images[0].ref == "https://x/3.png"  # text parts back to back, as the template
     assert d1.images[0].field == "documents.1.content.0.image_url"
     assert d2.images[0].field == "documents.2.content.0.image"
-    assert [f.field for f in d2.video.frames] == ["documents.2.content.1.video.0", "documents.2.content.1.video.1"]
-    assert d3.video.source.ref == "https://x/v.mp4" and d3.video.field == "documents.3.content.0.video_url"
-    assert d4.video.source.field == "documents.4.video" and d4.text == "clip"
+    assert [f.field for f in d2.videos[0].frames] == ["documents.2.content.1.video.0", "documents.2.content.1.video.1"]
+    assert d3.videos[0].source.ref == "https://x/v.mp4" and d3.videos[0].field == "documents.3.content.0.video_url"
+    assert d4.videos[0].source.field == "documents.4.video" and d4.text == "clip"
     assert req.return_documents is True  # Jina's default
 
 
@@ -97,15 +97,15 @@ def test_unknown_top_level_field_and_bad_top_n():
     assert {"top_k", "top_n"} <= set(locs(e.value))
 
 
-def test_empty_items_are_kept_for_null_and_two_videos_are_an_input_error():
+def test_empty_items_are_kept_for_null_and_several_videos_per_side_are_accepted():
     req = CohereRerankRequest.model_validate({"query": "q", "documents": ["ok", {"text": ""}, {}]}).to_internal()
     # Official: an item with nothing is scored as NULL; an empty string is text, rendered as nothing.
-    assert [(d.text, d.images, d.video) for d in req.documents] == [("ok", [], None), ("", [], None), (None, [], None)]
-    with pytest.raises(InputError) as e:
-        JinaRerankRequest.model_validate(
-            {"query": {"content": [{"type": "video", "video": "a"}, {"type": "video_url", "video_url": "b"}]}, "documents": ["d"]}
-        ).to_internal()
-    assert e.value.field == "query" and "one video" in e.value.problem
+    assert [(d.text, d.images, d.videos) for d in req.documents] == [("ok", [], []), ("", [], []), (None, [], [])]
+    # Official `format_mm_content` takes a list of videos per side: each becomes a video part, in order.
+    two = JinaRerankRequest.model_validate(
+        {"query": {"content": [{"type": "video", "video": "a"}, {"type": "video_url", "video_url": "b"}]}, "documents": ["d"]}
+    ).to_internal()
+    assert [(v.source.ref, v.field) for v in two.query.videos] == [("a", "query.content.0.video"), ("b", "query.content.1.video_url")]
 
 
 def test_limits_name_the_field():
