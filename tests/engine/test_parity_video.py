@@ -133,3 +133,16 @@ def test_frames_of_different_sizes_are_a_named_input_error(engine_for):
     req = engine_request(Case("odd", Side(text="q"), [Side(videos=[("frames", odd)])]))
     with pytest.raises(InputError, match=r"documents.0.video.0: all video frames must have the same size"):
         eng.prepare(req)
+
+
+def test_the_split_vision_path_scores_as_the_official_pipeline(parity):
+    """Images scored from features computed earlier (what the feature cache feeds back) give the
+    official scores too: the split path is held against the official process, not the engine."""
+    cases, official, eng, _, _ = parity
+    req = engine_request(cases["several_videos_per_side"])
+    features = {f.cache_key: f for f in eng.encode_images(list(req.images()))}
+    assert len(features) == 3
+    result = eng.score_requests([req], features)[0]
+    assert not result.new_features  # every image came from the given features
+    ref = [r["score"] for r in official["several_videos_per_side"]]
+    assert max(abs(a - b) for a, b in zip(result.scores, ref, strict=True)) <= 1e-6
