@@ -15,10 +15,7 @@ score = sigmoid(logit("yes") - logit("no")) at the last token, computed in fp32.
 from __future__ import annotations
 
 import hashlib
-import json
-import logging
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import torch
 
@@ -27,12 +24,9 @@ from engine.errors import ModelLoadError
 from engine.features import FeatureSpec, ImageFeatures
 from engine.forward import Forward, RequestScores
 from engine.inputs import ImageInput, RerankItem, ScoreRequest
-from engine.model import LoadedModel, load_model
+from engine.model import LoadedModel, chat_template_of, checkpoint_folder, load_model
 from engine.prepare import VIDEO, PreparedRequest, Preparer
-from engine.prompt import QWEN3_VL_CHAT_TEMPLATE
 from engine.vision import VisionParams, VisionPreprocessor
-
-log = logging.getLogger(__name__)
 
 # Families whose video path is not implemented, and why (a request with a video gets this, naming the field).
 VIDEO_REFUSAL = {
@@ -53,8 +47,8 @@ class RerankEngine:
         hf_cfg = self.model.config
         image_token_id, video_token_id = int(hf_cfg.image_token_id), int(hf_cfg.video_token_id)
         self.yes_id, self.no_id = self._answer_token_ids()
-        self.chat_template = self._chat_template()
-        folder = loaded.folder or Path(_hub_folder(loaded.source))
+        self.chat_template = chat_template_of(tokenizer, loaded.folder, loaded.source)
+        folder = loaded.folder or checkpoint_folder(loaded.source)
         try:
             self.vision_params = VisionParams.from_checkpoint(folder, cfg, loaded.family)
         except ValueError as e:
@@ -102,19 +96,6 @@ class RerankEngine:
                 raise ModelLoadError(f"model: tokenizer splits {word!r} into {len(toks)} tokens; the reranker needs one")
             ids.append(toks[0])
         return ids[0], ids[1]
-
-    def _chat_template(self) -> str:
-        tpl = getattr(self.tokenizer, "chat_template", None)
-        if tpl:
-            return tpl
-        folder = self.loaded.folder
-        if folder is not None:
-            for name in ("chat_template.jinja", "chat_template.json"):
-                p = folder / name
-                if p.exists():
-                    return p.read_text() if name.endswith(".jinja") else json.loads(p.read_text())["chat_template"]
-        log.warning("no chat template in %s; using the built-in Qwen3-VL template", self.loaded.source)
-        return QWEN3_VL_CHAT_TEMPLATE
 
     def _rope_index(self, ids: torch.Tensor, mm: torch.Tensor, image_grid: torch.Tensor | None, video_grid: torch.Tensor | None) -> torch.Tensor:
         """Multimodal rotary positions (3, 1, L) of one whole pair: the model's own function (pure)."""
@@ -190,9 +171,3 @@ def _vision_fingerprint(family: str, visual: torch.nn.Module) -> str:
         h.update(name.encode())
         h.update(p.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:32]
-
-
-def _hub_folder(source: str) -> str:
-    from huggingface_hub import snapshot_download
-
-    return snapshot_download(source, allow_patterns=["*.json"])

@@ -161,3 +161,30 @@ def load_model(source: str, precision: str, device: str = "auto") -> LoadedModel
         model.to(dev)
     model.eval()
     return LoadedModel(model, folder, source, family, precision, dev, compute_dtype)
+
+
+def chat_template_of(tokenizer, folder: Path | None, source: str) -> str:
+    """The checkpoint's chat template: the tokenizer's, else a template file in its folder, else
+    the built-in Qwen3-VL one (with a warning)."""
+    from engine.prompt import QWEN3_VL_CHAT_TEMPLATE
+
+    tpl = getattr(tokenizer, "chat_template", None)
+    if tpl:
+        return tpl
+    if folder is not None:
+        for name in ("chat_template.jinja", "chat_template.json"):
+            p = folder / name
+            if p.exists():
+                return p.read_text() if name.endswith(".jinja") else json.loads(p.read_text())["chat_template"]
+    logging.getLogger(__name__).warning("no chat template in %s; using the built-in Qwen3-VL template", source)
+    return QWEN3_VL_CHAT_TEMPLATE
+
+
+def checkpoint_folder(source: str) -> Path:
+    """A local folder holding the checkpoint's config files: `source` itself, or (a hub id) its
+    JSON files fetched into the hub cache."""
+    if Path(source).is_dir():
+        return Path(source)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(source, allow_patterns=["*.json", "*.jinja"]))

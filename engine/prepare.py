@@ -110,7 +110,7 @@ class Preparer:
         self.video_token_id = video_token_id
         self.video_refusal = video_refusal  # why this model takes no video (None: it does)
         self.merge = vision.params.merge_size**2
-        self._keep_tokens = set(tokenizer.all_special_ids) | {image_token_id, video_token_id}
+        self.keep_tokens = set(tokenizer.all_special_ids) | {image_token_id, video_token_id}
         self._special_strings = [t for t in tokenizer.all_special_tokens + list(getattr(tokenizer, "added_tokens_encoder", {})) if t]
         self._user_forbidden = [t for t in tokenizer.all_special_tokens if t]
         self.splice_ok = self._check_splice()
@@ -145,18 +145,18 @@ class Preparer:
         around = render_around_document(self.render, req.query, instruction) if self.splice_ok else None
         if around is None:
             texts = [expand_vision_placeholders(self.render_pair(req.query, d, instruction), query_slots + s) for d, s in zip(req.documents, doc_slots)]
-            return [self._tokenize(t, d.field) for t, d in zip(texts, req.documents)]
+            return [self.tokenize(t, d.field) for t, d in zip(texts, req.documents)]
         head = expand_vision_placeholders(around[0], query_slots)
         rests = [expand_vision_placeholders(document_text(d) + around[1], s) for d, s in zip(req.documents, doc_slots)]
         cut = head_cut(self.tokenizer, head, self._special_strings)
-        head_ids = self._tokenize(head[:cut], req.query.field)
-        ids = [head_ids + self._tokenize(head[cut:] + rest, d.field) for rest, d in zip(rests, req.documents)]
-        if ids[0] != self._tokenize(head + rests[0], req.documents[0].field):
+        head_ids = self.tokenize(head[:cut], req.query.field)
+        ids = [head_ids + self.tokenize(head[cut:] + rest, d.field) for rest, d in zip(rests, req.documents)]
+        if ids[0] != self.tokenize(head + rests[0], req.documents[0].field):
             log.warning("split tokenization differs from the whole for this request; tokenizing every pair whole")
-            ids = [self._tokenize(head + rest, d.field) for rest, d in zip(rests, req.documents)]
+            ids = [self.tokenize(head + rest, d.field) for rest, d in zip(rests, req.documents)]
         return ids
 
-    def _tokenize(self, text: str, field_name: str) -> list[int]:
+    def tokenize(self, text: str, field_name: str) -> list[int]:
         try:
             return self.tokenizer(text, add_special_tokens=False)["input_ids"]
         except Exception as e:  # a tokenizer refusing text is that request's input problem
@@ -175,20 +175,8 @@ class Preparer:
         """Validate and encode one request. `features` (cache key -> features) skips decoding
         those images; every other image is decoded and patchified here."""
         features = features or {}
-        if not req.documents:
-            raise InputError("documents", "must not be empty")
+        req = self.validated(req)
         items = (req.query, *req.documents)
-        for item in items:
-            if item.text:
-                self._check_user_text(item.text, f"{item.field}.text")
-            if item.videos and self.video_refusal:
-                raise InputError(item.videos[0].field, self.video_refusal)
-        if req.instruction:
-            self._check_user_text(req.instruction, "instruction")
-        if req.max_tokens_per_doc is not None:
-            docs = tuple(replace(d, text=self.cut_text(d.text, req.max_tokens_per_doc)) if d.text else d for d in req.documents)
-            req = replace(req, documents=docs)
-            items = (req.query, *req.documents)
 
         out = PreparedRequest(rows=[])
         # Every image to decode is charged from its header before any is decoded: a request over
@@ -223,6 +211,23 @@ class Preparer:
         if self.cfg.share_prefix and len(out.rows) > 1:
             out.shared, out.shared_visuals = self._shared_prefix(out.rows, len(query_visuals), grids)
         return out
+
+    def validated(self, req: ScoreRequest) -> ScoreRequest:
+        """The request's text checked (valid Unicode, no reserved tokens), videos refused where the
+        model takes none, documents cut to `max_tokens_per_doc`: every backend's first step."""
+        if not req.documents:
+            raise InputError("documents", "must not be empty")
+        for item in (req.query, *req.documents):
+            if item.text:
+                self._check_user_text(item.text, f"{item.field}.text")
+            if item.videos and self.video_refusal:
+                raise InputError(item.videos[0].field, self.video_refusal)
+        if req.instruction:
+            self._check_user_text(req.instruction, "instruction")
+        if req.max_tokens_per_doc is not None:
+            docs = tuple(replace(d, text=self.cut_text(d.text, req.max_tokens_per_doc)) if d.text else d for d in req.documents)
+            req = replace(req, documents=docs)
+        return req
 
     def _check_user_text(self, text: str, field_name: str) -> None:
         check_text(text, field_name)
@@ -260,7 +265,7 @@ class Preparer:
         return "video:" + self.feature_spec.cache_key(video.digest)
 
     def _row(self, ids: list[int], visuals: list[tuple[str, int]], grids: Mapping[str, tuple[int, int, int]], doc_field: str) -> PreparedRow:
-        cut = truncate_keeping_final(ids, self.cfg.max_length, self._keep_tokens)
+        cut = truncate_keeping_final(ids, self.cfg.max_length, self.keep_tokens)
         if cut is None:
             raise InputError(doc_field, f"images/video need more than max_length={self.cfg.max_length} tokens")
         ids = cut

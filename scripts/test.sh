@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# The test suite, as CI runs it: install, make sure Redis answers on 127.0.0.1:6379, run pytest.
+# The test suite, as CI runs it: install, make sure Redis answers on 127.0.0.1:6379, run pytest;
+# then (when run whole, as CI does) build the vLLM environment (scripts/vllm-env.sh) and run the
+# tests marked `vllm` there: the vLLM backend against the transformers engine, and over HTTP.
+# Arguments go to the first pytest and skip the vLLM pass (RERANK_VLLM_TESTS=1 keeps it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
@@ -26,4 +29,9 @@ if ! (exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null; then
   for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null && break; sleep 0.1; done
 fi
 export RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec .venv/bin/python -m pytest -q "$@"
+.venv/bin/python -m pytest -q "$@"
+if [ $# -eq 0 ] || [ "${RERANK_VLLM_TESTS:-0}" = 1 ]; then
+  bash scripts/vllm-env.sh
+  echo "vLLM backend tests (in .venv-vllm):" >&2
+  exec .venv-vllm/bin/python -m pytest -q -m vllm tests/engine/test_vllm_engine.py tests/serve/test_serve_vllm.py
+fi

@@ -80,6 +80,21 @@ def torch_threads(arm: ArmConfig) -> int:
     return max(1, int(arm.ray_actor_options.num_cpus or 1))
 
 
+def load_engine(fleet: FleetConfig, arm: ArmConfig):
+    """The arm's engine on its backend: `RerankEngine` (transformers) or `VllmRerankEngine`.
+    Heavy imports (torch, vLLM) happen here, in the replica only."""
+    source = arm.checkpoint or fleet.model.source
+    model_id = fleet.model.name if arm.checkpoint is None else arm.checkpoint
+    if arm.backend == "vllm":
+        from engine.vllm_engine import VllmRerankEngine, VllmSettings
+
+        settings = VllmSettings(**arm.vllm.model_dump())
+        return VllmRerankEngine(source, arm.precision, config=fleet.engine_config(), settings=settings, device=pick_device(arm), model_id=model_id)
+    from engine.engine import RerankEngine
+
+    return RerankEngine.load(source, arm.precision, config=fleet.engine_config(), device=pick_device(arm), model_id=model_id)
+
+
 @serve.deployment(name="Arm")
 class ArmReplica:
     """Serve replica of one arm. `build_app` names it `Arm-<arm>` and sets resources and batching."""
@@ -87,18 +102,15 @@ class ArmReplica:
     def __init__(self, config: dict, arm_name: str):
         import torch
 
-        from engine.engine import RerankEngine  # heavy (torch): only where an engine runs
-
         fleet = FleetConfig.from_dict(config)
         self.arm = fleet.arm(arm_name)
         torch.set_num_threads(torch_threads(self.arm))
-        self.engine = RerankEngine.load(
-            self.arm.checkpoint or fleet.model.source,
-            self.arm.precision,
-            config=fleet.engine_config(),
-            device=pick_device(self.arm),
-            model_id=fleet.model.name if self.arm.checkpoint is None else self.arm.checkpoint,
-        )
+        try:
+            self.engine = load_engine(fleet, self.arm)
+        except Exception as e:
+            # The replica's start fails with the reason, naming the arm and its backend (Serve
+            # shows it in the application's status; the main job prints it).
+            raise RuntimeError(f"arm {self.arm.name!r} (backend {self.arm.backend}, precision {self.arm.precision}) cannot start: {e}") from None
         self.metrics = ArmMetrics(self.arm.name, self.arm.precision)
         self.cache = FeatureCache(fleet.cache, on_event=self.metrics.cache_event)
         self.fetcher = MediaFetcher(fleet.limits)
@@ -125,12 +137,16 @@ class ArmReplica:
         start = time.perf_counter()
         events = track_request_events()
         try:
-            request, features = await self._features(request)
-            outcome = await self._score_batch((request, features))
-            if isinstance(outcome, BaseException):  # this request's own input error
-                raise outcome
-            result, batch_requests = outcome
-            await self.cache.put_many(result.new_features)
+            if self.arm.backend == "vllm":  # vLLM batches across requests itself (continuous batching)
+                request, features = await self._with_bytes(request, {}), {}
+                result, batch_requests = await self.engine.score(request), 1
+            else:
+                request, features = await self._features(request)
+                outcome = await self._score_batch((request, features))
+                if isinstance(outcome, BaseException):  # this request's own input error
+                    raise outcome
+                result, batch_requests = outcome
+                await self.cache.put_many(result.new_features)
         except Exception as e:
             self.metrics.errors.inc(tags={"kind": type(e).__name__})
             if not isinstance(e, InputError):
@@ -164,12 +180,18 @@ class ArmReplica:
         spec = self.engine.feature_spec
         keys = {img.digest: spec.cache_key(img.digest) for img in request.images()}
         features = await self.cache.get_many(list(dict.fromkeys(keys.values())))
+        known = {digest for digest, key in keys.items() if key in features}
+        return await self._with_bytes(request, known), features
+
+    async def _with_bytes(self, request: ScoreRequest, known: set[str]) -> ScoreRequest:
+        """The request with the bytes of every image sent by digest only (a memoised URL) whose
+        digest is not in `known`, downloaded here with the ingress's safe fetcher."""
         lacking: dict[str, ImageInput] = {}
         for img in request.images():
-            if img.data is None and img.url and keys[img.digest] not in features:
+            if img.data is None and img.url and img.digest not in known:
                 lacking.setdefault(img.url, img)
         if not lacking:
-            return request, features
+            return request
         fetched = await asyncio.gather(*(self.fetcher.download_image(url, img.field) for url, img in lacking.items()))
         by_url = {img.url: img for img in fetched}
 
@@ -180,7 +202,7 @@ class ArmReplica:
             images = tuple(replace(by_url[img.url], field=img.field) if img.data is None and img.url in by_url else img for img in item.images)
             return replace(item, images=images)
 
-        return replace(request, query=swap(request.query), documents=tuple(map(swap, request.documents))), features
+        return replace(request, query=swap(request.query), documents=tuple(map(swap, request.documents)))
 
     async def _run(self, pool: ThreadPoolExecutor, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args))

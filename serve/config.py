@@ -102,9 +102,27 @@ class BatchingConfig(_Strict):
     batch_wait_timeout_s: float = Field(0.0, ge=0, description="How long the first request waits for others to join.")
 
 
+class VllmConfig(_Strict):
+    """vLLM engine arguments of an arm with `backend: vllm` (see `engine.vllm_engine.VllmSettings`)."""
+
+    block_size: int = Field(32, ge=1, description="KV-cache block size: 32 lets the ~80-token shared system+instruction prefix hit the prefix cache (128 never does).")
+    enable_prefix_caching: bool = Field(True, description="vLLM's automatic prefix caching (the shared prompt head is computed once).")
+    max_num_batched_tokens: int | None = Field(None, ge=1, description="Tokens per engine step (chunked prefill); default: vLLM's.")
+    max_num_seqs: int | None = Field(None, ge=1, description="Sequences per engine step; default: vLLM's.")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of GPU memory vLLM reserves (weights + KV cache).")
+    cpu_kvcache_space_gib: int = Field(1, ge=1, description="KV-cache size on vLLM's CPU backend.")
+    enforce_eager: bool = Field(False, description="Skip torch.compile and graphs: faster start, slower steady state.")
+    max_model_len: int | None = Field(None, ge=64, description="Longest pair vLLM accepts; default: the checkpoint's.")
+
+
 class ArmConfig(_Strict):
     name: str = Field(..., pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$", description="Arm name, used in URLs, headers and metrics.")
     precision: Precision = Field(..., description="Numeric precision of this arm's engine.")
+    backend: Literal["transformers", "vllm"] = Field(
+        "transformers", description="transformers: the project's own engine (the parity reference; bitsandbytes int8/nf4 on CPU too); "
+        "vllm: vLLM's async engine in the replica (continuous batching, prefix caching, FP8/AWQ kernels).",
+    )
+    vllm: VllmConfig = Field(default_factory=VllmConfig, description="vLLM engine arguments (backend: vllm only).")
     checkpoint: str | None = Field(
         None, description="Model folder or hub id for this arm (e.g. a pre-quantized AWQ checkpoint); defaults to model.source."
     )

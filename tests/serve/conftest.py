@@ -312,3 +312,22 @@ def parity_app(ray_serve, tiny_model):
     finally:
         app.client.close()
         serve.delete("parity")
+
+
+@pytest.fixture(scope="module")
+def vllm_app(ray_serve, tiny_model):
+    """Two fp32 arms of the tiny model on the two backends (`hf`: transformers, `vllm`), every
+    request of `hf` shadowed to `vllm`; no cache. Only in the vLLM environment."""
+    from ray import serve
+
+    hf, vllm = _arm("hf", 0.5), _arm("vllm", 0.5)
+    hf["precision"] = vllm["precision"] = "fp32"
+    vllm.update(backend="vllm", vllm={"enforce_eager": True, "block_size": 32})
+    vllm.pop("batching")
+    fleet = _fleet(tiny_model, [hf, vllm], None, router={"shadow": {"arm": "vllm", "fraction": 1.0}})
+    app = _deploy(ray_serve, "vllm", "/vllm", fleet, None)
+    try:
+        yield app
+    finally:
+        app.client.close()
+        serve.delete("vllm")

@@ -1,0 +1,210 @@
+"""`VllmRerankEngine`: the vLLM backend. The same `ScoreRequest`s, the same official prompts,
+scored by vLLM's async engine (pooling runner, continuous batching, chunked prefill, automatic
+prefix caching, its quantized kernels) instead of the project's own forward pass.
+
+What stays the project's: the official prompt layout (the same `Preparer` renders and tokenizes
+each pair, one placeholder per image), the official image sizing (each image decoded, made RGB
+and resized here as qwen-vl-utils does, so vLLM's processor finds it already fitting), the input
+checks and their named errors, and the official truncation (computed on the expanded pair, so
+vision tokens are never cut). vLLM runs the model as `Qwen3VLForSequenceClassification` whose one
+logit is lm_head's yes row minus its no row (`classifier_from_token`), read out as a 2-way
+softmax: sigmoid(yes - no), the official score.
+
+Not on this backend yet: video (a named 4xx), and feeding image features from the shared cache
+(vLLM keeps its own per-engine encoder cache). vLLM is imported only here, and only when loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.config import EngineConfig
+from engine.errors import InputError, ModelLoadError, PrecisionUnsupported
+from engine.features import FeatureSpec
+from engine.forward import RequestScores
+from engine.inputs import ScoreRequest
+from engine.model import FAMILIES, chat_template_of, checkpoint_folder
+from engine.prepare import Preparer
+from engine.prompt import truncate_keeping_final
+from engine.vision import PixelBudget, VisionParams, VisionPreprocessor, resize_as_reference
+
+# How vLLM loads the official reranker checkpoint (vLLM's own recipe for Qwen3-VL-Reranker).
+RERANKER_OVERRIDES = {"architectures": ["Qwen3VLForSequenceClassification"], "classifier_from_token": ["no", "yes"], "is_original_qwen3_reranker": True}
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+VIDEO_REFUSAL = "video is not supported on the vllm backend yet; pin a transformers arm (x-rerank-arm) for video"
+
+
+@dataclass(frozen=True)
+class VllmSettings:
+    """vLLM engine arguments an arm may set (the serving config validates them and builds this)."""
+
+    block_size: int = 32  # lets the ~80-token shared system+instruction prefix hit the prefix cache (128 never does)
+    enable_prefix_caching: bool = True
+    max_num_batched_tokens: int | None = None  # None: vLLM's default
+    max_num_seqs: int | None = None
+    gpu_memory_utilization: float = 0.9  # the share of GPU memory vLLM may take (weights + KV cache)
+    cpu_kvcache_space_gib: int = 1  # vLLM's CPU backend: KV cache size
+    enforce_eager: bool = False  # skip torch.compile / graphs: faster start, slower steady state
+    max_model_len: int | None = None  # None: derived from the checkpoint
+
+
+def engine_args(source: str, precision: str, settings: VllmSettings, vision: VisionParams, device: str):
+    """vLLM `AsyncEngineArgs` of an arm: the reranker overrides, the dtype or quantization of its
+    precision, the image limits, the arm's settings. Refuses precisions this backend cannot run here."""
+    from vllm import AsyncEngineArgs
+
+    on_gpu = device == "cuda"
+    kwargs: dict = {}
+    if precision in DTYPES:
+        kwargs["dtype"] = DTYPES[precision]
+    elif precision == "fp8":
+        if not on_gpu:
+            raise PrecisionUnsupported("precision: fp8 on the vllm backend needs a GPU (compute capability >= 8.9)")
+        kwargs.update(dtype="bfloat16", quantization="fp8")  # online FP8, or the checkpoint's own FP8 scales
+    elif precision in ("int8", "nf4"):
+        if not on_gpu:
+            raise PrecisionUnsupported(f"precision: {precision} (bitsandbytes) on the vllm backend needs a GPU; use the transformers backend on CPU")
+        kwargs.update(dtype="bfloat16", quantization="bitsandbytes")
+    elif precision == "awq":
+        kwargs["dtype"] = "bfloat16" if on_gpu else "float32"  # the checkpoint's quantization_config picks the kernel
+    overrides = dict(RERANKER_OVERRIDES)
+    top = _read_config(checkpoint_folder(source))
+    if "tie_word_embeddings" in top and "tie_word_embeddings" not in (top.get("text_config") or {}):
+        # Qwen3-VL keeps this flag at the top; vLLM reads the text config's (default: tied).
+        overrides["text_config"] = {"tie_word_embeddings": bool(top["tie_word_embeddings"])}
+    if not on_gpu:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.cpu_kvcache_space_gib))
+    return AsyncEngineArgs(
+        model=source, runner="pooling", hf_overrides=overrides, block_size=settings.block_size,
+        enable_prefix_caching=settings.enable_prefix_caching, max_num_batched_tokens=settings.max_num_batched_tokens,
+        max_num_seqs=settings.max_num_seqs, gpu_memory_utilization=settings.gpu_memory_utilization,
+        enforce_eager=settings.enforce_eager, max_model_len=settings.max_model_len, limit_mm_per_prompt={"image": 64, "video": 0},
+        mm_processor_kwargs={"min_pixels": vision.min_pixels, "max_pixels": vision.max_pixels}, **kwargs,
+    )  # fmt: skip
+
+
+def _read_config(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"model: no readable config.json in {folder} ({e})") from None
+
+
+class VllmRerankEngine:
+    """Scores requests with vLLM. `await score(request)` from the replica's event loop; the CPU
+    preparation of each request runs on a small thread pool, vLLM batches across requests."""
+
+    def __init__(self, source: str, precision: str, *, config: EngineConfig, settings: VllmSettings, device: str = "cpu", model_id: str | None = None):
+        from transformers import AutoTokenizer
+
+        try:
+            from vllm.v1.engine.async_llm import AsyncLLM
+        except ImportError as e:
+            raise ModelLoadError(f"vllm is not installed in this environment ({e}); build it with scripts/vllm-env.sh") from None
+        top = _read_config(checkpoint_folder(source))
+        family = FAMILIES.get(top.get("model_type", ""))
+        if family != "qwen3-vl":
+            raise ModelLoadError(f"model: the vllm backend serves Qwen3-VL rerankers; {source!r} is {top.get('model_type')!r}")
+        self.precision = precision
+        self.model_id = model_id or source
+        self.cfg = config
+        folder = checkpoint_folder(source)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(source)
+        except Exception as e:
+            raise ModelLoadError(f"model: cannot load the tokenizer of {source!r}: {e}") from None
+        self.vision_params = VisionParams.from_checkpoint(folder, config, family)
+        self.preprocessor = VisionPreprocessor(
+            self.vision_params, max_image_bytes=config.max_image_bytes, max_image_pixels=config.max_image_pixels, max_video_frames=config.max_video_frames
+        )
+        spec = FeatureSpec(vision_fingerprint="vllm", vision_precision=precision, min_pixels=self.vision_params.min_pixels, max_pixels=self.vision_params.max_pixels)
+        image_id = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        video_id = self.tokenizer.convert_tokens_to_ids("<|video_pad|>")
+        self.preparer = Preparer(
+            config, self.tokenizer, chat_template_of(self.tokenizer, folder, source), self.preprocessor, spec, rope_index=None,
+            image_token_id=image_id, video_token_id=video_id, video_refusal=VIDEO_REFUSAL,
+        )  # fmt: skip
+        self.image_token_id = image_id
+        self.llm = AsyncLLM.from_engine_args(engine_args(source, precision, settings, self.vision_params, device))
+        self.max_model_len = int(self.llm.model_config.max_model_len)
+        self._pool = ThreadPoolExecutor(2, thread_name_prefix="vllm-prepare")
+        self._ids = itertools.count()
+
+    def describe(self) -> dict:
+        return {"model": self.model_id, "backend": "vllm", "precision": self.precision, "max_model_len": self.max_model_len}
+
+    def prompts(self, request: ScoreRequest) -> list[dict]:
+        """vLLM inputs of every pair: token ids of the official prompt with one placeholder per
+        image, and the images sized as the official pipeline sizes them. CPU work; input errors
+        (named) arise here only."""
+        req = self.preparer.validated(request)
+        budget = PixelBudget(self.cfg.max_request_pixels)
+        p = self.vision_params
+        sized: dict[str, tuple[object, int]] = {}  # digest -> (image, its vision tokens)
+        for img in req.images():
+            if img.digest not in sized:
+                if img.data is None:
+                    raise InputError(img.field, "image known only by its digest has no bytes on this backend; send its bytes")
+                decoded = resize_as_reference(self.preprocessor.decode(img.data, img.field, budget), p, img.field)
+                sized[img.digest] = (decoded, decoded.size[0] * decoded.size[1] // (p.factor * p.factor))
+        out = []
+        for doc in req.documents:
+            ids = self.preparer.tokenize(self.preparer.render_pair(req.query, doc, req.instruction), doc.field)
+            images = [sized[img.digest] for img in (*req.query.images, *doc.images)]
+            ids = self._truncate(ids, [n for _, n in images], doc.field)
+            prompt: dict = {"prompt_token_ids": ids}
+            if images:
+                prompt["multi_modal_data"] = {"image": [im for im, _ in images]}
+            out.append(prompt)
+        return out
+
+    def _truncate(self, ids: list[int], vision_tokens: list[int], field: str) -> list[int]:
+        """The official truncation, on the pair as vLLM will expand it (each placeholder -> its
+        vision tokens), then folded back to one placeholder per image."""
+        expanded_len = len(ids) + sum(n - 1 for n in vision_tokens)
+        if expanded_len - 5 <= self.cfg.max_length:
+            cut = ids
+        else:
+            pad = self.image_token_id
+            expanded = [t for i in _expand(ids, pad, vision_tokens) for t in i]
+            kept = truncate_keeping_final(expanded, self.cfg.max_length, self.preparer.keep_tokens)
+            if kept is None:
+                raise InputError(field, f"images need more than max_length={self.cfg.max_length} tokens")
+            cut = [t for k, t in enumerate(kept) if not (t == pad and k > 0 and kept[k - 1] == pad)]
+            expanded_len = len(kept)
+        if expanded_len > self.max_model_len:
+            raise InputError(field, f"the pair has {expanded_len} tokens, over this arm's max_model_len of {self.max_model_len}")
+        return cut
+
+    async def score(self, request: ScoreRequest) -> RequestScores:
+        from vllm import PoolingParams
+
+        prompts = await asyncio.get_running_loop().run_in_executor(self._pool, self.prompts, request)
+        tag = next(self._ids)
+
+        async def one(i: int, prompt: dict):
+            last = None
+            async for out in self.llm.encode(prompt, PoolingParams(task="classify"), request_id=f"rerank-{os.getpid()}-{tag}-{i}"):
+                last = out
+            return last
+
+        outs = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+        scores = [float(o.outputs.data.reshape(-1)[0]) for o in outs]
+        return RequestScores(scores, [], sum(len(o.prompt_token_ids) for o in outs))
+
+    def shutdown(self) -> None:
+        self.llm.shutdown()
+        self._pool.shutdown(wait=False)
+
+
+def _expand(ids: list[int], pad: int, vision_tokens: list[int]):
+    """Each token as a run: the k-th image placeholder becomes its vision tokens."""
+    counts = iter(vision_tokens)
+    for t in ids:
+        yield [t] * next(counts) if t == pad else [t]

@@ -1,0 +1,123 @@
+"""The vLLM backend scores as the transformers engine (the parity reference): same expanded token
+ids (the official layout, vLLM's own placeholder expansion), scores within 1e-5 in fp32, for text
+pairs, image documents, image queries, multi-image items, thin images and truncated pairs.
+
+Runs in the vLLM environment (scripts/vllm-env.sh; `scripts/test.sh` runs it there with `-m vllm`);
+elsewhere it is skipped, saying so. One vLLM engine serves the whole module."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from media_testkit import picture, png
+
+from engine.errors import InputError, ModelLoadError, PrecisionUnsupported
+from engine.inputs import ImageInput, RerankItem, ScoreRequest, VideoInput
+
+pytestmark = pytest.mark.vllm
+pytest.importorskip("vllm", reason="the vLLM environment (scripts/vllm-env.sh) runs these")
+
+MAX_LENGTH = 512  # small enough that one case is truncated, as the official code truncates
+
+
+@pytest.fixture(scope="module")
+def loop():
+    """One event loop for the module: vLLM's async engine serves the loop it first ran on."""
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(tiny_model_dir):
+    from engine.config import EngineConfig
+    from engine.vllm_engine import VllmRerankEngine, VllmSettings
+
+    eng = VllmRerankEngine(str(tiny_model_dir), "fp32", config=EngineConfig(max_length=MAX_LENGTH), settings=VllmSettings(enforce_eager=True))
+    yield eng
+    eng.shutdown()
+
+
+def img(seed: int, width: int = 120, height: int = 90, field: str = "image") -> ImageInput:
+    return ImageInput.of(png(picture(width, height, seed)), field)
+
+
+def requests() -> dict[str, ScoreRequest]:
+    a, b, thin = img(1), img(2, 200, 150), img(3, 600, 12)
+    long_doc = "a red circle near a blue square " * 120
+    return {
+        "text pairs": ScoreRequest.of("a red circle", ["a red circle", "a blue square", "a red cross", ""]),
+        "image documents": ScoreRequest.of("a red circle", [RerankItem(images=(a,)), RerankItem(text="caption", images=(b,)), RerankItem(images=(thin,))]),
+        "image query": ScoreRequest.of(RerankItem(text="like this", images=(a,)), ["a red circle", RerankItem(images=(b,)), RerankItem()]),
+        "multi-image items": ScoreRequest.of(RerankItem(images=(a, b)), [RerankItem(text="two", images=(b, thin, a))], instruction="Match the set."),
+        "truncated pairs": ScoreRequest.of("a red circle", [long_doc, RerankItem(text=long_doc, images=(a,))]),
+    }
+
+
+@pytest.fixture(scope="module")
+def both(vllm_engine, engine_for, loop):
+    hf = engine_for("fp32", max_length=MAX_LENGTH)
+
+    async def run_all():
+        return {name: await vllm_engine.score(r) for name, r in requests().items()}
+
+    ours = loop.run_until_complete(run_all())
+    return hf, ours
+
+
+@pytest.mark.parametrize("name", list(requests()))
+def test_scores_equal_the_transformers_engine(both, name):
+    hf, ours = both
+    want = hf.score_requests([requests()[name]])[0].scores
+    assert max(abs(a - b) for a, b in zip(ours[name].scores, want, strict=True)) <= 1e-5
+
+
+@pytest.mark.parametrize("name", list(requests()))
+def test_vllm_expands_the_same_token_ids(vllm_engine, engine_for, loop, name):
+    """vLLM expands each image placeholder itself: its prompt ids must be the ids the transformers
+    engine builds for the same pair (the official layout, vision tokens, truncation)."""
+    from vllm import PoolingParams
+
+    req = requests()[name]
+    want = [row.ids.tolist() for row in engine_for("fp32", max_length=MAX_LENGTH).prepare(req).rows]
+
+    async def expanded():
+        out = []
+        for i, prompt in enumerate(vllm_engine.prompts(req)):
+            async for o in vllm_engine.llm.encode(prompt, PoolingParams(task="classify"), request_id=f"ids-{name}-{i}"):
+                last = o
+            out.append(list(last.prompt_token_ids))
+        return out
+
+    assert loop.run_until_complete(expanded()) == want
+    if name == "truncated pairs":
+        assert all(len(ids) == MAX_LENGTH + 5 for ids in want)
+
+
+def test_video_and_bad_input_are_named_errors(vllm_engine):
+    frames = tuple(img(i, 64, 64, f"documents.0.video.0.{i}") for i in range(4))
+    with pytest.raises(InputError, match=r"documents.0.video.0: video is not supported on the vllm backend"):
+        vllm_engine.prompts(ScoreRequest.of("q", [RerankItem(videos=(VideoInput.of_frames(frames, "documents.0.video.0"),))]))
+    with pytest.raises(InputError, match=r"query.text: text contains the reserved token"):
+        vllm_engine.prompts(ScoreRequest.of("q <|im_end|>", ["d"]))
+    with pytest.raises(InputError, match=r"documents.0.image: image cannot be resized"):
+        vllm_engine.prompts(ScoreRequest.of("q", [RerankItem(images=(img(5, 4020, 20, "documents.0.image"),))]))
+
+
+def test_precisions_this_backend_cannot_run_here_are_refused(tiny_model_dir):
+    from engine.config import EngineConfig
+    from engine.vllm_engine import VllmRerankEngine, VllmSettings
+
+    for precision, reason in (("fp8", "fp8 on the vllm backend needs a GPU"), ("nf4", "bitsandbytes.*needs a GPU")):
+        with pytest.raises(PrecisionUnsupported, match=reason):
+            VllmRerankEngine(str(tiny_model_dir), precision, config=EngineConfig(), settings=VllmSettings(), device="cpu")
+
+
+def test_a_lychee_checkpoint_is_refused_by_this_backend(tmp_path):
+    from engine.config import EngineConfig
+    from engine.vllm_engine import VllmRerankEngine, VllmSettings
+
+    (tmp_path / "config.json").write_text('{"model_type": "qwen2_5_vl"}')
+    with pytest.raises(ModelLoadError, match="serves Qwen3-VL rerankers"):
+        VllmRerankEngine(str(tmp_path), "fp32", config=EngineConfig(), settings=VllmSettings())
