@@ -4,6 +4,7 @@
   score              rerank documents for a query and print a ranked table
   bench engine       engine throughput / latency / memory per precision and batch size
   bench serving      Serve path vs direct engine, batching gain, cache hit vs miss
+  bench backends     vLLM backend vs transformers engine, alone and through Serve
   eval               ranking fidelity of a precision against a reference precision
   quantize           make an AWQ W4A16 (or FP8) checkpoint with llm-compressor
   build-tiny         build and train the offline tiny model (cached)
@@ -96,6 +97,13 @@ def cmd_bench_serving(args) -> int:
     return 0
 
 
+def cmd_bench_backends(args) -> int:
+    from serve.bench_backends import run_backend_bench
+
+    run_backend_bench(model_source=args.model, repeats=args.repeats, requests=args.requests, concurrency=args.concurrency, out=args.out)
+    return 0
+
+
 def cmd_eval(args) -> int:
     from workshop.evaluate import run_eval
 
@@ -160,6 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("serving", help="Serve overhead, batching gain, cache hit vs miss")
     p.add_argument("--out", default="out/bench-serving.json")
     p.set_defaults(func=cmd_bench_serving)
+    p = bench.add_parser("backends", help="vLLM backend vs transformers engine, alone and through Serve (vLLM environment)")
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--requests", type=int, default=24, help="HTTP requests per arm and kind")
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--out", default="out/bench-backends.json")
+    p.set_defaults(func=cmd_bench_backends)
 
     p = sub.add_parser("eval", help="ranking fidelity against a reference precision")
     _add_model_args(p)
