@@ -199,8 +199,13 @@ class VllmRerankEngine:
         return RequestScores(scores, [], sum(len(o.prompt_token_ids) for o in outs))
 
     def shutdown(self) -> None:
+        """Stop vLLM's engine core now (not at interpreter exit, when its finaliser fails noisily)."""
+        import gc
+
         self.llm.shutdown()
         self._pool.shutdown(wait=False)
+        del self.llm
+        gc.collect()
 
 
 def _expand(ids: list[int], pad: int, vision_tokens: list[int]):

@@ -1,29 +1,13 @@
 """Length parity with the official reranker (QwenLM/Qwen3-VL-Embedding, `tokenize`): all but the
 final 5 tokens are truncated to MAX_LENGTH = 10240 keeping every special token, then the 5 are
-appended, so pairs of up to 10245 tokens are kept whole. The reference below is that code,
-re-stated (not the engine's), run on the same rendered text."""
+appended, so pairs of up to 10245 tokens are kept whole. The reference is that code, re-stated in
+`official_reference.py` (not the engine's), run on the same rendered text."""
 
 import pytest
+from official_reference import truncate_tokens as official_truncate
 
 from engine.config import EngineConfig
 from engine.inputs import RerankItem, ScoreRequest
-
-
-def official_truncate(tokens: list[int], max_length: int, special_tokens: list[int]) -> list[int]:
-    """`Qwen3VLReranker.truncate_tokens_optimized`, as in the official file."""
-    if len(tokens) <= max_length:
-        return tokens
-    special = set(special_tokens)
-    num_special = sum(1 for t in tokens if t in special)
-    keep_non_special = max_length - num_special
-    out, kept = [], 0
-    for t in tokens:
-        if t in special:
-            out.append(t)
-        elif kept < keep_non_special:
-            out.append(t)
-            kept += 1
-    return out
 
 
 def official_ids(engine, query: RerankItem, document: RerankItem, max_length: int) -> list[int]:

@@ -265,6 +265,19 @@ def _deploy(base: str, name: str, prefix: str, fleet: dict, redis_url: str | Non
                       redis_url=redis_url, model=Path(fleet["model"]["source"]))  # fmt: skip
 
 
+@contextlib.contextmanager
+def _deployed(base: str, name: str, prefix: str, fleet: dict):
+    """A cache-less app deployed for the block, deleted after it."""
+    from ray import serve
+
+    app = _deploy(base, name, prefix, fleet, None)
+    try:
+        yield app
+    finally:
+        app.client.close()
+        serve.delete(name)
+
+
 @pytest.fixture(scope="module")
 def serve_app(ray_serve, shared_redis_url, tiny_model):
     """The main app: arms fp32 and nf4 (weights 0.5/0.5), shadow to nf4 at 0.5, Redis db 12, one API key."""
@@ -302,32 +315,20 @@ def chaos_app(ray_serve, private_redis, tiny_model):
 def parity_app(ray_serve, tiny_model):
     """One fp32 arm, no cache, text and body limits wide enough for the parity items (a pair of
     10k tokens, 70-frame videos sent inline)."""
-    from ray import serve
-
     fleet = _fleet(tiny_model, [_arm("fp32", 1.0)], None)
     fleet["limits"].update(max_text_chars=200_000, max_request_bytes=8 * 1024 * 1024)
-    app = _deploy(ray_serve, "parity", "/parity", fleet, None)
-    try:
+    with _deployed(ray_serve, "parity", "/parity", fleet) as app:
         yield app
-    finally:
-        app.client.close()
-        serve.delete("parity")
 
 
 @pytest.fixture(scope="module")
 def vllm_app(ray_serve, tiny_model):
     """Two fp32 arms of the tiny model on the two backends (`hf`: transformers, `vllm`), every
     request of `hf` shadowed to `vllm`; no cache. Only in the vLLM environment."""
-    from ray import serve
-
     hf, vllm = _arm("hf", 0.5), _arm("vllm", 0.5)
     hf["precision"] = vllm["precision"] = "fp32"
     vllm.update(backend="vllm", vllm={"enforce_eager": True, "block_size": 32})
     vllm.pop("batching")
     fleet = _fleet(tiny_model, [hf, vllm], None, router={"shadow": {"arm": "vllm", "fraction": 1.0}})
-    app = _deploy(ray_serve, "vllm", "/vllm", fleet, None)
-    try:
+    with _deployed(ray_serve, "vllm", "/vllm", fleet) as app:
         yield app
-    finally:
-        app.client.close()
-        serve.delete("vllm")
