@@ -107,7 +107,9 @@ def cmd_bench_backends(args) -> int:
 def cmd_eval(args) -> int:
     from workshop.evaluate import run_eval
 
-    run_eval(model=args.model, precisions=args.precisions.split(","), reference=args.reference, device=args.device, out=args.out)
+    vllm = dict(spec.split("=", 1) if "=" in spec else (spec, "") for spec in args.vllm.split(",") if spec)
+    precisions = [p for p in args.precisions.split(",") if p]
+    run_eval(model=args.model, precisions=precisions, reference=args.reference, device=args.device, out=args.out, vllm=vllm)
     return 0
 
 
@@ -180,12 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--precisions", default="bf16,int8,nf4")
     p.add_argument("--reference", default="fp32")
+    p.add_argument("--vllm", default="", help="rows scored by the vLLM backend, PRECISION[=CHECKPOINT],... (vLLM environment), e.g. w8a8=out/w8a8")
     p.add_argument("--out", default="out/eval.json")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("quantize", help="AWQ W4A16 / FP8 checkpoint with llm-compressor")
     p.add_argument("--model", default="tiny")
-    p.add_argument("--scheme", default="awq", choices=["awq", "fp8"])
+    p.add_argument("--scheme", default="awq", choices=["awq", "w8a8", "fp8"], help="awq: W4A16; w8a8: int8 weights and activations (vLLM backend); fp8")
     p.add_argument("--samples", type=int, default=64, help="calibration rerank pairs")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_quantize)

@@ -17,7 +17,7 @@ import torch
 
 from engine.errors import ModelLoadError, PrecisionUnsupported, UnknownPrecision
 
-PRECISIONS = ("fp32", "bf16", "fp16", "int8", "nf4", "awq", "fp8")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8", "nf4", "awq", "w8a8", "fp8")
 KEEP_16BIT = ["visual", "lm_head"]
 # LLM.int8 casts fp32 activations to fp16 for its int8 matmul and says so on every call.
 warnings.filterwarnings("ignore", message=".*MatMul8bitLt: inputs will be cast.*")
@@ -70,6 +70,11 @@ def check_precision(precision: str, device: torch.device) -> None:
             raise PrecisionUnsupported(f"precision: fp8 needs compute capability >= 8.9; this GPU has {cc[0]}.{cc[1]}")
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise PrecisionUnsupported("precision: bf16 needs compute capability >= 8.0; use fp16 on this GPU")
+    if precision == "w8a8":
+        raise PrecisionUnsupported(
+            "precision: w8a8 (int8 weights and activations) runs on the vllm backend's int8 kernels; the transformers "
+            "backend has none (use int8, bitsandbytes LLM.int8, here)"
+        )
     if precision in ("int8", "nf4"):
         try:
             import bitsandbytes  # noqa: F401

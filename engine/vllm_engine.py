@@ -37,6 +37,7 @@ from engine.vision import PixelBudget, VisionParams, VisionPreprocessor, resize_
 # How vLLM loads the official reranker checkpoint (vLLM's own recipe for Qwen3-VL-Reranker).
 RERANKER_OVERRIDES = {"architectures": ["Qwen3VLForSequenceClassification"], "classifier_from_token": ["no", "yes"], "is_original_qwen3_reranker": True}
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+VLLM_CPU_QUANT_DTYPE = os.environ.get("RERANK_VLLM_CPU_QUANT_DTYPE", "float32")
 VIDEO_REFUSAL = "video is not supported on the vllm backend yet; pin a transformers arm (x-rerank-arm) for video"
 
 
@@ -71,8 +72,8 @@ def engine_args(source: str, precision: str, settings: VllmSettings, vision: Vis
         if not on_gpu:
             raise PrecisionUnsupported(f"precision: {precision} (bitsandbytes) on the vllm backend needs a GPU; use the transformers backend on CPU")
         kwargs.update(dtype="bfloat16", quantization="bitsandbytes")
-    elif precision == "awq":
-        kwargs["dtype"] = "bfloat16" if on_gpu else "float32"  # the checkpoint's quantization_config picks the kernel
+    elif precision in ("awq", "w8a8"):
+        kwargs["dtype"] = "bfloat16" if on_gpu else VLLM_CPU_QUANT_DTYPE  # the checkpoint's quantization_config picks the kernel
     overrides = dict(RERANKER_OVERRIDES)
     top = _read_config(checkpoint_folder(source))
     if "tie_word_embeddings" in top and "tie_word_embeddings" not in (top.get("text_config") or {}):
@@ -198,12 +199,14 @@ class VllmRerankEngine:
         scores = [float(o.outputs.data.reshape(-1)[0]) for o in outs]
         return RequestScores(scores, [], sum(len(o.prompt_token_ids) for o in outs))
 
-    def shutdown(self) -> None:
-        """Stop vLLM's engine core now (not at interpreter exit, when its finaliser fails noisily)."""
+    async def aclose(self) -> None:
+        """Stop vLLM's engine core, on the event loop its output handler runs on (so the handler's
+        cancellation completes there, rather than failing noisily at interpreter exit)."""
         import gc
 
         self.llm.shutdown()
         self._pool.shutdown(wait=False)
+        await asyncio.sleep(0.1)
         del self.llm
         gc.collect()
 

@@ -84,15 +84,9 @@ def engine_alone(source: str, case_names: list[str], repeats: int) -> dict[str, 
             row[backend] = {"pairs_per_s": pairs * len(ts) / sum(ts), "p50_ms": 1000 * statistics.median(ts)}
         row["vllm_vs_transformers"] = row["vllm"]["pairs_per_s"] / row["transformers"]["pairs_per_s"]
         rows.append(row)
-    loop.run_until_complete(_shutdown(vllm))
+    loop.run_until_complete(vllm.aclose())
     loop.close()
     return {"rows": rows, "memory_gib": {"transformers": hf_mem, "vllm": vllm_mem}, "torch_threads": torch.get_num_threads()}
-
-
-async def _shutdown(engine) -> None:
-    """Shut vLLM down on the loop its output handler runs on, and let that handler finish."""
-    engine.shutdown()
-    await asyncio.sleep(0.1)
 
 
 def through_serve(source: str, requests: int, concurrency: int, port: int) -> dict[str, Any]:

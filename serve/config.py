@@ -17,8 +17,8 @@ from engine.config import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, VIDEO_MAX_PIXE
 from engine.errors import ConfigError
 from engine.prompt import DEFAULT_INSTRUCTION
 
-Precision = Literal["fp32", "bf16", "fp16", "int8", "nf4", "awq", "fp8"]
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8", "nf4", "awq", "fp8")
+Precision = Literal["fp32", "bf16", "fp16", "int8", "nf4", "awq", "w8a8", "fp8"]
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8", "nf4", "awq", "w8a8", "fp8")
 
 
 class _Strict(BaseModel):

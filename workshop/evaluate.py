@@ -2,7 +2,9 @@
 
 On the tiny model's held-out labelled set: Spearman and top-10 overlap against the reference
 arm's scores, NDCG@10 with the reference's ranking as gains, absolute NDCG@10 against the true
-labels, and the largest absolute score difference.
+labels, and the largest absolute score difference. `vllm` adds rows scored by the vLLM backend
+(precision -> checkpoint, e.g. a W8A8 checkpoint from `rerank-fleet quantize --scheme w8a8`), in
+the vLLM environment, against the same transformers reference.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ def labelled_set(model: str):
     return eval_set()
 
 
-def run_eval(model: str, precisions: list[str], reference: str = "fp32", device: str = "auto", out: str | None = None) -> dict:
+def run_eval(model: str, precisions: list[str], reference: str = "fp32", device: str = "auto", out: str | None = None,
+             vllm: dict[str, str] | None = None) -> dict:  # fmt: skip
     from engine.engine import RerankEngine
     from workshop.tiny import resolve_source
 
@@ -37,6 +40,9 @@ def run_eval(model: str, precisions: list[str], reference: str = "fp32", device:
         scores = [eng.score(q, docs) for q, docs, _ in tasks]
         rows.append({"precision": precision, "reference": reference, **_metrics(ref_scores, scores, tasks)})
         del eng
+    for precision, checkpoint in (vllm or {}).items():
+        scores = _vllm_scores(checkpoint or source, precision, tasks, device)
+        rows.append({"precision": f"{precision} (vllm)", "reference": reference, **_metrics(ref_scores, scores, tasks)})
     report = {
         "model": ref.model_id,
         "device": str(ref.device),
@@ -48,6 +54,27 @@ def run_eval(model: str, precisions: list[str], reference: str = "fp32", device:
     print(format_table(rows))
     write_json(report, out)
     return report
+
+
+def _vllm_scores(checkpoint: str, precision: str, tasks, device: str) -> list[list[float]]:
+    import asyncio
+
+    from engine.config import EngineConfig
+    from engine.inputs import ScoreRequest
+    from engine.vllm_engine import VllmRerankEngine, VllmSettings
+
+    engine = VllmRerankEngine(checkpoint, precision, config=EngineConfig(), settings=VllmSettings(enforce_eager=True), device="cuda" if device == "cuda" else "cpu")
+
+    async def all_tasks():
+        scores = [(await engine.score(ScoreRequest.of(q, docs))).scores for q, docs, _ in tasks]
+        await engine.aclose()
+        return scores
+
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(all_tasks())
+    finally:
+        loop.close()
 
 
 def _metrics(ref_scores, scores, tasks) -> dict:

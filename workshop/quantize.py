@@ -1,4 +1,4 @@
-"""`rerank-fleet quantize`: AWQ W4A16 (or FP8) checkpoints with llm-compressor.
+"""`rerank-fleet quantize`: AWQ W4A16, W8A8 int8 (SmoothQuant + GPTQ) or FP8 checkpoints with llm-compressor.
 
 AutoAWQ is deprecated and has no Qwen3-VL support; llm-compressor is its maintained successor.
 Calibration runs rerank pairs in the official prompt layout, text and image documents mixed
@@ -42,7 +42,8 @@ def calibration_pairs(n: int, seed: int = 0):
 
 def quantize(model: str, out: str | Path, *, scheme: str = "awq", num_samples: int = 64, device: str = "auto") -> Path:
     from llmcompressor import oneshot
-    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+    from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
     from llmcompressor.modifiers.transform.awq import AWQModifier
 
     from engine.engine import RerankEngine
@@ -54,6 +55,13 @@ def quantize(model: str, out: str | Path, *, scheme: str = "awq", num_samples: i
     if scheme == "fp8":
         recipe = [QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=IGNORE)]
         dataset, collate = None, None
+    elif scheme == "w8a8":
+        # int8 weights (per channel) and activations (per token, dynamic): vLLM's int8 tensor-core
+        # kernels, for 16 GB cards (bitsandbytes LLM.int8 is 2-3x slower than BF16). SmoothQuant
+        # moves activation outliers into the weights first; GPTQ rounds the weights.
+        recipe = [SmoothQuantModifier(smoothing_strength=0.8, ignore=IGNORE), GPTQModifier(targets="Linear", scheme="W8A8", ignore=IGNORE)]
+        dataset = _calibration_dataset(engine, calibration_pairs(num_samples))
+        collate = _collate
     else:
         recipe = [
             AWQModifier(mappings=awq_mappings(), duo_scaling=True),
