@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from placement.hardware import GPU_CATALOGUE, PLANNED_PRECISIONS, GpuModel, PlannedPrecision
@@ -167,6 +169,12 @@ class TrafficSpec(_Strict):
 
 class ArmSpec(_Strict):
     precision: PlannedPrecision = Field(..., description=f"Precision of this arm, one of {list(PLANNED_PRECISIONS)}.")
+    backend: Literal["transformers", "vllm"] = Field(
+        "transformers", description="Engine of this arm's replicas: transformers (the project's) or vllm (vLLM's async engine)."
+    )
+    vllm_memory_fraction: float = Field(
+        0.9, gt=0, le=1, description="backend vllm: the share of the GPU vLLM reserves (weights, activations and its KV-cache pool)."
+    )
     share: float | None = Field(
         None,
         gt=0,

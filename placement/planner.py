@@ -39,7 +39,7 @@ class OptionAssessment:
     precision: str
     node_type: NodeType
     memory: ReplicaMemory
-    usable_bytes: int  # GPU memory less the headroom
+    usable_bytes: int  # GPU memory less the headroom (vLLM: its reserved share, if smaller)
     throughput: ThroughputEstimate
     rejection: str | None  # None when the option became a MILP variable
 
@@ -106,7 +106,7 @@ def assess_options(
         fidelity = constraints.fidelity[precision]
         for node in inventory.node_types:
             gpu = node.gpu_model
-            usable = int(node.gpu_memory_bytes * (1 - constraints.memory_headroom))
+            usable = usable_bytes(node, arm, constraints.memory_headroom)
             throughput = find_measured(list(bench), gpu, precision, model_ids, shape) or roofline_estimate(
                 gpu, precision, arch, counts, shape, batch_tokens=workload.batch_tokens, weight_bytes=_weight_bytes(memory)
             )
@@ -114,10 +114,27 @@ def assess_options(
                 # A precision below the floor is out everywhere; its other shortcomings do not matter.
                 reasons = [f"fidelity {fidelity:g} is below the floor {constraints.floor_for(precision):g}"]
             else:
-                reasons = _shortcomings(precision, node, memory, usable, throughput, constraints.memory_headroom)
+                reasons = _shortcomings(precision, node, memory, usable, throughput, usable_note(node, arm, constraints.memory_headroom))
             reason = "; ".join(reasons) if reasons else None
             assessments.append(OptionAssessment(precision, node, memory, usable, throughput, reason))
     return assessments
+
+
+def usable_bytes(node: NodeType, arm, memory_headroom: float) -> int:
+    """GPU memory a replica may fill: the card less the headroom; a vLLM replica is also held to
+    the share vLLM reserves (`gpu_memory_utilization`), whose rest of the model and activations
+    becomes its KV-cache pool."""
+    share = 1 - memory_headroom
+    if arm.backend == "vllm":
+        share = min(share, arm.vllm_memory_fraction)
+    return int(node.gpu_memory_bytes * share)
+
+
+def usable_note(node: NodeType, arm, memory_headroom: float) -> str:
+    """How `usable_bytes` was reached, for the report."""
+    if arm.backend == "vllm" and arm.vllm_memory_fraction < 1 - memory_headroom:
+        return f"{node.gpu_memory_bytes / GIB:.1f} GiB x vLLM's gpu_memory_utilization {arm.vllm_memory_fraction:g}"
+    return f"{node.gpu_memory_bytes / GIB:.1f} GiB less {memory_headroom:.0%} headroom"
 
 
 def _shortcomings(
@@ -126,7 +143,7 @@ def _shortcomings(
     memory: ReplicaMemory,
     usable: int,
     throughput: ThroughputEstimate,
-    memory_headroom: float,
+    note: str,
 ) -> list[str]:
     """Every reason this option cannot run, so the report shows all of them at once."""
     gpu = node.gpu_model
@@ -136,8 +153,7 @@ def _shortcomings(
         reasons.append(f"{unsupported} ({gpu.key})")
     if memory.total_bytes > usable:
         reasons.append(
-            f"{memory.label} needs {memory.total_gib:.1f} GiB > {usable / GIB:.1f} GiB usable on {gpu.key} "
-            f"({node.gpu_memory_bytes / GIB:.1f} GiB less {memory_headroom:.0%} headroom)"
+            f"{memory.label} needs {memory.total_gib:.1f} GiB > {usable / GIB:.1f} GiB usable on {gpu.key} ({note})"
         )
     if throughput.pairs_per_s <= 0 and unsupported is None:
         reasons.append(throughput.detail)

@@ -96,6 +96,10 @@ def fleet_config(report: PlacementReport, *, redis_url: str | None):
             "max_ongoing_requests": deployment.max_ongoing_requests,
             "ray_actor_options": arm.actor_options(deployment.replica_cpus),
         }
+        spec = next(a for a in inventory.arms if a.precision == arm.precision)
+        entry["backend"] = spec.backend
+        if spec.backend == "vllm":
+            entry["vllm"] = {"gpu_memory_utilization": spec.vllm_memory_fraction}
         if arm.precision == "awq":
             entry["checkpoint"] = inventory.model.awq_checkpoint
         if arm.max_replicas is None:
