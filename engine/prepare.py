@@ -69,7 +69,7 @@ def head_cut(tokenizer, head: str, special_tokens: Sequence[str]) -> int:
     move: at least 8 characters before the end of the head (a pre-token's extent depends on the
     next character or two), a pre-token that does not end in whitespace (lookahead patterns such
     as `\\s+(?!\\S)` look past it), in ASCII text (no normalizer composes across it).
-    `Preparer._token_ids` still checks each request's first pair against the whole."""
+    `Preparer.token_ids` still checks each request's first pair against the whole."""
     start = max((head.rfind(t) + len(t) for t in special_tokens if t and t in head), default=0)
     backend = getattr(tokenizer, "backend_tokenizer", None)
     region = head[start:]
@@ -135,7 +135,7 @@ class Preparer:
         docs = (RerankItem(text="a document"), RerankItem(text="text", images=(probe, probe)), RerankItem(images=(probe,)))
         return all(self.render_pair(query, d) == around[0] + document_text(d) + around[1] for d in docs)
 
-    def _token_ids(self, req: ScoreRequest, query_slots: list[VisionSlot], doc_slots: list[list[VisionSlot]]) -> list[list[int]]:
+    def token_ids(self, req: ScoreRequest, query_slots: list[VisionSlot], doc_slots: list[list[VisionSlot]]) -> list[list[int]]:
         """Token ids of every pair of the request. The text before the document (system turn,
         instruction, query) is rendered once; when the template splices, its tokens up to a safe
         cut (`head_cut`) are computed once too, and each document tokenizes only the rest. The
@@ -205,7 +205,7 @@ class Preparer:
 
         query_visuals = self._visuals(req.query)
         doc_visuals = [self._visuals(d) for d in req.documents]
-        token_ids = self._token_ids(req, slots(query_visuals), [slots(v) for v in doc_visuals])
+        token_ids = self.token_ids(req, slots(query_visuals), [slots(v) for v in doc_visuals])
         for doc, visuals, ids in zip(req.documents, doc_visuals, token_ids):
             out.rows.append(self._row(ids, query_visuals + visuals, grids, doc.field))
         if self.cfg.share_prefix and len(out.rows) > 1:

@@ -37,13 +37,13 @@ class VisionParams:
     image_std: tuple[float, float, float]
     min_pixels: int
     max_pixels: int
-    video_fps: float = 1.0
-    video_max_frames: int = 64
-    video_min_pixels: int = 128 * 32 * 32
-    video_max_pixels: int = 768 * 32 * 32
-    video_total_pixels: int = 10 * 768 * 32 * 32
-    video_file_total_pixels: int = int(128000 * 32 * 32 * 0.9)
-    frame_list_fps: float = 2.0
+    video_fps: float
+    video_max_frames: int
+    video_min_pixels: int
+    video_max_pixels: int
+    video_total_pixels: int
+    video_file_total_pixels: int
+    frame_list_fps: float
 
     @property
     def factor(self) -> int:

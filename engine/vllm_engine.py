@@ -18,20 +18,18 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 from engine.config import EngineConfig
 from engine.errors import InputError, ModelLoadError, PrecisionUnsupported
 from engine.features import FeatureSpec
 from engine.forward import RequestScores
 from engine.inputs import ScoreRequest
-from engine.model import FAMILIES, chat_template_of, checkpoint_folder
+from engine.model import FAMILIES, chat_template_of, checkpoint_folder, read_model_config
 from engine.prepare import Preparer
-from engine.prompt import truncate_keeping_final
+from engine.prompt import VisionSlot, truncate_keeping_final
 from engine.vision import PixelBudget, VisionParams, VisionPreprocessor, resize_as_reference
 
 # How vLLM loads the official reranker checkpoint (vLLM's own recipe for Qwen3-VL-Reranker).
@@ -55,9 +53,10 @@ class VllmSettings:
     max_model_len: int | None = None  # None: derived from the checkpoint
 
 
-def engine_args(source: str, precision: str, settings: VllmSettings, vision: VisionParams, device: str):
-    """vLLM `AsyncEngineArgs` of an arm: the reranker overrides, the dtype or quantization of its
-    precision, the image limits, the arm's settings. Refuses precisions this backend cannot run here."""
+def engine_args(source: str, model_config: dict, precision: str, settings: VllmSettings, vision: VisionParams, device: str):
+    """vLLM `AsyncEngineArgs` of an arm: the reranker overrides (from the checkpoint's config.json,
+    `model_config`), the dtype or quantization of its precision, the image limits, the arm's
+    settings. Refuses precisions this backend cannot run here."""
     from vllm import AsyncEngineArgs
 
     on_gpu = device == "cuda"
@@ -75,7 +74,7 @@ def engine_args(source: str, precision: str, settings: VllmSettings, vision: Vis
     elif precision in ("awq", "w8a8"):
         kwargs["dtype"] = "bfloat16" if on_gpu else VLLM_CPU_QUANT_DTYPE  # the checkpoint's quantization_config picks the kernel
     overrides = dict(RERANKER_OVERRIDES)
-    top = _read_config(checkpoint_folder(source))
+    top = model_config
     if "tie_word_embeddings" in top and "tie_word_embeddings" not in (top.get("text_config") or {}):
         # Qwen3-VL keeps this flag at the top; vLLM reads the text config's (default: tied).
         overrides["text_config"] = {"tie_word_embeddings": bool(top["tie_word_embeddings"])}
@@ -90,13 +89,6 @@ def engine_args(source: str, precision: str, settings: VllmSettings, vision: Vis
     )  # fmt: skip
 
 
-def _read_config(folder: Path) -> dict:
-    try:
-        return json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"model: no readable config.json in {folder} ({e})") from None
-
-
 class VllmRerankEngine:
     """Scores requests with vLLM. `await score(request)` from the replica's event loop; the CPU
     preparation of each request runs on a small thread pool, vLLM batches across requests."""
@@ -108,14 +100,14 @@ class VllmRerankEngine:
             from vllm.v1.engine.async_llm import AsyncLLM
         except ImportError as e:
             raise ModelLoadError(f"vllm is not installed in this environment ({e}); build it with scripts/vllm-env.sh") from None
-        top = _read_config(checkpoint_folder(source))
+        folder = checkpoint_folder(source)
+        top = read_model_config(folder)
         family = FAMILIES.get(top.get("model_type", ""))
         if family != "qwen3-vl":
             raise ModelLoadError(f"model: the vllm backend serves Qwen3-VL rerankers; {source!r} is {top.get('model_type')!r}")
         self.precision = precision
         self.model_id = model_id or source
         self.cfg = config
-        folder = checkpoint_folder(source)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(source)
         except Exception as e:
@@ -132,7 +124,7 @@ class VllmRerankEngine:
             image_token_id=image_id, video_token_id=video_id, video_refusal=VIDEO_REFUSAL,
         )  # fmt: skip
         self.image_token_id = image_id
-        self.llm = AsyncLLM.from_engine_args(engine_args(source, precision, settings, self.vision_params, device))
+        self.llm = AsyncLLM.from_engine_args(engine_args(source, top, precision, settings, self.vision_params, device))
         self.max_model_len = int(self.llm.model_config.max_model_len)
         self._pool = ThreadPoolExecutor(2, thread_name_prefix="vllm-prepare")
         self._ids = itertools.count()
@@ -154,9 +146,12 @@ class VllmRerankEngine:
                     raise InputError(img.field, "image known only by its digest has no bytes on this backend; send its bytes")
                 decoded = resize_as_reference(self.preprocessor.decode(img.data, img.field, budget), p, img.field)
                 sized[img.digest] = (decoded, decoded.size[0] * decoded.size[1] // (p.factor * p.factor))
+        # Every image as one placeholder token (vLLM expands it): rendered once per request and
+        # tokenized with the shared head once, as the transformers backend does.
+        one = VisionSlot("image", 1)
+        pair_ids = self.preparer.token_ids(req, [one] * len(req.query.images), [[one] * len(d.images) for d in req.documents])
         out = []
-        for doc in req.documents:
-            ids = self.preparer.tokenize(self.preparer.render_pair(req.query, doc, req.instruction), doc.field)
+        for doc, ids in zip(req.documents, pair_ids):
             images = [sized[img.digest] for img in (*req.query.images, *doc.images)]
             ids = self._truncate(ids, [n for _, n in images], doc.field)
             prompt: dict = {"prompt_token_ids": ids}
