@@ -138,7 +138,7 @@ class ArmReplica:
         events = track_request_events()
         try:
             if self.arm.backend == "vllm":  # vLLM batches across requests itself (continuous batching)
-                request, features = await self._with_bytes(request, {}), {}
+                request, features = await self._with_bytes(request, set()), {}
                 result, batch_requests = await self.engine.score(request), 1
             else:
                 request, features = await self._features(request)
