@@ -14,7 +14,6 @@ score = sigmoid(logit("yes") - logit("no")) at the last token, computed in fp32.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -27,6 +26,7 @@ from engine.inputs import ImageInput, RerankItem, ScoreRequest
 from engine.model import LoadedModel, chat_template_of, checkpoint_folder, load_model
 from engine.prepare import VIDEO, PreparedRequest, Preparer
 from engine.vision import VisionParams, VisionPreprocessor
+from engine.vision_tower import VisionTower
 
 # Families whose video path is not implemented, and why (a request with a video gets this, naming the field).
 VIDEO_REFUSAL = {
@@ -56,10 +56,10 @@ class RerankEngine:
         self.preprocessor = VisionPreprocessor(
             self.vision_params, max_image_bytes=cfg.max_image_bytes, max_image_pixels=cfg.max_image_pixels, max_video_frames=cfg.max_video_frames
         )
-        visual = self.model.model.visual
+        tower = VisionTower(self.model.model.visual, loaded.family, self.device)
         self.feature_spec = FeatureSpec(
-            vision_fingerprint=_vision_fingerprint(loaded.family, visual),
-            vision_precision=str(next(visual.parameters()).dtype).removeprefix("torch."),
+            vision_fingerprint=tower.fingerprint(),
+            vision_precision=tower.dtype_name,
             min_pixels=self.vision_params.min_pixels,
             max_pixels=self.vision_params.max_pixels,
         )
@@ -69,7 +69,7 @@ class RerankEngine:
         )  # fmt: skip
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.forwarder = Forward(
-            self.model, device=self.device, feature_spec=self.feature_spec, yes_id=self.yes_id, no_id=self.no_id,
+            self.model, tower, device=self.device, feature_spec=self.feature_spec, yes_id=self.yes_id, no_id=self.no_id,
             pad_id=pad, image_token_id=image_token_id, video_token_id=video_token_id, max_batch_tokens=cfg.max_batch_tokens,
         )  # fmt: skip
 
@@ -164,10 +164,3 @@ class RerankEngine:
             out.append(float(torch.sigmoid(logits[0, self.yes_id] - logits[0, self.no_id])))
         return out
 
-
-def _vision_fingerprint(family: str, visual: torch.nn.Module) -> str:
-    h = hashlib.sha256(family.encode())
-    for name, p in sorted(visual.state_dict().items()):
-        h.update(name.encode())
-        h.update(p.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:32]

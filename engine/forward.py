@@ -16,7 +16,6 @@ prefix + rows x longest remainder.
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,8 +27,7 @@ from engine.features import FeatureSpec, ImageFeatures
 from engine.prefix_attention import SharedPrefixCache, use_prefix_attention
 from engine.prepare import PreparedRequest, PreparedRow
 from engine.vision import PixelPatches
-
-VIT_PATCH_BUDGET = 65536  # patches per vision-tower call
+from engine.vision_tower import VisionTower
 
 
 @dataclass
@@ -50,12 +48,12 @@ class _Group:
 class Forward:
     """The device side of the engine: vision tower and decoder under one lock."""
 
-    def __init__(self, model, *, device: torch.device, feature_spec: FeatureSpec, yes_id: int, no_id: int,
+    def __init__(self, model, tower: VisionTower, *, device: torch.device, feature_spec: FeatureSpec, yes_id: int, no_id: int,
                  pad_id: int, image_token_id: int, video_token_id: int, max_batch_tokens: int):  # fmt: skip
         self.model = model
         self.core = model.model
-        self.visual = model.model.visual
-        self.vision_dtype = next(self.visual.parameters()).dtype
+        self.tower = tower
+        self.vision_dtype = tower.dtype
         self.device = device
         self.feature_spec = feature_spec
         self.yes_id, self.no_id, self.pad_id = yes_id, no_id, pad_id
@@ -78,33 +76,11 @@ class Forward:
             for s, r in zip(scores, requests)
         ]
 
-    @torch.inference_mode()
     def encode(self, patches: Sequence[PixelPatches]) -> list[tuple[torch.Tensor, tuple[torch.Tensor, ...]]]:
         """Vision tower over several images/videos: (pooled tokens, deepstack features) each."""
-        out: list[tuple[torch.Tensor, tuple[torch.Tensor, ...]]] = []
-        chunk: list[PixelPatches] = []
-        for p in [*patches, None]:
-            if p is None or (chunk and sum(c.pixel_values.shape[0] for c in chunk) + p.pixel_values.shape[0] > VIT_PATCH_BUDGET):
-                out.extend(self._vit(chunk))
-                chunk = []
-            if p is not None:
-                chunk.append(p)
-        return out
+        return self.tower.encode(patches)
 
     # ---- vision -------------------------------------------------------------------------------
-
-    def _vit(self, patches: Sequence[PixelPatches]) -> list[tuple[torch.Tensor, tuple[torch.Tensor, ...]]]:
-        if not patches:
-            return []
-        pixel_values = torch.cat([p.pixel_values for p in patches]).to(self.device, self.vision_dtype)
-        grid = torch.tensor([p.grid_thw for p in patches], dtype=torch.long, device=self.device)
-        out = self.visual(pixel_values, grid_thw=grid, return_dict=True)
-        merge = self.visual.spatial_merge_size**2
-        sizes = [math.prod(p.grid_thw) // merge for p in patches]
-        embeds = torch.split(out.pooler_output.float().cpu(), sizes)
-        deep = getattr(out, "deepstack_features", None) or []
-        deep_split = [torch.split(d.float().cpu(), sizes) for d in deep]
-        return [(embeds[i], tuple(d[i] for d in deep_split)) for i in range(len(patches))]
 
     def _vision(self, requests: Sequence[PreparedRequest]) -> tuple[dict[str, ImageFeatures], dict[str, ImageFeatures]]:
         """Every visual's features by key: known ones, plus the new ones computed now (each once)."""

@@ -10,8 +10,16 @@ vision tokens are never cut). vLLM runs the model as `Qwen3VLForSequenceClassifi
 logit is lm_head's yes row minus its no row (`classifier_from_token`), read out as a 2-way
 softmax: sigmoid(yes - no), the official score.
 
-Not on this backend yet: video (a named 4xx), and feeding image features from the shared cache
-(vLLM keeps its own per-engine encoder cache). vLLM is imported only here, and only when loaded.
+Images reach vLLM one of two ways (`vision_encoder`):
+- "project" (default): the checkpoint's vision tower runs here (`VisionTower`, loaded alone) and
+  vLLM gets its output as embeddings (`image_embeds`: pooled tokens with the deepstack features
+  concatenated, as vLLM's Qwen3-VL takes them, plus `image_grid_thw`). The features are `ImageFeatures` under the same cache key as a transformers
+  arm running the same vision weights at the same dtype, so the shared feature cache feeds this
+  arm too: a repeated image skips the ViT across replicas, restarts and backends (vLLM's own
+  encoder cache lives and dies with one engine).
+- "vllm": raw images, sized here; vLLM's processor and vision tower do the rest.
+
+Not on this backend yet: video (a named 4xx). vLLM is imported only here, and only when loaded.
 """
 
 from __future__ import annotations
@@ -20,22 +28,28 @@ import asyncio
 import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
+import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
+
+import torch
 
 from engine.config import EngineConfig
 from engine.errors import InputError, ModelLoadError, PrecisionUnsupported
-from engine.features import FeatureSpec
+from engine.features import FeatureSpec, ImageFeatures
 from engine.forward import RequestScores
 from engine.inputs import ScoreRequest
-from engine.model import FAMILIES, chat_template_of, checkpoint_folder, read_model_config
+from engine.model import FAMILIES, chat_template_of, checkpoint_folder, compute_dtype_for, pick_device, read_model_config
 from engine.prepare import Preparer
 from engine.prompt import VisionSlot, truncate_keeping_final
 from engine.vision import PixelBudget, VisionParams, VisionPreprocessor, resize_as_reference
+from engine.vision_tower import VisionTower
 
 # How vLLM loads the official reranker checkpoint (vLLM's own recipe for Qwen3-VL-Reranker).
 RERANKER_OVERRIDES = {"architectures": ["Qwen3VLForSequenceClassification"], "classifier_from_token": ["no", "yes"], "is_original_qwen3_reranker": True}
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 VLLM_CPU_QUANT_DTYPE = os.environ.get("RERANK_VLLM_CPU_QUANT_DTYPE", "float32")
+MAX_IMAGES_PER_PROMPT = 64
 VIDEO_REFUSAL = "video is not supported on the vllm backend yet; pin a transformers arm (x-rerank-arm) for video"
 
 
@@ -51,6 +65,7 @@ class VllmSettings:
     cpu_kvcache_space_gib: int = 1  # vLLM's CPU backend: KV cache size
     enforce_eager: bool = False  # skip torch.compile / graphs: faster start, slower steady state
     max_model_len: int | None = None  # None: derived from the checkpoint
+    vision_encoder: str = "project"  # "project": our vision tower + shared feature cache -> embeddings; "vllm": raw images
 
 
 def engine_args(source: str, model_config: dict, precision: str, settings: VllmSettings, vision: VisionParams, device: str):
@@ -84,9 +99,20 @@ def engine_args(source: str, model_config: dict, precision: str, settings: VllmS
         model=source, runner="pooling", hf_overrides=overrides, block_size=settings.block_size,
         enable_prefix_caching=settings.enable_prefix_caching, max_num_batched_tokens=settings.max_num_batched_tokens,
         max_num_seqs=settings.max_num_seqs, gpu_memory_utilization=settings.gpu_memory_utilization,
-        enforce_eager=settings.enforce_eager, max_model_len=settings.max_model_len, limit_mm_per_prompt={"image": 64, "video": 0},
+        enforce_eager=settings.enforce_eager, max_model_len=settings.max_model_len, **vision_args(settings.vision_encoder),
         mm_processor_kwargs={"min_pixels": vision.min_pixels, "max_pixels": vision.max_pixels}, **kwargs,
     )  # fmt: skip
+
+
+def vision_args(vision_encoder: str) -> dict:
+    """vLLM's multimodal arguments for where the vision features come from. Embeddings need
+    `enable_mm_embeds`; vLLM still loads its own vision tower then (unused): with a raw-image
+    limit of 0 it would skip it, but vLLM 0.32's Qwen3-VL then also turns deepstack off
+    (`use_deepstack` requires the tower) and refuses the concatenated features."""
+    if vision_encoder not in ("project", "vllm"):
+        raise ValueError(f"vision_encoder: {vision_encoder!r} is not one of 'project', 'vllm'")
+    limits = {"limit_mm_per_prompt": {"image": MAX_IMAGES_PER_PROMPT, "video": 0}}
+    return {"enable_mm_embeds": True, **limits} if vision_encoder == "project" else limits
 
 
 class VllmRerankEngine:
@@ -116,7 +142,18 @@ class VllmRerankEngine:
         self.preprocessor = VisionPreprocessor(
             self.vision_params, max_image_bytes=config.max_image_bytes, max_image_pixels=config.max_image_pixels, max_video_frames=config.max_video_frames
         )
-        spec = FeatureSpec(vision_fingerprint="vllm", vision_precision=precision, min_pixels=self.vision_params.min_pixels, max_pixels=self.vision_params.max_pixels)
+        self.tower: VisionTower | None = None
+        if settings.vision_encoder == "project":
+            dev = pick_device(device)
+            self.tower = VisionTower.load(source, folder, compute_dtype_for(precision, dev), dev)
+            fingerprint, vision_dtype = self.tower.fingerprint(), self.tower.dtype_name
+        else:  # vLLM's own tower: its features never enter the cache, so no key is shared
+            fingerprint, vision_dtype = "vllm", precision
+        p = self.vision_params
+        spec = FeatureSpec(vision_fingerprint=fingerprint, vision_precision=vision_dtype, min_pixels=p.min_pixels, max_pixels=p.max_pixels)
+        # What names this arm's image features in a cache; None when they never leave vLLM.
+        self.feature_spec: FeatureSpec | None = spec if self.tower else None
+        self._tower_lock = threading.Lock()  # torch modules are not re-entrant
         image_id = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
         video_id = self.tokenizer.convert_tokens_to_ids("<|video_pad|>")
         self.preparer = Preparer(
@@ -130,35 +167,69 @@ class VllmRerankEngine:
         self._ids = itertools.count()
 
     def describe(self) -> dict:
-        return {"model": self.model_id, "backend": "vllm", "precision": self.precision, "max_model_len": self.max_model_len}
+        return {
+            "model": self.model_id, "backend": "vllm", "precision": self.precision, "max_model_len": self.max_model_len,
+            "vision_encoder": "project" if self.tower else "vllm", "vision_fingerprint": self.preparer.feature_spec.vision_fingerprint,
+        }  # fmt: skip
 
-    def prompts(self, request: ScoreRequest) -> list[dict]:
-        """vLLM inputs of every pair: token ids of the official prompt with one placeholder per
-        image, and the images sized as the official pipeline sizes them. CPU work; input errors
-        (named) arise here only."""
+    def prompts(self, request: ScoreRequest, features: Mapping[str, ImageFeatures] | None = None) -> tuple[list[dict], list[ImageFeatures]]:
+        """vLLM inputs of every pair (token ids of the official prompt with one placeholder per
+        image, and each image as embeddings or as a sized raw image), and the features this call
+        computed (for the cache). CPU work (and the vision tower); input errors (named) arise here only."""
         req = self.preparer.validated(request)
-        budget = PixelBudget(self.cfg.max_request_pixels)
-        p = self.vision_params
-        sized: dict[str, tuple[object, int]] = {}  # digest -> (image, its vision tokens)
-        for img in req.images():
-            if img.digest not in sized:
-                if img.data is None:
-                    raise InputError(img.field, "image known only by its digest has no bytes on this backend; send its bytes")
-                decoded = resize_as_reference(self.preprocessor.decode(img.data, img.field, budget), p, img.field)
-                sized[img.digest] = (decoded, decoded.size[0] * decoded.size[1] // (p.factor * p.factor))
+        visuals, new = self._images(req, features or {}) if self.tower else (self._raw_images(req), [])
         # Every image as one placeholder token (vLLM expands it): rendered once per request and
         # tokenized with the shared head once, as the transformers backend does.
         one = VisionSlot("image", 1)
         pair_ids = self.preparer.token_ids(req, [one] * len(req.query.images), [[one] * len(d.images) for d in req.documents])
         out = []
         for doc, ids in zip(req.documents, pair_ids):
-            images = [sized[img.digest] for img in (*req.query.images, *doc.images)]
-            ids = self._truncate(ids, [n for _, n in images], doc.field)
-            prompt: dict = {"prompt_token_ids": ids}
-            if images:
+            images = [visuals[img.digest] for img in (*req.query.images, *doc.images)]
+            prompt: dict = {"prompt_token_ids": self._truncate(ids, [n for _, n in images], doc.field)}
+            if images and self.tower:
+                prompt["multi_modal_data"] = {"image": _embeddings([f for f, _ in images])}
+            elif images:
                 prompt["multi_modal_data"] = {"image": [im for im, _ in images]}
             out.append(prompt)
-        return out
+        return out, new
+
+    def _images(self, req: ScoreRequest, features: Mapping[str, ImageFeatures]) -> tuple[dict[str, tuple[ImageFeatures, int]], list[ImageFeatures]]:
+        """digest -> (features, vision tokens) of every image: from `features` (cache key ->
+        features) where known, else decoded, sized and encoded by the vision tower now."""
+        spec = self.preparer.feature_spec
+        known: dict[str, ImageFeatures] = {}
+        todo: dict[str, object] = {}
+        budget = PixelBudget(self.cfg.max_request_pixels)
+        for img in req.images():
+            key = spec.cache_key(img.digest)
+            if img.digest in known or img.digest in todo:
+                continue
+            if key in features:
+                known[img.digest] = features[key]
+            elif img.data is None:
+                raise InputError(img.field, "image known only by its digest has no cached features; send its bytes")
+            else:
+                self.preprocessor.charge(img.data, img.field, budget)  # every image charged before any is decoded
+                todo[img.digest] = img
+        patches = [self.preprocessor.image(img.data, img.field) for img in todo.values()]
+        with self._tower_lock:
+            computed = self.tower.encode(patches) if patches else []
+        new = [ImageFeatures(e, d, p.grid_thw, spec, digest) for digest, p, (e, d) in zip(todo, patches, computed)]
+        known.update((f.image_digest, f) for f in new)
+        return {digest: (f, f.num_tokens) for digest, f in known.items()}, new
+
+    def _raw_images(self, req: ScoreRequest) -> dict[str, tuple[object, int]]:
+        """digest -> (image sized as the official pipeline sizes it, its vision tokens)."""
+        budget = PixelBudget(self.cfg.max_request_pixels)
+        p = self.vision_params
+        sized: dict[str, tuple[object, int]] = {}
+        for img in req.images():
+            if img.digest not in sized:
+                if img.data is None:
+                    raise InputError(img.field, "image known only by its digest has no bytes on this backend; send its bytes")
+                decoded = resize_as_reference(self.preprocessor.decode(img.data, img.field, budget), p, img.field)
+                sized[img.digest] = (decoded, decoded.size[0] * decoded.size[1] // (p.factor * p.factor))
+        return sized
 
     def _truncate(self, ids: list[int], vision_tokens: list[int], field: str) -> list[int]:
         """The official truncation, on the pair as vLLM will expand it (each placeholder -> its
@@ -178,10 +249,12 @@ class VllmRerankEngine:
             raise InputError(field, f"the pair has {expanded_len} tokens, over this arm's max_model_len of {self.max_model_len}")
         return cut
 
-    async def score(self, request: ScoreRequest) -> RequestScores:
+    async def score(self, request: ScoreRequest, features: Mapping[str, ImageFeatures] | None = None) -> RequestScores:
+        """Scores of one request; `features` (cache key -> features) are used instead of running
+        the vision tower on those images. The result carries the features computed now."""
         from vllm import PoolingParams
 
-        prompts = await asyncio.get_running_loop().run_in_executor(self._pool, self.prompts, request)
+        prompts, new = await asyncio.get_running_loop().run_in_executor(self._pool, self.prompts, request, features)
         tag = next(self._ids)
 
         async def one(i: int, prompt: dict):
@@ -192,7 +265,7 @@ class VllmRerankEngine:
 
         outs = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
         scores = [float(o.outputs.data.reshape(-1)[0]) for o in outs]
-        return RequestScores(scores, [], sum(len(o.prompt_token_ids) for o in outs))
+        return RequestScores(scores, new, sum(len(o.prompt_token_ids) for o in outs))
 
     async def aclose(self) -> None:
         """Stop vLLM's engine core, on the event loop its output handler runs on (so the handler's
@@ -204,6 +277,14 @@ class VllmRerankEngine:
         await asyncio.sleep(0.1)
         del self.llm
         gc.collect()
+
+
+def _embeddings(features: list[ImageFeatures]) -> dict:
+    """Images of one prompt as vLLM's Qwen3-VL takes embeddings: every image's pooled tokens with
+    its deepstack features concatenated along the hidden axis ([main, deep_0, deep_1, ...], the
+    order of vLLM's own vision tower output), images stacked in prompt order, and their grids."""
+    embeds = torch.cat([torch.cat([f.embeds, *f.deepstack], dim=-1) for f in features])
+    return {"image_embeds": embeds, "image_grid_thw": torch.tensor([f.grid_thw for f in features], dtype=torch.long)}
 
 
 def _expand(ids: list[int], pad: int, vision_tokens: list[int]):

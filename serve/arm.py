@@ -137,16 +137,15 @@ class ArmReplica:
         start = time.perf_counter()
         events = track_request_events()
         try:
+            request, features = await self._features(request)
             if self.arm.backend == "vllm":  # vLLM batches across requests itself (continuous batching)
-                request, features = await self._with_bytes(request, set()), {}
-                result, batch_requests = await self.engine.score(request), 1
+                result, batch_requests = await self.engine.score(request, features), 1
             else:
-                request, features = await self._features(request)
                 outcome = await self._score_batch((request, features))
                 if isinstance(outcome, BaseException):  # this request's own input error
                     raise outcome
                 result, batch_requests = outcome
-                await self.cache.put_many(result.new_features)
+            await self.cache.put_many(result.new_features)
         except Exception as e:
             self.metrics.errors.inc(tags={"kind": type(e).__name__})
             if not isinstance(e, InputError):
@@ -178,6 +177,8 @@ class ArmReplica:
         """Cached features of the request's images; images sent by digest only that no cache tier
         has are downloaded here (the request then carries their bytes)."""
         spec = self.engine.feature_spec
+        if spec is None:  # an engine whose image features never leave it (vLLM's own vision tower)
+            return await self._with_bytes(request, set()), {}
         keys = {img.digest: spec.cache_key(img.digest) for img in request.images()}
         features = await self.cache.get_many(list(dict.fromkeys(keys.values())))
         known = {digest for digest, key in keys.items() if key in features}

@@ -113,6 +113,11 @@ class VllmConfig(_Strict):
     cpu_kvcache_space_gib: int = Field(1, ge=1, description="KV-cache size on vLLM's CPU backend.")
     enforce_eager: bool = Field(False, description="Skip torch.compile and graphs: faster start, slower steady state.")
     max_model_len: int | None = Field(None, ge=64, description="Longest pair vLLM accepts; default: the checkpoint's.")
+    vision_encoder: Literal["project", "vllm"] = Field(
+        "project", description="project: the checkpoint's vision tower runs in the replica and vLLM gets its features as embeddings, "
+        "through the shared feature cache (a repeated image skips the ViT across replicas and restarts); vllm: raw images, vLLM's own "
+        "vision tower and per-engine encoder cache.",
+    )
 
 
 class ArmConfig(_Strict):

@@ -187,8 +187,8 @@ def test_a_shared_query_video_runs_the_vit_once(engine_for, monkeypatch):
     video = VideoInput.of_frames(tuple(_img(Thing("red", "circle"), rng) for _ in range(4)), fps=2.0)
     docs = [RerankItem(text="a red circle"), RerankItem(text="a blue square"), RerankItem(text="a red cross")]
     calls = []
-    real_vit = eng.forwarder._vit
-    monkeypatch.setattr(eng.forwarder, "_vit", lambda patches: calls.append(len(patches)) or real_vit(patches))
+    real_vit = eng.forwarder.tower._run
+    monkeypatch.setattr(eng.forwarder.tower, "_run", lambda patches: calls.append(len(patches)) or real_vit(patches))
     shared = eng.score(RerankItem(videos=(video,)), docs)
     assert calls == [1]
     monkeypatch.undo()

@@ -1,6 +1,8 @@
 """The vLLM backend scores as the transformers engine (the parity reference): same expanded token
 ids (the official layout, vLLM's own placeholder expansion), scores within 1e-5 in fp32, for text
-pairs, image documents, image queries, multi-image items, thin images and truncated pairs.
+pairs, image documents, image queries, multi-image items, thin images and truncated pairs; on both
+vision paths: the project's vision tower feeding vLLM embeddings (the default, which the shared
+feature cache feeds) and raw images through vLLM's own vision tower.
 
 Runs in the vLLM environment (scripts/vllm-env.sh; `scripts/test.sh` runs it there with `-m vllm`);
 elsewhere it is skipped, saying so. One vLLM engine serves the whole module."""
@@ -39,6 +41,21 @@ def vllm_engine(tiny_model_dir, loop):
     loop.run_until_complete(eng.aclose())
 
 
+@pytest.fixture(scope="module")
+def raw_images_engine(tiny_model_dir, loop):
+    """The same arm with `vision_encoder: vllm`: raw images, vLLM's own vision tower."""
+    from engine.config import EngineConfig
+    from engine.vllm_engine import VllmRerankEngine, VllmSettings
+
+    settings = VllmSettings(enforce_eager=True, vision_encoder="vllm")
+    eng = VllmRerankEngine(str(tiny_model_dir), "fp32", config=EngineConfig(max_length=MAX_LENGTH), settings=settings)
+    yield eng
+    loop.run_until_complete(eng.aclose())
+
+
+VISION_PATHS = {"project": "vllm_engine", "vllm": "raw_images_engine"}
+
+
 def img(seed: int, width: int = 120, height: int = 90, field: str = "image") -> ImageInput:
     return ImageInput.of(png(picture(width, height, seed)), field)
 
@@ -55,37 +72,75 @@ def requests() -> dict[str, ScoreRequest]:
     }
 
 
-@pytest.fixture(scope="module")
-def both(vllm_engine, engine_for, loop):
-    hf = engine_for("fp32", max_length=MAX_LENGTH)
-
+def score_all(engine, loop) -> dict:
     async def run_all():
-        return {name: await vllm_engine.score(r) for name, r in requests().items()}
+        return {name: await engine.score(r) for name, r in requests().items()}
 
-    ours = loop.run_until_complete(run_all())
-    return hf, ours
+    return loop.run_until_complete(run_all())
 
 
+@pytest.fixture(scope="module")
+def scored(request, loop):
+    """Vision path -> request name -> RequestScores of the vLLM engine on that path (run once)."""
+    return {path: score_all(request.getfixturevalue(fixture), loop) for path, fixture in VISION_PATHS.items()}
+
+
+@pytest.mark.parametrize("path", list(VISION_PATHS))
 @pytest.mark.parametrize("name", list(requests()))
-def test_scores_equal_the_transformers_engine(both, name):
-    hf, ours = both
-    want = hf.score_requests([requests()[name]])[0].scores
-    assert max(abs(a - b) for a, b in zip(ours[name].scores, want, strict=True)) <= 1e-5
+def test_scores_equal_the_transformers_engine(scored, engine_for, path, name):
+    want = engine_for("fp32", max_length=MAX_LENGTH).score_requests([requests()[name]])[0].scores
+    assert max(abs(a - b) for a, b in zip(scored[path][name].scores, want, strict=True)) <= 1e-5
 
 
+def test_project_vision_features_are_the_transformers_engines_under_the_same_cache_key(vllm_engine, engine_for, scored):
+    """The vLLM arm's vision tower is the checkpoint's, run as the transformers engine runs it: the
+    same fingerprint and dtype (so both backends share cache entries) and the same features."""
+    hf = engine_for("fp32", max_length=MAX_LENGTH)
+    assert vllm_engine.feature_spec == hf.feature_spec
+    req = requests()["multi-image items"]
+    new = scored["project"]["multi-image items"].new_features
+    assert sorted(f.image_digest for f in new) == sorted({img.digest for img in req.images()})
+    theirs = {f.image_digest: f for f in hf.encode_images(list({img.digest: img for img in req.images()}.values()))}
+    for f in new:
+        assert f.cache_key == theirs[f.image_digest].cache_key
+        assert (f.embeds - theirs[f.image_digest].embeds).abs().max() <= 1e-5
+        assert len(f.deepstack) == len(theirs[f.image_digest].deepstack) > 0
+    assert scored["vllm"]["multi-image items"].new_features == []  # vLLM's own tower: nothing to cache
+
+
+def test_cached_features_skip_the_vision_tower_and_score_the_same(vllm_engine, engine_for, scored, loop):
+    """Features from a cache (here: the transformers engine's, as another arm would have stored
+    them) are used as they are: no image is encoded, scores equal, and an image sent by digest
+    only (a memoised URL whose bytes the arm never saw) scores from its features."""
+    from dataclasses import replace
+
+    req = requests()["image documents"]
+    hf = engine_for("fp32", max_length=MAX_LENGTH)
+    cached = {f.cache_key: f for f in hf.encode_images(list({img.digest: img for img in req.images()}.values()))}
+    again = loop.run_until_complete(vllm_engine.score(req, cached))
+    assert again.new_features == []
+    assert max(abs(a - b) for a, b in zip(again.scores, scored["project"]["image documents"].scores, strict=True)) <= 1e-6
+    by_digest = replace(req, documents=tuple(replace(d, images=tuple(replace(i, data=None) for i in d.images)) for d in req.documents))
+    assert loop.run_until_complete(vllm_engine.score(by_digest, cached)).scores == again.scores
+    with pytest.raises(InputError, match=r"image known only by its digest has no cached features; send its bytes"):
+        vllm_engine.prompts(by_digest)
+
+
+@pytest.mark.parametrize("path", list(VISION_PATHS))
 @pytest.mark.parametrize("name", list(requests()))
-def test_vllm_expands_the_same_token_ids(vllm_engine, engine_for, loop, name):
+def test_vllm_expands_the_same_token_ids(request, engine_for, loop, path, name):
     """vLLM expands each image placeholder itself: its prompt ids must be the ids the transformers
     engine builds for the same pair (the official layout, vision tokens, truncation)."""
     from vllm import PoolingParams
 
+    vllm_engine = request.getfixturevalue(VISION_PATHS[path])
     req = requests()[name]
     want = [row.ids.tolist() for row in engine_for("fp32", max_length=MAX_LENGTH).prepare(req).rows]
 
     async def expanded():
         out = []
-        for i, prompt in enumerate(vllm_engine.prompts(req)):
-            async for o in vllm_engine.llm.encode(prompt, PoolingParams(task="classify"), request_id=f"ids-{name}-{i}"):
+        for i, prompt in enumerate(vllm_engine.prompts(req)[0]):
+            async for o in vllm_engine.llm.encode(prompt, PoolingParams(task="classify"), request_id=f"ids-{path}-{name}-{i}"):
                 last = o
             out.append(list(last.prompt_token_ids))
         return out

@@ -23,6 +23,7 @@ from serving_testkit import free_port, png_bytes
 SHARED_REDIS = "redis://127.0.0.1:6379"
 UNIT_REDIS_DB = 11  # unit tests of the cache (keys under a per-run prefix)
 E2E_REDIS_DB = 12  # the end-to-end app's cache (flushed before and after)
+VLLM_REDIS_DB = 13  # the vLLM app's cache (flushed before and after)
 
 
 def _redis_answers(url: str) -> bool:
@@ -322,13 +323,23 @@ def parity_app(ray_serve, tiny_model):
 
 
 @pytest.fixture(scope="module")
-def vllm_app(ray_serve, tiny_model):
-    """Two fp32 arms of the tiny model on the two backends (`hf`: transformers, `vllm`), every
-    request of `hf` shadowed to `vllm`; no cache. Only in the vLLM environment."""
+def vllm_app(ray_serve, shared_redis_url, tiny_model):
+    """Two fp32 arms of the tiny model on the two backends (`hf`: transformers, `vllm`, its images
+    through the project's vision tower as embeddings), every request of `hf` shadowed to `vllm`;
+    Redis db 13 as the shared feature cache. Only in the vLLM environment."""
+    from ray import serve
+
     hf, vllm = _arm("hf", 0.5), _arm("vllm", 0.5)
     hf["precision"] = vllm["precision"] = "fp32"
     vllm.update(backend="vllm", vllm={"enforce_eager": True, "block_size": 32})
     vllm.pop("batching")
-    fleet = _fleet(tiny_model, [hf, vllm], None, router={"shadow": {"arm": "vllm", "fraction": 1.0}})
-    with _deployed(ray_serve, "vllm", "/vllm", fleet) as app:
+    redis_url = f"{shared_redis_url}/{VLLM_REDIS_DB}"
+    _delete_keys(redis_url, "rerank:*")
+    fleet = _fleet(tiny_model, [hf, vllm], redis_url, router={"shadow": {"arm": "vllm", "fraction": 1.0}})
+    app = _deploy(ray_serve, "vllm", "/vllm", fleet, redis_url)
+    try:
         yield app
+    finally:
+        app.client.close()
+        serve.delete("vllm")
+        _delete_keys(redis_url, "rerank:*")

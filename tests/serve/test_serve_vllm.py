@@ -1,6 +1,8 @@
 """A vLLM arm behind the same router, API and experiments as any arm, over real HTTP: the same
 requests pinned to the transformers arm and to the vLLM arm get the same scores (within 1e-5 in
-fp32), and shadowing the vLLM arm records its agreement. Runs in the vLLM environment
+fp32), shadowing the vLLM arm records its agreement, and the vLLM arm's images go through the
+shared feature cache (a repeated image skips the vision tower; features one backend stored feed
+the other). Runs in the vLLM environment
 (`scripts/test.sh` runs `-m vllm` there); the start-failure test runs in both environments."""
 
 from __future__ import annotations
@@ -58,6 +60,34 @@ def test_shadowing_vllm_against_transformers_records_agreement(vllm_app):
     assert agreement["n"] >= 6 and agreement["against"].get("hf", 0) >= 6 and shadow["errors"] == 0
     # Same precision, same model: the rankings agree exactly.
     assert agreement["spearman"] == pytest.approx(1.0) and agreement["ndcg@10"] == pytest.approx(1.0)
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(not HAVE_VLLM, reason="the vLLM environment (scripts/vllm-env.sh) runs this")
+def test_the_vllm_arm_reads_and_fills_the_shared_feature_cache(vllm_app):
+    """A new image sent to the vLLM arm is a miss, then a hit with the same scores; an image the
+    transformers arm saw first is a hit on the vLLM arm (same vision weights and dtype: one cache
+    key), served from Redis, since the two arms share no process."""
+    def rerank(arm: str, image: str) -> dict:
+        r = vllm_app.client.post("/v2/rerank", json={"query": "a red circle", "documents": [{"image": image}, "text"]}, headers={"x-rerank-arm": arm})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    fresh = b64(41, 96, 64)
+    first, second = rerank("vllm", fresh), rerank("vllm", fresh)
+    assert first["meta"]["image_cache"] == {"hits": 0, "misses": 1}
+    assert second["meta"]["image_cache"] == {"hits": 1, "misses": 0}
+    assert second["results"] == first["results"]
+
+    seen_by_hf = b64(42, 80, 112)
+    via_hf = rerank("hf", seen_by_hf)
+    assert via_hf["meta"]["image_cache"] == {"hits": 0, "misses": 1}
+    via_vllm = rerank("vllm", seen_by_hf)  # an arm stores new features before it answers
+    assert via_vllm["meta"]["image_cache"] == {"hits": 1, "misses": 0}
+    hf_scores = {r["index"]: r["relevance_score"] for r in via_hf["results"]}
+    assert all(abs(r["relevance_score"] - hf_scores[r["index"]]) <= 1e-5 for r in via_vllm["results"])
+    events = vllm_app.client.get("/v1/experiments").json()["arms"]["vllm"]["image_cache"]["events"]
+    assert events.get("hit_redis", 0) >= 1, events
 
 
 def test_a_vllm_arm_that_cannot_start_fails_naming_arm_backend_and_reason(ray_serve, tiny_model):
