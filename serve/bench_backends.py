@@ -98,14 +98,19 @@ def through_serve(source: str, requests: int, concurrency: int, port: int) -> di
     arms = [
         {"name": "hf", "precision": "fp32", "backend": "transformers", "ray_actor_options": {"num_cpus": 1}},
         {"name": "vllm", "precision": "fp32", "backend": "vllm", "ray_actor_options": {"num_cpus": 1}, "vllm": {"enforce_eager": True}},
+        # The same vLLM arm with raw images (vLLM's own vision tower, no feature cache).
+        {"name": "vllm-raw", "precision": "fp32", "backend": "vllm", "ray_actor_options": {"num_cpus": 1},
+         "vllm": {"enforce_eager": True, "vision_encoder": "vllm"}},
     ]
     fleet = FleetConfig.from_dict({"model": {"source": source}, "arms": arms, "http": {"host": "127.0.0.1", "port": port}})
     bodies = {
         "text (8 docs)": text_requests(requests, 8, seed=1),
-        "image docs (4 images)": [image_request([1000 * i + j for j in range(4)], 224) for i in range(requests // 2)],
+        "image docs (4 new images)": [image_request([1000 * i + j for j in range(4)], 224) for i in range(requests // 2)],
+        "image docs (4 repeated images)": [image_request([7, 8, 9, 10], 224) for _ in range(requests // 2)],
     }
+    arms_of = {"text (8 docs)": ("hf", "vllm")}
     out: dict[str, Any] = {}
-    with embedded_serve(fleet, num_cpus=4) as base:
+    with embedded_serve(fleet, num_cpus=5) as base:
 
         async def post(client, body, arm):
             t0 = time.perf_counter()
@@ -129,7 +134,7 @@ def through_serve(source: str, requests: int, concurrency: int, port: int) -> di
             return {"one_in_flight": summary_ms(serial), f"req_per_s_at_{concurrency}": len(bodies) / wall}
 
         for kind, items in bodies.items():
-            out[kind] = {arm: asyncio.run(measure(arm, items)) for arm in ("hf", "vllm")}
+            out[kind] = {arm: asyncio.run(measure(arm, items)) for arm in arms_of.get(kind, ("hf", "vllm", "vllm-raw"))}
     return out
 
 
