@@ -130,7 +130,7 @@ def serve_application(report: PlacementReport, *, redis_url: str | None) -> dict
 
     fleet = fleet_config(report, redis_url=redis_url)
     deployments = [{"name": INGRESS_DEPLOYMENT, "ray_actor_options": {**INGRESS_ACTOR_OPTIONS, "num_gpus": 0}}]
-    deployments += [arm_options(arm) for arm in fleet.arms]
+    deployments += [arm_options(arm, fleet.http.drain_grace_s) for arm in fleet.arms]
     deployment = report.inventory.deployment
     return {
         "name": deployment.app_name,

@@ -66,7 +66,7 @@ def resolve_model(fleet: FleetConfig) -> FleetConfig:
 def build_app(args: dict[str, Any]) -> Application:
     fleet = resolve_model(load_fleet(args))
     config = fleet.to_dict()
-    arms = {arm.name: ArmReplica.options(**arm_options(arm)).bind(config, arm.name) for arm in fleet.arms}
+    arms = {arm.name: ArmReplica.options(**arm_options(arm, fleet.http.drain_grace_s)).bind(config, arm.name) for arm in fleet.arms}
     return Ingress.options(**ingress_options(fleet)).bind(config, arms)
 
 

@@ -35,6 +35,7 @@ from engine.inputs import ImageInput, RerankItem, ScoreRequest
 from serve.arm_result import ArmResult
 from serve.cache import FeatureCache, track_request_events
 from serve.config import ArmConfig, BatchingConfig, FleetConfig
+from serve.errors import DeadlineExceeded
 from serve.fetch import MediaFetcher
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,11 @@ class ArmMetrics:
 
     def cache_event(self, event: str, n: int) -> None:
         self.cache.inc(n, tags={"event": event})
+
+
+def _check_deadline(deadline: float | None, where: str) -> None:
+    if deadline is not None and time.time() > deadline:
+        raise DeadlineExceeded(f"the request's deadline passed {where} (the arm is overloaded); retry later")
 
 
 def pick_device(arm: ArmConfig) -> str:
@@ -133,22 +139,26 @@ class ArmReplica:
             "cache": self.cache.snapshot(),
         }  # fmt: skip
 
-    async def score(self, request: ScoreRequest) -> ArmResult:
+    async def score(self, request: ScoreRequest, deadline: float | None = None) -> ArmResult:
+        """Score one request. `deadline` (epoch seconds): work not started by then is refused
+        (`DeadlineExceeded`, a 503): the caller has given up on it, and running it would only
+        delay the requests queued behind it."""
         start = time.perf_counter()
         events = track_request_events()
         try:
+            _check_deadline(deadline, "before it reached the arm")
             request, features = await self._features(request)
             if self.arm.backend == "vllm":  # vLLM batches across requests itself (continuous batching)
                 result, batch_requests = await self.engine.score(request, features), 1
             else:
-                outcome = await self._score_batch((request, features))
+                outcome = await self._score_batch((request, features, deadline))
                 if isinstance(outcome, BaseException):  # this request's own input error
                     raise outcome
                 result, batch_requests = outcome
             await self.cache.put_many(result.new_features)
         except Exception as e:
             self.metrics.errors.inc(tags={"kind": type(e).__name__})
-            if not isinstance(e, InputError):
+            if not isinstance(e, (InputError, DeadlineExceeded)):
                 log.exception("arm %s: request failed", self.arm.name)
             raise
         self.metrics.requests.inc()
@@ -162,16 +172,20 @@ class ArmReplica:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0, max_concurrent_batches=2)
     async def _score_batch(self, items: list) -> list:
-        """[(request, cached features)] -> per request (RequestScores, requests forwarded
-        together) or the exception its preparation raised (that request's alone, whatever its
-        kind). A failure of the forward pass itself raises, for all."""
+        """[(request, cached features, deadline)] -> per request (RequestScores, requests
+        forwarded together) or the exception its preparation raised or its passed deadline (that
+        request's alone). A failure of the forward pass itself raises, for all."""
         prepared = await asyncio.gather(
-            *(self._run(self._prepare_pool, self.engine.prepare, request, features) for request, features in items), return_exceptions=True
+            *(self._prepare(request, features, deadline) for request, features, deadline in items), return_exceptions=True
         )
         good = [p for p in prepared if not isinstance(p, BaseException)]
         self.metrics.batch_pairs.observe(sum(len(p.rows) for p in good))
         results = iter(await self._run(self._forward_thread, self.engine.forward, good) if good else [])
         return [p if isinstance(p, BaseException) else (next(results), len(good)) for p in prepared]
+
+    async def _prepare(self, request: ScoreRequest, features: dict, deadline: float | None):
+        _check_deadline(deadline, "while it waited for a batch")
+        return await self._run(self._prepare_pool, self.engine.prepare, request, features)
 
     async def _features(self, request: ScoreRequest) -> tuple[ScoreRequest, dict]:
         """Cached features of the request's images; images sent by digest only that no cache tier

@@ -157,6 +157,8 @@ class RouterConfig(_Strict):
     sticky_header: str = Field("x-rerank-user", description="Header whose value keeps a user on one arm.")
     pin_header: str = Field("x-rerank-arm", description="Header that pins a request to a named arm.")
     shadow: ShadowConfig | None = Field(None, description="Mirror traffic to a second arm and compare rankings.")
+    failure_threshold: int = Field(3, ge=1, description="Failed or timed-out calls in a row that take an arm out of routed traffic (a dead replica does at once).")
+    probe_interval_s: float = Field(0.5, gt=0, description="How often an arm out of routed traffic is probed; it is back when a probe answers.")
 
 
 class CacheConfig(_Strict):
@@ -185,13 +187,23 @@ class LimitsConfig(_Strict):
     max_redirects: int = Field(3, ge=0, description="Redirects followed per fetch, each re-checked.")
     allow_private_urls: bool = Field(False, description="Allow URLs resolving to loopback, private or link-local addresses.")
     allowed_hosts: list[str] = Field(default_factory=list, description="Hosts allowed even when private (e.g. an internal CDN).")
-    request_timeout_s: float = Field(120.0, gt=0, description="End-to-end time limit of one rerank request.")
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="Deadline of one rerank request (a client may ask for less with the x-rerank-timeout-ms header); "
+        "work whose deadline has passed is not started.",
+    )
+    body_read_timeout_s: float = Field(10.0, gt=0, description="Time a client has to send its whole request body (slow senders get 408).")
+    max_downloads: int = Field(64, ge=1, description="URL downloads in flight in one ingress replica, all requests together.")
+    max_downloads_per_request: int = Field(4, ge=1, description="URL downloads in flight for one request (one request cannot take every slot).")
+    download_deadline_s: float = Field(20.0, gt=0, description="Time limit of all of one request's downloads together.")
 
 
 class HttpConfig(_Strict):
     host: str = Field("127.0.0.1", description="Address the HTTP proxy binds.")
     port: int = Field(8000, ge=1, le=65535, description="Port of the HTTP proxy.")
     route_prefix: str = Field("/", description="Serve route prefix of the app.")
+    drain_grace_s: float = Field(
+        30.0, ge=0, description="On shutdown or redeploy: time in-flight requests get to finish after new ones are refused."
+    )
 
 
 class FleetConfig(_Strict):

@@ -17,14 +17,17 @@ APP_NAME = "rerank"
 INGRESS_ACTOR_OPTIONS = {"num_cpus": 0.1}
 
 
-def arm_options(arm: ArmConfig) -> dict[str, Any]:
-    """Serve deployment options of one arm (also what a Serve config's `deployments` entry overrides)."""
+def arm_options(arm: ArmConfig, drain_grace_s: float = 30.0) -> dict[str, Any]:
+    """Serve deployment options of one arm (also what a Serve config's `deployments` entry overrides).
+    A replica being stopped (shutdown, redeploy, downscale) gets `drain_grace_s` to finish its
+    in-flight requests: Serve's own graceful shutdown."""
     opts: dict[str, Any] = {
         "name": f"Arm-{arm.name}",
         "ray_actor_options": arm.ray_actor_options.to_ray(),
         "max_ongoing_requests": arm.max_ongoing_requests,
         "max_queued_requests": arm.max_queued_requests,
         "user_config": arm.batching.model_dump(),  # applied by ArmReplica.reconfigure; changeable live
+        "graceful_shutdown_timeout_s": drain_grace_s,
     }
     if arm.autoscaling is not None:
         opts["autoscaling_config"] = arm.autoscaling.model_dump()
@@ -39,4 +42,7 @@ def ingress_options(fleet: FleetConfig) -> dict[str, Any]:
     capacity = sum(
         a.max_ongoing_requests * (a.autoscaling.max_replicas if a.autoscaling else a.num_replicas) for a in fleet.arms
     )
-    return {"name": "Ingress", "ray_actor_options": INGRESS_ACTOR_OPTIONS, "max_ongoing_requests": max(64, capacity)}
+    return {
+        "name": "Ingress", "ray_actor_options": INGRESS_ACTOR_OPTIONS, "max_ongoing_requests": max(64, capacity),
+        "graceful_shutdown_timeout_s": fleet.http.drain_grace_s,
+    }  # fmt: skip

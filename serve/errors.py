@@ -38,17 +38,34 @@ class Unauthorized(InputError):
     """No valid API key."""
 
 
+class BodyTimeout(InputError):
+    """The client did not send its request body in time."""
+
+
+class ArmDown(RerankError):
+    """A pinned arm is out of routed traffic (its replica died or its calls keep failing)."""
+
+
+class DeadlineExceeded(RerankError):
+    """The request's deadline passed before its work could start (it waited in a queue)."""
+
+
+class Draining(RerankError):
+    """The service is shutting down or redeploying: new requests are refused while in-flight ones finish."""
+
+
 class ServiceUnavailable(RerankError):
     """Retryable: overloaded or no healthy replica."""
 
 
-_UNAVAILABLE = (ServiceUnavailable, BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError,
+_UNAVAILABLE = (ServiceUnavailable, ArmDown, DeadlineExceeded, Draining, BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError,
                 ActorDiedError, ActorUnavailableError, RayActorError)  # fmt: skip
 
 # (error type, HTTP status, error kind), most specific first; the first match wins.
 ERROR_TABLE: tuple[tuple[type | tuple[type, ...], int, str], ...] = (
     (Unauthorized, 401, "unauthorized"),
     (RequestTooLarge, 413, "too_large"),
+    (BodyTimeout, 408, "body_timeout"),
     (ImageTooLarge, 413, "too_large"),
     (ForbiddenURL, 400, "forbidden_url"),
     (FetchError, 422, "fetch_error"),
@@ -91,6 +108,8 @@ def error_response(exc: BaseException, request_id: str | None = None) -> JSONRes
     elif isinstance(exc, StarletteHTTPException):
         message = str(exc.detail)
         headers.update(exc.headers or {})
+    elif isinstance(exc, (ArmDown, DeadlineExceeded, Draining)):
+        message = str(exc)
     elif status == 503:
         message = "no replica can take this request now; retry later"
     elif status == 504:

@@ -27,6 +27,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
+import contextvars
 import ipaddress
 import re
 import socket
@@ -165,6 +167,10 @@ def _cap(n: int, field: str, max_bytes: int) -> None:
 
 # --------------------------------------------------------------------------------- fetcher
 
+# The download slots of the request being resolved (set by `resolve_items`; the tasks it gathers
+# inherit it). Unset (an arm re-fetching a memoised URL): only the replica-wide slots apply.
+_REQUEST_DOWNLOADS: contextvars.ContextVar[asyncio.Semaphore | None] = contextvars.ContextVar("request_downloads", default=None)
+
 
 class MediaFetcher:
     """Resolves an item's media references. One per ingress replica; safe for concurrent use."""
@@ -175,13 +181,12 @@ class MediaFetcher:
         *,
         memo: FeatureCache | None = None,
         resolver: Resolver = system_resolver,
-        max_concurrent_downloads: int = 16,
         transport: httpx.AsyncBaseTransport | None = None,
     ):
         self.limits = limits
         self.memo = memo
         self._resolve = resolver
-        self._downloads = asyncio.Semaphore(max_concurrent_downloads)
+        self._downloads = asyncio.Semaphore(limits.max_downloads)
         self._client = httpx.AsyncClient(
             follow_redirects=False,
             trust_env=False,
@@ -195,8 +200,20 @@ class MediaFetcher:
         await self._client.aclose()
 
     async def resolve_items(self, specs: list[ItemSpec], *, use_memo: bool = True) -> list[RerankItem]:
-        """All media of all items, fetched concurrently. The first failure (in field order) is raised."""
-        results = await asyncio.gather(*(self.resolve_item(s, use_memo=use_memo) for s in specs), return_exceptions=True)
+        """All media of all items of one request, fetched concurrently within the request's share:
+        at most `max_downloads_per_request` downloads at a time (so one request with many slow URLs
+        cannot hold every slot of the replica) and `download_deadline_s` for all of them. The first
+        failure (in field order) is raised."""
+        limits = self.limits
+        token = _REQUEST_DOWNLOADS.set(asyncio.Semaphore(limits.max_downloads_per_request))
+        try:
+            async with asyncio.timeout(limits.download_deadline_s):
+                results = await asyncio.gather(*(self.resolve_item(s, use_memo=use_memo) for s in specs), return_exceptions=True)
+        except TimeoutError:
+            field = specs[0].field.split(".")[0] if len(specs) == 1 else "documents"
+            raise FetchError(field, f"the request's media downloads took longer than {limits.download_deadline_s:g}s together") from None
+        finally:
+            _REQUEST_DOWNLOADS.reset(token)
         for r in results:
             if isinstance(r, BaseException):
                 raise r
@@ -242,7 +259,7 @@ class MediaFetcher:
         """GET with the address check on every hop, a byte cap and an overall time limit."""
         timeout = self.limits.fetch_timeout_s
         try:
-            async with self._downloads:
+            async with _REQUEST_DOWNLOADS.get() or contextlib.nullcontext(), self._downloads:  # the request's share first
                 async with asyncio.timeout(timeout):
                     return await self._fetch(url, field, max_bytes)
         except TimeoutError:

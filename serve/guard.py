@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from dataclasses import dataclass
 
-from serve.errors import RequestTooLarge, Unauthorized, error_response
+from serve.errors import BodyTimeout, RequestTooLarge, Unauthorized, error_response
 
-PUBLIC_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+PUBLIC_PATHS = frozenset({"/health", "/ready", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 
 
 class GuardMiddleware:
@@ -29,21 +30,27 @@ class GuardMiddleware:
         if declared is not None and declared.isdigit() and int(declared) > guard.max_request_bytes:
             err = RequestTooLarge("body", f"request body is {int(declared)} bytes, over the limit of {guard.max_request_bytes}")
             return await error_response(err)(scope, receive, send)
-        # Read the body up to the cap before the app parses it (FastAPI would turn an exception
-        # raised mid-read into a generic 400); then replay it.
+        # Read the body up to the cap and within the time limit before the app parses it (FastAPI
+        # would turn an exception raised mid-read into a generic 400); then replay it. A client
+        # sending a byte at a time would otherwise hold one of the replica's request slots.
         chunks, seen = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # client went away
-            chunk = message.get("body", b"")
-            seen += len(chunk)
-            if seen > guard.max_request_bytes:
-                err = RequestTooLarge("body", f"request body is over the limit of {guard.max_request_bytes} bytes")
-                return await error_response(err)(scope, receive, send)
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
+        try:
+            async with asyncio.timeout(guard.body_read_timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        return  # client went away
+                    chunk = message.get("body", b"")
+                    seen += len(chunk)
+                    if seen > guard.max_request_bytes:
+                        err = RequestTooLarge("body", f"request body is over the limit of {guard.max_request_bytes} bytes")
+                        return await error_response(err)(scope, receive, send)
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            err = BodyTimeout("body", f"the request body did not arrive within {guard.body_read_timeout_s:g}s (body_read_timeout_s)")
+            return await error_response(err)(scope, receive, send)
         body = b"".join(chunks)
         replayed = False
 
@@ -61,6 +68,7 @@ class GuardMiddleware:
 class Guard:
     api_keys: tuple[str, ...]
     max_request_bytes: int
+    body_read_timeout_s: float = 10.0
 
     def authorized(self, header: str | None) -> bool:
         if not header or not header.lower().startswith("bearer "):

@@ -15,11 +15,14 @@ import asyncio
 import logging
 import time
 import uuid
+from dataclasses import replace
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -28,10 +31,11 @@ from engine.inputs import RerankItem, ScoreRequest
 from serve.arm_result import ArmResult
 from serve.cache import FeatureCache
 from serve.config import FleetConfig
-from serve.errors import error_response, log_if_internal
+from serve.errors import ArmDown, Draining, error_response, log_if_internal, unwrap
 from serve.experiments import ExperimentStats
 from serve.fetch import MediaFetcher
 from serve.guard import Guard, GuardMiddleware
+from serve.health import ArmHealth
 from serve.protocol import (
     ArmCard,
     CohereRerankRequest,
@@ -54,6 +58,12 @@ from workshop.ranking import agreement
 log = logging.getLogger(__name__)
 
 MAX_SHADOW_IN_FLIGHT = 64
+DEADLINE_HEADER = "x-rerank-timeout-ms"  # a client's own deadline, at most limits.request_timeout_s
+PROBE_TIMEOUT_S = 1.0
+READY_QUERY = ScoreRequest.of("readiness probe", ["readiness probe"])
+# The arm's replica is gone (killed, crashed, its node lost): scoring is idempotent, so the request
+# is retried once on another arm, and the arm leaves routed traffic until a probe answers.
+ARM_GONE = (ActorDiedError, ActorUnavailableError, RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
 
 
 class IngressMetrics:
@@ -103,7 +113,8 @@ for _exc_type in (RequestValidationError, StarletteHTTPException, InputError, Ex
     app.add_exception_handler(_exc_type, _handle_any)
 
 _ERRORS = {400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
-           422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}, 504: {"model": ErrorResponse}}  # fmt: skip
+           408: {"model": ErrorResponse}, 422: {"model": ErrorResponse}, 503: {"model": ErrorResponse},
+           504: {"model": ErrorResponse}}  # fmt: skip
 
 
 @serve.deployment(name="Ingress")
@@ -122,9 +133,15 @@ class Ingress:
         )
         self.fetcher = MediaFetcher(self.fleet.limits, memo=self.memo)
         self._shadow_tasks: set[asyncio.Task] = set()
+        router_cfg = self.fleet.router
+        self.health = ArmHealth(self._arms, failure_threshold=router_cfg.failure_threshold, probe_interval_s=router_cfg.probe_interval_s)
+        self._probe_task: asyncio.Task | None = None
+        self._in_flight = 0
+        self._draining = False
         app.state.guard = Guard(
             api_keys=tuple(k.get_secret_value() for k in self.fleet.api_keys),
             max_request_bytes=self.fleet.limits.max_request_bytes,
+            body_read_timeout_s=self.fleet.limits.body_read_timeout_s,
         )
 
     # ------------------------------------------------------------------ endpoints
@@ -146,7 +163,29 @@ class Ingress:
 
     @app.get("/health")
     async def health(self) -> dict:
-        return {"status": "ok", "arms": list(self._arms)}
+        """Liveness: the ingress answers (with its rerank requests in flight and whether it is
+        draining). Whether arms can score is `/ready`."""
+        return {"status": "ok", "arms": list(self._arms), "in_flight": self._in_flight, "draining": self._draining}
+
+    @app.get("/ready", responses={503: {"model": ErrorResponse}})
+    async def ready(self) -> JSONResponse:
+        """Readiness: every arm scores a one-pair request within its probe time and none is out
+        of routed traffic; 503 with Retry-After and each arm's state otherwise (and while draining)."""
+        self._ensure_probing()
+        results = await asyncio.gather(*(self._probe_score(a) for a in self._arms))
+        arms = {a: ("ok" if error is None else error) for a, error in zip(self._arms, results)}
+        ok = not self._draining and all(error is None for error in results)
+        body = {"ready": ok, "draining": self._draining, "arms": arms}
+        return JSONResponse(body, status_code=200 if ok else 503, headers={} if ok else {"retry-after": "1"})
+
+    async def drain(self, grace_s: float) -> int:
+        """Refuse new requests (503 Draining) and wait up to `grace_s` for in-flight ones to
+        finish; returns how many were still in flight at the end (0: nothing dropped)."""
+        self._draining = True
+        deadline = time.monotonic() + grace_s
+        while self._in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return self._in_flight
 
     @app.get("/v1/models", response_model=ModelList)
     async def models(self) -> ModelList:
@@ -169,6 +208,7 @@ class Ingress:
             },
             "arms": snapshot,
             "url_memo_cache": self.memo.snapshot(),
+            "health": self.health.snapshot(),
             "scope": "this ingress replica since it started",
         }
 
@@ -176,7 +216,10 @@ class Ingress:
 
     async def _rerank(self, body, shape, request: Request, response: Response):
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        self._in_flight += 1
         try:
+            if self._draining:
+                raise Draining("the service is draining (shutting down or redeploying); retry on another instance")
             answer = await self._answer(body, shape, request, response, request_id)
             self.metrics.requests.inc(tags={"arm": response.headers["x-rerank-arm"], "api": shape.__name__, "status": "200"})
             return answer
@@ -184,20 +227,27 @@ class Ingress:
             resp = log_if_internal(error_response(e, request_id), e, request_id)
             self.metrics.requests.inc(tags={"arm": "", "api": shape.__name__, "status": str(resp.status_code)})
             return resp
+        finally:
+            self._in_flight -= 1
 
     async def _answer(self, body, shape, request: Request, response: Response, request_id: str):
         started = time.perf_counter()
+        deadline = time.time() + self._time_budget(request.headers.get(DEADLINE_HEADER))
+        self._ensure_probing()
         req = body.to_internal()
         req.check_limits(self.fleet.limits)
         pin_header = self.fleet.router.pin_header
         pin, pin_field = resolve_pin(request.headers.get(pin_header), req.arm, pin_header)
         sticky_key = request.headers.get(self.fleet.router.sticky_header) or req.user
-        decision = self.router.route(pin=pin, pin_field=pin_field, sticky_key=sticky_key)
+        decision = self.router.route(pin=pin, pin_field=pin_field, sticky_key=sticky_key, down=self.health.down())
+        if decision.reason == "pinned" and self.health.is_down(decision.arm):
+            why = self.health.snapshot()[decision.arm]["reason"]
+            raise ArmDown(f"arm {decision.arm!r} is out of service ({why}); retry later, or send the request unpinned")
 
         items = await self.fetcher.resolve_items([req.query, *req.documents])
         job = score_request(req, items)
         try:
-            result = await self._call_arm(decision.arm, job)
+            result, decision = await self._call_with_failover(decision, job, deadline)
         except Exception as e:
             self.stats.record_error(decision.arm, error_response(e).status_code)
             raise
@@ -219,10 +269,87 @@ class Ingress:
         response.headers["x-rerank-routed-by"] = decision.reason
         return shape.build(req, outcome, request_id)
 
-    async def _call_arm(self, arm: str, job: ScoreRequest) -> ArmResult:
-        """Call an arm under the request time limit; its errors are raised here as themselves."""
-        async with asyncio.timeout(self.fleet.limits.request_timeout_s):
-            return await self._arms[arm].remote(job)
+    def _time_budget(self, header: str | None) -> float:
+        """Seconds this request may take: the client's `x-rerank-timeout-ms`, at most the configured limit."""
+        limit = self.fleet.limits.request_timeout_s
+        if header is None:
+            return limit
+        try:
+            ms = float(header)
+        except ValueError:
+            ms = float("nan")
+        if not ms > 0:  # also refuses NaN
+            raise InputError(DEADLINE_HEADER, f"must be a positive number of milliseconds, got {header!r}")
+        return min(ms / 1000, limit)
+
+    async def _call_with_failover(self, decision, job: ScoreRequest, deadline: float):
+        """Call the routed arm; if its replica is gone, the arm leaves routed traffic and (unless
+        the request was pinned) the request is retried once on another arm: scoring is idempotent."""
+        try:
+            return await self._call_arm(decision.arm, job, deadline), decision
+        except Exception as e:
+            if not isinstance(unwrap(e), ARM_GONE) or decision.reason == "pinned":
+                raise
+            other = self.router.failover(decision.arm, self.health.down())
+            if other == decision.arm:
+                raise
+            log.warning("arm %s is gone (%s); retrying the request on arm %s", decision.arm, type(unwrap(e)).__name__, other)
+            decision = replace(decision, arm=other, reason="failover", shadow_arm=None)
+            return await self._call_arm(other, job, deadline), decision
+
+    async def _call_arm(self, arm: str, job: ScoreRequest, deadline: float | None = None) -> ArmResult:
+        """Call an arm within the request's deadline (the arm refuses work whose deadline passed
+        while it queued); its errors are raised here as themselves, and its health is updated."""
+        deadline = deadline if deadline is not None else time.time() + self.fleet.limits.request_timeout_s
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.time())):
+                result = await self._arms[arm].remote(job, deadline)
+        except TimeoutError:
+            self.health.failed(arm, "timeout")
+            raise
+        except Exception as e:
+            cause = unwrap(e)
+            if isinstance(cause, ARM_GONE):
+                self.health.died(arm, type(cause).__name__)
+            elif error_response(cause).status_code == 500:  # the arm broke (not the input, not a full queue)
+                self.health.failed(arm, type(cause).__name__)
+            raise
+        self.health.succeeded(arm)
+        return result
+
+    def _ensure_probing(self) -> None:
+        """Start the background probe of arms out of routed traffic (needs the running loop)."""
+        if self._probe_task is None or self._probe_task.done():
+            self._probe_task = asyncio.get_running_loop().create_task(self._probe_loop())
+
+    async def _probe_loop(self) -> None:
+        interval = self.fleet.router.probe_interval_s
+        while True:
+            await asyncio.sleep(interval / 2)
+            due = self.health.due_for_probe()
+            results = await asyncio.gather(*(self._probe_describe(a) for a in due))
+            for arm, ok in zip(due, results):
+                if ok:
+                    self.health.succeeded(arm)
+
+    async def _probe_describe(self, arm: str) -> bool:
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT_S):
+                await self._describe[arm].remote()
+            return True
+        except Exception:  # noqa: BLE001 - a probe that fails keeps the arm down
+            return False
+
+    async def _probe_score(self, arm: str) -> str | None:
+        """None when the arm scores a one-pair request in time, else why not."""
+        if self.health.is_down(arm):
+            return f"down: {self.health.snapshot()[arm]['reason']}"
+        try:
+            async with asyncio.timeout(self.fleet.limits.request_timeout_s):
+                await self._arms[arm].remote(READY_QUERY, time.time() + self.fleet.limits.request_timeout_s)
+            return None
+        except Exception as e:  # noqa: BLE001 - readiness reports, never raises
+            return f"cannot score: {type(unwrap(e)).__name__}"
 
     def _start_shadow(self, arm: str, primary: str, job: ScoreRequest, primary_scores: list[float]) -> None:
         if len(self._shadow_tasks) >= MAX_SHADOW_IN_FLIGHT:

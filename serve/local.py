@@ -1,9 +1,10 @@
 """The main job: the whole fleet on one machine, on embedded Ray, until Ctrl-C.
 
 `run_local` starts a private Ray instance (token auth off, a small CPU budget, no dashboard;
-Ray picks a free GCS port, never Redis's 6379), starts Serve's HTTP proxy on the configured
-host (127.0.0.1 by default), deploys `build_app`, prints the URL and a sample request, and on
-SIGINT/SIGTERM shuts Serve and Ray down before returning.
+Ray picks a free GCS port, never Redis's 6379), starts Serve's HTTP proxy on the configured host (127.0.0.1 by default), deploys
+`build_app`, waits until `/ready` says every arm scores, prints the URL and a sample request, and
+on SIGINT/SIGTERM drains (new requests get 503, in-flight ones finish within
+`http.drain_grace_s`) before it shuts Serve and Ray down.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from serve.config import FleetConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "local.yaml"
+READY_TIMEOUT_S = 900.0  # a first start may compile (vLLM) or build the offline model first
 
 
 def local_fleet(config_path: str | None, redis_url: str | None, port: int | None) -> FleetConfig:
@@ -65,9 +68,48 @@ def embedded_serve(fleet: FleetConfig, *, num_cpus: float | None = None) -> Iter
         yield f"http://{fleet.http.host}:{fleet.http.port}{fleet.http.route_prefix.rstrip('/')}"
     finally:
         try:
+            drain(APP_NAME, fleet.http.drain_grace_s)
             serve.shutdown()
         finally:
             ray.shutdown()
+
+
+def drain(app_name: str, grace_s: float) -> int:
+    """Ask the app's ingress to refuse new requests and wait for its in-flight ones (up to
+    `grace_s`); returns how many were still in flight (0: none dropped). Best effort: an app that
+    never came up has nothing to drain."""
+    from ray import serve
+
+    try:
+        handle = serve.get_app_handle(app_name).options(method_name="drain")
+        left = handle.remote(grace_s).result(timeout_s=grace_s + 10)
+    except Exception as e:  # noqa: BLE001 - shutting down anyway
+        print(f"drain skipped ({type(e).__name__})", file=sys.stderr, flush=True)
+        return -1
+    if left:
+        print(f"drain: {left} requests still in flight after {grace_s:g}s; stopping anyway", file=sys.stderr, flush=True)
+    return left
+
+
+def wait_until_ready(base: str, timeout_s: float, stop: threading.Event) -> bool:
+    """Poll `/ready` until every arm scores (True), or until `timeout_s` or `stop` (False); says
+    what it waits for every few seconds."""
+    import httpx
+
+    deadline, last_note = time.monotonic() + timeout_s, 0.0
+    while not stop.is_set() and time.monotonic() < deadline:
+        try:
+            r = httpx.get(f"{base}/ready", timeout=30)
+            if r.status_code == 200:
+                return True
+            state = r.json().get("arms", {})
+        except (httpx.HTTPError, ValueError) as e:
+            state = {"ingress": type(e).__name__}
+        if time.monotonic() - last_note > 5:
+            print(f"waiting for the arms to score: {state}", flush=True)
+            last_note = time.monotonic()
+        stop.wait(0.5)
+    return False
 
 
 def run_local(config_path: str | None = None, redis_url: str | None = None, port: int | None = None) -> int:
@@ -76,11 +118,16 @@ def run_local(config_path: str | None = None, redis_url: str | None = None, port
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         with embedded_serve(fleet) as base:
+            if not wait_until_ready(base, READY_TIMEOUT_S, stop):
+                if not stop.is_set():
+                    print(f"not ready after {READY_TIMEOUT_S:g}s: see {base}/ready; stopping", file=sys.stderr, flush=True)
+                    return 1
+                return 0
             arms = ", ".join(f"{a.name} ({a.precision}, weight {a.weight:g})" for a in fleet.arms)
             cache = fleet.cache.redis_url or "in-process only"
             auth = ' -H "authorization: Bearer $KEY"' if fleet.api_keys else ""
             print(
-                f"rerank-fleet serving {fleet.model.source} at {base}\n"
+                f"ready: rerank-fleet serving {fleet.model.source} at {base}\n"
                 f"  arms: {arms}\n  feature cache: {cache}\n  docs: {base}/docs   experiments: {base}/v1/experiments\n"
                 f"try:\n  curl -s {base}/v2/rerank -H 'content-type: application/json'{auth} \\\n"
                 """    -d '{"query": "a red circle", "documents": ["a red circle", "a blue square"], "top_n": 2}'\n"""
@@ -89,7 +136,7 @@ def run_local(config_path: str | None = None, redis_url: str | None = None, port
             )
             while not stop.wait(0.5):
                 pass
-            print("stopping ...", flush=True)
+            print(f"stopping: draining in-flight requests (up to {fleet.http.drain_grace_s:g}s) ...", flush=True)
         print("stopped.", flush=True)
         return 0
     finally:

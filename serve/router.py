@@ -4,6 +4,9 @@ Precedence: an explicit pin (header or body field) wins, then a sticky key, then
 random draw. Sticky assignment hashes the key with SHA-256 onto the cumulative weights, so it
 is deterministic across processes and restarts and stable while the weights are unchanged.
 Shadowing mirrors a fraction of requests to the shadow arm, never to the arm that answered.
+Arms the ingress sees as down (`serve.health`) take no routed traffic: a sticky or weighted
+request whose arm is down goes to the others by their weights ("failover"); a pin is kept (the
+ingress refuses it at once), and a down arm is never a shadow.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Literal
 
 from engine.errors import InputError
 
-RouteReason = Literal["pinned", "sticky", "weighted"]
+RouteReason = Literal["pinned", "sticky", "weighted", "failover"]
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,7 @@ class ArmRouter:
         pin: str | None = None,
         pin_field: str = "arm",
         sticky_key: str | None = None,
+        down: frozenset[str] = frozenset(),
     ) -> RouteDecision:
         if pin is not None:
             if pin not in self.arms:
@@ -87,7 +91,17 @@ class ArmRouter:
             arm, reason = self.sticky_arm(sticky_key), "sticky"
         else:
             arm, reason = self._pick(self._rng.random()), "weighted"
-        return RouteDecision(arm=arm, reason=reason, shadow_arm=self._shadow_for(arm))  # type: ignore[arg-type]
+        if reason != "pinned" and arm in down:
+            arm, reason = self.failover(arm, down), "failover"
+        return RouteDecision(arm=arm, reason=reason, shadow_arm=self._shadow_for(arm, down))  # type: ignore[arg-type]
+
+    def failover(self, arm: str, down: frozenset[str]) -> str:
+        """Another routable arm, drawn by weight among those not down; `arm` itself when none is."""
+        others = [a for a in self._routable if a != arm and a not in down]
+        if not others:
+            return arm
+        weights = [self.shares[a] for a in others]
+        return self._rng.choices(others, weights=weights)[0]
 
     def sticky_arm(self, key: str) -> str:
         """The arm a sticky key maps to: a function of the key and the weights only."""
@@ -98,8 +112,8 @@ class ArmRouter:
     def _pick(self, u: float) -> str:
         return self._routable[min(bisect.bisect_right(self._cumulative, u), len(self._routable) - 1)]
 
-    def _shadow_for(self, primary: str) -> str | None:
-        if self.shadow is None or self.shadow.fraction <= 0 or self.shadow.arm == primary:
+    def _shadow_for(self, primary: str, down: frozenset[str] = frozenset()) -> str | None:
+        if self.shadow is None or self.shadow.fraction <= 0 or self.shadow.arm == primary or self.shadow.arm in down:
             return None
         return self.shadow.arm if self._rng.random() < self.shadow.fraction else None
 

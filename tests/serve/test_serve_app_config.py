@@ -52,7 +52,9 @@ def test_arm_options_follow_the_config():
     assert nf4["max_ongoing_requests"] == 64 and nf4["max_queued_requests"] == 256
     # The ingress admits what every arm replica can hold: 64 x 2 fp32 replicas + 64 x 4 nf4 replicas at most.
     ingress = ingress_options(fleet)
-    assert ingress == {"name": "Ingress", "ray_actor_options": INGRESS_ACTOR_OPTIONS, "max_ongoing_requests": 64 * 2 + 64 * 4}
+    assert ingress == {"name": "Ingress", "ray_actor_options": INGRESS_ACTOR_OPTIONS, "max_ongoing_requests": 64 * 2 + 64 * 4,
+                       "graceful_shutdown_timeout_s": fleet.http.drain_grace_s}  # fmt: skip
+    assert arm_options(fleet.arms[0], 12.5)["graceful_shutdown_timeout_s"] == 12.5  # Serve drains a stopping replica
     small = FleetConfig.from_dict({"arms": [{"name": "a", "precision": "fp32", "max_ongoing_requests": 4}]})
     assert ingress_options(small)["max_ongoing_requests"] == 64  # never below Serve's useful minimum
 

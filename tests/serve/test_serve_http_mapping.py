@@ -27,6 +27,10 @@ from serve.cache import FeatureCache
 from serve.config import CacheConfig, LimitsConfig
 from serve.errors import (
     ERROR_TABLE,
+    ArmDown,
+    BodyTimeout,
+    DeadlineExceeded,
+    Draining,
     FetchError,
     ForbiddenURL,
     RequestTooLarge,
@@ -62,6 +66,10 @@ def body(resp) -> dict:
         (ServiceUnavailable("busy"), 503, "overloaded", None),
         (BackPressureError(num_queued_requests=9, max_queued_requests=8), 503, "overloaded", None),
         (TimeoutError(), 504, "timeout", None),
+        (BodyTimeout("body", "the request body did not arrive within 10s"), 408, "body_timeout", "body"),
+        (ArmDown("arm 'a' is out of service"), 503, "overloaded", None),
+        (DeadlineExceeded("the request's deadline passed"), 503, "overloaded", None),
+        (Draining("the service is draining"), 503, "overloaded", None),
     ],
 )
 def test_typed_errors_map_to_status_and_field(exc, status, kind, field):
@@ -78,9 +86,9 @@ def test_typed_errors_map_to_status_and_field(exc, status, kind, field):
 def test_error_table_kinds_are_distinct_per_status_and_input_errors_come_before_their_base():
     kinds = {kind for _, _, kind in ERROR_TABLE}
     assert kinds == {"unauthorized", "too_large", "forbidden_url", "fetch_error", "image_decode_error",
-                     "invalid_input", "invalid_request", "http_error", "overloaded", "timeout"}  # fmt: skip
+                     "invalid_input", "invalid_request", "http_error", "overloaded", "timeout", "body_timeout"}  # fmt: skip
     first = {kind: i for i, (_, _, kind) in reversed(list(enumerate(ERROR_TABLE)))}
-    for specific in ("unauthorized", "too_large", "forbidden_url", "fetch_error", "image_decode_error"):
+    for specific in ("unauthorized", "too_large", "forbidden_url", "fetch_error", "image_decode_error", "body_timeout"):
         assert first[specific] < first["invalid_input"]  # else every InputError subclass would be "invalid_input"
     assert classify(RuntimeError("boom")) == (500, "internal_error")
 

@@ -1,4 +1,6 @@
-"""The main job: `run_local` with the default config serves on 127.0.0.1 and stops cleanly on Ctrl-C."""
+"""The main job: `run_local` with the default config says when it is ready, serves HTTP on
+127.0.0.1 only, and on Ctrl-C drains: requests in flight finish (none
+dropped), then it stops cleanly."""
 
 from __future__ import annotations
 
@@ -22,6 +24,21 @@ from serve.local import DEFAULT_CONFIG
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def listening_addresses(pid: int) -> list[tuple[str, int]]:
+    """(ip, port) of every listening TCP socket of a process and its descendants (Ray's GCS,
+    raylet, workers, agents, the Serve proxy)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    found = []
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            found += [(c.laddr.ip, c.laddr.port) for c in p.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN]
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
 
 
 def test_main_job_serves_default_config_and_stops_on_ctrl_c(tiny_model, tmp_path):
@@ -50,18 +67,48 @@ def test_main_job_serves_default_config_and_stops_on_ctrl_c(tiny_model, tmp_path
                     break
         output = "".join(seen)
         assert "Ctrl-C stops." in output, output
-        assert f"http://127.0.0.1:{port}" in output and "curl" in output
+        assert f"ready: rerank-fleet serving" in output and f"http://127.0.0.1:{port}" in output and "curl" in output
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as c:
             assert c.get("/health").status_code == 200
+            ready = c.get("/ready")
+            assert ready.status_code == 200 and ready.json()["arms"] == {"fp32": "ok", "nf4": "ok"}, ready.text
             r = c.post("/v2/rerank", json={"query": "a red circle", "documents": ["a red circle", "a blue square"]})
             assert r.status_code == 200 and r.json()["meta"]["arm"] in {"fp32", "nf4"}
             arms = c.get("/v1/models").json()["data"][0]["arms"]
             assert [(a["name"], a["precision"]) for a in arms] == [("fp32", "fp32"), ("nf4", "nf4")]
-        proc.send_signal(signal.SIGINT)
+        # The HTTP proxy listens on loopback only (Ray 2.60's own gRPC servers bind every
+        # interface whatever the node address: see README "Security").
+        assert [ip for ip, p in listening_addresses(proc.pid) if p == port] == ["127.0.0.1"]
+
+        # Ctrl-C with requests in flight: every one of them is answered before the job stops.
+        docs = [f"document number {i} about a red circle" for i in range(48)]
+        in_flight: list[int] = []
+
+        def one_request():
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as c:
+                r = c.post("/v2/rerank", json={"query": "a red circle", "documents": docs})
+                in_flight.append(r.status_code if r.status_code == 200 else (r.status_code, r.text))
+
+        clients = [threading.Thread(target=one_request) for _ in range(12)]
+        for t in clients:
+            t.start()
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
+            deadline = time.monotonic() + 30
+            while c.get("/health").json()["in_flight"] < len(clients) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert c.get("/health").json()["in_flight"] == len(clients)  # every request is in the ingress or an arm
+            proc.send_signal(signal.SIGINT)
+            while not c.get("/health").json()["draining"]:
+                time.sleep(0.05)
+            late = c.post("/v2/rerank", json={"query": "late", "documents": ["a"]})
+            assert late.status_code == 503 and late.headers["retry-after"] and "draining" in late.json()["error"]["message"]
+        for t in clients:
+            t.join(timeout=120)
+        assert in_flight == [200] * len(clients), in_flight
         assert proc.wait(timeout=120) == 0, output
         reader.join(timeout=10)
         rest = "".join(lines.queue)
-        assert "stopped." in rest, output + rest
+        assert "draining in-flight requests" in rest and "stopped." in rest, output + rest
         with socket.socket() as s:  # the HTTP proxy is gone with the cluster
             assert s.connect_ex(("127.0.0.1", port)) != 0
     finally:
