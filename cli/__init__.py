@@ -5,6 +5,7 @@
   bench engine       engine throughput / latency / memory per precision and batch size
   bench serving      Serve path vs direct engine, batching gain, cache hit vs miss
   bench backends     vLLM backend vs transformers engine, alone and through Serve
+  bench reliability  overload, a killed replica, slow clients and drain against a local app
   eval               ranking fidelity of a precision against a reference precision
   quantize           make an AWQ W4A16 (or FP8) checkpoint with llm-compressor
   build-tiny         build and train the offline tiny model (cached)
@@ -97,6 +98,13 @@ def cmd_bench_serving(args) -> int:
     return 0
 
 
+def cmd_bench_reliability(args) -> int:
+    from serve.reliability import run_reliability_bench
+
+    run_reliability_bench(config=args.config, duration_s=args.duration, out=args.out)
+    return 0
+
+
 def cmd_bench_backends(args) -> int:
     from serve.bench_backends import run_backend_bench
 
@@ -177,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--out", default="out/bench-backends.json")
     p.set_defaults(func=cmd_bench_backends)
+    p = bench.add_parser("reliability", help="overload, replica kill, slow clients, drain: a table of outcomes (loopback only)")
+    p.add_argument("--config", default=None, help="fleet config (default: configs/local.yaml)")
+    p.add_argument("--duration", type=float, default=20.0, help="seconds per load scenario")
+    p.add_argument("--out", default="out/bench-reliability.json")
+    p.set_defaults(func=cmd_bench_reliability)
 
     p = sub.add_parser("eval", help="ranking fidelity against a reference precision")
     _add_model_args(p)

@@ -134,8 +134,13 @@ class ArmConfig(_Strict):
     weight: float = Field(1.0, ge=0, description="Share of routed traffic (relative to the other arms).")
     num_replicas: int = Field(1, ge=1, description="Fixed replica count, unless autoscaling is set.")
     autoscaling: AutoscalingConfig | None = Field(None, description="Autoscaling bounds; overrides num_replicas.")
-    max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica accepts before Serve queues or rejects.")
-    max_queued_requests: int = Field(256, ge=-1, description="Requests queued per handle before 503 (-1: unbounded).")
+    max_ongoing_requests: int = Field(
+        32, ge=1, description="Requests one replica holds (batching draws from them). With max_queued_requests it bounds the wait: "
+        "keep (max_ongoing_requests + max_queued_requests) / the replica's requests per second within the latency budget.",
+    )
+    max_queued_requests: int = Field(
+        32, ge=-1, description="Requests queued per ingress handle beyond those; more are refused at once with 503 + Retry-After (-1: unbounded)."
+    )
     ray_actor_options: ActorOptions = Field(default_factory=ActorOptions, description="Resources per replica.")
     batching: BatchingConfig = Field(default_factory=BatchingConfig, description="Dynamic batching limits.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the engine runs; auto picks cuda when a GPU is assigned.")
@@ -151,6 +156,10 @@ class ShadowConfig(_Strict):
     arm: str = Field(..., description="Arm that receives mirrored traffic.")
     fraction: float = Field(0.1, ge=0, le=1, description="Share of primary requests mirrored.")
     top_k: int = Field(10, ge=1, description="k for top-k overlap and NDCG@k agreement.")
+    max_in_flight: int = Field(
+        4, ge=1, description="Shadow calls in flight per ingress replica; more are dropped (and counted), so mirrored traffic "
+        "never takes more than this many of the shadow arm's slots from its routed traffic.",
+    )
 
 
 class RouterConfig(_Strict):

@@ -15,6 +15,7 @@ APP_NAME = "rerank"
 # The ingress only parses, fetches and routes; it reserves a fraction of a CPU so small nodes
 # keep their cores for arm replicas.
 INGRESS_ACTOR_OPTIONS = {"num_cpus": 0.1}
+INGRESS_MAX_QUEUED = 64
 
 
 def arm_options(arm: ArmConfig, drain_grace_s: float = 30.0) -> dict[str, Any]:
@@ -37,12 +38,16 @@ def arm_options(arm: ArmConfig, drain_grace_s: float = 30.0) -> dict[str, Any]:
 
 
 def ingress_options(fleet: FleetConfig) -> dict[str, Any]:
-    """The ingress must admit as many concurrent requests as the arms can hold (Serve's default of
-    a few would cap every arm's batches at that number)."""
+    """The ingress admits twice what the arms can hold and queue (Serve's default of a few would
+    cap every arm's batches; a request waiting in the async ingress costs little, and past the
+    arms' own bounds it is refused there at once), and never fewer than 256, so `/health` and
+    `/ready` find a slot while slow clients send their bodies. Past that, Serve's proxy refuses
+    with 503 instead of queueing without bound."""
     capacity = sum(
-        a.max_ongoing_requests * (a.autoscaling.max_replicas if a.autoscaling else a.num_replicas) for a in fleet.arms
+        (a.max_ongoing_requests + max(0, a.max_queued_requests)) * (a.autoscaling.max_replicas if a.autoscaling else a.num_replicas)
+        for a in fleet.arms
     )
     return {
-        "name": "Ingress", "ray_actor_options": INGRESS_ACTOR_OPTIONS, "max_ongoing_requests": max(64, capacity),
-        "graceful_shutdown_timeout_s": fleet.http.drain_grace_s,
+        "name": "Ingress", "ray_actor_options": INGRESS_ACTOR_OPTIONS, "max_ongoing_requests": max(256, 2 * capacity),
+        "max_queued_requests": INGRESS_MAX_QUEUED, "graceful_shutdown_timeout_s": fleet.http.drain_grace_s,
     }  # fmt: skip

@@ -57,13 +57,30 @@ from workshop.ranking import agreement
 
 log = logging.getLogger(__name__)
 
-MAX_SHADOW_IN_FLIGHT = 64
 DEADLINE_HEADER = "x-rerank-timeout-ms"  # a client's own deadline, at most limits.request_timeout_s
 PROBE_TIMEOUT_S = 1.0
 READY_QUERY = ScoreRequest.of("readiness probe", ["readiness probe"])
 # The arm's replica is gone (killed, crashed, its node lost): scoring is idempotent, so the request
 # is retried once on another arm, and the arm leaves routed traffic until a probe answers.
-ARM_GONE = (ActorDiedError, ActorUnavailableError, RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
+ARM_GONE = (ActorDiedError, ActorUnavailableError, RayActorError, ReplicaUnavailableError, DeploymentUnavailableError, ArmDown)
+
+
+def live_replicas(app_name: str, arms: list[str]) -> dict[str, int]:
+    """Live replica actors per arm, from Ray's named-actor table (a GCS call of about a
+    millisecond): a killed or crashed replica leaves it at once, long before Serve's health check
+    notices, and while it is gone Serve's handle holds calls for the arm instead of failing them."""
+    import ray
+    from ray.serve._private.common import ReplicaID
+
+    counts = dict.fromkeys(arms, 0)
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        name = actor["name"]
+        if ReplicaID.is_full_id_str(name):
+            rid = ReplicaID.from_full_id_str(name)
+            arm = rid.deployment_id.name.removeprefix("Arm-")
+            if rid.deployment_id.app_name == app_name and arm in counts:
+                counts[arm] += 1
+    return counts
 
 
 class IngressMetrics:
@@ -85,6 +102,10 @@ class IngressMetrics:
         )  # fmt: skip
         self.shadow_failures = metrics.Counter("rerank_shadow_failures", "Shadow calls failed or dropped.", ("arm", "reason"))
         self.memo_events = metrics.Counter("rerank_url_memo_events", "URL-memo cache events of the ingress.", ("event",))
+
+
+async def _awaited(response):
+    return await response
 
 
 def score_request(req: RerankRequest, items: list[RerankItem]) -> ScoreRequest:
@@ -136,6 +157,7 @@ class Ingress:
         router_cfg = self.fleet.router
         self.health = ArmHealth(self._arms, failure_threshold=router_cfg.failure_threshold, probe_interval_s=router_cfg.probe_interval_s)
         self._probe_task: asyncio.Task | None = None
+        self._gone: dict[str, asyncio.Event] = {}  # set when an arm leaves routed traffic: its waiting calls fail over
         self._in_flight = 0
         self._draining = False
         app.state.guard = Guard(
@@ -301,21 +323,43 @@ class Ingress:
         """Call an arm within the request's deadline (the arm refuses work whose deadline passed
         while it queued); its errors are raised here as themselves, and its health is updated."""
         deadline = deadline if deadline is not None else time.time() + self.fleet.limits.request_timeout_s
+        response = self._arms[arm].remote(job, deadline)
+        call = asyncio.ensure_future(_awaited(response))
+        gone = asyncio.ensure_future(self._gone_event(arm).wait())
         try:
-            async with asyncio.timeout(max(0.0, deadline - time.time())):
-                result = await self._arms[arm].remote(job, deadline)
-        except TimeoutError:
-            self.health.failed(arm, "timeout")
-            raise
+            done, _ = await asyncio.wait({call, gone}, timeout=max(0.0, deadline - time.time()), return_when=asyncio.FIRST_COMPLETED)
+            if call not in done:
+                response.cancel()
+                call.cancel()
+                if gone in done:  # the arm left routed traffic while this call waited for it
+                    raise ArmDown(f"arm {arm!r} went out of service during the request")
+                self.health.failed(arm, "timeout")
+                raise TimeoutError
+            result = call.result()
         except Exception as e:
             cause = unwrap(e)
-            if isinstance(cause, ARM_GONE):
-                self.health.died(arm, type(cause).__name__)
+            if isinstance(cause, ARM_GONE) and not isinstance(cause, ArmDown):
+                self._arm_gone(arm, type(cause).__name__)
             elif error_response(cause).status_code == 500:  # the arm broke (not the input, not a full queue)
                 self.health.failed(arm, type(cause).__name__)
             raise
+        finally:
+            gone.cancel()
         self.health.succeeded(arm)
         return result
+
+    def _gone_event(self, arm: str) -> asyncio.Event:
+        event = self._gone.get(arm)
+        if event is None or (event.is_set() and not self.health.is_down(arm)):
+            event = self._gone[arm] = asyncio.Event()
+        return event
+
+    def _arm_gone(self, arm: str, why: str) -> None:
+        """Take the arm out of routed traffic now; calls waiting on it fail over."""
+        if not self.health.is_down(arm):
+            log.warning("arm %s is out of routed traffic: %s", arm, why)
+        self.health.died(arm, why)
+        self._gone_event(arm).set()
 
     def _ensure_probing(self) -> None:
         """Start the background probe of arms out of routed traffic (needs the running loop)."""
@@ -324,8 +368,18 @@ class Ingress:
 
     async def _probe_loop(self) -> None:
         interval = self.fleet.router.probe_interval_s
+        app_name = serve.get_replica_context().app_name
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(interval / 2)
+            try:
+                live = await loop.run_in_executor(None, live_replicas, app_name, list(self._arms))
+            except Exception as e:  # noqa: BLE001 - without the table, calls and probes still decide
+                log.warning("cannot read the replica table: %s", type(e).__name__)
+                live = {}
+            for arm, n in live.items():
+                if n == 0:
+                    self._arm_gone(arm, "no live replica")
             due = self.health.due_for_probe()
             results = await asyncio.gather(*(self._probe_describe(a) for a in due))
             for arm, ok in zip(due, results):
@@ -352,7 +406,7 @@ class Ingress:
             return f"cannot score: {type(unwrap(e)).__name__}"
 
     def _start_shadow(self, arm: str, primary: str, job: ScoreRequest, primary_scores: list[float]) -> None:
-        if len(self._shadow_tasks) >= MAX_SHADOW_IN_FLIGHT:
+        if len(self._shadow_tasks) >= self.fleet.router.shadow.max_in_flight:
             self.stats.record_shadow_failure(arm, dropped=True)  # shadowing must not pile up under load
             self.metrics.shadow_failures.inc(tags={"arm": arm, "reason": "dropped"})
             return

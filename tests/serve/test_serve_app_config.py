@@ -49,14 +49,15 @@ def test_arm_options_follow_the_config():
     assert fp32["user_config"] == {"max_batch_size": 8, "batch_wait_timeout_s": 0.0}  # no idle wait by default
     assert nf4["autoscaling_config"]["max_replicas"] == 4 and "num_replicas" not in nf4
     assert nf4["ray_actor_options"]["num_gpus"] == 0.5 and nf4["ray_actor_options"]["accelerator_type"] == "A10G"
-    assert nf4["max_ongoing_requests"] == 64 and nf4["max_queued_requests"] == 256
-    # The ingress admits what every arm replica can hold: 64 x 2 fp32 replicas + 64 x 4 nf4 replicas at most.
+    assert nf4["max_ongoing_requests"] == 32 and nf4["max_queued_requests"] == 32
+    # The ingress admits twice what every arm replica can hold and queue: (32 + 32) x 2 fp32 replicas
+    # + (32 + 32) x 4 nf4 replicas at most; past that Serve's proxy refuses (64 queued).
     ingress = ingress_options(fleet)
-    assert ingress == {"name": "Ingress", "ray_actor_options": INGRESS_ACTOR_OPTIONS, "max_ongoing_requests": 64 * 2 + 64 * 4,
-                       "graceful_shutdown_timeout_s": fleet.http.drain_grace_s}  # fmt: skip
+    assert ingress == {"name": "Ingress", "ray_actor_options": INGRESS_ACTOR_OPTIONS, "max_ongoing_requests": 2 * (64 * 2 + 64 * 4),
+                       "max_queued_requests": 64, "graceful_shutdown_timeout_s": fleet.http.drain_grace_s}  # fmt: skip
     assert arm_options(fleet.arms[0], 12.5)["graceful_shutdown_timeout_s"] == 12.5  # Serve drains a stopping replica
     small = FleetConfig.from_dict({"arms": [{"name": "a", "precision": "fp32", "max_ongoing_requests": 4}]})
-    assert ingress_options(small)["max_ongoing_requests"] == 64  # never below Serve's useful minimum
+    assert ingress_options(small)["max_ongoing_requests"] == 256  # room for /health and /ready beside slow senders
 
 
 def test_deploy_options_need_no_ray():

@@ -1,0 +1,259 @@
+"""Reliability scenarios against a running local app: overload, a killed arm replica, drain and
+slow clients. Loopback only, bounded in requests and time; each scenario returns one row of
+figures (requests sent; 200 / 4xx / 503 / other / hung; p50/p99 of the answered; stall and
+recovery). `rerank-fleet bench reliability` runs them all on an embedded app and prints the table;
+the tests run short versions of the same functions against the test apps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import platform
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from serve.bench_serving import text_requests
+
+HUNG_S = 30.0  # a request not answered within this is counted "hung" (and abandoned)
+
+
+@dataclass
+class Outcome:
+    sent_at: float
+    latency_s: float | None  # None: hung
+    status: int | None  # None: hung or no HTTP answer
+    retry_after: bool = False
+
+
+@dataclass
+class LoadResult:
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    def row(self, scenario: str, **extra: Any) -> dict[str, Any]:
+        counts = Counter(_kind(o) for o in self.outcomes)
+        ok = sorted(o.latency_s for o in self.outcomes if o.status == 200)
+        refused = sorted(o.latency_s for o in self.outcomes if o.status == 503)
+        return {
+            "scenario": scenario, "sent": len(self.outcomes),
+            "200": counts["200"], "4xx": counts["4xx"], "503": counts["503"], "other": counts["other"], "hung": counts["hung"],
+            "p50_ms": _pct_ms(ok, 0.50), "p99_ms": _pct_ms(ok, 0.99), "refusal_p99_ms": _pct_ms(refused, 0.99),
+            "refusals_with_retry_after": sum(o.retry_after for o in self.outcomes if o.status == 503), **extra,
+        }  # fmt: skip
+
+    def stall_s(self) -> float:
+        """Longest time with no request answered 200 (from the first send to the last answer)."""
+        done = sorted(o.sent_at + o.latency_s for o in self.outcomes if o.status == 200 and o.latency_s is not None)
+        if not self.outcomes:
+            return 0.0
+        marks = [min(o.sent_at for o in self.outcomes), *done]
+        return round(max((b - a for a, b in zip(marks, marks[1:])), default=0.0), 3)
+
+
+def _kind(o: Outcome) -> str:
+    if o.status is None:
+        return "hung"
+    if o.status == 200:
+        return "200"
+    if o.status == 503:
+        return "503"
+    return "4xx" if 400 <= o.status < 500 else "other"
+
+
+def _pct_ms(sorted_s: list[float], q: float) -> float | None:
+    if not sorted_s:
+        return None
+    return round(1000 * sorted_s[min(len(sorted_s) - 1, int(q * len(sorted_s)))], 1)
+
+
+def check_loopback(base_url: str) -> None:
+    host = httpx.URL(base_url).host
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        raise ValueError(f"reliability scenarios send traffic to loopback only, not {host!r}")
+
+
+async def open_loop(base_url: str, rate: float, duration_s: float, bodies: list[dict], *, headers: dict | None = None,
+                    during=None) -> LoadResult:  # fmt: skip
+    """Requests at a fixed arrival rate (open loop: arrivals never wait for answers) for
+    `duration_s`; `during(elapsed)` (async, optional) runs alongside, e.g. to kill a replica."""
+    check_loopback(base_url)
+    result = LoadResult()
+    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
+    async with httpx.AsyncClient(base_url=base_url, timeout=HUNG_S, limits=limits) as client:
+
+        async def one(i: int, sent_at: float) -> None:
+            t0 = time.perf_counter()
+            try:
+                r = await client.post("/v2/rerank", json=bodies[i % len(bodies)], headers=headers or {})
+                result.outcomes.append(Outcome(sent_at, time.perf_counter() - t0, r.status_code, "retry-after" in r.headers))
+            except httpx.TimeoutException:
+                result.outcomes.append(Outcome(sent_at, None, None))
+            except httpx.HTTPError:
+                result.outcomes.append(Outcome(sent_at, time.perf_counter() - t0, 599))
+
+        start = time.perf_counter()
+        tasks, side = [], asyncio.ensure_future(during(start)) if during else None
+        n = int(rate * duration_s)
+        for i in range(n):
+            delay = start + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.ensure_future(one(i, time.perf_counter())))
+        await asyncio.gather(*tasks)
+        if side is not None:
+            await side
+    return result
+
+
+async def closed_loop_capacity(base_url: str, concurrency: int, duration_s: float, bodies: list[dict]) -> tuple[float, LoadResult]:
+    """Requests per second answered with `concurrency` clients sending back to back."""
+    check_loopback(base_url)
+    result = LoadResult()
+    async with httpx.AsyncClient(base_url=base_url, timeout=HUNG_S) as client:
+        stop = time.perf_counter() + duration_s
+
+        async def worker(w: int) -> None:
+            i = w
+            while time.perf_counter() < stop:
+                t0 = time.perf_counter()
+                r = await client.post("/v2/rerank", json=bodies[i % len(bodies)])
+                result.outcomes.append(Outcome(t0, time.perf_counter() - t0, r.status_code, "retry-after" in r.headers))
+                i += concurrency
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+        wall = time.perf_counter() - t0
+    return sum(o.status == 200 for o in result.outcomes) / wall, result
+
+
+async def health_latency(base_url: str) -> float:
+    async with httpx.AsyncClient(base_url=base_url, timeout=HUNG_S) as client:
+        t0 = time.perf_counter()
+        await client.get("/health")
+        return time.perf_counter() - t0
+
+
+async def slow_clients(base_url: str, connections: int, hold_s: float, bodies: list[dict]) -> dict[str, Any]:
+    """`connections` clients that send a request body one byte per second, while ordinary
+    requests and `/health` are timed alongside."""
+    check_loopback(base_url)
+    url = httpx.URL(base_url)
+    statuses: list[str] = []
+
+    async def slowloris() -> None:
+        try:
+            reader, writer = await asyncio.open_connection(url.host, url.port)
+            writer.write(b"POST /v2/rerank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n")
+            await writer.drain()
+            end = time.perf_counter() + hold_s
+            while time.perf_counter() < end:
+                writer.write(b" ")
+                await writer.drain()
+                await asyncio.sleep(1.0)
+                if reader.at_eof():
+                    break
+            line = await asyncio.wait_for(reader.readline(), timeout=5) if not reader.at_eof() else b""
+            statuses.append(line.decode(errors="replace").split(" ")[1] if line.startswith(b"HTTP/") else "closed")
+            writer.close()
+        except (OSError, asyncio.TimeoutError):
+            statuses.append("error")
+
+    slow = [asyncio.ensure_future(slowloris()) for _ in range(connections)]
+    await asyncio.sleep(min(2.0, hold_s / 2))  # the slow clients hold their connections now
+    health = [await health_latency(base_url) for _ in range(5)]
+    load = await open_loop(base_url, rate=5, duration_s=max(2.0, hold_s / 2), bodies=bodies)
+    await asyncio.gather(*slow)
+    row = load.row("slow clients", slow_connections=connections, health_p99_ms=_pct_ms(sorted(health), 0.99))
+    row["slow_client_answers"] = dict(Counter(statuses))
+    return row
+
+
+def kill_replica(arm: str) -> str:
+    """Kill one replica actor of `arm` (Serve restarts it); returns its actor name."""
+    import ray
+
+    names = [a for a in ray.util.list_named_actors(all_namespaces=True) if f"Arm-{arm}#" in a["name"]]
+    if not names:
+        raise RuntimeError(f"no replica of arm {arm!r} found")
+    victim = names[0]
+    ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
+    return victim["name"]
+
+
+async def replica_kill(base_url: str, arm: str, rate: float, duration_s: float, bodies: list[dict], kill_at_s: float = 2.0) -> dict[str, Any]:
+    """Steady load while one replica of `arm` is killed; failed requests, the longest stall and
+    the time until the ingress routes to the arm again."""
+    marks: dict[str, float] = {}
+
+    async def during(start: float) -> None:
+        await asyncio.sleep(kill_at_s)
+        marks["killed_at"] = time.perf_counter()
+        await asyncio.get_running_loop().run_in_executor(None, kill_replica, arm)
+        async with httpx.AsyncClient(base_url=base_url, timeout=10) as client:
+            seen_down = False
+            while time.perf_counter() - marks["killed_at"] < duration_s + 60:
+                state = (await client.get("/v1/experiments")).json()["health"][arm]["state"]
+                seen_down = seen_down or state == "down"
+                if seen_down and state == "up":
+                    marks["back_at"] = time.perf_counter()
+                    return
+                await asyncio.sleep(0.1)
+
+    load = await open_loop(base_url, rate, duration_s, bodies, during=during)
+    recovery = marks["back_at"] - marks["killed_at"] if "back_at" in marks else None
+    return load.row(f"replica of arm {arm} killed", stall_s=load.stall_s(), recovery_s=round(recovery, 2) if recovery else None)
+
+
+async def drain_under_load(base_url: str, rate: float, duration_s: float, bodies: list[dict], grace_s: float, app_name: str) -> dict[str, Any]:
+    """Load, then the ingress is told to drain mid-way: requests accepted before must all be
+    answered (0 dropped); later ones are refused with 503."""
+    from serve.local import drain
+
+    left: dict[str, int] = {}
+
+    async def during(start: float) -> None:
+        await asyncio.sleep(duration_s / 2)
+        left["in_flight_after_grace"] = await asyncio.get_running_loop().run_in_executor(None, drain, app_name, grace_s)
+
+    load = await open_loop(base_url, rate, duration_s, bodies, during=during)
+    return load.row("drain under load", in_flight_after_grace=left.get("in_flight_after_grace"))
+
+
+def run_reliability_bench(*, config: str | None = None, duration_s: float = 20.0, out: str | Path = "out/bench-reliability.json") -> dict[str, Any]:
+    """Every scenario against one embedded local app (the main job's config), one after another."""
+    from serve.deploy_options import APP_NAME
+    from serve.local import embedded_serve, local_fleet
+
+    fleet = local_fleet(config, None, 8767)
+    bodies = text_requests(256, 8, seed=3)
+    rows: list[dict[str, Any]] = []
+    with embedded_serve(fleet) as base:
+        asyncio.run(closed_loop_capacity(base, 8, 3.0, bodies))  # warm-up
+        capacity, at_capacity = asyncio.run(closed_loop_capacity(base, 8, duration_s, bodies))
+        rows.append(at_capacity.row("capacity (closed loop, 8 clients)", req_per_s=round(capacity, 1)))
+        overload = asyncio.run(open_loop(base, 2 * capacity, duration_s, bodies))
+        rows.append(overload.row(f"2x capacity (open loop, {2 * capacity:.0f} req/s)"))
+        rows.append(asyncio.run(replica_kill(base, fleet.arms[0].name, 0.5 * capacity, duration_s, bodies)))
+        rows.append(asyncio.run(slow_clients(base, 150, min(duration_s, 15.0), bodies)))
+        rows.append(asyncio.run(drain_under_load(base, 0.5 * capacity, 6.0, bodies, fleet.http.drain_grace_s, APP_NAME)))
+    report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
+              "config": config or "configs/local.yaml", "capacity_req_per_s": capacity, "rows": rows}  # fmt: skip
+    print(format_table(report))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def format_table(report: dict[str, Any]) -> str:
+    cols = ["sent", "200", "4xx", "503", "other", "hung", "p50_ms", "p99_ms", "refusal_p99_ms"]
+    lines = [f"reliability, {report['machine']}, {report['config']}, capacity {report['capacity_req_per_s']:.1f} req/s",
+             "| scenario | " + " | ".join(cols) + " | notes |", "|---|" + "--:|" * len(cols) + "---|"]  # fmt: skip
+    for r in report["rows"]:
+        notes = {k: v for k, v in r.items() if k not in cols and k != "scenario"}
+        lines.append(f"| {r['scenario']} | " + " | ".join("" if r.get(c) is None else str(r[c]) for c in cols) + f" | {notes} |")
+    return "\n".join(lines)

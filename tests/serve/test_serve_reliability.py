@@ -1,0 +1,117 @@
+"""Overload, faults and hostile clients against a real Serve app over real HTTP (fast versions of
+`rerank-fleet bench reliability`): excess load is refused at once with Retry-After, a killed arm
+replica costs no request, a client's deadline is kept, slow senders get 408 without starving
+`/health`, and one request with many slow URLs cannot hold every download slot."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+from conftest import _arm, _deployed, _fleet
+
+from serve.bench_serving import text_requests
+from serve.reliability import replica_kill
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def rel_app(ray_serve, tiny_model):
+    """Two fp32 arms holding 2 requests each with 2 queued; a 1 s body-read limit; at most 6
+    downloads in the replica, 2 per request."""
+    arms = []
+    for name in ("a", "b"):
+        arm = _arm(name, 1.0, max_ongoing=2, max_queued=2)
+        arm["precision"] = "fp32"
+        arms.append(arm)
+    fleet = _fleet(tiny_model, arms, None, router={"probe_interval_s": 0.2})
+    fleet["limits"].update(body_read_timeout_s=1.0, max_downloads=6, max_downloads_per_request=2, download_deadline_s=30)
+    with _deployed(ray_serve, "rel", "/rel", fleet) as app:
+        yield app
+
+
+def test_overload_is_refused_at_once_with_retry_after_and_the_rest_is_answered(rel_app):
+    bodies = text_requests(40, 16, seed=7)
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=rel_app.base_url, timeout=60) as client:
+            async def one(body):
+                t0 = time.perf_counter()
+                r = await client.post("/v2/rerank", json=body)
+                return r.status_code, time.perf_counter() - t0, r.headers.get("retry-after")
+
+            return await asyncio.gather(*(one(b) for b in bodies))
+
+    results = asyncio.run(burst())
+    statuses = [s for s, _, _ in results]
+    assert set(statuses) <= {200, 503} and statuses.count(503) > 0 and statuses.count(200) >= 8, statuses
+    refusals = [(t, ra) for s, t, ra in results if s == 503]
+    assert all(ra == "1" for _, ra in refusals)
+    assert max(t for t, _ in refusals) < 5.0  # refused without waiting for the work ahead of it
+    assert rel_app.client.get("/ready").status_code == 200  # fully healthy right after
+
+
+def test_a_clients_deadline_is_kept_and_a_bad_one_is_named(rel_app):
+    r = rel_app.client.post("/v2/rerank", json={"query": "q", "documents": ["d"]}, headers={"x-rerank-timeout-ms": "soon"})
+    assert r.status_code == 400 and r.json()["error"]["field"] == "x-rerank-timeout-ms"
+    t0 = time.perf_counter()
+    r = rel_app.client.post("/v2/rerank", json={"query": "q", "documents": ["d"] * 40}, headers={"x-rerank-timeout-ms": "1"})
+    assert r.status_code in (503, 504) and time.perf_counter() - t0 < 2.0, r.text
+    ok = rel_app.client.post("/v2/rerank", json={"query": "q", "documents": ["d"]}, headers={"x-rerank-timeout-ms": "20000"})
+    assert ok.status_code == 200
+
+
+def test_slow_senders_get_408_and_health_stays_fast(rel_app):
+    url = httpx.URL(rel_app.base_url)
+    answers: list[bytes] = []
+
+    def slowloris():
+        with socket.create_connection((url.host, url.port), timeout=10) as s:
+            s.sendall(f"POST {url.path}/v2/rerank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n".encode())
+            for _ in range(4):
+                try:
+                    s.sendall(b" ")
+                except OSError:
+                    break
+                time.sleep(0.5)
+            answers.append(s.recv(64))
+
+    threads = [threading.Thread(target=slowloris) for _ in range(40)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    t0 = time.perf_counter()
+    assert rel_app.client.get("/health").status_code == 200
+    assert time.perf_counter() - t0 < 1.0
+    assert rel_app.client.post("/v2/rerank", json={"query": "q", "documents": ["d"]}).status_code == 200
+    for t in threads:
+        t.join(timeout=15)
+    assert len(answers) == 40 and all(a.startswith(b"HTTP/1.1 408") for a in answers), answers[:3]
+
+
+def test_one_request_with_many_slow_urls_cannot_take_every_download_slot(rel_app, media_server):
+    slow = [{"image": media_server.url("/slow?s=4", host="localhost") + f"&n={i}"} for i in range(12)]
+    hog = threading.Thread(target=lambda: rel_app.client.post("/v2/rerank", json={"query": "q", "documents": slow}))
+    hog.start()
+    time.sleep(0.5)  # the hog holds its 2 download slots (of 6) now
+    t0 = time.perf_counter()
+    r = rel_app.client.post("/v2/rerank", json={"query": "q", "documents": [{"image": media_server.url("/img.png", host="localhost")}]})
+    assert r.status_code == 200 and time.perf_counter() - t0 < 3.0, r.text
+    hog.join(timeout=60)
+
+
+def test_a_killed_arm_replica_costs_no_request_and_the_arm_comes_back(rel_app):
+    """One replica of arm `a` is killed under steady load: the ingress sees it gone from Ray's
+    actor table, routes around it and retries calls that were waiting on it; Serve restarts the
+    replica and a probe brings the arm back."""
+    bodies = text_requests(64, 4, seed=11)
+    row = asyncio.run(replica_kill(rel_app.base_url, "a", rate=6, duration_s=5, bodies=bodies, kill_at_s=1.0))
+    assert row["sent"] == 30 and row["200"] == row["sent"], row
+    assert row["stall_s"] < 2.0 and row["recovery_s"] is not None, row
+    health = rel_app.client.get("/v1/experiments").json()["health"]["a"]
+    assert health["state"] == "up" and [e["event"].split(":")[0] for e in health["events"]][-2:] == ["down", "up"]
