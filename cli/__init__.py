@@ -35,19 +35,36 @@ def _engine_config(args):
     return EngineConfig(min_pixels=args.min_pixels, max_pixels=args.max_pixels)
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
+
+
 def _read_item(value: str, field: str):
-    """A document/query on the command line: text, or an image path/URL (by extension or scheme)."""
+    """A document/query on the command line: an image URL (fetched with the service's safe
+    fetcher and its limits), an image path (by extension: a missing file is an error, never
+    text), or text. Problems raise `InputError` naming the argument (one line from `main`)."""
+    from engine.errors import InputError
     from engine.inputs import ImageInput, RerankItem
 
     lower = value.lower()
     if lower.startswith(("http://", "https://")):
-        import httpx
+        import asyncio
 
-        r = httpx.get(value, timeout=20, follow_redirects=True)
-        r.raise_for_status()
-        return RerankItem(images=(ImageInput.of(r.content, field, value),), field=field)
-    if lower.endswith((".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")) and Path(value).exists():
-        return RerankItem(images=(ImageInput.of(Path(value).read_bytes(), field),), field=field)
+        from serve.config import LimitsConfig
+        from serve.fetch import MediaFetcher
+
+        async def fetch() -> ImageInput:
+            fetcher = MediaFetcher(LimitsConfig())
+            try:
+                return await fetcher.download_image(value, field)
+            finally:
+                await fetcher.aclose()
+
+        return RerankItem(images=(asyncio.run(fetch()),), field=field)
+    if lower.endswith(IMAGE_SUFFIXES):
+        path = Path(value)
+        if not path.is_file():
+            raise InputError(field, f"no such image file: {value}")
+        return RerankItem(images=(ImageInput.of(path.read_bytes(), field),), field=field)
     return RerankItem(text=value, field=field)
 
 
@@ -55,9 +72,9 @@ def cmd_score(args) -> int:
     from engine.engine import RerankEngine
     from workshop.tiny import resolve_source
 
-    engine = RerankEngine.load(resolve_source(args.model), args.precision, config=_engine_config(args), device=args.device)
-    query = _read_item(args.query, "query")
+    query = _read_item(args.query, "query")  # bad arguments fail before the model loads
     docs = [_read_item(d, f"documents.{i}") for i, d in enumerate(args.documents)]
+    engine = RerankEngine.load(resolve_source(args.model), args.precision, config=_engine_config(args), device=args.device)
     scores = engine.score(query, docs, instruction=args.instruction)
     order = sorted(range(len(docs)), key=lambda i: -scores[i])
     print(f"model={engine.model_id} precision={engine.precision} device={engine.device}")

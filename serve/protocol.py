@@ -18,9 +18,9 @@ turning references into bytes is `serve.fetch`'s job.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, RootModel, model_validator
+from pydantic import BaseModel, ConfigDict, Field, RootModel, StrictBool, model_validator
 
 from engine.errors import InputError
 
@@ -43,39 +43,66 @@ class URLRef(_Body):
     url: str = Field(..., description="http(s) URL, data URI, or raw base64 of the media.")
 
 
-class ContentPart(_Body):
-    """One vLLM/OpenAI-style content part. The field named by `type` must be present."""
+FrameList = Annotated[list[str], Field(min_length=1)]
 
-    type: Literal["text", "image_url", "image", "video_url", "video"] = Field(..., description="Kind of this part.")
-    text: str | None = Field(None, description="Text, for type=text.")
-    image_url: URLRef | str | None = Field(None, description="Image as {url} or a string, for type=image_url.")
-    image: str | None = Field(None, description="Image (URL, data URI or base64), for type=image.")
-    video_url: URLRef | str | None = Field(None, description="Video file as {url} or a string, for type=video_url.")
-    video: str | list[str] | None = Field(
-        None, description="Video, for type=video: a file reference, or a list of frame images in time order."
-    )
 
-    @model_validator(mode="after")
-    def _payload_matches_type(self) -> ContentPart:
-        if getattr(self, self.type) is None:
-            raise ValueError(f"a part of type {self.type!r} needs the field {self.type!r}")
-        others = [k for k in ("text", "image_url", "image", "video_url", "video") if k != self.type and getattr(self, k) is not None]
-        if others:
-            raise ValueError(f"a part of type {self.type!r} must not also set {others}")
-        return self
+class TextPart(_Body):
+    type: Literal["text"] = Field(..., description="A text part.")
+    text: str = Field(..., description="The text.")
+
+
+class ImageUrlPart(_Body):
+    type: Literal["image_url"] = Field(..., description="An image given as {url} or a string.")
+    image_url: URLRef | str = Field(..., description="Image (URL, data URI or base64), as {url} or a string.")
+
+
+class ImagePart(_Body):
+    type: Literal["image"] = Field(..., description="An image given as a string.")
+    image: str = Field(..., description="Image (URL, data URI or base64).")
+
+
+class VideoUrlPart(_Body):
+    type: Literal["video_url"] = Field(..., description="A video file given as {url} or a string.")
+    video_url: URLRef | str = Field(..., description="Video file (URL, data URI or base64), as {url} or a string.")
+
+
+class VideoPart(_Body):
+    type: Literal["video"] = Field(..., description="A video: a file reference or frames.")
+    video: str | FrameList = Field(..., description="A video file reference, or a list of frame images in time order.")
+
+
+# One vLLM/OpenAI-style content part: `type` names the one payload field it carries (the schema
+# says so: a tagged union of closed objects).
+ContentPart = Annotated[TextPart | ImageUrlPart | ImagePart | VideoUrlPart | VideoPart, Field(discriminator="type")]
+ITEM_FIELDS = ("text", "image", "video")
+
+
+def _item_json_schema(schema: dict[str, Any]) -> None:
+    """The item object's schema says what its validator enforces: content parts or the
+    text/image/video fields, never both."""
+    schema["not"] = {"required": ["content"], "anyOf": [{"required": [f]} for f in ITEM_FIELDS]}
 
 
 class InputItem(_Body):
     """A query or document: text, images and a video; or content parts (any number of texts, images and videos); or (on input) a plain string."""
 
-    text: str | None = Field(None, description="Text of the item. An item with no text, image or video is scored as NULL (the official behaviour).")
-    image: str | list[str] | None = Field(None, description="One image or a list: http(s) URL, data URI or base64 each.")
-    video: str | list[str] | None = Field(
+    # Optional fields are absent rather than null (JSON null is refused), so the schema can say
+    # "content or the fields" exactly.
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_item_json_schema)
+
+    text: str = Field(None, description="Text of the item. An item with no text, image or video is scored as NULL (the official behaviour).")  # type: ignore[assignment]
+    image: str | list[str] = Field(None, description="One image or a list: http(s) URL, data URI or base64 each.")  # type: ignore[assignment]
+    video: str | FrameList = Field(  # type: ignore[assignment]
         None, description="A video file reference (URL, data URI, base64), or a list of frame images in time order."
     )
-    content: list[ContentPart] | None = Field(
+    content: list[ContentPart] = Field(  # type: ignore[assignment]
         None, min_length=1, description="vLLM-style content parts (text, image_url, image, video_url, video)."
     )
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema, handler):
+        # On input an item may also be a plain string (its text): say so in the schema.
+        return {"anyOf": [{"type": "string"}, handler(core_schema)]}
 
     @model_validator(mode="before")
     @classmethod
@@ -107,7 +134,7 @@ class InputItem(_Body):
             for i, part in enumerate(self.content):
                 where = f"{field}.content.{i}"
                 if part.type == "text":
-                    texts.append(part.text or "")
+                    texts.append(part.text)
                 elif part.type in ("image_url", "image"):
                     value = part.image_url if part.type == "image_url" else part.image
                     ref = value.url if isinstance(value, URLRef) else value
@@ -178,13 +205,13 @@ class RerankRequest(BaseModel):
     documents: list[ItemSpec] = Field(..., description="The parsed documents, in request order.")
     documents_echo: list[Any] = Field(..., description="Documents as given, returned when asked to.")
     top_n: int | None = Field(None, description="How many results to return; all when None.")
-    return_documents: bool = Field(False, description="Include each document in its result.")
+    return_documents: StrictBool = Field(False, description="Include each document in its result.")
     instruction: str | None = Field(None, description="Task instruction; the model's default when None.")
     arm: str | None = Field(None, description="Arm pinned by the body field `arm`.")
     user: str | None = Field(None, description="Sticky A/B key from the body field `user`.")
-    raw_scores: bool = Field(False, description="Return logits instead of probabilities (TEI).")
+    raw_scores: StrictBool = Field(False, description="Return logits instead of probabilities (TEI).")
     max_tokens_per_doc: int | None = Field(None, description="Per-document token limit (Cohere).")
-    truncate: bool = Field(True, description="Truncate over-long inputs instead of rejecting them (TEI).")
+    truncate: StrictBool = Field(True, description="Truncate over-long inputs instead of rejecting them (TEI).")
     truncation_direction: Literal["left", "right"] = Field("right", description="Which end truncation removes (TEI).")
 
     def check_limits(self, limits: LimitsConfig) -> None:
@@ -230,7 +257,7 @@ class CohereRerankRequest(_Extensions):
     query: InputItem = Field(..., description="The search query: a string or a multimodal item.")
     documents: list[InputItem] = Field(..., min_length=1, description="Documents to rank: strings or multimodal items.")
     top_n: int | None = Field(None, ge=1, description="Return only the n best results.")
-    return_documents: bool = Field(False, description="Include each document in its result.")
+    return_documents: StrictBool = Field(False, description="Include each document in its result.")
     max_tokens_per_doc: int = Field(4096, ge=1, description="Documents longer than this many tokens are truncated.")
 
     def to_internal(self) -> RerankRequest:
@@ -249,7 +276,7 @@ class JinaRerankRequest(_Extensions):
     query: InputItem = Field(..., description="The search query: a string or a multimodal item.")
     documents: list[InputItem] = Field(..., min_length=1, description="Documents to rank: strings or multimodal items.")
     top_n: int | None = Field(None, ge=1, description="Return only the n best results.")
-    return_documents: bool = Field(True, description="Include each document in its result.")
+    return_documents: StrictBool = Field(True, description="Include each document in its result.")
 
     def to_internal(self) -> RerankRequest:
         query, docs, echo = _parse_items(self.query, self.documents, "documents")
@@ -264,9 +291,9 @@ class TEIRerankRequest(_Extensions):
 
     query: InputItem = Field(..., description="The search query: a string or a multimodal item.")
     texts: list[InputItem] = Field(..., min_length=1, description="Documents to rank: strings or multimodal items.")
-    raw_scores: bool = Field(False, description="Return the logit log(s/(1-s)) instead of the probability s.")
-    return_text: bool = Field(False, description="Include each text in its result.")
-    truncate: bool = Field(
+    raw_scores: StrictBool = Field(False, description="Return the logit log(s/(1-s)) instead of the probability s.")
+    return_text: StrictBool = Field(False, description="Include each text in its result.")
+    truncate: StrictBool = Field(
         False,
         description="Accepted for compatibility: inputs over the model's max_length are always truncated "
         "(keeping the final tokens), so this flag does not change results.",

@@ -72,8 +72,10 @@ def test_multimodal_item_shapes_and_field_paths():
     [
         ([{"text": 3}], "documents.0.text"),
         ([{"imag": "x"}], "documents.0.imag"),
-        ([{"content": [{"type": "image_url"}]}], "documents.0.content.0"),
-        ([{"content": [{"type": "audio", "audio": "x"}]}], "documents.0.content.0.type"),
+        ([{"content": [{"type": "image_url"}]}], "documents.0.content.0.image_url.image_url"),  # the part's kind, then its field
+        ([{"content": [{"type": "image", "image": "x", "text": "y"}]}], "documents.0.content.0.image.text"),
+        ([{"content": [{"type": "audio", "audio": "x"}]}], "documents.0.content.0"),
+        ([{"text": None}], "documents.0.text"),
         ([{"content": [], "text": "x"}], "documents.0.content"),
         ([], "documents"),
         ([7], "documents.0"),
