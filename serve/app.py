@@ -20,7 +20,7 @@ from ray.serve.schema import ServeDeploySchema
 from engine.errors import ConfigError
 from serve.arm import ArmReplica
 from serve.config import FleetConfig
-from serve.deploy_options import APP_NAME, IMPORT_PATH, arm_options, ingress_options
+from serve.deploy_options import APP_NAME, IMPORT_PATH, arm_options, ingress_options, missing_resources, required_resources
 from serve.ingress import Ingress
 
 __all__ = ["APP_NAME", "IMPORT_PATH", "build_app", "load_fleet", "resolve_model", "serve_config"]
@@ -64,10 +64,30 @@ def resolve_model(fleet: FleetConfig) -> FleetConfig:
 
 
 def build_app(args: dict[str, Any]) -> Application:
+    """The application of `args` (see `load_fleet`). When Ray is running, a fleet that needs more
+    than the cluster has is refused at once, naming what is missing (replicas that can never be
+    placed would hang every request); `check_resources: false` skips that for clusters that
+    autoscale to the demand."""
     fleet = resolve_model(load_fleet(args))
+    if str(args.get("check_resources", True)).lower() not in ("false", "0", "no"):
+        check_cluster_resources(fleet)
     config = fleet.to_dict()
     arms = {arm.name: ArmReplica.options(**arm_options(arm, fleet.http.drain_grace_s)).bind(config, arm.name) for arm in fleet.arms}
     return Ingress.options(**ingress_options(fleet)).bind(config, arms)
+
+
+def check_cluster_resources(fleet: FleetConfig) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        return
+    missing = missing_resources(required_resources(fleet), ray.cluster_resources())
+    if missing:
+        lacks = ", ".join(f"{k}: needs {need:g}, the cluster has {have:g}" for k, (need, have) in sorted(missing.items()))
+        raise ConfigError(
+            f"this fleet cannot be placed on this cluster ({lacks}); lower arms' ray_actor_options / replicas, add nodes, "
+            "or pass check_resources=false if the cluster autoscales"
+        )
 
 
 def serve_config(fleet: FleetConfig, *, app_name: str = APP_NAME) -> dict[str, Any]:

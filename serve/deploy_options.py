@@ -51,3 +51,25 @@ def ingress_options(fleet: FleetConfig) -> dict[str, Any]:
         "name": "Ingress", "ray_actor_options": INGRESS_ACTOR_OPTIONS, "max_ongoing_requests": max(256, 2 * capacity),
         "max_queued_requests": INGRESS_MAX_QUEUED, "graceful_shutdown_timeout_s": fleet.http.drain_grace_s,
     }  # fmt: skip
+
+
+def required_resources(fleet: FleetConfig) -> dict[str, float]:
+    """Ray resources the whole fleet reserves at its largest (every arm at its most replicas, plus
+    the ingress): CPU, GPU, accelerator types and custom resources. Ray's default of 1 CPU per
+    replica applies where an arm sets none."""
+    need: dict[str, float] = {"CPU": float(INGRESS_ACTOR_OPTIONS["num_cpus"])}
+    for arm in fleet.arms:
+        n = arm.autoscaling.max_replicas if arm.autoscaling else arm.num_replicas
+        opts = arm.ray_actor_options
+        per = {"CPU": 1.0 if opts.num_cpus is None else opts.num_cpus, "GPU": opts.num_gpus, **opts.resources}
+        if opts.accelerator_type:
+            per[f"accelerator_type:{opts.accelerator_type}"] = 0.001  # what Ray reserves per actor pinned to a type
+        for key, value in per.items():
+            if value:
+                need[key] = need.get(key, 0.0) + n * value
+    return need
+
+
+def missing_resources(need: dict[str, float], cluster: dict[str, float]) -> dict[str, tuple[float, float]]:
+    """resource -> (needed, the cluster's total) for every resource the cluster has too little of."""
+    return {k: (v, cluster.get(k, 0.0)) for k, v in need.items() if cluster.get(k, 0.0) + 1e-9 < v}

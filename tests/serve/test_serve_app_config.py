@@ -39,7 +39,9 @@ def test_default_config_is_two_tiny_arms_without_redis():
     assert fleet.cache.redis_url is None and (fleet.http.host, fleet.http.port) == ("127.0.0.1", 8000)
     overridden = local_fleet(None, "redis://127.0.0.1:6379/3", 8123)
     assert overridden.cache.redis_url == "redis://127.0.0.1:6379/3" and overridden.http.port == 8123
-    assert ray_cpus_for(fleet) >= 3
+    from serve.deploy_options import required_resources
+
+    assert ray_cpus_for(fleet) >= required_resources(fleet)["CPU"] + 0.9  # the main job's Ray also fits Serve's own actors
 
 
 def test_arm_options_follow_the_config():
@@ -168,3 +170,26 @@ def test_build_app_args_errors():
         load_fleet({})
     with pytest.raises(ConfigError, match="args.config"):
         load_fleet({"config": "{not json"})
+
+
+def test_the_local_configs_fit_two_cores_and_what_a_fleet_needs_is_counted():
+    from serve.deploy_options import missing_resources, required_resources
+
+    for name in ("local.yaml", "local-vllm.yaml"):
+        need = required_resources(FleetConfig.from_yaml(Path(__file__).resolve().parents[2] / "configs" / name))
+        assert need["CPU"] <= 2.0, (name, need)  # `serve run` on a 2-core machine places every replica
+    fleet = FleetConfig.from_dict(FLEET)
+    need = required_resources(fleet)
+    assert need["GPU"] == 4 * 0.5 and need["accelerator_type:A10G"] == pytest.approx(4 * 0.001)
+    assert missing_resources(need, {"CPU": 100, "GPU": 1}) == {"GPU": (2.0, 1), "accelerator_type:A10G": (pytest.approx(0.004), 0.0)}
+
+
+@pytest.mark.ray
+def test_a_fleet_the_cluster_cannot_place_is_refused_at_once_naming_what_is_missing(ray_serve, tiny_model):
+    from engine.errors import ConfigError
+    from serve.app import build_app
+
+    fleet = {"model": {"source": str(tiny_model)}, "arms": [{"name": "big", "precision": "fp32", "ray_actor_options": {"num_cpus": 64}}]}
+    with pytest.raises(ConfigError, match=r"CPU: needs 64.1, the cluster has 4"):
+        build_app({"config": fleet})
+    build_app({"config": fleet, "check_resources": "false"})  # an autoscaling cluster may grow to it

@@ -35,3 +35,15 @@ def test_schemathesis_finds_no_failure_with_every_check(schema_app):
     out = run.stdout + run.stderr
     assert run.returncode == 0, out[-6000:]
     assert "passed" in out and "failed" not in out.split("Test cases:")[-1], out[-3000:]
+
+
+def test_empty_and_blank_queries_are_scored_alike_and_tokens_are_counted(schema_app):
+    """An empty query, a blank one and an item with nothing in it are all scored (the official
+    reranker scores an empty side as NULL), the same way; usage counts the tokens scored."""
+    answers = {}
+    for name, query in {"empty": "", "blank": "   ", "blank item": {"text": "  "}, "nothing": {}}.items():
+        r = schema_app.client.post("/v1/rerank", json={"query": query, "documents": ["a red circle", "a blue square"]})
+        assert r.status_code == 200, (name, r.text)
+        answers[name] = r.json()
+        assert answers[name]["usage"]["total_tokens"] > 0
+    assert answers["empty"]["results"] == answers["blank"]["results"] == answers["blank item"]["results"]
