@@ -10,6 +10,7 @@ on SIGINT/SIGTERM drains (new requests get 503, in-flight ones finish within
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import sys
@@ -35,12 +36,11 @@ def local_fleet(config_path: str | None, redis_url: str | None, port: int | None
 
 
 def ray_cpus_for(fleet: FleetConfig) -> float:
-    """Enough logical CPUs for every arm replica's reservation plus the ingress and Serve's actors."""
-    need = 0.0
-    for arm in fleet.arms:
-        replicas = arm.autoscaling.max_replicas if arm.autoscaling else arm.num_replicas
-        need += replicas * (arm.ray_actor_options.num_cpus if arm.ray_actor_options.num_cpus is not None else 1.0)
-    return max(2.0, need + 1.0)
+    """Logical CPUs for the embedded Ray: what every replica reserves (`required_resources`) plus
+    one for Serve's own actors, in whole numbers as Ray counts them."""
+    from serve.deploy_options import required_resources
+
+    return float(max(2, math.ceil(required_resources(fleet)["CPU"] + 1.0)))
 
 
 @contextlib.contextmanager

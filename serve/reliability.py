@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from serve.bench_serving import text_requests
+from serve.bench_serving import image_request, text_requests
 
 HUNG_S = 30.0  # a request not answered within this is counted "hung" (and abandoned)
 
@@ -224,13 +224,56 @@ async def drain_under_load(base_url: str, rate: float, duration_s: float, bodies
     return load.row("drain under load", in_flight_after_grace=left.get("in_flight_after_grace"))
 
 
+class PrivateRedis:
+    """A redis-server of the scenario's own on a free loopback port, so it can be killed."""
+
+    def __init__(self):
+        import shutil
+        import socket
+        import subprocess
+
+        if shutil.which("redis-server") is None:
+            raise RuntimeError("redis-server is needed for the Redis scenario")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.05)
+        raise RuntimeError("the private redis-server did not start")
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+async def redis_kill(base_url: str, redis: PrivateRedis, rate: float, duration_s: float, bodies: list[dict]) -> dict[str, Any]:
+    """Image requests (a feature-cache user) while the Redis tier is killed a third of the way in:
+    the arms fall back to their own cache and the vision tower; no request may fail."""
+
+    async def during(start: float) -> None:
+        await asyncio.sleep(duration_s / 3)
+        redis.kill()
+
+    load = await open_loop(base_url, rate, duration_s, bodies, during=during)
+    return load.row("Redis killed under image traffic", stall_s=load.stall_s())
+
+
 def run_reliability_bench(*, config: str | None = None, duration_s: float = 20.0, out: str | Path = "out/bench-reliability.json") -> dict[str, Any]:
     """Every scenario against one embedded local app (the main job's config), one after another."""
     from serve.deploy_options import APP_NAME
     from serve.local import embedded_serve, local_fleet
 
-    fleet = local_fleet(config, None, 8767)
+    redis = PrivateRedis()
+    fleet = local_fleet(config, redis.url, 8767)
     bodies = text_requests(256, 8, seed=3)
+    images = [image_request([i % 12, 100 + i % 7], 160) for i in range(64)]  # repeats: cache hits while Redis lives
     rows: list[dict[str, Any]] = []
     with embedded_serve(fleet) as base:
         asyncio.run(closed_loop_capacity(base, 8, 3.0, bodies))  # warm-up
@@ -240,6 +283,7 @@ def run_reliability_bench(*, config: str | None = None, duration_s: float = 20.0
         rows.append(overload.row(f"2x capacity (open loop, {2 * capacity:.0f} req/s)"))
         rows.append(asyncio.run(replica_kill(base, fleet.arms[0].name, 0.5 * capacity, duration_s, bodies)))
         rows.append(asyncio.run(slow_clients(base, 150, min(duration_s, 15.0), bodies)))
+        rows.append(asyncio.run(redis_kill(base, redis, 0.5 * capacity, duration_s, images)))
         rows.append(asyncio.run(drain_under_load(base, 0.5 * capacity, 6.0, bodies, fleet.http.drain_grace_s, APP_NAME)))
     report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
               "config": config or "configs/local.yaml", "capacity_req_per_s": capacity, "rows": rows}  # fmt: skip
