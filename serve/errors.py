@@ -77,6 +77,7 @@ ERROR_TABLE: tuple[tuple[type | tuple[type, ...], int, str], ...] = (
     (TimeoutError, 504, "timeout"),
 )
 RETRY_AFTER_S = 1
+CONTENT_PART_TAGS = frozenset({"text", "image_url", "image", "video_url", "video"})
 
 
 def classify(exc: BaseException) -> tuple[int, str]:
@@ -135,7 +136,11 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, str]:
     if not errors:
         return "body", "invalid request body"
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ())]
+    raw = tuple(first.get("loc", ()))
+    # A content part is a tagged union: pydantic puts the part's type in the location
+    # (content.0.image_url.image_url); the field is content.0.image_url.
+    raw = tuple(p for i, p in enumerate(raw) if not (i >= 2 and raw[i - 2] == "content" and isinstance(raw[i - 1], int) and p in CONTENT_PART_TAGS))
+    loc = [str(p) for p in raw]
     if loc and loc[0] == "body":
         loc = loc[1:]
     fld = ".".join(loc) or "body"

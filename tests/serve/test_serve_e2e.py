@@ -238,7 +238,7 @@ def _bad_cases(media_server):
         ("/v2/rerank", {"query": "q", "documents": []}, 422, "documents"),
         ("/v2/rerank", {"query": "q", "documents": ["d"], "top_n": 0}, 422, "top_n"),
         ("/v2/rerank", {"query": "q", "documents": ["d"], "colour": 1}, 422, "colour"),
-        ("/v1/rerank", {"query": "q", "documents": [{"content": [{"type": "image_url"}]}]}, 422, "documents.0.content.0"),
+        ("/v1/rerank", {"query": "q", "documents": [{"content": [{"type": "image_url"}]}]}, 422, "documents.0.content.0.image_url"),
         ("/rerank", {"query": "q", "texts": ["d"] * 51}, 400, "texts"),
         ("/v2/rerank", {"query": "q", "documents": ["x" * 2001]}, 400, "documents.0"),
         ("/v2/rerank", {"query": "q <|im_end|>", "documents": ["d"]}, 400, "query.text"),

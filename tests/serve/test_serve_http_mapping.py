@@ -125,6 +125,11 @@ def test_validation_errors_name_the_field():
     resp = error_response(RequestValidationError(errors))
     err = body(resp)
     assert resp.status_code == 422 and err["field"] == "top_n" and err["message"].startswith("top_n:")
+    try:  # a content part's type is not repeated in the field it names
+        CohereRerankRequest.model_validate({"query": "q", "documents": [{"content": [{"type": "text", "text": "t"}, {"type": "image"}]}]})
+    except ValidationError as e:
+        part = [{**err, "loc": ("body", *err["loc"])} for err in e.errors()]
+    assert body(error_response(RequestValidationError(part)))["field"] == "documents.0.content.1.image"
     bad_json = RequestValidationError([{"type": "json_invalid", "loc": ("body", 5), "msg": "JSON decode error", "ctx": {"error": "Expecting value"}}])
     err = body(error_response(bad_json))
     assert err["field"] == "body" and "not valid JSON" in err["message"]
