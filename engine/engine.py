@@ -132,8 +132,7 @@ class RerankEngine:
     def encode_images(self, images: Sequence[ImageInput]) -> list[ImageFeatures]:
         """Decode, resize and run the ViT on images; one `ImageFeatures` each, in order."""
         patches = [self.preprocessor.image(img.data or b"", img.field) for img in images]
-        computed = self.forwarder.encode(patches)
-        return [ImageFeatures(e, d, p.grid_thw, self.feature_spec, img.digest) for img, p, (e, d) in zip(images, patches, computed)]
+        return self.forwarder.tower.features(patches, [img.digest for img in images], self.feature_spec)
 
     def render_prompt(self, query: RerankItem, document: RerankItem, instruction: str | None = None) -> str:
         """The chat-templated text of a pair, one placeholder per image/video (before expansion)."""

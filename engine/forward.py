@@ -76,10 +76,6 @@ class Forward:
             for s, r in zip(scores, requests)
         ]
 
-    def encode(self, patches: Sequence[PixelPatches]) -> list[tuple[torch.Tensor, tuple[torch.Tensor, ...]]]:
-        """Vision tower over several images/videos: (pooled tokens, deepstack features) each."""
-        return self.tower.encode(patches)
-
     # ---- vision -------------------------------------------------------------------------------
 
     def _vision(self, requests: Sequence[PreparedRequest]) -> tuple[dict[str, ImageFeatures], dict[str, ImageFeatures]]:
@@ -93,8 +89,8 @@ class Forward:
                 if key not in known and key not in todo:
                     todo[key] = (p, r.digests.get(key, key))
         keys = list(todo)
-        computed = self.encode([todo[k][0] for k in keys])
-        new = {k: ImageFeatures(e, d, todo[k][0].grid_thw, self.feature_spec, todo[k][1]) for k, (e, d) in zip(keys, computed)}
+        computed = self.tower.features([todo[k][0] for k in keys], [todo[k][1] for k in keys], self.feature_spec)
+        new = dict(zip(keys, computed))
         return {**known, **new}, new
 
     # ---- decoder ------------------------------------------------------------------------------

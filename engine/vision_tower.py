@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from engine.errors import ModelLoadError
+from engine.features import FeatureSpec, ImageFeatures
 from engine.vision import PixelPatches
 
 VIT_PATCH_BUDGET = 65536  # patches per vision-tower call
@@ -60,6 +61,11 @@ class VisionTower:
             if p is not None:
                 chunk.append(p)
         return out
+
+    def features(self, patches: Sequence[PixelPatches], digests: Sequence[str], spec: FeatureSpec) -> list[ImageFeatures]:
+        """`ImageFeatures` of each patched image (or video), named by its digest under `spec`."""
+        computed = self.encode(patches) if patches else []
+        return [ImageFeatures(e, d, p.grid_thw, spec, digest) for p, digest, (e, d) in zip(patches, digests, computed)]
 
     def _run(self, patches: Sequence[PixelPatches]) -> list[tuple[torch.Tensor, tuple[torch.Tensor, ...]]]:
         if not patches:

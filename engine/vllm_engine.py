@@ -13,9 +13,9 @@ softmax: sigmoid(yes - no), the official score.
 Images reach vLLM one of two ways (`vision_encoder`):
 - "project" (default): the checkpoint's vision tower runs here (`VisionTower`, loaded alone) and
   vLLM gets its output as embeddings (`image_embeds`: pooled tokens with the deepstack features
-  concatenated, as vLLM's Qwen3-VL takes them, plus `image_grid_thw`). The features are `ImageFeatures` under the same cache key as a transformers
-  arm running the same vision weights at the same dtype, so the shared feature cache feeds this
-  arm too: a repeated image skips the ViT across replicas, restarts and backends (vLLM's own
+  concatenated, as vLLM's Qwen3-VL takes them, plus `image_grid_thw`). The features are
+  `ImageFeatures` under the same cache key as a transformers arm running the same vision weights
+  at the same dtype, so the shared feature cache feeds this arm too: a repeated image skips the ViT across replicas, restarts and backends (vLLM's own
   encoder cache lives and dies with one engine).
 - "vllm": raw images, sized here; vLLM's processor and vision tower do the rest.
 
@@ -27,9 +27,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-from concurrent.futures import ThreadPoolExecutor
 import threading
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +38,7 @@ from engine.config import EngineConfig
 from engine.errors import InputError, ModelLoadError, PrecisionUnsupported
 from engine.features import FeatureSpec, ImageFeatures
 from engine.forward import RequestScores
-from engine.inputs import ScoreRequest
+from engine.inputs import ImageInput, ScoreRequest
 from engine.model import FAMILIES, chat_template_of, checkpoint_folder, compute_dtype_for, pick_device, read_model_config
 from engine.prepare import Preparer
 from engine.prompt import VisionSlot, truncate_keeping_final
@@ -198,12 +198,12 @@ class VllmRerankEngine:
         features) where known, else decoded, sized and encoded by the vision tower now."""
         spec = self.preparer.feature_spec
         known: dict[str, ImageFeatures] = {}
-        todo: dict[str, object] = {}
+        todo: dict[str, ImageInput] = {}
         budget = PixelBudget(self.cfg.max_request_pixels)
         for img in req.images():
-            key = spec.cache_key(img.digest)
             if img.digest in known or img.digest in todo:
                 continue
+            key = spec.cache_key(img.digest)
             if key in features:
                 known[img.digest] = features[key]
             elif img.data is None:
@@ -213,8 +213,7 @@ class VllmRerankEngine:
                 todo[img.digest] = img
         patches = [self.preprocessor.image(img.data, img.field) for img in todo.values()]
         with self._tower_lock:
-            computed = self.tower.encode(patches) if patches else []
-        new = [ImageFeatures(e, d, p.grid_thw, spec, digest) for digest, p, (e, d) in zip(todo, patches, computed)]
+            new = self.tower.features(patches, list(todo), spec)
         known.update((f.image_digest, f) for f in new)
         return {digest: (f, f.num_tokens) for digest, f in known.items()}, new
 

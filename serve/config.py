@@ -151,6 +151,11 @@ class ArmConfig(_Strict):
         1, ge=1, description="CPU threads preparing requests (decode, resize, tokenize) while the forward pass runs."
     )
 
+    @property
+    def max_replicas(self) -> int:
+        """Replicas this arm runs at its largest (autoscaling's bound, else the fixed count)."""
+        return self.autoscaling.max_replicas if self.autoscaling else self.num_replicas
+
 
 class ShadowConfig(_Strict):
     arm: str = Field(..., description="Arm that receives mirrored traffic.")

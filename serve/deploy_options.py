@@ -18,7 +18,7 @@ INGRESS_ACTOR_OPTIONS = {"num_cpus": 0.1}
 INGRESS_MAX_QUEUED = 64
 
 
-def arm_options(arm: ArmConfig, drain_grace_s: float = 30.0) -> dict[str, Any]:
+def arm_options(arm: ArmConfig, drain_grace_s: float) -> dict[str, Any]:
     """Serve deployment options of one arm (also what a Serve config's `deployments` entry overrides).
     A replica being stopped (shutdown, redeploy, downscale) gets `drain_grace_s` to finish its
     in-flight requests: Serve's own graceful shutdown."""
@@ -44,8 +44,7 @@ def ingress_options(fleet: FleetConfig) -> dict[str, Any]:
     `/ready` find a slot while slow clients send their bodies. Past that, Serve's proxy refuses
     with 503 instead of queueing without bound."""
     capacity = sum(
-        (a.max_ongoing_requests + max(0, a.max_queued_requests)) * (a.autoscaling.max_replicas if a.autoscaling else a.num_replicas)
-        for a in fleet.arms
+        (a.max_ongoing_requests + max(0, a.max_queued_requests)) * a.max_replicas for a in fleet.arms
     )
     return {
         "name": "Ingress", "ray_actor_options": INGRESS_ACTOR_OPTIONS, "max_ongoing_requests": max(256, 2 * capacity),
@@ -59,7 +58,7 @@ def required_resources(fleet: FleetConfig) -> dict[str, float]:
     replica applies where an arm sets none."""
     need: dict[str, float] = {"CPU": float(INGRESS_ACTOR_OPTIONS["num_cpus"])}
     for arm in fleet.arms:
-        n = arm.autoscaling.max_replicas if arm.autoscaling else arm.num_replicas
+        n = arm.max_replicas
         opts = arm.ray_actor_options
         per = {"CPU": 1.0 if opts.num_cpus is None else opts.num_cpus, "GPU": opts.num_gpus, **opts.resources}
         if opts.accelerator_type:

@@ -17,7 +17,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.errors import ImageDecodeError, ImageTooLarge, InputError, RerankError
-from serve.protocol import ErrorDetail, ErrorResponse
+from serve.protocol import CONTENT_PART_TAGS, ErrorDetail, ErrorResponse
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,6 @@ ERROR_TABLE: tuple[tuple[type | tuple[type, ...], int, str], ...] = (
     (TimeoutError, 504, "timeout"),
 )
 RETRY_AFTER_S = 1
-CONTENT_PART_TAGS = frozenset({"text", "image_url", "image", "video_url", "video"})
 
 
 def classify(exc: BaseException) -> tuple[int, str]:
@@ -139,7 +138,10 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, str]:
     raw = tuple(first.get("loc", ()))
     # A content part is a tagged union: pydantic puts the part's type in the location
     # (content.0.image_url.image_url); the field is content.0.image_url.
-    raw = tuple(p for i, p in enumerate(raw) if not (i >= 2 and raw[i - 2] == "content" and isinstance(raw[i - 1], int) and p in CONTENT_PART_TAGS))
+    raw = tuple(
+        p for i, p in enumerate(raw)
+        if not (i >= 2 and raw[i - 2] == "content" and isinstance(raw[i - 1], int) and p in CONTENT_PART_TAGS)
+    )  # fmt: skip
     loc = [str(p) for p in raw]
     if loc and loc[0] == "body":
         loc = loc[1:]

@@ -210,7 +210,7 @@ class MediaFetcher:
             async with asyncio.timeout(limits.download_deadline_s):
                 results = await asyncio.gather(*(self.resolve_item(s, use_memo=use_memo) for s in specs), return_exceptions=True)
         except TimeoutError:
-            field = specs[0].field.split(".")[0] if len(specs) == 1 else "documents"
+            field = specs[-1].field.split(".")[0]  # the documents' field: "documents", or "texts" (TEI)
             raise FetchError(field, f"the request's media downloads took longer than {limits.download_deadline_s:g}s together") from None
         finally:
             _REQUEST_DOWNLOADS.reset(token)

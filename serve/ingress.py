@@ -31,7 +31,7 @@ from engine.inputs import RerankItem, ScoreRequest
 from serve.arm_result import ArmResult
 from serve.cache import FeatureCache
 from serve.config import FleetConfig
-from serve.errors import ArmDown, Draining, error_response, log_if_internal, unwrap
+from serve.errors import ArmDown, Draining, classify, error_response, log_if_internal, unwrap
 from serve.experiments import ExperimentStats
 from serve.fetch import MediaFetcher
 from serve.guard import Guard, GuardMiddleware
@@ -340,7 +340,7 @@ class Ingress:
             cause = unwrap(e)
             if isinstance(cause, ARM_GONE) and not isinstance(cause, ArmDown):
                 self._arm_gone(arm, type(cause).__name__)
-            elif error_response(cause).status_code == 500:  # the arm broke (not the input, not a full queue)
+            elif classify(cause)[0] == 500:  # the arm broke (not the input, not a full queue)
                 self.health.failed(arm, type(cause).__name__)
             raise
         finally:

@@ -1,8 +1,8 @@
 """The main job: the whole fleet on one machine, on embedded Ray, until Ctrl-C.
 
 `run_local` starts a private Ray instance (token auth off, a small CPU budget, no dashboard;
-Ray picks a free GCS port, never Redis's 6379), starts Serve's HTTP proxy on the configured host (127.0.0.1 by default), deploys
-`build_app`, waits until `/ready` says every arm scores, prints the URL and a sample request, and
+Ray picks a free GCS port, never Redis's 6379), starts Serve's HTTP proxy on the configured
+host (127.0.0.1 by default), deploys `build_app`, waits until `/ready` says every arm scores, prints the URL and a sample request, and
 on SIGINT/SIGTERM drains (new requests get 503, in-flight ones finish within
 `http.drain_grace_s`) before it shuts Serve and Ray down.
 """

@@ -18,7 +18,7 @@ turning references into bytes is `serve.fetch`'s job.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, StrictBool, model_validator
 
@@ -74,6 +74,7 @@ class VideoPart(_Body):
 # One vLLM/OpenAI-style content part: `type` names the one payload field it carries (the schema
 # says so: a tagged union of closed objects).
 ContentPart = Annotated[TextPart | ImageUrlPart | ImagePart | VideoUrlPart | VideoPart, Field(discriminator="type")]
+CONTENT_PART_TAGS = frozenset(get_args(m.model_fields["type"].annotation)[0] for m in (TextPart, ImageUrlPart, ImagePart, VideoUrlPart, VideoPart))
 ITEM_FIELDS = ("text", "image", "video")
 
 

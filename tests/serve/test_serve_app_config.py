@@ -46,7 +46,7 @@ def test_default_config_is_two_tiny_arms_without_redis():
 
 def test_arm_options_follow_the_config():
     fleet = FleetConfig.from_dict(FLEET)
-    fp32, nf4 = (arm_options(a) for a in fleet.arms)
+    fp32, nf4 = (arm_options(a, fleet.http.drain_grace_s) for a in fleet.arms)
     assert fp32["name"] == "Arm-fp32" and fp32["num_replicas"] == 2 and "autoscaling_config" not in fp32
     assert fp32["user_config"] == {"max_batch_size": 8, "batch_wait_timeout_s": 0.0}  # no idle wait by default
     assert nf4["autoscaling_config"]["max_replicas"] == 4 and "num_replicas" not in nf4
@@ -95,7 +95,7 @@ def test_serve_config_is_a_valid_standard_serve_config(tmp_path: Path, built_tin
     for name, arm_app in arms.items():
         arm = arm_app._bound_deployment
         assert arm.name == f"Arm-{name}" and arm.init_args == (config, name)
-        assert arm.user_config == arm_options(fleet.arm(name))["user_config"]
+        assert arm.user_config == arm_options(fleet.arm(name), fleet.http.drain_grace_s)["user_config"]
     path = tmp_path / "fleet.yaml"
     path.write_text(yaml.safe_dump(FLEET))
     assert load_fleet({"config_path": str(path)}) == fleet

@@ -40,7 +40,8 @@ def deploy_arm(tiny_model, max_batch_size: int, **limits):
         "arms": [{"name": "fp32", "precision": "fp32", "ray_actor_options": {"num_cpus": 0.5}}],
         "limits": {"allow_private_urls": True, **limits},
     }  # fmt: skip
-    options = arm_options(FleetConfig.from_dict(config).arms[0])
+    fleet = FleetConfig.from_dict(config)
+    options = arm_options(fleet.arms[0], fleet.http.drain_grace_s)
     options["user_config"] = {"max_batch_size": max_batch_size, "batch_wait_timeout_s": 1.0}
     return serve.run(ArmReplica.options(**options).bind(config, "fp32"), name=APP, route_prefix=None)
 

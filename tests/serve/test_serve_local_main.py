@@ -67,7 +67,7 @@ def test_main_job_serves_default_config_and_stops_on_ctrl_c(tiny_model, tmp_path
                     break
         output = "".join(seen)
         assert "Ctrl-C stops." in output, output
-        assert f"ready: rerank-fleet serving" in output and f"http://127.0.0.1:{port}" in output and "curl" in output
+        assert "ready: rerank-fleet serving" in output and f"http://127.0.0.1:{port}" in output and "curl" in output
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as c:
             assert c.get("/health").status_code == 200
             ready = c.get("/ready")
