@@ -35,6 +35,11 @@ VIDEO_REFUSAL = {
 }
 
 
+def device_name(device: torch.device) -> str:
+    """What a replica runs on, as the placement planner names devices: the GPU's CUDA name, or cpu."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 class RerankEngine:
     def __init__(self, loaded: LoadedModel, tokenizer, cfg: EngineConfig, *, model_id: str):
         self.loaded = loaded
@@ -108,6 +113,7 @@ class RerankEngine:
             "family": self.loaded.family,
             "precision": self.precision,
             "device": str(self.device),
+            "device_name": device_name(self.device),
             "compute_dtype": str(self.loaded.compute_dtype).removeprefix("torch."),
             "vision_fingerprint": self.feature_spec.vision_fingerprint,
             "share_prefix": self.cfg.share_prefix,

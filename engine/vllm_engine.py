@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.config import EngineConfig
+from engine.engine import device_name
 from engine.errors import InputError, ModelLoadError, PrecisionUnsupported
 from engine.features import FeatureSpec, ImageFeatures
 from engine.forward import RequestScores
@@ -169,6 +170,7 @@ class VllmRerankEngine:
     def describe(self) -> dict:
         return {
             "model": self.model_id, "backend": "vllm", "precision": self.precision, "max_model_len": self.max_model_len,
+            "device_name": device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
             "vision_encoder": "project" if self.tower else "vllm", "vision_fingerprint": self.preparer.feature_spec.vision_fingerprint,
         }  # fmt: skip
 

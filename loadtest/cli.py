@@ -4,6 +4,7 @@
     rerank-fleet loadtest --quick                        # a few seconds, small load (CI)
     rerank-fleet loadtest --report-from out/loadtest/x  # rebuild the report from a run's files
     rerank-fleet loadtest --start-local configs/local.yaml --duration 60   # start the app here too
+    rerank-fleet loadtest --capacity --slo-ms 500 --duration 15   # stepped-load sweep per arm -> capacity.json
 
 Targets outside loopback are refused unless --allow-remote. Locust stops by itself after
 --duration, and the runner kills it if it has not exited a minute after that. For an endpoint
@@ -15,6 +16,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+
+import httpx
 from datetime import datetime
 from pathlib import Path
 
@@ -50,6 +53,10 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--allow-remote", action="store_true", help="allow a target that is not loopback")
     p.add_argument("--quick", action="store_true", help="a few seconds of small load (CI): overrides users/duration/docs/pool")
     p.add_argument("--report-from", default=None, metavar="DIR", help="only rebuild the report from a finished run's folder")
+    p.add_argument("--capacity", action="store_true",
+                   help="capacity mode: per arm, Locust at each of --user-steps for --duration s each; writes capacity.json/.md/.png")
+    p.add_argument("--slo-ms", type=float, default=500.0, help="capacity mode: the p95 latency an arm must keep")
+    p.add_argument("--user-steps", default="1,2,4,8,16,32", help="capacity mode: comma list of concurrent users, rising")
     p.add_argument("--start-local", default=None, metavar="CONFIG",
                    help="first start this fleet YAML on embedded Ray (as `rerank-fleet up`) on --host's port; "
                         "stop it after the run")  # fmt: skip
@@ -80,12 +87,12 @@ def plan_from_args(args):
     )  # fmt: skip
 
 
-def _run_against_local_app(plan, config_path: str):
-    """Start the fleet in this process (embedded Ray + Serve on loopback), run, stop it."""
+def _run_against_local_app(plan, config_path: str, run):
+    """Start the fleet in this process (embedded Ray + Serve on loopback), `run(plan)`, stop it."""
     import dataclasses
     from urllib.parse import urlsplit
 
-    from loadtest.runner import checked_target, run_loadtest
+    from loadtest.runner import checked_target
     from serve.local import embedded_serve, local_fleet
 
     port = urlsplit(checked_target(plan.host)).port or 80  # loopback only: this starts a server here
@@ -94,7 +101,7 @@ def _run_against_local_app(plan, config_path: str):
         raise ValueError(f"{config_path}: http.host is {fleet.http.host}; --start-local serves on loopback only")
     with embedded_serve(fleet) as base:
         print(f"started {config_path} at {base}", flush=True)
-        return run_loadtest(dataclasses.replace(plan, host=base))
+        return run(dataclasses.replace(plan, host=base))
 
 
 def cmd_loadtest(args) -> int:
@@ -105,10 +112,12 @@ def cmd_loadtest(args) -> int:
         report = build_report(Path(args.report_from), reference=args.reference)
         print(report.markdown)
         return 0
+    if args.capacity:
+        return cmd_capacity(args)
     try:
         plan = plan_from_args(args)
         if args.start_local:
-            run = _run_against_local_app(plan, args.start_local)
+            run = _run_against_local_app(plan, args.start_local, run_loadtest)
         else:
             run = run_loadtest(plan)
     except (RemoteTargetRefused, EndpointError, ValueError) as e:
@@ -130,3 +139,25 @@ def cmd_loadtest(args) -> int:
         print("warning: Locust did not stop by itself and was killed at the hard time limit", file=sys.stderr)
         return 1
     return 0 if total > 0 else 1
+
+
+def cmd_capacity(args) -> int:
+    import functools
+
+    from loadtest.capacity import run_capacity
+    from loadtest.runner import EndpointError, RemoteTargetRefused
+
+    try:
+        steps = sorted({int(x) for x in args.user_steps.split(",") if x.strip()})
+        if not steps or steps[0] < 1:
+            raise ValueError(f"--user-steps: positive whole numbers, got {args.user_steps!r}")
+        plan = plan_from_args(args)
+        sweep = functools.partial(run_capacity, user_steps=steps, slo_ms=args.slo_ms)
+        report = _run_against_local_app(plan, args.start_local, sweep) if args.start_local else sweep(plan)
+    except (RemoteTargetRefused, EndpointError, ValueError, httpx.HTTPError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for a in report["arms"]:
+        print(f"  {a['arm']:>12}: capacity {a['capacity_rps']:.2f} req/s ({a['pairs_per_s']:.1f} pairs/s) at p95 <= {args.slo_ms:g} ms")
+    print(f"capacity report: {plan.out_dir / 'capacity.md'} (JSON for `rerank-fleet plan --capacity`: {plan.out_dir / 'capacity.json'})")
+    return 0 if any(a["capacity_rps"] > 0 for a in report["arms"]) else 1

@@ -384,7 +384,7 @@ def render_markdown(data: dict, figures: list[ArmFigures], aggregate: LocustRow 
             continue
         routed = ", ".join(f"{k} {v}" for k, v in sorted(s.routed_by.items())) or "–"
         lat = s.ingress_latency_ms
-        window = int(lat.get("window") or 0)
+        window = int(lat.get("n", lat.get("window")) or 0)
         widened |= window > s.answered
         latency = " / ".join(_ms(lat.get(q)) for q in ("p50", "p95", "p99")) + f" ({window})"
         batch = "–" if s.mean_batch_requests is None else f"{s.mean_batch_requests:.2f}"
@@ -395,8 +395,8 @@ def render_markdown(data: dict, figures: list[ArmFigures], aggregate: LocustRow 
     lines += [
         "",
         "Ingress latency is the endpoint's own measure, from the ingress handler's start to the arm's answer "
-        "(media decoding and the arm call; not HTTP, Serve's proxy or JSON encoding), over its window of the most recent answers at the end of the run"
-        + ("; a window larger than the run's answers includes earlier traffic." if widened else ", all from this run.")
+        "(media decoding and the arm call; not HTTP, Serve's proxy or JSON encoding), over every answer of the endpoint's running experiment (fleet-wide) at the end of the run"
+        + ("; more answers than the run's: it includes earlier traffic." if widened else ", all from this run.")
         + " Mean batch: requests merged into one engine call by dynamic batching.",
     ]
     if not any(f.server for f in figures):
@@ -448,7 +448,7 @@ def _command_line(run: dict) -> str:
 # ---------------------------------------------------------------------------------- plots
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # no display; must precede pyplot's import
@@ -458,7 +458,7 @@ def _pyplot():
 
 
 def plot_latency(figures: list[ArmFigures], path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.2))
     arms = [f for f in figures if f.locust is not None and f.locust.requests]
     width = 0.8 / 3
@@ -474,11 +474,11 @@ def plot_latency(figures: list[ArmFigures], path: Path) -> Path:
     ax.margins(y=0.15)
     if not arms:
         ax.text(0.5, 0.5, "no requests", ha="center", va="center", transform=ax.transAxes)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_throughput(figures: list[ArmFigures], history: dict[str, list], path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.2))
     starts = [pts[0][0] for pts in history.values() if pts]
     t0 = min(starts) if starts else 0
@@ -495,11 +495,11 @@ def plot_throughput(figures: list[ArmFigures], history: dict[str, list], path: P
     ax.set_title("Throughput over time (per second, from Locust's history)")
     ax.legend(fontsize=8)
     ax.set_ylim(bottom=0)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_failures(figures: list[ArmFigures], failures: dict[str, Counter], path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.2))
     names = [f.arm for f in figures]
     errors = sorted({e for f in figures for e in failures.get(f"rerank[{f.arm}]", {})})
@@ -523,11 +523,11 @@ def plot_failures(figures: list[ArmFigures], failures: dict[str, Counter], path:
         ax.margins(y=0.2)
     ax.set_ylabel("failed requests")
     ax.set_title("Failures per arm (Locust)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=PNG_DPI)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path

@@ -19,7 +19,7 @@ from placement.planner import plan_placement
 from placement.render import OUTPUT_FILES, read_architecture_config, render_outputs, write_outputs
 from placement.report import format_plan
 from placement.solve import PlacementInfeasible
-from placement.throughput import BenchEngineReport
+from placement.throughput import BenchEngineReport, CapacityReport
 
 
 def add_subparser(subparsers) -> argparse.ArgumentParser:
@@ -39,6 +39,13 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
         help="`rerank-fleet bench engine --out` JSON measured on one GPU type (repeat for several)",
     )
     parser.add_argument(
+        "--capacity",
+        type=Path,
+        action="append",
+        default=[],
+        help="`rerank-fleet loadtest --capacity` capacity.json (served end to end at an SLO); preferred over --profile",
+    )
+    parser.add_argument(
         "--out", type=Path, help=f"folder to write {', '.join(OUTPUT_FILES.values())} into"
     )
     parser.add_argument(
@@ -52,15 +59,15 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def _load_profile(path: Path) -> BenchEngineReport:
+def _load_measurement(path: Path, model, what: str):
     try:
-        return BenchEngineReport.model_validate(json.loads(path.read_text()))
+        return model.model_validate(json.loads(path.read_text()))
     except (OSError, json.JSONDecodeError) as err:
-        raise InventoryError(f"{path}: cannot read the bench engine profile: {err}") from None
+        raise InventoryError(f"{path}: cannot read the {what}: {err}") from None
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise InventoryError(f"{path}: invalid bench engine profile: {where}: {first['msg']}") from None
+        raise InventoryError(f"{path}: invalid {what}: {where}: {first['msg']}") from None
 
 
 def run_plan(args: argparse.Namespace) -> int:
@@ -70,8 +77,9 @@ def run_plan(args: argparse.Namespace) -> int:
     try:
         inventory = Inventory.from_yaml(args.inventory)
         architecture = read_architecture_config(inventory, args.inventory)
-        bench = [_load_profile(path) for path in args.profile]
-        report = plan_placement(inventory, architecture, bench=bench, objective=args.objective, budget=args.budget)
+        bench = [_load_measurement(path, BenchEngineReport, "bench engine profile") for path in args.profile]
+        capacity = [_load_measurement(path, CapacityReport, "capacity report") for path in args.capacity]
+        report = plan_placement(inventory, architecture, bench=bench, capacity=capacity, objective=args.objective, budget=args.budget)
     except (InventoryError, ArchitectureError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

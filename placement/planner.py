@@ -25,8 +25,10 @@ from placement.memory import (
 from placement.solve import Demand, NodePool, Objective, Option, Plan, Rejection, solve_placement
 from placement.throughput import (
     BenchEngineReport,
+    CapacityReport,
     PairShape,
     ThroughputEstimate,
+    find_capacity,
     find_measured,
     roofline_estimate,
 )
@@ -87,6 +89,7 @@ def assess_options(
     inventory: Inventory,
     arch: Architecture,
     bench: Sequence[BenchEngineReport] = (),
+    capacity: Sequence[CapacityReport] = (),
 ) -> list[OptionAssessment]:
     counts = count_parameters(arch)
     workload = workload_of(inventory)
@@ -107,7 +110,7 @@ def assess_options(
         for node in inventory.node_types:
             gpu = node.gpu_model
             usable = usable_bytes(node, arm, constraints.memory_headroom)
-            throughput = find_measured(list(bench), gpu, precision, model_ids, shape) or roofline_estimate(
+            throughput = find_capacity(list(capacity), gpu, precision, model_ids) or find_measured(list(bench), gpu, precision, model_ids, shape) or roofline_estimate(
                 gpu, precision, arch, counts, shape, batch_tokens=workload.batch_tokens, weight_bytes=_weight_bytes(memory)
             )
             if constraints.below_floor(precision):
@@ -167,6 +170,7 @@ def plan_placement(
     architecture_config: Mapping,
     *,
     bench: Sequence[BenchEngineReport] = (),
+    capacity: Sequence[CapacityReport] = (),
     objective: Objective = "cost",
     budget: float | None = None,
 ) -> PlacementReport:
@@ -175,7 +179,7 @@ def plan_placement(
     Raises `placement.solve.PlacementInfeasible` (reasons included) when nothing fits.
     """
     arch = read_architecture(architecture_config)
-    assessments = assess_options(inventory, arch, bench)
+    assessments = assess_options(inventory, arch, bench, capacity)
     options = [
         Option(a.precision, a.node_type.name, a.throughput.pairs_per_s) for a in assessments if a.rejection is None
     ]

@@ -126,11 +126,12 @@ def serve_application(report: PlacementReport, *, redis_url: str | None) -> dict
     The `deployments` entries are exactly what `serve.app.build_app` sets from the same arms
     (`serve.deploy_options.arm_options`), so the file shows the replicas and GPU pinning without changing them.
     """
-    from serve.deploy_options import IMPORT_PATH, INGRESS_ACTOR_OPTIONS, arm_options
+    from serve.deploy_options import IMPORT_PATH, INGRESS_ACTOR_OPTIONS, LEDGER_OPTIONS, arm_options
 
     fleet = fleet_config(report, redis_url=redis_url)
     deployments = [{"name": INGRESS_DEPLOYMENT, "ray_actor_options": {**INGRESS_ACTOR_OPTIONS, "num_gpus": 0}}]
     deployments += [arm_options(arm, fleet.http.drain_grace_s) for arm in fleet.arms]
+    deployments.append({**LEDGER_OPTIONS, "ray_actor_options": {**LEDGER_OPTIONS["ray_actor_options"], "num_gpus": 0}})
     deployment = report.inventory.deployment
     return {
         "name": deployment.app_name,

@@ -1,7 +1,9 @@
 """Pairs per second one replica sustains on one GPU at one precision: the profile table.
 
-Each entry is either *measured* (from a `rerank-fleet bench engine --out` JSON report made on
-that GPU: the best pairs/s over its batch sizes) or a *roofline* estimate, and says which. The roofline:
+Each entry is either *measured* or a *roofline* estimate, and says which. Measured, in order of
+preference: a `rerank-fleet loadtest --capacity` report made on that GPU (requests/s the arm
+served end to end with p95 within its SLO, times documents per request), or a `rerank-fleet
+bench engine --out` report (the engine alone: the best pairs/s over its batch sizes). The roofline:
 
 - FLOPs of one (query, document) pair: 2 x decoder projection parameters x pair tokens, plus
   causal attention 2 x layers x tokens^2 x heads x head_dim, plus the last-token lm_head; an image
@@ -169,4 +171,40 @@ def find_measured(
             row = report.best_pairs_per_s(precision)
             if row is not None:
                 return measured_estimate(report, row, gpu, shape)
+    return None
+
+
+class CapacityArm(BaseModel):
+    """One arm of a `loadtest --capacity` report."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    arm: str = Field(..., description="Arm name in the measured fleet.")
+    precision: str | None = Field(None, description="The arm's precision.")
+    device: str | None = Field(None, description="What its replicas ran on, as CUDA names it (or 'cpu').")
+    capacity_rps: float = Field(..., ge=0, description="Highest requests/s with p95 within the SLO.")
+    pairs_per_s: float = Field(..., ge=0, description="capacity_rps x documents per request.")
+
+
+class CapacityReport(BaseModel):
+    """The `capacity.json` that `rerank-fleet loadtest --capacity` writes."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    model: str = Field(..., description="Model served (its id), matched against the inventory.")
+    slo_p95_ms: float = Field(..., gt=0, description="The p95 latency each arm had to keep.")
+    docs_per_request: int = Field(..., ge=1, description="Documents per request of the load.")
+    arms: list[CapacityArm] = Field(..., description="Measured arms.")
+
+
+def find_capacity(reports: list[CapacityReport], gpu: GpuModel, precision: str, model_ids: set[str]) -> ThroughputEstimate | None:
+    """The load-tested capacity of this precision on this GPU and model, if a report has one."""
+    for report in reports:
+        if report.model not in model_ids:
+            continue
+        for arm in report.arms:
+            if arm.precision == precision and arm.device and gpu_for_device_name(arm.device) == gpu.key and arm.pairs_per_s > 0:
+                detail = (f"measured by loadtest --capacity on {arm.device} (arm {arm.arm}): {arm.capacity_rps:.2f} req/s x "
+                          f"{report.docs_per_request} docs with p95 <= {report.slo_p95_ms:g} ms, served end to end (load-test traffic, not rescaled)")  # fmt: skip
+                return ThroughputEstimate(gpu.key, precision, arm.pairs_per_s, "measured", detail)
     return None

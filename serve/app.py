@@ -1,4 +1,5 @@
-"""The Serve application: one `Arm-<name>` deployment per arm, composed into `Ingress` by handles.
+"""The Serve application: one `Arm-<name>` deployment per arm and the experiment `Ledger`,
+composed into `Ingress` by handles.
 
 `build_app` is the application builder Serve calls for `serve run` / `serve deploy`:
 
@@ -20,8 +21,9 @@ from ray.serve.schema import ServeDeploySchema
 from engine.errors import ConfigError
 from serve.arm import ArmReplica
 from serve.config import FleetConfig
-from serve.deploy_options import APP_NAME, IMPORT_PATH, arm_options, ingress_options, missing_resources, required_resources
+from serve.deploy_options import APP_NAME, IMPORT_PATH, LEDGER_OPTIONS, arm_options, ingress_options, missing_resources, required_resources
 from serve.ingress import Ingress
+from serve.ledger_replica import LedgerReplica
 
 __all__ = ["APP_NAME", "IMPORT_PATH", "build_app", "load_fleet", "resolve_model", "serve_config"]
 
@@ -73,7 +75,8 @@ def build_app(args: dict[str, Any]) -> Application:
         check_cluster_resources(fleet)
     config = fleet.to_dict()
     arms = {arm.name: ArmReplica.options(**arm_options(arm, fleet.http.drain_grace_s)).bind(config, arm.name) for arm in fleet.arms}
-    return Ingress.options(**ingress_options(fleet)).bind(config, arms)
+    ledger = LedgerReplica.options(**LEDGER_OPTIONS).bind(config)
+    return Ingress.options(**ingress_options(fleet)).bind(config, arms, ledger)
 
 
 def check_cluster_resources(fleet: FleetConfig) -> None:

@@ -110,6 +110,12 @@ class ArmReplica:
 
         fleet = FleetConfig.from_dict(config)
         self.arm = fleet.arm(arm_name)
+        if self.arm.cpu_nice:
+            # Linux niceness is per thread and inherited: the prepare pool, the forward thread and
+            # torch's intra-op threads all start after this, while Ray's own threads (which take
+            # calls in) keep theirs. Where arms share cores with the proxy and ingress, scoring
+            # then yields to them, and refusals and health checks stay fast under overload.
+            os.nice(self.arm.cpu_nice)
         torch.set_num_threads(torch_threads(self.arm))
         try:
             self.engine = load_engine(fleet, self.arm)

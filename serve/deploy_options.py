@@ -16,6 +16,8 @@ APP_NAME = "rerank"
 # keep their cores for arm replicas.
 INGRESS_ACTOR_OPTIONS = {"num_cpus": 0.1}
 INGRESS_MAX_QUEUED = 64
+# The experiment ledger does bookkeeping only (a few merges a second per ingress replica).
+LEDGER_OPTIONS = {"name": "Ledger", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0}, "max_ongoing_requests": 1000}
 
 
 def arm_options(arm: ArmConfig, drain_grace_s: float) -> dict[str, Any]:
@@ -47,7 +49,8 @@ def ingress_options(fleet: FleetConfig) -> dict[str, Any]:
         (a.max_ongoing_requests + max(0, a.max_queued_requests)) * a.max_replicas for a in fleet.arms
     )
     return {
-        "name": "Ingress", "ray_actor_options": INGRESS_ACTOR_OPTIONS, "max_ongoing_requests": max(256, 2 * capacity),
+        "name": "Ingress", "num_replicas": fleet.ingress.num_replicas, "ray_actor_options": INGRESS_ACTOR_OPTIONS,
+        "max_ongoing_requests": max(256, 2 * capacity),
         "max_queued_requests": INGRESS_MAX_QUEUED, "graceful_shutdown_timeout_s": fleet.http.drain_grace_s,
     }  # fmt: skip
 
@@ -56,7 +59,7 @@ def required_resources(fleet: FleetConfig) -> dict[str, float]:
     """Ray resources the whole fleet reserves at its largest (every arm at its most replicas, plus
     the ingress): CPU, GPU, accelerator types and custom resources. Ray's default of 1 CPU per
     replica applies where an arm sets none."""
-    need: dict[str, float] = {"CPU": float(INGRESS_ACTOR_OPTIONS["num_cpus"])}
+    need: dict[str, float] = {"CPU": fleet.ingress.num_replicas * float(INGRESS_ACTOR_OPTIONS["num_cpus"])}
     for arm in fleet.arms:
         n = arm.max_replicas
         opts = arm.ray_actor_options

@@ -17,6 +17,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.errors import ImageDecodeError, ImageTooLarge, InputError, RerankError
+from serve.ledger import AdminForbidden, AlreadyRecorded, UnknownRequest
 from serve.protocol import CONTENT_PART_TAGS, ErrorDetail, ErrorResponse
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,9 @@ _UNAVAILABLE = (ServiceUnavailable, ArmDown, DeadlineExceeded, Draining, BackPre
 # (error type, HTTP status, error kind), most specific first; the first match wins.
 ERROR_TABLE: tuple[tuple[type | tuple[type, ...], int, str], ...] = (
     (Unauthorized, 401, "unauthorized"),
+    (AdminForbidden, 403, "forbidden"),
+    (UnknownRequest, 404, "not_found"),
+    (AlreadyRecorded, 409, "conflict"),
     (RequestTooLarge, 413, "too_large"),
     (BodyTimeout, 408, "body_timeout"),
     (ImageTooLarge, 413, "too_large"),

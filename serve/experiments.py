@@ -1,31 +1,35 @@
-"""Per-arm experiment statistics behind `/v1/experiments`: answers, errors, latency, cache use,
-shadow agreement. Kept by one ingress replica, latency over a bounded window. Pure: no Ray, no I/O."""
+"""What an experiment counts, per arm, in a form that merges exactly: each ingress replica keeps a
+`Tally` of the requests it answered and sends it to the ledger (`serve.ledger`) every
+`experiment.flush_interval_s`, which adds it to the fleet-wide one. Pure: no Ray, no I/O.
+"""
 
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass, field
 
 from serve.arm_result import ArmResult
+from serve.statistics import LatencyHistogram, Moments
 
-LATENCY_WINDOW = 4096
+AGREEMENT_METRICS = ("spearman", "ndcg", "topk_overlap", "rbo")
 
 
-def percentile(sorted_values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile of an ascending list (None when empty)."""
-    if not sorted_values:
-        return None
-    rank = max(1, min(len(sorted_values), int(-(-q * len(sorted_values) // 100))))
-    return sorted_values[rank - 1]
+def metric_name(key: str) -> str:
+    """`workshop.ranking.agreement`'s key without its k: ndcg@10 -> ndcg, top10_overlap -> topk_overlap."""
+    if key.startswith("ndcg@"):
+        return "ndcg"
+    if key.startswith("top") and key.endswith("_overlap"):
+        return "topk_overlap"
+    return key
 
 
 @dataclass
-class ArmStats:
+class ArmTally:
     requests: int = 0
     client_errors: int = 0
     server_errors: int = 0
     routed_by: Counter = field(default_factory=Counter)
-    latencies_s: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     cache_hits: int = 0
     cache_misses: int = 0
     cache_events: Counter = field(default_factory=Counter)
@@ -33,22 +37,60 @@ class ArmStats:
     shadow_requests: int = 0
     shadow_errors: int = 0
     shadow_dropped: int = 0
-    agreement_n: int = 0
-    agreement_sums: Counter = field(default_factory=Counter)
-    agreement_against: Counter = field(default_factory=Counter)
+    # primary arm -> metric -> moments: this arm's ranking against the primary's on mirrored
+    # requests (primary == this arm: the noise floor, the same arm in another batch).
+    agreement: dict[str, dict[str, Moments]] = field(default_factory=dict)
+    clicks_ndcg: Moments = field(default_factory=Moments)
+    clicks_rr: Moments = field(default_factory=Moments)
+
+    def merge(self, other: ArmTally) -> None:
+        for name in ("requests", "client_errors", "server_errors", "cache_hits", "cache_misses", "batch_requests_sum",
+                     "shadow_requests", "shadow_errors", "shadow_dropped"):  # fmt: skip
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.routed_by.update(other.routed_by)
+        self.cache_events.update(other.cache_events)
+        self.latency.merge(other.latency)
+        for primary, metrics in other.agreement.items():
+            mine = self.agreement.setdefault(primary, {})
+            for metric, m in metrics.items():
+                mine.setdefault(metric, Moments()).merge(m)
+        self.clicks_ndcg.merge(other.clicks_ndcg)
+        self.clicks_rr.merge(other.clicks_rr)
+
+    def to_dict(self) -> dict:
+        return {
+            "requests": self.requests, "client_errors": self.client_errors, "server_errors": self.server_errors,
+            "routed_by": dict(self.routed_by), "latency": self.latency.to_dict(), "cache_hits": self.cache_hits,
+            "cache_misses": self.cache_misses, "cache_events": dict(self.cache_events), "batch_requests_sum": self.batch_requests_sum,
+            "shadow_requests": self.shadow_requests, "shadow_errors": self.shadow_errors, "shadow_dropped": self.shadow_dropped,
+            "agreement": {p: {k: m.to_list() for k, m in ms.items()} for p, ms in self.agreement.items()},
+            "clicks_ndcg": self.clicks_ndcg.to_list(), "clicks_rr": self.clicks_rr.to_list(),
+        }  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ArmTally:
+        t = cls(**{k: d[k] for k in ("requests", "client_errors", "server_errors", "cache_hits", "cache_misses",
+                                     "batch_requests_sum", "shadow_requests", "shadow_errors", "shadow_dropped")})  # fmt: skip
+        t.routed_by = Counter(d["routed_by"])
+        t.cache_events = Counter(d["cache_events"])
+        t.latency = LatencyHistogram.from_dict(d["latency"])
+        t.agreement = {p: {k: Moments.from_list(v) for k, v in ms.items()} for p, ms in d["agreement"].items()}
+        t.clicks_ndcg = Moments.from_list(d["clicks_ndcg"])
+        t.clicks_rr = Moments.from_list(d["clicks_rr"])
+        return t
 
 
-class ExperimentStats:
-    """Per-arm counters for `/v1/experiments`: kept by one ingress replica, latency over a bounded window."""
+class Tally:
+    """Per-arm counts of one ingress replica since its last flush (or, in the ledger, of the fleet)."""
 
-    def __init__(self, arms: list[str]):
-        self.arms = {a: ArmStats() for a in arms}
+    def __init__(self, arms: list[str] | tuple[str, ...]):
+        self.arms = {a: ArmTally() for a in arms}
 
     def record_answer(self, arm: str, reason: str, latency_s: float, result: ArmResult) -> None:
         s = self.arms[arm]
         s.requests += 1
         s.routed_by[reason] += 1
-        s.latencies_s.append(latency_s)
+        s.latency.add(latency_s)
         s.batch_requests_sum += result.batch_requests
         self._record_cache(s, result)
 
@@ -61,9 +103,9 @@ class ExperimentStats:
     def record_shadow(self, arm: str, primary: str, scores: dict[str, float], result: ArmResult) -> None:
         s = self.arms[arm]
         s.shadow_requests += 1
-        s.agreement_n += 1
-        s.agreement_sums.update(scores)
-        s.agreement_against[primary] += 1
+        metrics = s.agreement.setdefault(primary, {})
+        for key, value in scores.items():
+            metrics.setdefault(metric_name(key), Moments()).add(value)
         self._record_cache(s, result)
 
     def record_shadow_failure(self, arm: str, *, dropped: bool = False) -> None:
@@ -73,40 +115,23 @@ class ExperimentStats:
             self.arms[arm].shadow_errors += 1
 
     @staticmethod
-    def _record_cache(s: ArmStats, result: ArmResult) -> None:
+    def _record_cache(s: ArmTally, result: ArmResult) -> None:
         s.cache_hits += result.cache_hits
         s.cache_misses += result.cache_misses
         s.cache_events.update(result.cache_events)
 
-    def snapshot(self) -> dict[str, dict]:
-        out = {}
-        for name, s in self.arms.items():
-            lat = sorted(s.latencies_s)
-            looked_up = s.cache_hits + s.cache_misses
-            out[name] = {
-                "requests": s.requests,
-                "errors": {"client": s.client_errors, "server": s.server_errors},
-                "routed_by": dict(s.routed_by),
-                "latency_ms": {
-                    "window": len(lat),
-                    **{f"p{q}": None if (v := percentile(lat, q)) is None else round(v * 1000, 3) for q in (50, 95, 99)},
-                },
-                "mean_batch_requests": round(s.batch_requests_sum / s.requests, 3) if s.requests else None,
-                "image_cache": {
-                    "hits": s.cache_hits,
-                    "misses": s.cache_misses,
-                    "hit_rate": round(s.cache_hits / looked_up, 4) if looked_up else None,
-                    "events": dict(s.cache_events),
-                },
-                "shadow": {
-                    "requests": s.shadow_requests,
-                    "errors": s.shadow_errors,
-                    "dropped": s.shadow_dropped,
-                    "agreement": {
-                        "n": s.agreement_n,
-                        "against": dict(s.agreement_against),
-                        **({k: round(v / s.agreement_n, 6) for k, v in sorted(s.agreement_sums.items())} if s.agreement_n else {}),
-                    },
-                },
-            }
-        return out
+    def merge(self, other: Tally) -> None:
+        for arm, t in other.arms.items():
+            self.arms.setdefault(arm, ArmTally()).merge(t)
+
+    def empty(self) -> bool:
+        return all(t == ArmTally() for t in self.arms.values())
+
+    def to_dict(self) -> dict:
+        return {a: t.to_dict() for a, t in self.arms.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Tally:
+        tally = cls([])
+        tally.arms = {a: ArmTally.from_dict(t) for a, t in d.items()}
+        return tally

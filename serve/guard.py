@@ -1,4 +1,5 @@
-"""The ASGI guard in front of the app: API-key check and request-body cap, before any body is parsed."""
+"""The ASGI guard in front of the app: API-key check (admin keys for the experiment admin
+endpoints) and request-body cap, before any body is parsed."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import hmac
 from dataclasses import dataclass
 
 from serve.errors import BodyTimeout, RequestTooLarge, Unauthorized, error_response
+from serve.ledger import AdminForbidden
 
 PUBLIC_PATHS = frozenset({"/health", "/ready", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+ADMIN_PATH = "/v1/experiments/"  # POST below it changes the live experiment: admin keys only
 
 
 class GuardMiddleware:
@@ -22,8 +25,16 @@ class GuardMiddleware:
         if scope["type"] != "http" or guard is None:
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
-        if guard.api_keys and not path.endswith(tuple(PUBLIC_PATHS)):
-            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if ADMIN_PATH in path and scope.get("method") != "GET":
+            if not guard.admin_keys:
+                err = AdminForbidden("authorization", "no admin key is configured (admin_keys): experiment changes are refused")
+                return await error_response(err)(scope, receive, send)
+            admin = guard.admin(headers.get("authorization"))
+            if admin is None:
+                return await error_response(AdminForbidden("authorization", "missing or invalid admin Bearer key"))(scope, receive, send)
+            scope.setdefault("state", {})["admin"] = admin  # request.state.admin: who made the change
+        elif guard.api_keys and not path.endswith(tuple(PUBLIC_PATHS)):
             if not guard.authorized(headers.get("authorization")):
                 return await error_response(Unauthorized("authorization", "missing or invalid Bearer API key"))(scope, receive, send)
         declared = next((v for k, v in scope.get("headers", []) if k.lower() == b"content-length"), None)
@@ -69,10 +80,22 @@ class Guard:
     api_keys: tuple[str, ...]
     max_request_bytes: int
     body_read_timeout_s: float = 10.0
+    admin_keys: tuple[tuple[str, str], ...] = ()  # (name, key)
 
     def authorized(self, header: str | None) -> bool:
-        if not header or not header.lower().startswith("bearer "):
-            return False
-        given = header[7:].strip().encode()
-        # Compare against every key (no early exit) so timing says nothing about which matched.
-        return sum(hmac.compare_digest(given, k.encode()) for k in self.api_keys) > 0
+        return _matches(header, self.api_keys) is not None
+
+    def admin(self, header: str | None) -> str | None:
+        """The name of the admin key the header carries, or None."""
+        i = _matches(header, tuple(k for _, k in self.admin_keys))
+        return None if i is None else self.admin_keys[i][0]
+
+
+def _matches(header: str | None, keys: tuple[str, ...]) -> int | None:
+    """Index of the key a `Bearer` header carries. Every key is compared (no early exit), so
+    timing says nothing about which matched."""
+    if not header or not header.lower().startswith("bearer "):
+        return None
+    given = header[7:].strip().encode()
+    hits = [hmac.compare_digest(given, k.encode()) for k in keys]
+    return hits.index(True) if any(hits) else None

@@ -6,6 +6,12 @@ Data flow: request -> protocol model -> `RerankRequest` (validated, media still 
 the shadow arm by a background task started after the primary answer is in hand, so it never
 delays the primary response; its ranking agreement with the primary feeds `/v1/experiments`.
 
+Experiment records (answers, errors, latency, cache use, agreement, the rankings shown) go into
+this replica's `Tally` and, every `experiment.flush_interval_s`, to the `Ledger` deployment,
+which merges them fleet-wide and answers with the live control state (weights, shadow,
+interleaving) the router then follows: admin changes and guardrails reach every ingress replica
+within one interval, without a redeploy.
+
 Errors are raised as typed exceptions and turned into HTTP by `serve.errors.error_response`.
 """
 
@@ -13,13 +19,14 @@ Errors are raised as typed exceptions and turned into HTTP by `serve.errors.erro
 # runtime, and through Serve's class-based ingress string annotations are not resolved.
 import asyncio
 import logging
+import random
 import time
 import uuid
 from dataclasses import replace
 
-from fastapi import FastAPI, Request, Response
+from fastapi import Body, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
@@ -30,17 +37,22 @@ from engine.errors import InputError
 from engine.inputs import RerankItem, ScoreRequest
 from serve.arm_result import ArmResult
 from serve.cache import FeatureCache
-from serve.config import FleetConfig
+from serve.config import FleetConfig, ShadowConfig
 from serve.errors import ArmDown, Draining, classify, error_response, log_if_internal, unwrap
-from serve.experiments import ExperimentStats
+from serve.experiment_page import render as render_experiment
+from serve.experiments import Tally
 from serve.fetch import MediaFetcher
 from serve.guard import Guard, GuardMiddleware
 from serve.health import ArmHealth
+from serve.ledger import ExperimentLedger, Shown, UnknownRequest
 from serve.protocol import (
     ArmCard,
     CohereRerankRequest,
     CohereRerankResponse,
     ErrorResponse,
+    ExperimentStart,
+    FeedbackRequest,
+    FeedbackResponse,
     ImageCacheUse,
     JinaRerankRequest,
     JinaRerankResponse,
@@ -49,17 +61,21 @@ from serve.protocol import (
     RerankOutcome,
     RerankRequest,
     ServingMeta,
+    ShadowChange,
     TEIRerankRequest,
     TEIRerankResponse,
+    WeightsChange,
 )
-from serve.router import ArmRouter, resolve_pin
-from workshop.ranking import agreement
+from serve.router import ArmRouter, InterleavePolicy, NoiseFloorPolicy, ShadowPolicy, resolve_pin
+from workshop.ranking import agreement, ranking, team_draft_interleave
 
 log = logging.getLogger(__name__)
 
 DEADLINE_HEADER = "x-rerank-timeout-ms"  # a client's own deadline, at most limits.request_timeout_s
 PROBE_TIMEOUT_S = 1.0
 READY_QUERY = ScoreRequest.of("readiness probe", ["readiness probe"])
+SHOWN_DEPTH = 100  # positions of a shown ranking kept for joining feedback (clicks past it are rare)
+UNFLUSHED_SHOWN = 20_000  # rankings kept while the ledger cannot be reached
 # The arm's replica is gone (killed, crashed, its node lost): scoring is idempotent, so the request
 # is retried once on another arm, and the arm leaves routed traffic until a probe answers.
 ARM_GONE = (ActorDiedError, ActorUnavailableError, RayActorError, ReplicaUnavailableError, DeploymentUnavailableError, ArmDown)
@@ -113,6 +129,28 @@ def score_request(req: RerankRequest, items: list[RerankItem]) -> ScoreRequest:
     return ScoreRequest(items[0], tuple(items[1:]), req.instruction, req.max_tokens_per_doc)
 
 
+def router_for(control: dict) -> ArmRouter:
+    """The router of a control state from the ledger (`ExperimentLedger.control_state`)."""
+    shadow, floor, inter = control["shadow"], control["noise_floor"], control["interleave"]
+    return ArmRouter(
+        control["weights"],
+        shadow=ShadowPolicy(shadow["arm"], shadow["fraction"]) if shadow else None,
+        noise_floor=NoiseFloorPolicy(floor["arm"], floor["fraction"]),
+        interleave=InterleavePolicy(tuple(inter["arms"]), inter["fraction"]) if inter else None,
+    )
+
+
+def interleaved(a: ArmResult, b: ArmResult, rng: random.Random) -> tuple[list[int], list[int], list[float]]:
+    """Team-draft interleaving of two arms' rankings: (the order, each position's team 0/1, and
+    each document's score from the arm whose team placed it)."""
+    order, teams = team_draft_interleave(ranking(a.scores), ranking(b.scores), [rng.random() < 0.5 for _ in range(len(a.scores) + 1)])
+    scores = list(a.scores)
+    for doc, team in zip(order, teams):
+        if team == 1:
+            scores[doc] = b.scores[doc]
+    return order, teams, scores
+
+
 # --------------------------------------------------------------------------------- HTTP
 
 
@@ -136,15 +174,34 @@ for _exc_type in (RequestValidationError, StarletteHTTPException, InputError, Ex
 _ERRORS = {400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
            408: {"model": ErrorResponse}, 422: {"model": ErrorResponse}, 503: {"model": ErrorResponse},
            504: {"model": ErrorResponse}}  # fmt: skip
+_ADMIN_ERRORS = {400: {"model": ErrorResponse}, 403: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
+                 408: {"model": ErrorResponse}, 422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}  # fmt: skip
+
+
+def _outcome(result: ArmResult, routed_by: str) -> RerankOutcome:
+    return RerankOutcome(
+        scores=result.scores, tokens=result.tokens,
+        meta=ServingMeta(
+            arm=result.arm, precision=result.precision, model=result.model, routed_by=routed_by,
+            image_cache=ImageCacheUse(hits=result.cache_hits, misses=result.cache_misses),
+        ),
+    )  # fmt: skip
 
 
 @serve.deployment(name="Ingress")
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, config: dict, arms: dict[str, DeploymentHandle]):
+    def __init__(self, config: dict, arms: dict[str, DeploymentHandle], ledger: DeploymentHandle):
         self.fleet = FleetConfig.from_dict(config)
-        self.router = ArmRouter.from_config(self.fleet)
-        self.stats = ExperimentStats([a.name for a in self.fleet.arms])
+        self._ledger = ledger
+        # Routing starts from the control state the ledger starts with; the first flush brings
+        # whatever changed since (an admin call, a guardrail, the ramp).
+        self._control_version = 0
+        self._apply_control(ExperimentLedger(self.fleet).control_state())
+        self.tally = Tally([a.name for a in self.fleet.arms])
+        self._shown: list[Shown] = []
+        self._flush_task: asyncio.Task | None = None
+        self._rng = random.Random()
         self._arms = {name: handle.options(method_name="score") for name, handle in arms.items()}
         self._describe = {name: handle.options(method_name="describe") for name, handle in arms.items()}
         self._arm_info: dict[str, dict] = {}
@@ -162,6 +219,7 @@ class Ingress:
         self._draining = False
         app.state.guard = Guard(
             api_keys=tuple(k.get_secret_value() for k in self.fleet.api_keys),
+            admin_keys=tuple((name, k.get_secret_value()) for name, k in self.fleet.admin_keys.items()),
             max_request_bytes=self.fleet.limits.max_request_bytes,
             body_read_timeout_s=self.fleet.limits.body_read_timeout_s,
         )
@@ -187,7 +245,8 @@ class Ingress:
     async def health(self) -> dict:
         """Liveness: the ingress answers (with its rerank requests in flight and whether it is
         draining). Whether arms can score is `/ready`."""
-        return {"status": "ok", "arms": list(self._arms), "in_flight": self._in_flight, "draining": self._draining}
+        return {"status": "ok", "arms": list(self._arms), "in_flight": self._in_flight, "draining": self._draining,
+                "replica": serve.get_replica_context().replica_id.unique_id}  # fmt: skip
 
     @app.get("/ready", responses={503: {"model": ErrorResponse}})
     async def ready(self) -> JSONResponse:
@@ -211,28 +270,107 @@ class Ingress:
 
     @app.get("/v1/models", response_model=ModelList)
     async def models(self) -> ModelList:
-        total = sum(a.weight for a in self.fleet.arms)
-        model_id = (await self._arm_description(self.fleet.arms[0].name)).get("model", self.fleet.model.source)
-        arms = [ArmCard(name=a.name, precision=a.precision, weight=a.weight / total) for a in self.fleet.arms]
+        described = await asyncio.gather(*(self._arm_description(a.name) for a in self.fleet.arms))
+        model_id = described[0].get("model", self.fleet.model.source)
+        arms = [ArmCard(name=a.name, precision=a.precision, weight=self.router.shares[a.name], device=d.get("device_name"))
+                for a, d in zip(self.fleet.arms, described)]  # fmt: skip
         return ModelList(data=[ModelCard(id=model_id, arms=arms)])
 
     @app.get("/v1/experiments")
     async def experiments(self) -> dict:
-        shadow = self.fleet.router.shadow
-        snapshot = self.stats.snapshot()
-        for a in self.fleet.arms:
-            snapshot[a.name] = {"precision": a.precision, "share": self.router.shares[a.name], **snapshot[a.name]}
+        """The running experiment, fleet-wide (every ingress replica's records, merged in the
+        ledger; this replica's are sent first): per arm requests, errors, latency, cache use and
+        agreement, each candidate against the reference arm with 95 % intervals and a verdict,
+        the noise floor, click feedback, interleaving credit, the control state and its change
+        log. `this_replica` holds what only this ingress replica knows (arm health, URL memo)."""
+        await self._flush()
+        results = await self._ledger.results.remote()
         return {
-            "router": {
-                "sticky_header": self.fleet.router.sticky_header,
-                "pin_header": self.fleet.router.pin_header,
-                "shadow": shadow.model_dump() if shadow else None,
-            },
-            "arms": snapshot,
-            "url_memo_cache": self.memo.snapshot(),
-            "health": self.health.snapshot(),
-            "scope": "this ingress replica since it started",
+            **results,
+            "router": {"sticky_header": self.fleet.router.sticky_header, "pin_header": self.fleet.router.pin_header},
+            "this_replica": {"url_memo_cache": self.memo.snapshot(), "health": self.health.snapshot()},
         }
+
+    @app.get("/v1/experiments/page", response_class=HTMLResponse)
+    async def experiment_page(self) -> HTMLResponse:
+        """The running experiment as a readable page: each arm against the reference with its
+        intervals and verdict, the control state, interleaving credit and the change log."""
+        await self._flush()
+        return HTMLResponse(render_experiment(await self._ledger.results.remote()))
+
+    @app.post("/v1/experiments/weights", responses=_ADMIN_ERRORS)
+    async def set_weights(self, change: WeightsChange, request: Request) -> dict:
+        """Admin: change arm weights at runtime (every ingress within one flush interval; sticky
+        users move only as far as the change requires). Returns the new control state."""
+        return await self._admin(self._ledger.set_weights.remote(request.state.admin, change.weights))
+
+    @app.post("/v1/experiments/shadow", responses=_ADMIN_ERRORS)
+    async def set_shadow(self, change: ShadowChange, request: Request) -> dict:
+        """Admin: change the shadow arm and fraction, the noise-floor fraction or the interleaved fraction, at runtime."""
+        return await self._admin(self._ledger.set_shadow.remote(
+            request.state.admin, change.arm, change.fraction, change.noise_floor_fraction, change.interleave_fraction))  # fmt: skip
+
+    @app.post("/v1/experiments/start", responses=_ADMIN_ERRORS)
+    async def start_experiment(self, change: ExperimentStart, request: Request) -> dict:
+        """Admin: archive the running experiment's results and start a new one (counts from zero)."""
+        return await self._admin(self._ledger.start.remote(request.state.admin, change.name))
+
+    @app.post("/v1/experiments/stop", responses=_ADMIN_ERRORS)
+    async def stop_experiment(self, request: Request) -> dict:
+        """Admin: stop the experiment: no more shadowing, interleaving, guardrails or counting;
+        routing keeps the current weights."""
+        return await self._admin(self._ledger.stop.remote(request.state.admin))
+
+    @app.post("/v1/feedback", response_model=FeedbackResponse, responses={**_ERRORS, 404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}})
+    async def feedback(self, body: FeedbackRequest = Body(...)) -> FeedbackResponse:
+        """What the user did with a ranking: the documents clicked (and purchased), joined to the
+        arm that answered (per-arm click NDCG and MRR) or, for an interleaved answer, credited to
+        each arm's team. 404 for an unknown or forgotten request id, 409 when already given."""
+        await self._flush()  # this replica's own recent answers must be joinable
+        try:
+            joined = await self._ledger.feedback.remote(body.request_id, body.clicked, body.purchased)
+        except Exception as e:
+            if not isinstance(unwrap(e), UnknownRequest):
+                raise
+            # Another ingress replica may have answered it within its last flush interval.
+            await asyncio.sleep(2 * self.fleet.experiment.flush_interval_s)
+            joined = await self._ledger.feedback.remote(body.request_id, body.clicked, body.purchased)
+        return FeedbackResponse(**joined)
+
+    async def _admin(self, call) -> dict:
+        control = await call
+        self._apply_control(control)
+        return control
+
+    # ------------------------------------------------------------------ experiment records
+
+    def _apply_control(self, control: dict) -> None:
+        if control["version"] != self._control_version:
+            self.router = router_for(control)
+            self._control_version = control["version"]
+
+    async def _flush(self) -> None:
+        """Hand this replica's records to the ledger and follow its control state. If the ledger
+        cannot be reached, the records stay here for the next flush (rankings up to a bound)."""
+        tally, shown = self.tally, self._shown
+        self.tally, self._shown = Tally(list(self._arms)), []
+        try:
+            control = await self._ledger.flush.remote(None if tally.empty() else tally.to_dict(), shown)
+        except Exception as e:  # noqa: BLE001 - the experiment must never break serving
+            log.warning("cannot reach the experiment ledger: %s", type(unwrap(e)).__name__)
+            tally.merge(self.tally)
+            self.tally = tally
+            self._shown = (shown + self._shown)[-UNFLUSHED_SHOWN:]
+            return
+        self._apply_control(control)
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.fleet.experiment.flush_interval_s)
+            await self._flush()
+
+    def _record_shown(self, request_id: str, arms: tuple[str, ...], order: list[int], teams: list[int], n: int) -> None:
+        self._shown.append(Shown(request_id, arms, tuple(order[:SHOWN_DEPTH]), tuple(teams[:SHOWN_DEPTH]), n))
 
     # ------------------------------------------------------------------ the one rerank path
 
@@ -268,28 +406,58 @@ class Ingress:
 
         items = await self.fetcher.resolve_items([req.query, *req.documents])
         job = score_request(req, items)
+        if decision.interleave_with is not None:
+            outcome = await self._interleaved(decision, job, deadline, started, request_id)
+        else:
+            outcome = await self._routed(decision, job, deadline, started, request_id, req.top_n)
+        result = outcome.meta
+        response.headers["x-rerank-arm"] = result.arm
+        response.headers["x-rerank-precision"] = result.precision
+        response.headers["x-rerank-routed-by"] = result.routed_by
+        return shape.build(req, outcome, request_id)
+
+    async def _routed(self, decision, job: ScoreRequest, deadline: float, started: float, request_id: str, top_n: int | None) -> RerankOutcome:
         try:
             result, decision = await self._call_with_failover(decision, job, deadline)
         except Exception as e:
-            self.stats.record_error(decision.arm, error_response(e).status_code)
+            self.tally.record_error(decision.arm, error_response(e).status_code)
             raise
         elapsed = time.perf_counter() - started
-        self.stats.record_answer(decision.arm, decision.reason, elapsed, result)
+        self.tally.record_answer(decision.arm, decision.reason, elapsed, result)
         self.metrics.latency.observe(elapsed, tags={"arm": decision.arm})
         if decision.shadow_arm is not None:
             self._start_shadow(decision.shadow_arm, decision.arm, job, result.scores)
+        outcome = _outcome(result, decision.reason)
+        self._record_shown(request_id, (result.arm,), outcome.ranked(top_n), [], len(result.scores))
+        return outcome
 
-        outcome = RerankOutcome(
-            scores=result.scores, tokens=result.tokens,
-            meta=ServingMeta(
-                arm=result.arm, precision=result.precision, model=result.model, routed_by=decision.reason,
-                image_cache=ImageCacheUse(hits=result.cache_hits, misses=result.cache_misses),
-            ),
+    async def _interleaved(self, decision, job: ScoreRequest, deadline: float, started: float, request_id: str) -> RerankOutcome:
+        """Both arms score the request; the answer is their rankings team-draft interleaved. If
+        one arm fails, the other's answer is served as a plain failover answer."""
+        arms = (decision.arm, decision.interleave_with)
+        results = await asyncio.gather(*(self._call_arm(a, job, deadline) for a in arms), return_exceptions=True)
+        elapsed = time.perf_counter() - started
+        for arm, r in zip(arms, results):
+            if isinstance(r, BaseException):
+                self.tally.record_error(arm, error_response(r).status_code)
+            else:
+                self.tally.record_answer(arm, "interleaved", elapsed, r)
+                self.metrics.latency.observe(elapsed, tags={"arm": arm})
+        ok = [r for r in results if not isinstance(r, BaseException)]
+        if not ok:
+            raise results[0]
+        if len(ok) == 1:
+            outcome = _outcome(ok[0], "failover")
+            self._record_shown(request_id, (ok[0].arm,), outcome.ranked(None), [], len(ok[0].scores))
+            return outcome
+        a, b = results
+        order, teams, scores = interleaved(a, b, self._rng)
+        meta = ServingMeta(
+            arm=f"{a.arm}+{b.arm}", precision=f"{a.precision}+{b.precision}", model=a.model, routed_by="interleaved",
+            image_cache=ImageCacheUse(hits=a.cache_hits + b.cache_hits, misses=a.cache_misses + b.cache_misses),
         )  # fmt: skip
-        response.headers["x-rerank-arm"] = result.arm
-        response.headers["x-rerank-precision"] = result.precision
-        response.headers["x-rerank-routed-by"] = decision.reason
-        return shape.build(req, outcome, request_id)
+        self._record_shown(request_id, arms, order, teams, len(scores))
+        return RerankOutcome(scores=scores, tokens=a.tokens + b.tokens, meta=meta, order=order)
 
     def _time_budget(self, header: str | None) -> float:
         """Seconds this request may take: the client's `x-rerank-timeout-ms`, at most the configured limit."""
@@ -362,9 +530,12 @@ class Ingress:
         self._gone_event(arm).set()
 
     def _ensure_probing(self) -> None:
-        """Start the background probe of arms out of routed traffic (needs the running loop)."""
+        """Start the background probe of arms out of routed traffic and the experiment flush
+        (they need the running loop)."""
         if self._probe_task is None or self._probe_task.done():
             self._probe_task = asyncio.get_running_loop().create_task(self._probe_loop())
+        if self._flush_task is None or self._flush_task.done():
+            self._flush_task = asyncio.get_running_loop().create_task(self._flush_loop())
 
     async def _probe_loop(self) -> None:
         interval = self.fleet.router.probe_interval_s
@@ -406,8 +577,8 @@ class Ingress:
             return f"cannot score: {type(unwrap(e)).__name__}"
 
     def _start_shadow(self, arm: str, primary: str, job: ScoreRequest, primary_scores: list[float]) -> None:
-        if len(self._shadow_tasks) >= self.fleet.router.shadow.max_in_flight:
-            self.stats.record_shadow_failure(arm, dropped=True)  # shadowing must not pile up under load
+        if len(self._shadow_tasks) >= self._shadow_settings.max_in_flight:
+            self.tally.record_shadow_failure(arm, dropped=True)  # shadowing must not pile up under load
             self.metrics.shadow_failures.inc(tags={"arm": arm, "reason": "dropped"})
             return
         task = asyncio.get_running_loop().create_task(self._shadow(arm, primary, job, primary_scores))
@@ -417,15 +588,20 @@ class Ingress:
     async def _shadow(self, arm: str, primary: str, job: ScoreRequest, primary_scores: list[float]) -> None:
         try:
             result = await self._call_arm(arm, job)
-            k = self.fleet.router.shadow.top_k if self.fleet.router.shadow else 10
-            scores = agreement(primary_scores, result.scores, k)
-            self.stats.record_shadow(arm, primary, scores, result)
+            scores = agreement(primary_scores, result.scores, self._shadow_settings.top_k)
+            self.tally.record_shadow(arm, primary, scores, result)
             for name, value in scores.items():
                 self.metrics.shadow_agreement.observe(value, tags={"arm": arm, "metric": name})
         except Exception as e:  # noqa: BLE001 - a shadow failure is counted, never surfaced
             log.warning("shadow call to arm %s failed: %s", arm, type(e).__name__)
-            self.stats.record_shadow_failure(arm)
+            self.tally.record_shadow_failure(arm)
             self.metrics.shadow_failures.inc(tags={"arm": arm, "reason": "error"})
+
+    @property
+    def _shadow_settings(self) -> ShadowConfig:
+        """top_k and max_in_flight of mirrored calls (the defaults when the config has no shadow
+        and one was set at runtime, or for the noise floor)."""
+        return self.fleet.router.shadow or ShadowConfig(arm=self.fleet.reference_arm)
 
     async def _arm_description(self, arm: str) -> dict:
         if arm not in self._arm_info:

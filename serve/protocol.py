@@ -324,7 +324,7 @@ class ServingMeta(BaseModel):
     arm: str = Field(..., description="Arm that answered.")
     precision: str = Field(..., description="Numeric precision of that arm.")
     model: str = Field(..., description="Model id the arm serves.")
-    routed_by: str = Field(..., description="Why this arm: pinned, sticky or weighted.")
+    routed_by: str = Field(..., description="Why this arm: pinned, sticky, weighted, failover or interleaved (two arms, `arm` is a+b).")
     image_cache: ImageCacheUse = Field(default_factory=ImageCacheUse, description="Image-feature cache use.")
 
 
@@ -334,9 +334,10 @@ class RerankOutcome(BaseModel):
     scores: list[float] = Field(..., description="Sigmoid score per document, in request order.")
     meta: ServingMeta = Field(..., description="Which arm answered and how.")
     tokens: int = Field(0, description="Tokens the decoder ran for this request (a shared prefix counted once).")
+    order: list[int] | None = Field(None, description="The documents best first when not by score (an interleaved answer).")
 
     def ranked(self, top_n: int | None) -> list[int]:
-        order = sorted(range(len(self.scores)), key=lambda i: -self.scores[i])
+        order = self.order if self.order is not None else sorted(range(len(self.scores)), key=lambda i: -self.scores[i])
         return order if top_n is None else order[:top_n]
 
 
@@ -449,7 +450,8 @@ class ModelCard(BaseModel):
 class ArmCard(BaseModel):
     name: str = Field(..., description="Arm name.")
     precision: str = Field(..., description="Numeric precision.")
-    weight: float = Field(..., description="Normalised traffic share.")
+    weight: float = Field(..., description="Normalised traffic share (live: after runtime changes, guardrails and the ramp).")
+    device: str | None = Field(None, description="What the arm's replicas run on, e.g. 'NVIDIA L4' or 'cpu'.")
 
 
 class ModelList(BaseModel):
@@ -458,3 +460,39 @@ class ModelList(BaseModel):
 
 
 ModelCard.model_rebuild()
+
+
+# ------------------------------------------------------------------ experiments and feedback
+
+DocumentIndices = Annotated[list[Annotated[int, Field(strict=True, ge=0)]], Field(max_length=1000)]
+
+
+class FeedbackRequest(_Body):
+    request_id: str = Field(..., min_length=1, max_length=200, description="The id of the rerank response (Cohere `id`, or its x-request-id header).")
+    clicked: DocumentIndices = Field(default_factory=list, description="Indices (in the request) of the documents the user clicked.")
+    purchased: DocumentIndices | None = Field(None, description="Indices of documents that led to a purchase (each also counts as a click).")
+
+
+class FeedbackResponse(BaseModel):
+    request_id: str = Field(..., description="The request the feedback joined to.")
+    arms: list[str] = Field(..., description="The arm that answered it (two for an interleaved answer).")
+    credit: dict[str, int] | None = Field(None, description="Interleaved answers: clicks credited to each arm's team.")
+
+
+class WeightsChange(_Body):
+    weights: dict[str, Annotated[float, Field(ge=0, allow_inf_nan=False)]] = Field(
+        ..., min_length=1, description="New relative weights of some or all arms (a tripped arm given a weight > 0 is back in routed traffic)."
+    )
+
+
+class ShadowChange(_Body):
+    """Mirrored and interleaved traffic."""
+
+    arm: str | None = Field(..., description="Arm that receives mirrored traffic; null stops shadowing.")
+    fraction: float | None = Field(None, ge=0, le=1, description="Share of requests mirrored; unchanged when left out.")
+    noise_floor_fraction: float | None = Field(None, ge=0, le=1, description="Share of the reference arm's requests it scores again; unchanged when left out.")
+    interleave_fraction: float | None = Field(None, ge=0, le=1, description="Share of unpinned requests answered interleaved (router.interleave's arms); unchanged when left out.")
+
+
+class ExperimentStart(_Body):
+    name: str = Field(..., min_length=1, max_length=100, description="Name of the new experiment (the running one's results are archived).")

@@ -1,9 +1,13 @@
 """Which arm answers a request, and whether a second arm shadows it. Pure logic: no Ray, no I/O.
 
-Precedence: an explicit pin (header or body field) wins, then a sticky key, then a weighted
-random draw. Sticky assignment hashes the key with SHA-256 onto the cumulative weights, so it
-is deterministic across processes and restarts and stable while the weights are unchanged.
-Shadowing mirrors a fraction of requests to the shadow arm, never to the arm that answered.
+Precedence: an explicit pin (header or body field) wins, then interleaving (a sampled request is
+answered by two arms' rankings merged, team-draft), then a sticky key, then a weighted random
+draw. Sticky assignment is weighted rendezvous hashing: each arm draws an exponential variable
+from SHA-256(key, arm) and the smallest draw / weight wins, so it is deterministic across
+processes and restarts, and a weight change moves only the users it must (moving 10 % of the
+traffic moves about 10 % of users; an arm taken out moves only its own users).
+Shadowing mirrors a fraction of requests to the shadow arm, never to the arm that answered; the
+noise floor mirrors a fraction of the reference arm's requests to the reference arm itself.
 Arms the ingress sees as down (`serve.health`) take no routed traffic: a sticky or weighted
 request whose arm is down goes to the others by their weights ("failover"); a pin is kept (the
 ingress refuses it at once), and a down arm is never a shadow.
@@ -11,8 +15,8 @@ ingress refuses it at once), and a down arm is never a shadow.
 
 from __future__ import annotations
 
-import bisect
 import hashlib
+import math
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,7 +24,7 @@ from typing import Literal
 
 from engine.errors import InputError
 
-RouteReason = Literal["pinned", "sticky", "weighted", "failover"]
+RouteReason = Literal["pinned", "sticky", "weighted", "failover", "interleaved"]
 
 
 @dataclass(frozen=True)
@@ -28,11 +32,26 @@ class RouteDecision:
     arm: str
     reason: RouteReason
     shadow_arm: str | None = None
+    interleave_with: str | None = None  # reason "interleaved": the second arm whose ranking is merged in
 
 
 @dataclass(frozen=True)
 class ShadowPolicy:
     arm: str
+    fraction: float
+
+
+@dataclass(frozen=True)
+class NoiseFloorPolicy:
+    """Mirror `fraction` of the reference arm's routed requests to the reference arm itself."""
+
+    arm: str
+    fraction: float
+
+
+@dataclass(frozen=True)
+class InterleavePolicy:
+    arms: tuple[str, str]
     fraction: float
 
 
@@ -42,6 +61,8 @@ class ArmRouter:
         weights: Mapping[str, float],
         *,
         shadow: ShadowPolicy | None = None,
+        noise_floor: NoiseFloorPolicy | None = None,
+        interleave: InterleavePolicy | None = None,
         rng: random.Random | None = None,
         salt: str = "",
     ):
@@ -52,28 +73,32 @@ class ArmRouter:
         total = float(sum(weights.values()))
         if total <= 0:
             raise ValueError("at least one weight must be > 0")
-        if shadow is not None and shadow.arm not in weights:
-            raise ValueError(f"shadow arm {shadow.arm!r} is not an arm")
+        for policy in (shadow, noise_floor):
+            if policy is not None and policy.arm not in weights:
+                raise ValueError(f"shadow arm {policy.arm!r} is not an arm")
+        if interleave is not None and not set(interleave.arms) <= set(weights):
+            raise ValueError(f"interleaved arms {interleave.arms} are not all arms")
         self.arms: tuple[str, ...] = tuple(weights)
         self.shares: dict[str, float] = {a: weights[a] / total for a in self.arms}
         # Arms with zero weight take no routed traffic (pins and shadow still reach them).
         self._routable = [a for a in self.arms if weights[a] > 0]
-        cumulative, acc = [], 0.0
-        for a in self._routable:
-            acc += weights[a] / total
-            cumulative.append(acc)
-        cumulative[-1] = 1.0  # float sums may fall short of 1
-        self._cumulative = cumulative
         self.shadow = shadow
+        self.noise_floor = noise_floor
+        self.interleave = interleave
         self._rng = rng or random.Random()
         self._salt = salt
 
     @classmethod
     def from_config(cls, fleet, *, rng: random.Random | None = None) -> ArmRouter:
         """From a `FleetConfig`: arm weights in config order, shadow policy from `router.shadow`."""
-        shadow_cfg = fleet.router.shadow
-        shadow = ShadowPolicy(arm=shadow_cfg.arm, fraction=shadow_cfg.fraction) if shadow_cfg else None
-        return cls({a.name: a.weight for a in fleet.arms}, shadow=shadow, rng=rng)
+        shadow_cfg, inter = fleet.router.shadow, fleet.router.interleave
+        return cls(
+            {a.name: a.weight for a in fleet.arms},
+            shadow=ShadowPolicy(arm=shadow_cfg.arm, fraction=shadow_cfg.fraction) if shadow_cfg else None,
+            noise_floor=NoiseFloorPolicy(fleet.reference_arm, fleet.experiment.noise_floor_fraction),
+            interleave=InterleavePolicy(tuple(inter.arms), inter.fraction) if inter else None,
+            rng=rng,
+        )
 
     def route(
         self,
@@ -87,6 +112,9 @@ class ArmRouter:
             if pin not in self.arms:
                 raise InputError(pin_field, f"unknown arm {pin!r}; arms are {list(self.arms)}")
             arm, reason = pin, "pinned"
+        elif self._interleaves(down):
+            first, second = self.interleave.arms if self._rng.random() < 0.5 else self.interleave.arms[::-1]
+            return RouteDecision(arm=first, reason="interleaved", interleave_with=second)
         elif sticky_key is not None:
             arm, reason = self.sticky_arm(sticky_key), "sticky"
         else:
@@ -104,18 +132,36 @@ class ArmRouter:
         return self._rng.choices(others, weights=weights)[0]
 
     def sticky_arm(self, key: str) -> str:
-        """The arm a sticky key maps to: a function of the key and the weights only."""
-        digest = hashlib.sha256((self._salt + "\x00" + key).encode("utf-8")).digest()
-        u = int.from_bytes(digest[:8], "big") / 2**64  # uniform in [0, 1)
-        return self._pick(u)
+        """The arm a sticky key maps to: a function of the key and the weights only (weighted
+        rendezvous hashing: the smallest Exp(1) draw of SHA-256(key, arm) divided by the weight)."""
+        return min(self._routable, key=lambda arm: -math.log(self._unit(key, arm)) / self.shares[arm])
+
+    def _unit(self, key: str, arm: str) -> float:
+        digest = hashlib.sha256(f"{self._salt}\x00{key}\x00{arm}".encode()).digest()
+        return (int.from_bytes(digest[:8], "big") + 1) / (2**64 + 1)  # uniform in (0, 1)
 
     def _pick(self, u: float) -> str:
-        return self._routable[min(bisect.bisect_right(self._cumulative, u), len(self._routable) - 1)]
+        acc = 0.0
+        for arm in self._routable:
+            acc += self.shares[arm]
+            if u < acc:
+                return arm
+        return self._routable[-1]  # float sums may fall short of 1
+
+    def _interleaves(self, down: frozenset[str]) -> bool:
+        p = self.interleave
+        return p is not None and p.fraction > 0 and not set(p.arms) & down and self._rng.random() < p.fraction
 
     def _shadow_for(self, primary: str, down: frozenset[str] = frozenset()) -> str | None:
+        u = self._rng.random()
+        floor = self.noise_floor
+        if floor is not None and floor.arm == primary and floor.fraction > 0:
+            if u < floor.fraction:
+                return primary
+            u -= floor.fraction
         if self.shadow is None or self.shadow.fraction <= 0 or self.shadow.arm == primary or self.shadow.arm in down:
             return None
-        return self.shadow.arm if self._rng.random() < self.shadow.fraction else None
+        return self.shadow.arm if u < self.shadow.fraction else None
 
 
 def resolve_pin(header_value: str | None, body_value: str | None, header_name: str) -> tuple[str | None, str]:

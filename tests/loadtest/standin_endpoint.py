@@ -182,7 +182,7 @@ class StandinEndpoint:
                 arms[a] = {
                     "precision": a, "share": self.weights[a] / total, "requests": self.answered[a],
                     "errors": {"client": 0, "server": self.failed[a]}, "routed_by": dict(self.routed_by[a]),
-                    "latency_ms": {"window": len(self.latencies_s[a]), "p50": None, "p95": None, "p99": None},
+                    "latency_ms": {"n": len(self.latencies_s[a]), "p50": None, "p95": None, "p99": None},
                     "image_cache": {"hits": self.cache_hits[a], "misses": self.cache_misses[a],
                                     "hit_rate": round(self.cache_hits[a] / looked, 4) if looked else None},
                     "shadow": {"requests": len(comps), "errors": 0, "dropped": 0,

@@ -118,3 +118,13 @@ def test_names_shared_by_locustfile_runner_and_report():
     assert arm_of_request_name(request_name("int8-awq")) == "int8-awq"
     assert arm_of_request_name("Aggregated") is None
     assert pinned_class_name("int8-awq") == "Pinned_int8_awq"
+
+
+def test_capacity_is_the_best_step_within_the_slo():
+    from loadtest.capacity import Step, capacity_of
+
+    steps = [Step(1, 50, 0, 5.0, 100.0, 180.0), Step(2, 90, 0, 9.0, 150.0, 240.0), Step(4, 95, 0, 9.5, 300.0, 520.0)]
+    assert capacity_of(steps, 500).users == 2  # 4 users: p95 over the SLO
+    assert capacity_of(steps, 600).users == 4
+    failing = [Step(1, 100, 5, 10.0, 50.0, 90.0)]  # 5 % failed: not within
+    assert capacity_of(failing, 500) is None and capacity_of([], 500) is None

@@ -41,3 +41,26 @@ def test_quick_pinned_run_against_the_local_app(fleet_app, tmp_path):
     assert n + deltas["nf4"].shadow_failed == stats["rerank[fp32]"].requests
     assert all(-1.0 <= v <= 1.0 for v in values)
     assert json.loads((out / "run.json").read_text())["killed"] is False
+
+
+def test_capacity_sweep_against_the_local_app(fleet_app, tmp_path):
+    """Two load steps on arm fp32 with real Locust: each step's figures come from its own Locust
+    run, the capacity is one of them, and the JSON is what the planner reads."""
+    from cli import main
+    from placement.throughput import CapacityReport
+
+    out = tmp_path / "capacity"
+    argv = ["loadtest", "--capacity", "--host", fleet_app, "--arms", "fp32", "--user-steps", "1,2", "--duration", "3",
+            "--slo-ms", "10000", "--docs", "4", "--pool-size", "4", "--stop-timeout", "2", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads((out / "capacity.json").read_text())
+    (arm,) = report["arms"]
+    assert arm["arm"] == "fp32" and arm["precision"] == "fp32" and arm["device"] == "cpu"
+    assert [s["users"] for s in arm["steps"]] == [1, 2]
+    for step in arm["steps"]:
+        locust = read_stats_csv(final_or_periodic(out / "fp32" / f"users-{step['users']}", "stats"))["rerank[fp32]"]
+        assert step["requests"] == locust.requests > 0 and step["failures"] == 0
+    assert arm["capacity_rps"] == max(s["rps"] for s in arm["steps"]) > 0
+    assert arm["pairs_per_s"] == arm["capacity_rps"] * 4
+    assert CapacityReport.model_validate(report).arms[0].pairs_per_s == arm["pairs_per_s"]
+    assert (out / "capacity.png").stat().st_size > 0

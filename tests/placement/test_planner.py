@@ -242,3 +242,31 @@ def test_a_vllm_arm_is_held_to_the_share_vllm_reserves_and_renders_its_backend(q
     tight = plan_placement(inventory(arms=[{"precision": "fp16", "backend": "vllm", "vllm_memory_fraction": 0.6}, {"precision": "nf4"}]), qwen3_vl_8b)
     rejection = tight.assessment("fp16", "l4").rejection
     assert rejection is not None and "vLLM's gpu_memory_utilization 0.6" in rejection
+
+
+def test_load_tested_capacity_replaces_other_figures_for_its_gpu(qwen3_vl_8b, tmp_path):
+    """A `loadtest --capacity` report (written by the load tester itself) is preferred over a
+    `bench engine` figure and the roofline on the GPU it was measured on, and says so."""
+    import json
+
+    from loadtest.capacity import write_outputs
+    from placement.throughput import CapacityReport
+
+    steps = [{"users": 1, "requests": 40, "failures": 0, "rps": 2.0, "p50_ms": 400.0, "p95_ms": 450.0},
+             {"users": 2, "requests": 60, "failures": 0, "rps": 3.0, "p50_ms": 600.0, "p95_ms": 800.0}]  # fmt: skip
+    written = {
+        "schema": "rerank-fleet capacity/1", "model": "Qwen/Qwen3-VL-Reranker-8B", "slo_p95_ms": 1000.0, "docs_per_request": 20,
+        "image_share": 0.0, "step_duration_s": 30, "user_steps": [1, 2], "measured_at": "2026-12-02T00:00:00+00:00", "machine": {},
+        "arms": [{"arm": "bf16-l4", "precision": "bf16", "device": "NVIDIA L4", "capacity_rps": 3.0, "pairs_per_s": 60.0,
+                  "at_users": 2, "p95_ms_at_capacity": 800.0, "steps": steps}],
+    }  # fmt: skip
+    write_outputs(written, tmp_path)
+    capacity = CapacityReport.model_validate(json.loads((tmp_path / "capacity.json").read_text()))
+    bench = BenchEngineReport.model_validate(
+        {"model": "Qwen/Qwen3-VL-Reranker-8B", "device": "NVIDIA L4", "rows": [{"precision": "bf16", "batch_size": 32, "pairs_per_s": 9.0}]}
+    )
+    report = plan_placement(inventory(arms=[{"precision": "bf16"}]), qwen3_vl_8b, bench=[bench], capacity=[capacity])
+    on_l4 = report.assessment("bf16", "l4").throughput
+    assert on_l4.source == "measured" and on_l4.pairs_per_s == 60.0 and "loadtest --capacity" in on_l4.detail
+    assert report.assessment("bf16", "t4").throughput.source == "roofline"  # measured on an L4 only
+    assert (tmp_path / "capacity.png").stat().st_size > 0 and "| bf16-l4 | bf16 | NVIDIA L4 | 3.00 | 60.0 |" in (tmp_path / "capacity.md").read_text()

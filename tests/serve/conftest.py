@@ -343,3 +343,41 @@ def vllm_app(ray_serve, shared_redis_url, tiny_model):
         app.client.close()
         serve.delete("vllm")
         _delete_keys(redis_url, "rerank:*")
+
+
+@pytest.fixture(scope="module")
+def random_model(tiny_model, tmp_path_factory):
+    """The tiny model's folder with every weight replaced by noise of the same shape and scale:
+    the same architecture and tokenizer, rankings unrelated to the trained model's."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path_factory.mktemp("random-model") / "model"
+    shutil.copytree(tiny_model, out)
+    gen = torch.Generator().manual_seed(7)
+    for f in out.glob("*.safetensors"):
+        tensors = load_file(f)
+        noisy = {k: (torch.randn(v.shape, generator=gen) * (v.float().std() if v.numel() > 1 else 1.0)).to(v.dtype)
+                 for k, v in tensors.items()}  # fmt: skip
+        save_file(noisy, f, metadata={"format": "pt"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def exp_app(ray_serve, tiny_model, random_model):
+    """Arms ref (the tiny model) and rand (random weights), two ingress replicas, an admin key,
+    interleaving configured at 0 %, guardrails judging Spearman agreement after 10 comparisons."""
+    ref = _arm("ref", 0.5) | {"precision": "fp32", "cost_per_replica_hour": 2.0}
+    rand = _arm("rand", 0.5) | {"precision": "fp32", "checkpoint": str(random_model), "cost_per_replica_hour": 1.0}
+    for a in (ref, rand):
+        a["ray_actor_options"] = {"num_cpus": 0.4}
+    fleet = _fleet(
+        tiny_model, [ref, rand], None,
+        ingress={"num_replicas": 2},
+        admin_keys={"ops": "admin-secret"},
+        router={"interleave": {"arms": ["ref", "rand"], "fraction": 0.0}},
+        experiment={"name": "rand-vs-ref", "noise_floor_fraction": 0.0, "flush_interval_s": 0.2,
+                    "guardrails": {"min_agreement": 0.9, "min_requests": 10}},
+    )  # fmt: skip
+    with _deployed(ray_serve, "experiments", "/exp", fleet) as app:
+        yield app

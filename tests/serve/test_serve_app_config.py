@@ -55,7 +55,7 @@ def test_arm_options_follow_the_config():
     # The ingress admits twice what every arm replica can hold and queue: (32 + 32) x 2 fp32 replicas
     # + (32 + 32) x 4 nf4 replicas at most; past that Serve's proxy refuses (64 queued).
     ingress = ingress_options(fleet)
-    assert ingress == {"name": "Ingress", "ray_actor_options": INGRESS_ACTOR_OPTIONS, "max_ongoing_requests": 2 * (64 * 2 + 64 * 4),
+    assert ingress == {"name": "Ingress", "num_replicas": 1, "ray_actor_options": INGRESS_ACTOR_OPTIONS, "max_ongoing_requests": 2 * (64 * 2 + 64 * 4),
                        "max_queued_requests": 64, "graceful_shutdown_timeout_s": fleet.http.drain_grace_s}  # fmt: skip
     assert arm_options(fleet.arms[0], 12.5)["graceful_shutdown_timeout_s"] == 12.5  # Serve drains a stopping replica
     small = FleetConfig.from_dict({"arms": [{"name": "a", "precision": "fp32", "max_ongoing_requests": 4}]})

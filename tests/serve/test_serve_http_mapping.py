@@ -1,5 +1,5 @@
 """The one exception -> HTTP mapping (`serve.errors`), the API-key / body-size guard
-(`serve.guard`, in-process ASGI), the experiment statistics (`serve.experiments`) and the
+(`serve.guard`, in-process ASGI) and the
 request -> engine request glue (`serve.ingress.score_request`, the arm's digest-only image
 download). No Ray cluster needed."""
 
@@ -22,7 +22,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.errors import ImageDecodeError, ImageTooLarge, InputError
 from engine.inputs import ImageInput, RerankItem, ScoreRequest, sha256_hex
-from serve.arm_result import ArmResult
 from serve.cache import FeatureCache
 from serve.config import CacheConfig, LimitsConfig
 from serve.errors import (
@@ -40,7 +39,6 @@ from serve.errors import (
     error_response,
     log_if_internal,
 )
-from serve.experiments import ExperimentStats, percentile
 from serve.fetch import MediaFetcher
 from serve.guard import Guard, GuardMiddleware
 from serve.ingress import score_request
@@ -175,32 +173,6 @@ def test_guard_api_keys_and_body_cap():
     assert ok.status_code == 200 and health.status_code == 200
     assert big.status_code == 413 and big.json()["error"]["field"] == "body"
     assert streamed.status_code == 413
-
-
-def test_percentiles_and_experiment_snapshot():
-    assert percentile([], 50) is None
-    values = [float(i) for i in range(1, 101)]
-    assert (percentile(values, 50), percentile(values, 95), percentile(values, 99)) == (50.0, 95.0, 99.0)
-    stats = ExperimentStats(["fp32", "nf4"])
-    for i in range(10):
-        r = ArmResult([0.5], "fp32", "fp32", "m", cache_hits=i % 2, cache_misses=1 - i % 2, batch_requests=2,
-                      cache_events={"hit_local": 1} if i == 0 else {})  # fmt: skip
-        stats.record_answer("fp32", "weighted", 0.01 * (i + 1), r)
-    stats.record_error("fp32", 400)
-    stats.record_error("fp32", 503)
-    shadow = ArmResult([0.4], "nf4", "nf4", "m", 0, 1, 1)
-    stats.record_shadow("nf4", "fp32", {"spearman": 1.0, "ndcg@10": 1.0, "top10_overlap": 1.0}, shadow)
-    stats.record_shadow("nf4", "fp32", {"spearman": 0.5, "ndcg@10": 0.9, "top10_overlap": 0.8}, shadow)
-    stats.record_shadow_failure("nf4")
-    snap = stats.snapshot()
-    fp32 = snap["fp32"]
-    assert fp32["requests"] == 10 and fp32["errors"] == {"client": 1, "server": 1}
-    assert fp32["latency_ms"] == {"window": 10, "p50": 50.0, "p95": 100.0, "p99": 100.0}
-    assert fp32["image_cache"]["hit_rate"] == 0.5 and fp32["image_cache"]["events"] == {"hit_local": 1}
-    assert fp32["mean_batch_requests"] == 2
-    agreement = snap["nf4"]["shadow"]["agreement"]
-    assert agreement["n"] == 2 and agreement["spearman"] == 0.75 and agreement["top10_overlap"] == 0.9
-    assert agreement["against"] == {"fp32": 2} and snap["nf4"]["shadow"]["errors"] == 1
 
 
 def test_score_request_keeps_the_query_documents_instruction_and_each_images_field():

@@ -1,0 +1,263 @@
+"""Experiment statistics and the ledger's decisions, pure (milliseconds): mergeable latency
+histograms and moments checked against numpy/scipy on the raw samples, the confidence intervals'
+coverage, rank-biased overlap and team-draft interleaving, and the ledger's guardrails, ramp,
+feedback join and verdicts."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from engine.errors import InputError
+from serve.arm_result import ArmResult
+from serve.config import FleetConfig
+from serve.experiment_page import render as render_experiment
+from serve.experiments import Tally
+from serve.ledger import AlreadyRecorded, ExperimentLedger, Shown, UnknownRequest
+from serve.statistics import LatencyHistogram, Moments, mean_difference_ci, quantile_ratio_ci, samples_needed, sign_test_p, wilson
+from workshop.ranking import click_ndcg, rank_biased_overlap, reciprocal_rank, team_draft_interleave
+
+# ------------------------------------------------------------------------------- statistics
+
+
+def test_histogram_quantiles_are_within_one_percent_and_merge_exactly():
+    rng = np.random.default_rng(1)
+    samples = rng.lognormal(mean=-3, sigma=0.8, size=5000)
+    parts = [LatencyHistogram() for _ in range(3)]
+    for i, x in enumerate(samples):
+        parts[i % 3].add(float(x))
+    merged = LatencyHistogram()
+    for p in parts:
+        merged.merge(p)
+    whole = LatencyHistogram()
+    for x in samples:
+        whole.add(float(x))
+    assert merged.counts == whole.counts and merged.n == 5000  # merging loses nothing
+    for q in (0.5, 0.95, 0.99):
+        exact = float(np.quantile(samples, q, method="inverted_cdf"))
+        assert abs(merged.quantile(q) / exact - 1) <= 0.0101
+    assert LatencyHistogram.from_dict(merged.to_dict()).counts == merged.counts
+    slow, n = merged.share_over(0.1)
+    assert n == 5000 and abs(slow / n - float(np.mean(samples > 0.1))) < 0.01
+
+
+def test_moments_match_scipy_and_merge():
+    rng = np.random.default_rng(2)
+    xs = rng.normal(0.9, 0.05, size=200)
+    a, b = Moments(), Moments()
+    for i, x in enumerate(xs):
+        (a if i % 2 else b).add(float(x))
+    a.merge(b)
+    lo, hi = sps.t.interval(0.95, len(xs) - 1, loc=xs.mean(), scale=sps.sem(xs))
+    assert a.n == 200 and a.mean == pytest.approx(xs.mean()) and a.ci() == pytest.approx((lo, hi))
+
+
+def test_intervals_cover_the_truth_about_95_percent_of_the_time():
+    rng = np.random.default_rng(3)
+    wilson_hits = welch_hits = 0
+    for _ in range(400):
+        k = int(rng.binomial(80, 0.1))
+        lo, hi = wilson(k, 80)
+        wilson_hits += lo <= 0.1 <= hi
+        a, b = Moments(), Moments()
+        for x in rng.normal(0.9, 0.1, 30):
+            a.add(float(x))
+        for x in rng.normal(0.85, 0.2, 40):
+            b.add(float(x))
+        lo, hi = mean_difference_ci(a, b)
+        welch_hits += lo <= 0.05 <= hi
+    assert 0.92 * 400 <= wilson_hits and 0.92 * 400 <= welch_hits <= 0.99 * 400
+
+
+def test_bootstrap_ratio_of_p95_brackets_the_true_ratio():
+    rng = np.random.default_rng(4)
+    slow, fast = LatencyHistogram(), LatencyHistogram()
+    for x in rng.exponential(0.2, 3000):
+        slow.add(float(x))
+    for x in rng.exponential(0.1, 3000):
+        fast.add(float(x))
+    lo, hi = quantile_ratio_ci(slow, fast, 0.95)
+    assert lo < 2.0 < hi and hi - lo < 0.5  # the true ratio of the two p95s is exactly 2
+
+
+def test_sample_size_and_sign_test():
+    a = Moments(100, 95.0, 90.5)
+    b = Moments(100, 94.0, 88.6)
+    assert samples_needed(a, b, margin=0.02) > 0
+    assert samples_needed(a, b, margin=0.005) is None  # already further apart than the margin
+    assert sign_test_p(30, 10) == pytest.approx(sps.binomtest(30, 40).pvalue)
+    assert sign_test_p(0, 0) is None
+
+
+# ------------------------------------------------------------------------------- rankings
+
+
+def test_rank_biased_overlap():
+    assert rank_biased_overlap([0, 1, 2, 3], [0, 1, 2, 3]) == pytest.approx(1.0)
+    assert rank_biased_overlap([0, 1, 2, 3], [3, 2, 1, 0]) < rank_biased_overlap([0, 1, 2, 3], [1, 0, 2, 3]) < 1.0
+    # Top-weighted: a swap at the top costs more than the same swap at the bottom.
+    assert rank_biased_overlap(list(range(20)), [1, 0, *range(2, 20)]) < rank_biased_overlap(list(range(20)), [*range(18), 19, 18])
+
+
+def test_click_metrics():
+    assert reciprocal_rank([4, 2, 7], {7}) == pytest.approx(1 / 3)
+    assert reciprocal_rank([4, 2, 7], set()) == 0.0
+    assert click_ndcg([4, 2, 7], {4}) == 1.0 and click_ndcg([4, 2, 7], {2}) == pytest.approx(1 / np.log2(3))
+
+
+def test_team_draft_interleaving_takes_turns_and_covers_every_document():
+    a, b = [0, 1, 2, 3, 4], [4, 3, 2, 1, 0]
+    order, teams = team_draft_interleave(a, b, [True, False, True])
+    assert sorted(order) == [0, 1, 2, 3, 4] and len(teams) == 5
+    assert order[:2] == [0, 4] and teams[:2] == [0, 1]  # a first (coin), then b's best
+    # Each team's picks keep that team's own order.
+    assert [d for d, t in zip(order, teams) if t == 0] == [d for d in a if d in {d for d, t in zip(order, teams) if t == 0}]
+    # Identical rankings: every prefix is the shared ranking, the teams alternate in pairs.
+    same, teams = team_draft_interleave([2, 0, 1, 3], [2, 0, 1, 3], [False])
+    assert same == [2, 0, 1, 3] and abs(teams.count(0) - teams.count(1)) <= 1
+
+
+# ------------------------------------------------------------------------------- the ledger
+
+
+def fleet(**experiment) -> FleetConfig:
+    return FleetConfig.from_dict({
+        "model": {"source": "tiny"},
+        "arms": [{"name": "ref", "precision": "fp32", "weight": 1, "cost_per_replica_hour": 4.0},
+                 {"name": "cand", "precision": "nf4", "weight": 1, "cost_per_replica_hour": 1.0}],
+        "router": {"shadow": {"arm": "cand", "fraction": 0.5}},
+        "experiment": {"noise_floor_fraction": 0.1, **experiment},
+    })  # fmt: skip
+
+
+def result(arm: str) -> ArmResult:
+    return ArmResult([0.5], arm, "fp32", "m", 0, 0, 1)
+
+
+def tally_with(answers: dict[str, int], agreement: float | None = None, floor: float = 1.0, n_agree: int = 0, latency=0.05) -> Tally:
+    t = Tally(["ref", "cand"])
+    for arm, n in answers.items():
+        for i in range(n):
+            t.record_answer(arm, "weighted", latency * (1 + 0.01 * (i % 7)), result(arm))
+    rng = random.Random(0)
+    for _ in range(n_agree):
+        cand = min(1.0, agreement + rng.uniform(-0.02, 0.02))
+        t.record_shadow("cand", "ref", {"ndcg@10": cand, "spearman": cand}, result("cand"))
+        same = min(1.0, floor - rng.uniform(0, 0.01))
+        t.record_shadow("ref", "ref", {"ndcg@10": same, "spearman": same}, result("ref"))
+    return t
+
+
+def test_ledger_merges_replicas_exactly_and_judges_equivalence_against_the_floor():
+    ledger = ExperimentLedger(fleet())
+    for _ in range(3):  # three ingress replicas
+        ledger.flush(tally_with({"ref": 40, "cand": 40}, agreement=0.99, n_agree=30).to_dict(), [])
+    res = ledger.results()
+    assert res["arms"]["ref"]["requests"] == 120 and res["arms"]["cand"]["requests"] == 120
+    assert res["arms"]["cand"]["agreement_with_reference"]["ndcg"]["n"] == 90
+    assert res["arms"]["ref"]["noise_floor"]["ndcg"]["n"] == 90
+    versus = res["arms"]["cand"]["versus_reference"]
+    assert versus["ranking"] == "equivalent within the noise floor", versus
+    assert versus["latency"]["p95_ratio"]["ci95"] is not None
+    assert res["arms"]["cand"]["cost_per_1000_requests"]["value"] < res["arms"]["ref"]["cost_per_1000_requests"]["value"]
+    assert not res["control"]["tripped"]
+    page = render_experiment(res)
+    assert "equivalent within the noise floor" in page and "<b>ref</b>" in page
+
+
+def test_guardrail_takes_a_disagreeing_arm_out_and_logs_it():
+    ledger = ExperimentLedger(fleet(guardrails={"min_agreement": 0.9, "min_requests": 20}))
+    control = ledger.flush(tally_with({"ref": 30, "cand": 30}, agreement=0.5, n_agree=25).to_dict(), [])
+    assert control["weights"]["cand"] == 0.0 and control["weights"]["ref"] == 1.0
+    assert control["shadow"] == {"arm": "cand", "fraction": 0.5}  # shadow continues
+    res = ledger.results()
+    assert "cand" in res["control"]["tripped"] and res["changes"][-1]["who"] == "guardrail"
+    assert res["arms"]["cand"]["versus_reference"]["verdict"].startswith("guardrail tripped")
+    # An operator puts it back explicitly; the change names who.
+    ledger.set_weights("alice", {"cand": 1})
+    assert ledger.control_state()["weights"]["cand"] == 1.0 and ledger.results()["changes"][-1]["who"] == "alice"
+
+
+def test_guardrail_needs_significant_evidence():
+    ledger = ExperimentLedger(fleet(guardrails={"min_agreement": 0.9, "min_requests": 20}))
+    ledger.flush(tally_with({"ref": 5, "cand": 5}, agreement=0.5, n_agree=5).to_dict(), [])  # too few comparisons
+    assert not ledger.results()["control"]["tripped"]
+
+
+def test_error_rate_and_p95_guardrails():
+    ledger = ExperimentLedger(fleet(guardrails={"min_agreement": None, "max_error_rate": 0.05, "min_requests": 20}))
+    t = tally_with({"cand": 30})
+    for _ in range(20):
+        t.record_error("cand", 503)
+    ledger.flush(t.to_dict(), [])
+    assert "error rate" in ledger.results()["control"]["tripped"]["cand"]
+    slow = ExperimentLedger(fleet(guardrails={"min_agreement": None, "p95_slo_ms": 100, "min_requests": 20}))
+    slow.flush(tally_with({"cand": 40}, latency=0.3).to_dict(), [])
+    assert "SLO" in slow.results()["control"]["tripped"]["cand"]
+
+
+def test_ramp_advances_while_guardrails_hold_and_halts_when_one_trips():
+    ledger = ExperimentLedger(fleet(ramp={"arm": "cand", "steps": [0.01, 0.05, 0.25], "min_requests": 10}))
+    assert ledger.control_state()["weights"]["cand"] == pytest.approx(0.01)
+    ledger.flush(tally_with({"cand": 10}).to_dict(), [])
+    assert ledger.control_state()["weights"]["cand"] == pytest.approx(0.05)
+    ledger.flush(tally_with({"cand": 10}).to_dict(), [])
+    assert ledger.control_state()["weights"]["cand"] == pytest.approx(0.25)
+    ledger.flush(tally_with({"cand": 10}).to_dict(), [])
+    assert ledger.results()["control"]["ramp"]["state"] == "holding"
+    bad = ExperimentLedger(fleet(ramp={"arm": "cand", "min_requests": 10}, guardrails={"min_requests": 20}))
+    bad.flush(tally_with({"ref": 30, "cand": 5}, agreement=0.3, n_agree=25).to_dict(), [])
+    assert bad.results()["control"]["ramp"]["state"] == "halted" and bad.control_state()["weights"]["cand"] == 0.0
+
+
+def test_feedback_joins_the_arm_and_refuses_bad_input():
+    ledger = ExperimentLedger(fleet())
+    shown = [Shown("r1", ("cand",), (2, 0, 1), (), 3), Shown("r2", ("ref", "cand"), (1, 0, 2), (0, 1, 0), 3),
+             Shown("r3", ("cand", "ref"), (1, 0, 2), (0, 1, 0), 3)]  # fmt: skip
+    ledger.flush(None, shown)
+    assert ledger.feedback("r1", [2])["arms"] == ["cand"]
+    clicks = ledger.results()["arms"]["cand"]["clicks"]
+    assert clicks["feedback"] == 1 and clicks["mrr"]["mean"] == 1.0
+    with pytest.raises(AlreadyRecorded):
+        ledger.feedback("r1", [0])
+    with pytest.raises(UnknownRequest):
+        ledger.feedback("nope", [0])
+    with pytest.raises(InputError) as e:
+        ledger.feedback("r2", [5])
+    assert e.value.field == "clicked.0"
+    # Interleaved: document 0 sits at position 1, placed by team 1 (cand): cand wins this request.
+    assert ledger.feedback("r2", [0])["credit"] == {"ref": 0, "cand": 1}
+    # The same pair with cand picking first: position 1 is ref's; both land in one tally.
+    assert ledger.feedback("r3", [0])["credit"] == {"cand": 0, "ref": 1}
+    assert ledger.results()["interleaving"] == {"cand|ref": {"wins": {"cand": 1, "ref": 1}, "ties": 0, "preference": 0.0, "sign_test_p": 1.0}}
+
+
+def test_feedback_window_is_bounded():
+    ledger = ExperimentLedger(fleet(feedback_window=10))
+    ledger.flush(None, [Shown(f"r{i}", ("ref",), (0,), (), 1) for i in range(25)])
+    assert ledger.results()["feedback"]["joinable_requests"] == 10
+    with pytest.raises(UnknownRequest):
+        ledger.feedback("r0", [0])
+    ledger.feedback("r24", [0])
+
+
+def test_admin_changes_validate_and_start_archives():
+    ledger = ExperimentLedger(fleet())
+    with pytest.raises(InputError) as e:
+        ledger.set_weights("bob", {"nope": 1})
+    assert e.value.field == "weights.nope"
+    with pytest.raises(InputError):
+        ledger.set_weights("bob", {"ref": 0, "cand": 0})
+    v = ledger.control_state()["version"]
+    ledger.set_shadow("bob", None, None, 0.2)
+    assert ledger.control_state()["shadow"] is None and ledger.control_state()["version"] > v
+    ledger.flush(tally_with({"ref": 3}).to_dict(), [])
+    ledger.start("bob", "second")
+    res = ledger.results()
+    assert res["experiment"] == "second" and res["arms"]["ref"]["requests"] == 0 and ledger.past[0]["arms"]["ref"]["requests"] == 3
+    ledger.stop("bob")
+    ledger.flush(tally_with({"ref": 3}).to_dict(), [])  # a stopped experiment counts nothing more
+    assert ledger.results()["arms"]["ref"]["requests"] == 0 and ledger.control_state()["active"] is False
