@@ -6,6 +6,10 @@ think time), every step bounded in time; a step's throughput and p95 come from L
 The sweep of an arm stops at the first step past the SLO (or failing more than 1 % of its
 requests). The arm's capacity is the best throughput among the steps within the SLO.
 
+Capacity is the whole arm's (all its live replicas, counted from the endpoint's /v1/models); the
+planner divides by the replica count. Keep shadow traffic to the swept arm off while sweeping
+(it adds load the figures do not show).
+
 Outputs (in the run folder): `capacity.json` (what `rerank-fleet plan --capacity` reads in place
 of estimates for the device it was measured on), `capacity.md` and `capacity.png` (p95 latency
 against throughput per arm: the picture precisions are compared by), and each step's Locust files.
@@ -90,7 +94,7 @@ def run_capacity(plan: LoadTestPlan, *, user_steps: list[int], slo_ms: float, lo
         best = capacity_of(steps, slo_ms)
         card = cards.get(arm, {})
         report["arms"].append({
-            "arm": arm, "precision": card.get("precision"), "device": card.get("device"),
+            "arm": arm, "precision": card.get("precision"), "device": card.get("device"), "replicas": card.get("replicas") or 1,
             "capacity_rps": best.rps if best else 0.0, "pairs_per_s": (best.rps if best else 0.0) * plan.traffic.docs,
             "at_users": best.users if best else None, "p95_ms_at_capacity": best.p95_ms if best else None,
             "steps": [dataclasses.asdict(s) for s in steps],
@@ -105,12 +109,12 @@ def write_outputs(report: dict[str, Any], out: Path) -> None:
         f"# Capacity per arm: {report['model']}", "",
         f"Highest throughput with p95 <= {report['slo_p95_ms']:g} ms and <= {MAX_FAILURE_RATE:.0%} failures; "
         f"{report['docs_per_request']} documents per request, {report['step_duration_s']} s per step, measured {report['measured_at']}.", "",
-        "| arm | precision | device | capacity req/s | pairs/s | at users | p95 ms there | steps (users: req/s, p95 ms) |",
-        "|---|---|---|--:|--:|--:|--:|---|",
+        "| arm | precision | device | replicas | capacity req/s | pairs/s | at users | p95 ms there | steps (users: req/s, p95 ms) |",
+        "|---|---|---|--:|--:|--:|--:|--:|---|",
     ]  # fmt: skip
     for a in report["arms"]:
         steps = "; ".join(f"{s['users']}: {s['rps']:.1f}, {s['p95_ms']}" for s in a["steps"])
-        lines.append(f"| {a['arm']} | {a['precision']} | {a['device']} | {a['capacity_rps']:.2f} | {a['pairs_per_s']:.1f} | "
+        lines.append(f"| {a['arm']} | {a['precision']} | {a['device']} | {a['replicas']} | {a['capacity_rps']:.2f} | {a['pairs_per_s']:.1f} | "
                      f"{a['at_users']} | {a['p95_ms_at_capacity']} | {steps} |")  # fmt: skip
     lines += ["", "![p95 latency against throughput](capacity.png)", ""]
     (out / "capacity.md").write_text("\n".join(lines))

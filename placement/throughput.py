@@ -182,8 +182,9 @@ class CapacityArm(BaseModel):
     arm: str = Field(..., description="Arm name in the measured fleet.")
     precision: str | None = Field(None, description="The arm's precision.")
     device: str | None = Field(None, description="What its replicas ran on, as CUDA names it (or 'cpu').")
-    capacity_rps: float = Field(..., ge=0, description="Highest requests/s with p95 within the SLO.")
-    pairs_per_s: float = Field(..., ge=0, description="capacity_rps x documents per request.")
+    replicas: int = Field(1, ge=1, description="Replicas the arm had while measured.")
+    capacity_rps: float = Field(..., ge=0, description="Highest requests/s of the whole arm with p95 within the SLO.")
+    pairs_per_s: float = Field(..., ge=0, description="capacity_rps x documents per request (the whole arm).")
 
 
 class CapacityReport(BaseModel):
@@ -204,7 +205,7 @@ def find_capacity(reports: list[CapacityReport], gpu: GpuModel, precision: str, 
             continue
         for arm in report.arms:
             if arm.precision == precision and arm.device and gpu_for_device_name(arm.device) == gpu.key and arm.pairs_per_s > 0:
-                detail = (f"measured by loadtest --capacity on {arm.device} (arm {arm.arm}): {arm.capacity_rps:.2f} req/s x "
+                detail = (f"measured by loadtest --capacity on {arm.device} (arm {arm.arm}, {arm.replicas} replica(s)): {arm.capacity_rps:.2f} req/s x "
                           f"{report.docs_per_request} docs with p95 <= {report.slo_p95_ms:g} ms, served end to end (load-test traffic, not rescaled)")  # fmt: skip
-                return ThroughputEstimate(gpu.key, precision, arm.pairs_per_s, "measured", detail)
+                return ThroughputEstimate(gpu.key, precision, arm.pairs_per_s / arm.replicas, "measured", detail)
     return None

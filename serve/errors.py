@@ -17,7 +17,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.errors import ImageDecodeError, ImageTooLarge, InputError, RerankError
-from serve.ledger import AdminForbidden, AlreadyRecorded, UnknownRequest
+from serve.ledger import AdminForbidden, AlreadyRecorded, ExperimentStopped, UnknownRequest
 from serve.protocol import CONTENT_PART_TAGS, ErrorDetail, ErrorResponse
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ ERROR_TABLE: tuple[tuple[type | tuple[type, ...], int, str], ...] = (
     (AdminForbidden, 403, "forbidden"),
     (UnknownRequest, 404, "not_found"),
     (AlreadyRecorded, 409, "conflict"),
+    (ExperimentStopped, 409, "conflict"),
     (RequestTooLarge, 413, "too_large"),
     (BodyTimeout, 408, "body_timeout"),
     (ImageTooLarge, 413, "too_large"),

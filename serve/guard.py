@@ -12,6 +12,7 @@ from serve.ledger import AdminForbidden
 
 PUBLIC_PATHS = frozenset({"/health", "/ready", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 ADMIN_PATH = "/v1/experiments/"  # POST below it changes the live experiment: admin keys only
+EXPERIMENTS_PATH = "/v1/experiments"
 
 
 class GuardMiddleware:
@@ -35,7 +36,9 @@ class GuardMiddleware:
                 return await error_response(AdminForbidden("authorization", "missing or invalid admin Bearer key"))(scope, receive, send)
             scope.setdefault("state", {})["admin"] = admin  # request.state.admin: who made the change
         elif guard.api_keys and not path.endswith(tuple(PUBLIC_PATHS)):
-            if not guard.authorized(headers.get("authorization")):
+            header = headers.get("authorization")
+            reads_results = EXPERIMENTS_PATH in path and guard.admin(header) is not None  # admins read what they change
+            if not (guard.authorized(header) or reads_results):
                 return await error_response(Unauthorized("authorization", "missing or invalid Bearer API key"))(scope, receive, send)
         declared = next((v for k, v in scope.get("headers", []) if k.lower() == b"content-length"), None)
         if declared is not None and declared.isdigit() and int(declared) > guard.max_request_bytes:

@@ -40,11 +40,11 @@ from serve.cache import FeatureCache
 from serve.config import FleetConfig, ShadowConfig
 from serve.errors import ArmDown, Draining, classify, error_response, log_if_internal, unwrap
 from serve.experiment_page import render as render_experiment
-from serve.experiments import Tally
 from serve.fetch import MediaFetcher
 from serve.guard import Guard, GuardMiddleware
 from serve.health import ArmHealth
-from serve.ledger import ExperimentLedger, Shown, UnknownRequest
+from serve.ledger import ExperimentLedger, UnknownRequest
+from serve.ledger_link import LedgerLink
 from serve.protocol import (
     ArmCard,
     CohereRerankRequest,
@@ -74,8 +74,6 @@ log = logging.getLogger(__name__)
 DEADLINE_HEADER = "x-rerank-timeout-ms"  # a client's own deadline, at most limits.request_timeout_s
 PROBE_TIMEOUT_S = 1.0
 READY_QUERY = ScoreRequest.of("readiness probe", ["readiness probe"])
-SHOWN_DEPTH = 100  # positions of a shown ranking kept for joining feedback (clicks past it are rare)
-UNFLUSHED_SHOWN = 20_000  # rankings kept while the ledger cannot be reached
 # The arm's replica is gone (killed, crashed, its node lost): scoring is idempotent, so the request
 # is retried once on another arm, and the arm leaves routed traffic until a probe answers.
 ARM_GONE = (ActorDiedError, ActorUnavailableError, RayActorError, ReplicaUnavailableError, DeploymentUnavailableError, ArmDown)
@@ -196,10 +194,9 @@ class Ingress:
         self._ledger = ledger
         # Routing starts from the control state the ledger starts with; the first flush brings
         # whatever changed since (an admin call, a guardrail, the ramp).
-        self._control_version = 0
+        self._control_key = (0.0, 0)
         self._apply_control(ExperimentLedger(self.fleet).control_state())
-        self.tally = Tally([a.name for a in self.fleet.arms])
-        self._shown: list[Shown] = []
+        self.link = LedgerLink([a.name for a in self.fleet.arms], ledger, self.fleet.experiment.name)
         self._flush_task: asyncio.Task | None = None
         self._rng = random.Random()
         self._arms = {name: handle.options(method_name="score") for name, handle in arms.items()}
@@ -272,7 +269,8 @@ class Ingress:
     async def models(self) -> ModelList:
         described = await asyncio.gather(*(self._arm_description(a.name) for a in self.fleet.arms))
         model_id = described[0].get("model", self.fleet.model.source)
-        arms = [ArmCard(name=a.name, precision=a.precision, weight=self.router.shares[a.name], device=d.get("device_name"))
+        live = await self._live_replicas()
+        arms = [ArmCard(name=a.name, precision=a.precision, weight=self.router.shares[a.name], device=d.get("device_name"), replicas=live.get(a.name))
                 for a, d in zip(self.fleet.arms, described)]  # fmt: skip
         return ModelList(data=[ModelCard(id=model_id, arms=arms)])
 
@@ -345,32 +343,24 @@ class Ingress:
     # ------------------------------------------------------------------ experiment records
 
     def _apply_control(self, control: dict) -> None:
-        if control["version"] != self._control_version:
+        """Follow a control state unless an older one: replies of overlapping calls may arrive out
+        of order; a restarted ledger (a new epoch) always wins."""
+        key = (control["epoch"], control["version"])
+        if key[0] != self._control_key[0] or key[1] > self._control_key[1]:
             self.router = router_for(control)
-            self._control_version = control["version"]
+            self._control_key = key
 
     async def _flush(self) -> None:
-        """Hand this replica's records to the ledger and follow its control state. If the ledger
-        cannot be reached, the records stay here for the next flush (rankings up to a bound)."""
-        tally, shown = self.tally, self._shown
-        self.tally, self._shown = Tally(list(self._arms)), []
-        try:
-            control = await self._ledger.flush.remote(None if tally.empty() else tally.to_dict(), shown)
-        except Exception as e:  # noqa: BLE001 - the experiment must never break serving
-            log.warning("cannot reach the experiment ledger: %s", type(unwrap(e)).__name__)
-            tally.merge(self.tally)
-            self.tally = tally
-            self._shown = (shown + self._shown)[-UNFLUSHED_SHOWN:]
-            return
-        self._apply_control(control)
+        """Hand this replica's records to the ledger (`LedgerLink`) and follow its control state."""
+        control = await self.link.flush()
+        if control is not None:
+            self._apply_control(control)
 
     async def _flush_loop(self) -> None:
         while True:
             await asyncio.sleep(self.fleet.experiment.flush_interval_s)
             await self._flush()
 
-    def _record_shown(self, request_id: str, arms: tuple[str, ...], order: list[int], teams: list[int], n: int) -> None:
-        self._shown.append(Shown(request_id, arms, tuple(order[:SHOWN_DEPTH]), tuple(teams[:SHOWN_DEPTH]), n))
 
     # ------------------------------------------------------------------ the one rerank path
 
@@ -420,35 +410,42 @@ class Ingress:
         try:
             result, decision = await self._call_with_failover(decision, job, deadline)
         except Exception as e:
-            self.tally.record_error(decision.arm, error_response(e).status_code)
+            self.link.tally.record_error(decision.arm, error_response(e).status_code)
             raise
         elapsed = time.perf_counter() - started
-        self.tally.record_answer(decision.arm, decision.reason, elapsed, result)
+        self.link.tally.record_answer(decision.arm, decision.reason, elapsed, result)
         self.metrics.latency.observe(elapsed, tags={"arm": decision.arm})
         if decision.shadow_arm is not None:
             self._start_shadow(decision.shadow_arm, decision.arm, job, result.scores)
         outcome = _outcome(result, decision.reason)
-        self._record_shown(request_id, (result.arm,), outcome.ranked(top_n), [], len(result.scores))
+        self.link.record_shown(request_id, (result.arm,), outcome.ranked(top_n), [], len(result.scores))
         return outcome
 
     async def _interleaved(self, decision, job: ScoreRequest, deadline: float, started: float, request_id: str) -> RerankOutcome:
         """Both arms score the request; the answer is their rankings team-draft interleaved. If
         one arm fails, the other's answer is served as a plain failover answer."""
         arms = (decision.arm, decision.interleave_with)
-        results = await asyncio.gather(*(self._call_arm(a, job, deadline) for a in arms), return_exceptions=True)
-        elapsed = time.perf_counter() - started
+        ended: dict[str, float] = {}
+
+        async def call(arm: str) -> ArmResult:
+            try:
+                return await self._call_arm(arm, job, deadline)
+            finally:
+                ended[arm] = time.perf_counter()
+
+        results = await asyncio.gather(*(call(a) for a in arms), return_exceptions=True)
         for arm, r in zip(arms, results):
             if isinstance(r, BaseException):
-                self.tally.record_error(arm, error_response(r).status_code)
-            else:
-                self.tally.record_answer(arm, "interleaved", elapsed, r)
-                self.metrics.latency.observe(elapsed, tags={"arm": arm})
+                self.link.tally.record_error(arm, error_response(r).status_code)
+            else:  # each arm's own latency: the request's media work and its own call
+                self.link.tally.record_answer(arm, "interleaved", ended[arm] - started, r)
+                self.metrics.latency.observe(ended[arm] - started, tags={"arm": arm})
         ok = [r for r in results if not isinstance(r, BaseException)]
         if not ok:
             raise results[0]
         if len(ok) == 1:
             outcome = _outcome(ok[0], "failover")
-            self._record_shown(request_id, (ok[0].arm,), outcome.ranked(None), [], len(ok[0].scores))
+            self.link.record_shown(request_id, (ok[0].arm,), outcome.ranked(None), [], len(ok[0].scores))
             return outcome
         a, b = results
         order, teams, scores = interleaved(a, b, self._rng)
@@ -456,7 +453,7 @@ class Ingress:
             arm=f"{a.arm}+{b.arm}", precision=f"{a.precision}+{b.precision}", model=a.model, routed_by="interleaved",
             image_cache=ImageCacheUse(hits=a.cache_hits + b.cache_hits, misses=a.cache_misses + b.cache_misses),
         )  # fmt: skip
-        self._record_shown(request_id, arms, order, teams, len(scores))
+        self.link.record_shown(request_id, arms, order, teams, len(scores))
         return RerankOutcome(scores=scores, tokens=a.tokens + b.tokens, meta=meta, order=order)
 
     def _time_budget(self, header: str | None) -> float:
@@ -539,15 +536,9 @@ class Ingress:
 
     async def _probe_loop(self) -> None:
         interval = self.fleet.router.probe_interval_s
-        app_name = serve.get_replica_context().app_name
-        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(interval / 2)
-            try:
-                live = await loop.run_in_executor(None, live_replicas, app_name, list(self._arms))
-            except Exception as e:  # noqa: BLE001 - without the table, calls and probes still decide
-                log.warning("cannot read the replica table: %s", type(e).__name__)
-                live = {}
+            live = await self._live_replicas()
             for arm, n in live.items():
                 if n == 0:
                     self._arm_gone(arm, "no live replica")
@@ -556,6 +547,15 @@ class Ingress:
             for arm, ok in zip(due, results):
                 if ok:
                     self.health.succeeded(arm)
+
+    async def _live_replicas(self) -> dict[str, int]:
+        """Live replicas per arm ({} when Ray's actor table cannot be read)."""
+        app_name = serve.get_replica_context().app_name
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, live_replicas, app_name, list(self._arms))
+        except Exception as e:  # noqa: BLE001 - without the table, calls and probes still decide
+            log.warning("cannot read the replica table: %s", type(e).__name__)
+            return {}
 
     async def _probe_describe(self, arm: str) -> bool:
         try:
@@ -578,7 +578,7 @@ class Ingress:
 
     def _start_shadow(self, arm: str, primary: str, job: ScoreRequest, primary_scores: list[float]) -> None:
         if len(self._shadow_tasks) >= self._shadow_settings.max_in_flight:
-            self.tally.record_shadow_failure(arm, dropped=True)  # shadowing must not pile up under load
+            self.link.tally.record_shadow_failure(arm, dropped=True)  # shadowing must not pile up under load
             self.metrics.shadow_failures.inc(tags={"arm": arm, "reason": "dropped"})
             return
         task = asyncio.get_running_loop().create_task(self._shadow(arm, primary, job, primary_scores))
@@ -589,12 +589,12 @@ class Ingress:
         try:
             result = await self._call_arm(arm, job)
             scores = agreement(primary_scores, result.scores, self._shadow_settings.top_k)
-            self.tally.record_shadow(arm, primary, scores, result)
+            self.link.tally.record_shadow(arm, primary, scores, result)
             for name, value in scores.items():
                 self.metrics.shadow_agreement.observe(value, tags={"arm": arm, "metric": name})
         except Exception as e:  # noqa: BLE001 - a shadow failure is counted, never surfaced
             log.warning("shadow call to arm %s failed: %s", arm, type(e).__name__)
-            self.tally.record_shadow_failure(arm)
+            self.link.tally.record_shadow_failure(arm)
             self.metrics.shadow_failures.inc(tags={"arm": arm, "reason": "error"})
 
     @property

@@ -31,6 +31,7 @@ from serve.statistics import Moments, mean_difference_ci, quantile_ratio_ci, sam
 from workshop.ranking import click_ndcg, reciprocal_rank
 
 CHANGE_LOG = 500  # most recent control changes kept
+GUARDRAIL_LEVEL = 0.99  # guardrails look repeatedly: a stricter interval than the 95 % reported
 PAST_EXPERIMENTS = 5
 
 
@@ -40,6 +41,10 @@ class UnknownRequest(InputError):
 
 class AlreadyRecorded(InputError):
     """Feedback for this request was recorded before."""
+
+
+class ExperimentStopped(InputError):
+    """Feedback for an experiment that has stopped."""
 
 
 class AdminForbidden(InputError):
@@ -71,6 +76,7 @@ class Control:
     interleave_fraction: float
     active: bool = True
     tripped: dict[str, str] = field(default_factory=dict)
+    overridden: set[str] = field(default_factory=set)  # an operator put these back: guardrails leave them be
     ramp_step: int | None = None
     ramp_since: int = 0  # the ramped arm's request count when its current step began
     ramp_state: str = "off"  # off | ramping | holding | halted | overridden
@@ -82,6 +88,8 @@ class ExperimentLedger:
         self.arms = [a.name for a in fleet.arms]
         self.reference = fleet.reference_arm
         self._now = now
+        self.epoch = now()  # a restarted ledger is a new epoch: ingress replicas follow it whatever its version
+        self._seen_seq: dict[str, int] = {}  # ingress replica -> last batch merged
         shadow, inter = fleet.router.shadow, fleet.router.interleave
         ramp = fleet.experiment.ramp
         self.control = Control(
@@ -104,13 +112,16 @@ class ExperimentLedger:
         self.stopped_at: float | None = None
         self.tally = Tally(self.arms)
         self.shown: OrderedDict[str, Shown] = OrderedDict()
-        self.feedback_seen: set[str] = set()
+        self.feedback_seen: set[str] = set()  # ids in `shown` that have had their feedback
         self.feedback_count = 0
         self.interleave_credit: dict[str, list[int]] = {}  # "a|b" -> [a wins, b wins, ties]
+        self._judged_at: dict[str, int] = {}  # arm -> evidence count at its last guardrail look
+        # A tripped arm stays out across experiments: only an operator's weight puts it back.
         c = self.control
-        c.active, c.tripped = True, {}
+        c.active = True
         if self.fleet.experiment.ramp:
-            c.ramp_step, c.ramp_since, c.ramp_state = 0, 0, "ramping"
+            c.ramp_step, c.ramp_since = 0, 0
+            c.ramp_state = "halted" if self.fleet.experiment.ramp.arm in c.tripped else "ramping"
 
     def _log(self, who: str, what: str, detail: dict[str, Any]) -> None:
         self.control.version += 1
@@ -135,32 +146,44 @@ class ExperimentLedger:
 
     def control_state(self) -> dict[str, Any]:
         c = self.control
+        weights = self.weights()
+        # Interleaving shows both arms' documents to users: never an arm out of routed traffic.
+        interleaves = c.active and c.interleave and all(weights[a] > 0 for a in c.interleave)
         return {
-            "version": c.version, "weights": self.weights(), "active": c.active,
+            "epoch": self.epoch, "version": c.version, "experiment": self.name, "weights": weights, "active": c.active,
             "shadow": {"arm": c.shadow_arm, "fraction": c.shadow_fraction} if c.active and c.shadow_arm else None,
             "noise_floor": {"arm": self.reference, "fraction": c.noise_floor_fraction if c.active else 0.0},
-            "interleave": {"arms": list(c.interleave), "fraction": c.interleave_fraction} if c.active and c.interleave else None,
+            "interleave": {"arms": list(c.interleave), "fraction": c.interleave_fraction} if interleaves else None,
         }  # fmt: skip
 
     # ----------------------------------------------------------------- from the ingress replicas
 
-    def flush(self, tally: dict | None, shown: list[Shown]) -> dict[str, Any]:
-        """An ingress replica's records since its last flush; returns the control state."""
-        if self.control.active:
-            if tally:
-                self.tally.merge(Tally.from_dict(tally))
-            window = self.fleet.experiment.feedback_window
-            for s in shown:
-                self.shown[s.request_id] = s
-                self.shown.move_to_end(s.request_id)
-            while len(self.shown) > window:
-                self.shown.popitem(last=False)
-            self._judge()
+    def flush(self, source: str, seq: int, experiment: str, tally: dict | None, shown: list[Shown]) -> dict[str, Any]:
+        """Batch `seq` of an ingress replica's records (`serve.ledger_link`); returns the control
+        state. A batch merged before (its reply was lost) or recorded in another experiment is
+        ignored."""
+        if seq > self._seen_seq.get(source, 0):
+            self._seen_seq[source] = seq
+            if self.control.active and experiment == self.name:
+                if tally:
+                    self.tally.merge(Tally.from_dict(tally))
+                self._remember(shown)
+                self._judge()
         return self.control_state()
+
+    def _remember(self, shown: list[Shown]) -> None:
+        for s in shown:
+            self.shown[s.request_id] = s
+            self.shown.move_to_end(s.request_id)
+        while len(self.shown) > self.fleet.experiment.feedback_window:
+            old, _ = self.shown.popitem(last=False)
+            self.feedback_seen.discard(old)
 
     def feedback(self, request_id: str, clicked: list[int], purchased: list[int] | None = None) -> dict[str, Any]:
         """Join a client's clicks (and purchases) to the answer it was shown and credit the arm
         (or, interleaved, the team of each clicked position). Repeated feedback is refused."""
+        if not self.control.active:
+            raise ExperimentStopped("request_id", f"experiment {self.name!r} has stopped: feedback is no longer counted")
         s = self.shown.get(request_id)
         if s is None:
             raise UnknownRequest("request_id", f"no answered request {request_id!r} in the last {self.fleet.experiment.feedback_window} "
@@ -204,6 +227,7 @@ class ExperimentLedger:
         before = self.weights()
         self.control.base_weights = new
         untripped = [a for a, w in weights.items() if w > 0 and self.control.tripped.pop(a, None)]
+        self.control.overridden.update(untripped)  # the operator decided: the same evidence must not trip it again
         if self.control.ramp_state in ("ramping", "holding"):
             self.control.ramp_state = "overridden"  # an operator's weights win over the ramp
         self._log(who, "weights", {"before": before, "after": self.weights(), "untripped": untripped})
@@ -250,10 +274,18 @@ class ExperimentLedger:
     # ----------------------------------------------------------------- guardrails and ramp
 
     def _judge(self) -> None:
+        """Look at each candidate arm once per `min_requests` new pieces of evidence (answers,
+        failures, comparisons), not at every flush: with 99 % intervals and few looks, an arm
+        sitting at a limit is not tripped by chance alone."""
         g = self.fleet.experiment.guardrails
         for arm in self.arms:
-            if arm == self.reference or arm in self.control.tripped:
+            if arm == self.reference or arm in self.control.tripped or arm in self.control.overridden:
                 continue
+            t = self.tally.arms[arm]
+            evidence = t.requests + t.server_errors + sum(ms.get("spearman", Moments()).n for ms in t.agreement.values())
+            if evidence < self._judged_at.get(arm, 0) + g.min_requests:
+                continue
+            self._judged_at[arm] = evidence
             why = self._guardrail_breach(arm, g)
             if why:
                 self.control.tripped[arm] = why
@@ -266,18 +298,18 @@ class ExperimentLedger:
         t = self.tally.arms[arm]
         if g.min_agreement is not None:
             m = t.agreement.get(self.reference, {}).get(g.agreement_metric)
-            if m is not None and m.n >= g.min_requests and (ci := m.ci()) and ci[1] < g.min_agreement:
-                return f"{g.agreement_metric} agreement with {self.reference} {m.mean:.4f} (95 % CI {ci[0]:.4f}..{ci[1]:.4f}) is below {g.min_agreement} over {m.n} comparisons"
+            if m is not None and m.n >= g.min_requests and (ci := m.ci(GUARDRAIL_LEVEL)) and ci[1] < g.min_agreement:
+                return f"{g.agreement_metric} agreement with {self.reference} {m.mean:.4f} (99 % CI {ci[0]:.4f}..{ci[1]:.4f}) is below {g.min_agreement} over {m.n} comparisons"
         answered = t.requests + t.server_errors
         if g.max_error_rate is not None and answered >= g.min_requests:
-            lo, _ = wilson(t.server_errors, answered)
+            lo, _ = wilson(t.server_errors, answered, GUARDRAIL_LEVEL)
             if lo > g.max_error_rate:
-                return f"error rate {t.server_errors}/{answered} (95 % CI from {lo:.3f}) is over {g.max_error_rate}"
+                return f"error rate {t.server_errors}/{answered} (99 % CI from {lo:.3f}) is over {g.max_error_rate}"
         if g.p95_slo_ms is not None and t.latency.n >= g.min_requests:
             slow, n = t.latency.share_over(g.p95_slo_ms / 1000)
-            lo, _ = wilson(slow, n)
+            lo, _ = wilson(slow, n, GUARDRAIL_LEVEL)
             if lo > 0.05:
-                return f"{slow}/{n} requests over the {g.p95_slo_ms:g} ms SLO (95 % CI from {lo:.3f}, more than 5 %): p95 over the SLO"
+                return f"{slow}/{n} requests over the {g.p95_slo_ms:g} ms SLO (99 % CI from {lo:.3f}, more than 5 %): p95 over the SLO"
         return None
 
     def _advance_ramp(self) -> None:
@@ -360,6 +392,8 @@ class ExperimentLedger:
         else:
             n = samples_needed(base, mine, exp.equivalence_margin)
             ranking, more = "not enough data", (None if n is None else max(0, n - mine.n))
+            if n is None:
+                floor_note += " (the floor's own uncertainty decides: raise experiment.noise_floor_fraction)"
         p95 = latency["p95_ratio"]["ci95"]
         if p95 is None:
             speed = "not enough data"

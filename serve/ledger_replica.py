@@ -17,8 +17,8 @@ class LedgerReplica:
     def __init__(self, config: dict):
         self.ledger = ExperimentLedger(FleetConfig.from_dict(config))
 
-    async def flush(self, tally: dict | None, shown: list[Shown]) -> dict[str, Any]:
-        return self.ledger.flush(tally, shown)
+    async def flush(self, source: str, seq: int, experiment: str, tally: dict | None, shown: list[Shown]) -> dict[str, Any]:
+        return self.ledger.flush(source, seq, experiment, tally, shown)
 
     async def control(self) -> dict[str, Any]:
         return self.ledger.control_state()

@@ -452,6 +452,7 @@ class ArmCard(BaseModel):
     precision: str = Field(..., description="Numeric precision.")
     weight: float = Field(..., description="Normalised traffic share (live: after runtime changes, guardrails and the ramp).")
     device: str | None = Field(None, description="What the arm's replicas run on, e.g. 'NVIDIA L4' or 'cpu'.")
+    replicas: int | None = Field(None, description="Live replicas of the arm now (from Ray's actor table).")
 
 
 class ModelList(BaseModel):

@@ -160,20 +160,21 @@ def mean_difference_ci(a: Moments, b: Moments, level: float = 0.95) -> tuple[flo
     return d - half, d + half
 
 
-def samples_needed(a: Moments, b: Moments, margin: float, *, power: float = 0.8, level: float = 0.95) -> int | None:
-    """Requests per side for a two-sided interval of mean(a) - mean(b) to land within +-margin
-    of the observed difference at the observed variance (equivalence-test sizing); None when
-    there is no variance to go on yet or the observed difference already exceeds the margin."""
-    if a.n < 2 or b.n < 2 or a.mean is None:
+def samples_needed(floor: Moments, arm: Moments, margin: float, *, power: float = 0.8, level: float = 0.95) -> int | None:
+    """Comparisons of `arm` needed (with `floor` as it is) for the one-sided interval of
+    mean(floor) - mean(arm) to fall under `margin` at the observed means and variances, with the
+    given power; None when no number of arm samples will do (the observed difference is past the
+    margin, or the floor's own uncertainty already fills the room)."""
+    if floor.n < 2 or arm.n < 2:
         return None
-    gap = margin - abs(a.mean - b.mean)
+    gap = margin - (floor.mean - arm.mean)
     if gap <= 0:
         return None
-    sd2 = a.variance + b.variance
-    if sd2 == 0:
-        return 0
     z = sps.norm.ppf(0.5 + level / 2) + sps.norm.ppf(power)
-    return math.ceil(z * z * sd2 / (gap * gap))
+    room = (gap / z) ** 2 - floor.variance / floor.n
+    if arm.variance == 0:
+        return arm.n if room > 0 else None
+    return math.ceil(arm.variance / room) if room > 0 else None
 
 
 def sign_test_p(wins: int, losses: int) -> float | None:

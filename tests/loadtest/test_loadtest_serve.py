@@ -55,7 +55,7 @@ def test_capacity_sweep_against_the_local_app(fleet_app, tmp_path):
     assert main(argv) == 0
     report = json.loads((out / "capacity.json").read_text())
     (arm,) = report["arms"]
-    assert arm["arm"] == "fp32" and arm["precision"] == "fp32" and arm["device"] == "cpu"
+    assert arm["arm"] == "fp32" and arm["precision"] == "fp32" and arm["device"] == "cpu" and arm["replicas"] == 1
     assert [s["users"] for s in arm["steps"]] == [1, 2]
     for step in arm["steps"]:
         locust = read_stats_csv(final_or_periodic(out / "fp32" / f"users-{step['users']}", "stats"))["rerank[fp32]"]

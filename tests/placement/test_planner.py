@@ -257,7 +257,7 @@ def test_load_tested_capacity_replaces_other_figures_for_its_gpu(qwen3_vl_8b, tm
     written = {
         "schema": "rerank-fleet capacity/1", "model": "Qwen/Qwen3-VL-Reranker-8B", "slo_p95_ms": 1000.0, "docs_per_request": 20,
         "image_share": 0.0, "step_duration_s": 30, "user_steps": [1, 2], "measured_at": "2026-12-02T00:00:00+00:00", "machine": {},
-        "arms": [{"arm": "bf16-l4", "precision": "bf16", "device": "NVIDIA L4", "capacity_rps": 3.0, "pairs_per_s": 60.0,
+        "arms": [{"arm": "bf16-l4", "precision": "bf16", "device": "NVIDIA L4", "replicas": 2, "capacity_rps": 3.0, "pairs_per_s": 60.0,
                   "at_users": 2, "p95_ms_at_capacity": 800.0, "steps": steps}],
     }  # fmt: skip
     write_outputs(written, tmp_path)
@@ -267,6 +267,6 @@ def test_load_tested_capacity_replaces_other_figures_for_its_gpu(qwen3_vl_8b, tm
     )
     report = plan_placement(inventory(arms=[{"precision": "bf16"}]), qwen3_vl_8b, bench=[bench], capacity=[capacity])
     on_l4 = report.assessment("bf16", "l4").throughput
-    assert on_l4.source == "measured" and on_l4.pairs_per_s == 60.0 and "loadtest --capacity" in on_l4.detail
+    assert on_l4.source == "measured" and on_l4.pairs_per_s == 30.0 and "loadtest --capacity" in on_l4.detail  # per replica
     assert report.assessment("bf16", "t4").throughput.source == "roofline"  # measured on an L4 only
-    assert (tmp_path / "capacity.png").stat().st_size > 0 and "| bf16-l4 | bf16 | NVIDIA L4 | 3.00 | 60.0 |" in (tmp_path / "capacity.md").read_text()
+    assert (tmp_path / "capacity.png").stat().st_size > 0 and "| bf16-l4 | bf16 | NVIDIA L4 | 2 | 3.00 | 60.0 |" in (tmp_path / "capacity.md").read_text()

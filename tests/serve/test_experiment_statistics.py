@@ -84,10 +84,11 @@ def test_bootstrap_ratio_of_p95_brackets_the_true_ratio():
 
 
 def test_sample_size_and_sign_test():
-    a = Moments(100, 95.0, 90.5)
-    b = Moments(100, 94.0, 88.6)
-    assert samples_needed(a, b, margin=0.02) > 0
-    assert samples_needed(a, b, margin=0.005) is None  # already further apart than the margin
+    floor = Moments(1000, 950.0, 905.0)  # mean 0.95, variance 0.0025
+    arm = Moments(100, 94.0, 88.6)  # mean 0.94, variance 0.0024
+    assert samples_needed(floor, arm, margin=0.02) == 237  # 0.0024 / ((0.01 / 2.80)^2 - 0.0025 / 1000)
+    assert samples_needed(floor, arm, margin=0.005) is None  # already further apart than the margin
+    assert samples_needed(Moments(100, 95.0, 90.5), arm, margin=0.02) is None  # 100 floor comparisons are too few
     assert sign_test_p(30, 10) == pytest.approx(sps.binomtest(30, 40).pvalue)
     assert sign_test_p(0, 0) is None
 
@@ -133,6 +134,14 @@ def fleet(**experiment) -> FleetConfig:
     })  # fmt: skip
 
 
+_seq = iter(range(1, 10**9))
+
+
+def send(ledger: ExperimentLedger, tally: Tally | None, shown=(), source: str = "ingress-1") -> dict:
+    """One batch from an ingress replica, numbered as `serve.ledger_link` numbers them."""
+    return ledger.flush(source, next(_seq), ledger.name, None if tally is None else tally.to_dict(), list(shown))
+
+
 def result(arm: str) -> ArmResult:
     return ArmResult([0.5], arm, "fp32", "m", 0, 0, 1)
 
@@ -154,7 +163,7 @@ def tally_with(answers: dict[str, int], agreement: float | None = None, floor: f
 def test_ledger_merges_replicas_exactly_and_judges_equivalence_against_the_floor():
     ledger = ExperimentLedger(fleet())
     for _ in range(3):  # three ingress replicas
-        ledger.flush(tally_with({"ref": 40, "cand": 40}, agreement=0.99, n_agree=30).to_dict(), [])
+        send(ledger, tally_with({"ref": 40, "cand": 40}, agreement=0.99, n_agree=30))
     res = ledger.results()
     assert res["arms"]["ref"]["requests"] == 120 and res["arms"]["cand"]["requests"] == 120
     assert res["arms"]["cand"]["agreement_with_reference"]["ndcg"]["n"] == 90
@@ -170,7 +179,7 @@ def test_ledger_merges_replicas_exactly_and_judges_equivalence_against_the_floor
 
 def test_guardrail_takes_a_disagreeing_arm_out_and_logs_it():
     ledger = ExperimentLedger(fleet(guardrails={"min_agreement": 0.9, "min_requests": 20}))
-    control = ledger.flush(tally_with({"ref": 30, "cand": 30}, agreement=0.5, n_agree=25).to_dict(), [])
+    control = send(ledger, tally_with({"ref": 30, "cand": 30}, agreement=0.5, n_agree=25))
     assert control["weights"]["cand"] == 0.0 and control["weights"]["ref"] == 1.0
     assert control["shadow"] == {"arm": "cand", "fraction": 0.5}  # shadow continues
     res = ledger.results()
@@ -183,7 +192,7 @@ def test_guardrail_takes_a_disagreeing_arm_out_and_logs_it():
 
 def test_guardrail_needs_significant_evidence():
     ledger = ExperimentLedger(fleet(guardrails={"min_agreement": 0.9, "min_requests": 20}))
-    ledger.flush(tally_with({"ref": 5, "cand": 5}, agreement=0.5, n_agree=5).to_dict(), [])  # too few comparisons
+    send(ledger, tally_with({"ref": 5, "cand": 5}, agreement=0.5, n_agree=5))  # too few comparisons
     assert not ledger.results()["control"]["tripped"]
 
 
@@ -192,24 +201,24 @@ def test_error_rate_and_p95_guardrails():
     t = tally_with({"cand": 30})
     for _ in range(20):
         t.record_error("cand", 503)
-    ledger.flush(t.to_dict(), [])
+    send(ledger, t)
     assert "error rate" in ledger.results()["control"]["tripped"]["cand"]
     slow = ExperimentLedger(fleet(guardrails={"min_agreement": None, "p95_slo_ms": 100, "min_requests": 20}))
-    slow.flush(tally_with({"cand": 40}, latency=0.3).to_dict(), [])
+    send(slow, tally_with({"cand": 40}, latency=0.3))
     assert "SLO" in slow.results()["control"]["tripped"]["cand"]
 
 
 def test_ramp_advances_while_guardrails_hold_and_halts_when_one_trips():
     ledger = ExperimentLedger(fleet(ramp={"arm": "cand", "steps": [0.01, 0.05, 0.25], "min_requests": 10}))
     assert ledger.control_state()["weights"]["cand"] == pytest.approx(0.01)
-    ledger.flush(tally_with({"cand": 10}).to_dict(), [])
+    send(ledger, tally_with({"cand": 10}))
     assert ledger.control_state()["weights"]["cand"] == pytest.approx(0.05)
-    ledger.flush(tally_with({"cand": 10}).to_dict(), [])
+    send(ledger, tally_with({"cand": 10}))
     assert ledger.control_state()["weights"]["cand"] == pytest.approx(0.25)
-    ledger.flush(tally_with({"cand": 10}).to_dict(), [])
+    send(ledger, tally_with({"cand": 10}))
     assert ledger.results()["control"]["ramp"]["state"] == "holding"
     bad = ExperimentLedger(fleet(ramp={"arm": "cand", "min_requests": 10}, guardrails={"min_requests": 20}))
-    bad.flush(tally_with({"ref": 30, "cand": 5}, agreement=0.3, n_agree=25).to_dict(), [])
+    send(bad, tally_with({"ref": 30, "cand": 5}, agreement=0.3, n_agree=25))
     assert bad.results()["control"]["ramp"]["state"] == "halted" and bad.control_state()["weights"]["cand"] == 0.0
 
 
@@ -217,7 +226,7 @@ def test_feedback_joins_the_arm_and_refuses_bad_input():
     ledger = ExperimentLedger(fleet())
     shown = [Shown("r1", ("cand",), (2, 0, 1), (), 3), Shown("r2", ("ref", "cand"), (1, 0, 2), (0, 1, 0), 3),
              Shown("r3", ("cand", "ref"), (1, 0, 2), (0, 1, 0), 3)]  # fmt: skip
-    ledger.flush(None, shown)
+    send(ledger, None, shown)
     assert ledger.feedback("r1", [2])["arms"] == ["cand"]
     clicks = ledger.results()["arms"]["cand"]["clicks"]
     assert clicks["feedback"] == 1 and clicks["mrr"]["mean"] == 1.0
@@ -237,7 +246,7 @@ def test_feedback_joins_the_arm_and_refuses_bad_input():
 
 def test_feedback_window_is_bounded():
     ledger = ExperimentLedger(fleet(feedback_window=10))
-    ledger.flush(None, [Shown(f"r{i}", ("ref",), (0,), (), 1) for i in range(25)])
+    send(ledger, None, [Shown(f"r{i}", ("ref",), (0,), (), 1) for i in range(25)])
     assert ledger.results()["feedback"]["joinable_requests"] == 10
     with pytest.raises(UnknownRequest):
         ledger.feedback("r0", [0])
@@ -254,10 +263,103 @@ def test_admin_changes_validate_and_start_archives():
     v = ledger.control_state()["version"]
     ledger.set_shadow("bob", None, None, 0.2)
     assert ledger.control_state()["shadow"] is None and ledger.control_state()["version"] > v
-    ledger.flush(tally_with({"ref": 3}).to_dict(), [])
+    send(ledger, tally_with({"ref": 3}))
     ledger.start("bob", "second")
     res = ledger.results()
     assert res["experiment"] == "second" and res["arms"]["ref"]["requests"] == 0 and ledger.past[0]["arms"]["ref"]["requests"] == 3
     ledger.stop("bob")
-    ledger.flush(tally_with({"ref": 3}).to_dict(), [])  # a stopped experiment counts nothing more
+    send(ledger, tally_with({"ref": 3}))  # a stopped experiment counts nothing more
     assert ledger.results()["arms"]["ref"]["requests"] == 0 and ledger.control_state()["active"] is False
+
+
+def test_a_batch_counts_once_and_only_in_its_own_experiment():
+    ledger = ExperimentLedger(fleet())
+    batch = tally_with({"ref": 5}).to_dict()
+    ledger.flush("i1", 1, ledger.name, batch, [])
+    ledger.flush("i1", 1, ledger.name, batch, [])  # sent again after a lost reply
+    ledger.flush("i2", 1, ledger.name, batch, [])  # another replica's first batch
+    assert ledger.results()["arms"]["ref"]["requests"] == 10
+    ledger.start("ops", "next")
+    ledger.flush("i1", 2, "default", batch, [])  # recorded before the restart: not the new experiment's
+    assert ledger.results()["arms"]["ref"]["requests"] == 0
+
+
+def test_an_operator_override_holds_and_a_tripped_arm_is_never_interleaved():
+    f = FleetConfig.from_dict({
+        "arms": [{"name": "ref", "precision": "fp32"}, {"name": "cand", "precision": "nf4"}],
+        "router": {"interleave": {"arms": ["ref", "cand"], "fraction": 0.5}},
+        "experiment": {"guardrails": {"min_requests": 10}},
+    })  # fmt: skip
+    ledger = ExperimentLedger(f)
+    send(ledger, tally_with({"ref": 20, "cand": 20}, agreement=0.3, n_agree=20))
+    assert ledger.control_state()["interleave"] is None and ledger.control_state()["weights"]["cand"] == 0
+    ledger.start("ops", "again")  # a new experiment does not put a broken arm back
+    assert ledger.control_state()["weights"]["cand"] == 0
+    ledger.set_weights("ops", {"cand": 1})
+    send(ledger, tally_with({"ref": 20, "cand": 20}, agreement=0.3, n_agree=40))
+    assert ledger.control_state()["weights"]["cand"] > 0 and ledger.control_state()["interleave"]["fraction"] == 0.5
+
+
+def test_feedback_after_stop_is_refused():
+    from serve.ledger import ExperimentStopped
+
+    ledger = ExperimentLedger(fleet())
+    send(ledger, None, [Shown("r1", ("ref",), (0,), (), 1)])
+    ledger.stop("ops")
+    with pytest.raises(ExperimentStopped):
+        ledger.feedback("r1", [0])
+
+
+def test_requests_needed_is_one_sided_and_knows_when_the_floor_decides():
+    floor = Moments()
+    arm = Moments()
+    rng = np.random.default_rng(5)
+    for x in rng.normal(0.98, 0.01, 400):
+        floor.add(float(x))
+    for x in rng.normal(0.975, 0.05, 20):  # a little under the floor, within the margin: more data needed
+        arm.add(float(x))
+    n = samples_needed(floor, arm, 0.01)
+    assert n is not None and n > arm.n
+    tiny_floor = Moments(3, 2.7, 2.45)  # three noisy self-comparisons (variance 0.01): no arm count can settle it
+    assert samples_needed(tiny_floor, arm, 0.01) is None
+
+
+def test_ledger_link_delivers_each_batch_once_through_failures():
+    """The delivery logic of `serve.ledger_link` against the real ledger, called in-process the way
+    a Serve handle is called (`.remote` returns an awaitable); one reply is lost after the ledger
+    merged the batch."""
+    import asyncio
+
+    from serve.ledger_link import LedgerLink
+
+    ledger = ExperimentLedger(fleet())
+
+    class Call:
+        def __init__(self, fn, lose_reply=False):
+            self.fn, self.lose_reply = fn, lose_reply
+
+        async def _run(self, *a):
+            out = self.fn(*a)
+            if self.lose_reply:
+                self.lose_reply = False
+                raise ConnectionError("reply lost")
+            return out
+
+        def remote(self, *a):
+            return self._run(*a)
+
+    class Handle:
+        flush = Call(ledger.flush, lose_reply=True)
+        control = Call(ledger.control_state)
+
+    async def go():
+        link = LedgerLink(["ref", "cand"], Handle(), ledger.name)
+        for _ in range(3):
+            link.tally.record_answer("ref", "weighted", 0.01, result("ref"))
+        assert await link.flush() is None  # merged by the ledger, but the reply was lost
+        link.tally.record_answer("ref", "weighted", 0.01, result("ref"))
+        control = await link.flush()  # resends batch 1 (ignored) and sends batch 2
+        assert control is not None and control["experiment"] == ledger.name
+
+    asyncio.run(go())
+    assert ledger.results()["arms"]["ref"]["requests"] == 4

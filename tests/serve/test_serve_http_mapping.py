@@ -12,7 +12,7 @@ import logging
 
 import httpx
 import pytest
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from ray.exceptions import RayTaskError
@@ -83,10 +83,10 @@ def test_typed_errors_map_to_status_and_field(exc, status, kind, field):
 
 def test_error_table_kinds_are_distinct_per_status_and_input_errors_come_before_their_base():
     kinds = {kind for _, _, kind in ERROR_TABLE}
-    assert kinds == {"unauthorized", "too_large", "forbidden_url", "fetch_error", "image_decode_error",
-                     "invalid_input", "invalid_request", "http_error", "overloaded", "timeout", "body_timeout"}  # fmt: skip
+    assert kinds == {"unauthorized", "too_large", "forbidden_url", "fetch_error", "image_decode_error", "invalid_input", "invalid_request",
+                     "http_error", "overloaded", "timeout", "body_timeout", "forbidden", "not_found", "conflict"}  # fmt: skip
     first = {kind: i for i, (_, _, kind) in reversed(list(enumerate(ERROR_TABLE)))}
-    for specific in ("unauthorized", "too_large", "forbidden_url", "fetch_error", "image_decode_error", "body_timeout"):
+    for specific in ("unauthorized", "too_large", "forbidden_url", "fetch_error", "image_decode_error", "body_timeout", "forbidden", "not_found", "conflict"):
         assert first[specific] < first["invalid_input"]  # else every InputError subclass would be "invalid_input"
     assert classify(RuntimeError("boom")) == (500, "internal_error")
 
@@ -133,10 +133,18 @@ def test_validation_errors_name_the_field():
     assert err["field"] == "body" and "not valid JSON" in err["message"]
 
 
-def _guarded_app(keys=("k1", "k2"), max_bytes=100) -> FastAPI:
+def _guarded_app(keys=("k1", "k2"), max_bytes=100, admin_keys=()) -> FastAPI:
     app = FastAPI()
     app.add_middleware(GuardMiddleware)
-    app.state.guard = Guard(api_keys=keys, max_request_bytes=max_bytes)
+    app.state.guard = Guard(api_keys=keys, max_request_bytes=max_bytes, admin_keys=admin_keys)
+
+    @app.get("/v1/experiments")
+    async def results():
+        return {"ok": True}
+
+    @app.post("/v1/experiments/stop")
+    async def stop(request: Request):
+        return {"who": request.state.admin}
 
     @app.get("/health")
     async def health():
@@ -173,6 +181,23 @@ def test_guard_api_keys_and_body_cap():
     assert ok.status_code == 200 and health.status_code == 200
     assert big.status_code == 413 and big.json()["error"]["field"] == "body"
     assert streamed.status_code == 413
+
+
+def test_guard_admin_keys():
+    async def go(admin_keys):
+        transport = httpx.ASGITransport(app=_guarded_app(admin_keys=admin_keys))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            return [
+                await c.post("/v1/experiments/stop", headers={"authorization": f"Bearer {key}"})
+                for key in ("k1", "root-key", "nope")
+            ] + [await c.get("/v1/experiments", headers={"authorization": f"Bearer {key}"}) for key in ("k1", "root-key", "nope")]
+
+    client, admin, wrong, read_client, read_admin, read_wrong = asyncio.run(go((("ops", "root-key"),)))
+    assert client.status_code == 403 and wrong.status_code == 403  # a client key is no admin key
+    assert admin.status_code == 200 and admin.json() == {"who": "ops"}  # the key's name is who changed it
+    assert read_client.status_code == 200 and read_admin.status_code == 200 and read_wrong.status_code == 401
+    none = asyncio.run(go(()))  # no admin key configured: every admin call is refused
+    assert [r.status_code for r in none[:3]] == [403, 403, 403] and "no admin key" in none[0].json()["error"]["message"]
 
 
 def test_score_request_keeps_the_query_documents_instruction_and_each_images_field():
