@@ -465,7 +465,7 @@ ModelCard.model_rebuild()
 
 # ------------------------------------------------------------------ experiments and feedback
 
-DocumentIndices = Annotated[list[Annotated[int, Field(strict=True, ge=0)]], Field(max_length=1000)]
+DocumentIndices = Annotated[list[Annotated[int, Field(ge=0, le=1_000_000)]], Field(max_length=1000)]
 
 
 class FeedbackRequest(_Body):

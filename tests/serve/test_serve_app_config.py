@@ -90,8 +90,9 @@ def test_serve_config_is_a_valid_standard_serve_config(tmp_path: Path, built_tin
     application = build_app(app["args"])
     ingress = application._bound_deployment
     assert ingress.name == "Ingress" and ingress.max_ongoing_requests == ingress_options(fleet)["max_ongoing_requests"]
-    config, arms = ingress.init_args
+    config, arms, ledger = ingress.init_args
     assert config["model"]["source"] == str(built_tiny) and sorted(arms) == ["fp32", "nf4"]
+    assert ledger._bound_deployment.name == "Ledger" and ledger._bound_deployment.init_args == (config,)
     for name, arm_app in arms.items():
         arm = arm_app._bound_deployment
         assert arm.name == f"Arm-{name}" and arm.init_args == (config, name)

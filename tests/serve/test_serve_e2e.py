@@ -165,7 +165,7 @@ def test_shadow_agreement_appears_in_experiments(serve_app):
     agreement = shadow["agreement"]
     assert agreement["n"] >= 1 and agreement["against"].get("fp32", 0) >= 1
     assert -1.0 <= agreement["spearman"] <= 1.0
-    assert 0.0 <= agreement["ndcg@10"] <= 1.0 and 0.0 <= agreement["top10_overlap"] <= 1.0
+    assert 0.0 <= agreement["ndcg"] <= 1.0 and 0.0 <= agreement["topk_overlap"] <= 1.0 and 0.0 <= agreement["rbo"] <= 1.0
     assert shadow["errors"] == 0
     fp32 = experiments(serve_app)["arms"]["fp32"]
     assert fp32["requests"] >= 30 and fp32["latency_ms"]["p50"] is not None and fp32["latency_ms"]["p99"] is not None

@@ -137,6 +137,8 @@ def test_feedback_joins_the_arm_that_answered(exp_app):
 def test_interleaving_credits_the_arm_whose_document_was_clicked(exp_app):
     with httpx.Client(base_url=exp_app.base_url, timeout=30) as c:
         assert c.post("/v1/experiments/start", json={"name": "interleave"}, headers=ADMIN).status_code == 200
+        # The guardrail's trip outlives the restart: an operator puts rand back (and it stays).
+        assert c.post("/v1/experiments/weights", json={"weights": {"rand": 0.4}}, headers=ADMIN).json()["weights"]["rand"] > 0
         assert c.post("/v1/experiments/shadow", json={"arm": None, "interleave_fraction": 1.0}, headers=ADMIN).status_code == 200
     time.sleep(0.6)
     # A query where the two arms' best documents differ: the reference's best is then placed by

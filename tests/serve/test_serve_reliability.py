@@ -113,5 +113,5 @@ def test_a_killed_arm_replica_costs_no_request_and_the_arm_comes_back(rel_app):
     row = asyncio.run(replica_kill(rel_app.base_url, "a", rate=6, duration_s=5, bodies=bodies, kill_at_s=1.0))
     assert row["sent"] == 30 and row["200"] == row["sent"], row
     assert row["stall_s"] < 2.0 and row["recovery_s"] is not None, row
-    health = rel_app.client.get("/v1/experiments").json()["health"]["a"]
+    health = rel_app.client.get("/v1/experiments").json()["this_replica"]["health"]["a"]
     assert health["state"] == "up" and [e["event"].split(":")[0] for e in health["events"]][-2:] == ["down", "up"]

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 def schema_app(ray_serve, tiny_model):
     arm = _arm("fp32", 1.0)
     arm["precision"] = "fp32"
-    with _deployed(ray_serve, "schema", "/schema", _fleet(tiny_model, [arm], None)) as app:
+    with _deployed(ray_serve, "schema", "/schema", _fleet(tiny_model, [arm], None, admin_keys={"schema": "schema-admin"})) as app:
         yield app
 
 
