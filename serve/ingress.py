@@ -240,9 +240,10 @@ class Ingress:
 
     @app.get("/health")
     async def health(self) -> dict:
-        """Liveness: the ingress answers (with its rerank requests in flight and whether it is
-        draining). Whether arms can score is `/ready`."""
+        """Liveness: the ingress answers (with its rerank requests in flight, whether it is
+        draining, and each arm's state as this replica routes). Whether arms can score is `/ready`."""
         return {"status": "ok", "arms": list(self._arms), "in_flight": self._in_flight, "draining": self._draining,
+                "arm_state": {a: v["state"] for a, v in self.health.snapshot().items()},
                 "replica": serve.get_replica_context().replica_id.unique_id}  # fmt: skip
 
     @app.get("/ready", responses={503: {"model": ErrorResponse}})

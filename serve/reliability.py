@@ -197,7 +197,7 @@ async def replica_kill(base_url: str, arm: str, rate: float, duration_s: float, 
         async with httpx.AsyncClient(base_url=base_url, timeout=10) as client:
             seen_down = False
             while time.perf_counter() - marks["killed_at"] < duration_s + 60:
-                state = (await client.get("/v1/experiments")).json()["this_replica"]["health"][arm]["state"]
+                state = (await client.get("/health")).json()["arm_state"][arm]
                 seen_down = seen_down or state == "down"
                 if seen_down and state == "up":
                     marks["back_at"] = time.perf_counter()

@@ -131,18 +131,27 @@ def wilson(k: int, n: int, level: float = 0.95) -> tuple[float, float] | None:
 
 def quantile_ratio_ci(arm: LatencyHistogram, ref: LatencyHistogram, q: float, *, reps: int = 1000,
                       level: float = 0.95, seed: int = 0) -> tuple[float, float] | None:
-    """Bootstrap interval of quantile_q(arm) / quantile_q(ref): each replicate redraws both
-    histograms' counts from their own empirical distributions (multinomial)."""
+    """Bootstrap interval of quantile_q(arm) / quantile_q(ref): each replicate resamples both
+    histograms from their own empirical distributions (the quantile of a resample drawn exactly,
+    see `_bootstrap_quantiles`)."""
     if arm.n < 2 or ref.n < 2:
         return None
     rng = np.random.default_rng(seed)
-    va, ca = arm._arrays()
-    vr, cr = ref._arrays()
-    draws_a = rng.multinomial(int(ca.sum()), ca / ca.sum(), size=reps)
-    draws_r = rng.multinomial(int(cr.sum()), cr / cr.sum(), size=reps)
-    ratios = np.array([_quantile(va, a, q) / _quantile(vr, r, q) for a, r in zip(draws_a, draws_r)])
+    ratios = _bootstrap_quantiles(arm, q, reps, rng) / _bootstrap_quantiles(ref, q, reps, rng)
     lo, hi = np.quantile(ratios, [0.5 - level / 2, 0.5 + level / 2])
     return float(lo), float(hi)
+
+
+def _bootstrap_quantiles(h: LatencyHistogram, q: float, reps: int, rng: np.random.Generator) -> np.ndarray:
+    """The q-quantile (nearest rank k) of `reps` resamples of the histogram, drawn exactly without
+    resampling: the k-th smallest of n draws from a distribution is its inverse CDF at the k-th
+    smallest of n uniforms, which is Beta(k, n - k + 1)."""
+    values, counts = h._arrays()
+    n = int(counts.sum())
+    k = max(1, math.ceil(q * n))
+    cdf = np.cumsum(counts) / n
+    u = rng.beta(k, n - k + 1, size=reps)
+    return values[np.minimum(np.searchsorted(cdf, u, side="left"), len(values) - 1)]
 
 
 def mean_difference_ci(a: Moments, b: Moments, level: float = 0.95) -> tuple[float, float] | None:

@@ -363,3 +363,23 @@ def test_ledger_link_delivers_each_batch_once_through_failures():
 
     asyncio.run(go())
     assert ledger.results()["arms"]["ref"]["requests"] == 4
+
+
+def test_the_exact_quantile_resampling_matches_a_plain_bootstrap():
+    """`_bootstrap_quantiles` draws each resample's quantile from its Beta order-statistic law;
+    a plain bootstrap (resample n latencies, take the nearest-rank p95) must give the same spread."""
+    from serve.statistics import _bootstrap_quantiles
+
+    rng = np.random.default_rng(6)
+    h = LatencyHistogram()
+    samples = rng.lognormal(-2.5, 0.6, 800)
+    for x in samples:
+        h.add(float(x))
+    values, counts = h._arrays()
+    plain = []
+    for _ in range(2000):
+        resample = np.sort(rng.choice(values, size=800, p=counts / counts.sum()))
+        plain.append(resample[int(np.ceil(0.95 * 800)) - 1])
+    exact = _bootstrap_quantiles(h, 0.95, 2000, np.random.default_rng(7))
+    for q in (0.05, 0.5, 0.95):
+        assert np.quantile(exact, q) == pytest.approx(np.quantile(plain, q), rel=0.03)
