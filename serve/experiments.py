@@ -27,7 +27,8 @@ def metric_name(key: str) -> str:
 class ArmTally:
     requests: int = 0
     client_errors: int = 0
-    server_errors: int = 0
+    server_errors: int = 0  # the arm failed (500, 504): what the error-rate guardrail judges
+    refused: int = 0  # turned away by backpressure, a passed deadline or a down arm (503): capacity, not faults
     routed_by: Counter = field(default_factory=Counter)
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     cache_hits: int = 0
@@ -44,7 +45,7 @@ class ArmTally:
     clicks_rr: Moments = field(default_factory=Moments)
 
     def merge(self, other: ArmTally) -> None:
-        for name in ("requests", "client_errors", "server_errors", "cache_hits", "cache_misses", "batch_requests_sum",
+        for name in ("requests", "client_errors", "server_errors", "refused", "cache_hits", "cache_misses", "batch_requests_sum",
                      "shadow_requests", "shadow_errors", "shadow_dropped"):  # fmt: skip
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.routed_by.update(other.routed_by)
@@ -59,7 +60,7 @@ class ArmTally:
 
     def to_dict(self) -> dict:
         return {
-            "requests": self.requests, "client_errors": self.client_errors, "server_errors": self.server_errors,
+            "requests": self.requests, "client_errors": self.client_errors, "server_errors": self.server_errors, "refused": self.refused,
             "routed_by": dict(self.routed_by), "latency": self.latency.to_dict(), "cache_hits": self.cache_hits,
             "cache_misses": self.cache_misses, "cache_events": dict(self.cache_events), "batch_requests_sum": self.batch_requests_sum,
             "shadow_requests": self.shadow_requests, "shadow_errors": self.shadow_errors, "shadow_dropped": self.shadow_dropped,
@@ -69,7 +70,7 @@ class ArmTally:
 
     @classmethod
     def from_dict(cls, d: dict) -> ArmTally:
-        t = cls(**{k: d[k] for k in ("requests", "client_errors", "server_errors", "cache_hits", "cache_misses",
+        t = cls(**{k: d[k] for k in ("requests", "client_errors", "server_errors", "refused", "cache_hits", "cache_misses",
                                      "batch_requests_sum", "shadow_requests", "shadow_errors", "shadow_dropped")})  # fmt: skip
         t.routed_by = Counter(d["routed_by"])
         t.cache_events = Counter(d["cache_events"])
@@ -95,7 +96,9 @@ class Tally:
         self._record_cache(s, result)
 
     def record_error(self, arm: str, status: int) -> None:
-        if status >= 500:
+        if status == 503:
+            self.arms[arm].refused += 1
+        elif status >= 500:
             self.arms[arm].server_errors += 1
         else:
             self.arms[arm].client_errors += 1

@@ -419,7 +419,7 @@ def _arm_summary(arm: str, t: ArmTally) -> dict[str, Any]:
     answered = t.requests + t.server_errors
     return {
         "requests": t.requests,
-        "errors": {"client": t.client_errors, "server": t.server_errors,
+        "errors": {"client": t.client_errors, "server": t.server_errors, "refused_503": t.refused,
                    "server_rate": round(t.server_errors / answered, 5) if answered else None, "server_rate_ci95": _round(wilson(t.server_errors, answered))},  # fmt: skip
         "routed_by": dict(t.routed_by),
         "latency_ms": {"n": t.latency.n, **{f"p{q}": _ms(t.latency.quantile(q / 100)) for q in (50, 95, 99)}},

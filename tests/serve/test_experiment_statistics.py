@@ -199,8 +199,13 @@ def test_guardrail_needs_significant_evidence():
 def test_error_rate_and_p95_guardrails():
     ledger = ExperimentLedger(fleet(guardrails={"min_agreement": None, "max_error_rate": 0.05, "min_requests": 20}))
     t = tally_with({"cand": 30})
+    for _ in range(200):
+        t.record_error("cand", 503)  # refusals under overload are capacity, not the arm failing
+    send(ledger, t)
+    assert not ledger.results()["control"]["tripped"] and ledger.results()["arms"]["cand"]["errors"]["refused_503"] == 200
+    t = Tally(["ref", "cand"])
     for _ in range(20):
-        t.record_error("cand", 503)
+        t.record_error("cand", 500)
     send(ledger, t)
     assert "error rate" in ledger.results()["control"]["tripped"]["cand"]
     slow = ExperimentLedger(fleet(guardrails={"min_agreement": None, "p95_slo_ms": 100, "min_requests": 20}))
