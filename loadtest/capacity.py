@@ -64,7 +64,9 @@ def sweep_arm(plan: LoadTestPlan, arm: str, user_steps: list[int], slo_ms: float
                                                wait_s=0.0, out_dir=step_dir))  # fmt: skip
         stats = read_stats_csv(final_or_periodic(step_dir, "stats")) if run.stats_csv.exists() else {}
         row = stats.get(f"rerank[{arm}]")
-        step = Step(users, row.requests, row.failures, row.rps, row.p50_ms, row.p95_ms) if row else Step(users, 0, 0, 0.0, None, None)
+        # Throughput counts answered requests only: fast refusals past the arm's bounds are not capacity.
+        answered_rps = row.rps * (row.requests - row.failures) / row.requests if row and row.requests else 0.0
+        step = Step(users, row.requests, row.failures, answered_rps, row.p50_ms, row.p95_ms) if row else Step(users, 0, 0, 0.0, None, None)
         steps.append(step)
         log(f"  {arm:>12} users {users:>3}: {step.rps:7.2f} req/s, p95 {step.p95_ms} ms, {step.failures}/{step.requests} failed")
         if not step.within(slo_ms):
@@ -131,7 +133,7 @@ def plot_capacity(report: dict[str, Any], path: Path) -> Path:
             if a["capacity_rps"]:
                 ax.axvline(a["capacity_rps"], color=line.get_color(), linestyle=":", linewidth=1)
     ax.axhline(report["slo_p95_ms"], color="grey", linestyle="--", linewidth=1, label=f"SLO p95 {report['slo_p95_ms']:g} ms")
-    ax.set_xlabel("throughput (requests/s)")
+    ax.set_xlabel("throughput (answered requests/s)")
     ax.set_ylabel("p95 latency (ms)")
     ax.set_title("Latency against throughput per arm (dotted: capacity)")
     ax.legend(fontsize=8)
