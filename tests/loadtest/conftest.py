@@ -46,6 +46,8 @@ def fleet_app(tiny_model_dir):
         "arms": [{"name": "fp32", "precision": "fp32", **arm}, {"name": "nf4", "precision": "nf4", **arm}],
         "router": {"shadow": {"arm": "nf4", "fraction": 1.0}},
         "cache": {"redis_url": None},
+        # No noise-floor mirror: fp32's cache use must be exactly what its own answers report.
+        "experiment": {"noise_floor_fraction": 0.0},
     }
     owns_ray = not ray.is_initialized()
     if owns_ray:
