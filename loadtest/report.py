@@ -267,13 +267,13 @@ def _agreement_cell(fig: ArmFigures, reference: str | None, top_k_keys: list[str
 
 
 def _agreement_keys(arms: list[ArmFigures]) -> list[str]:
-    """spearman first, then ndcg@k and topk_overlap in the names the endpoint uses."""
+    """spearman first, then ndcg, topk_overlap and rbo in the names the endpoint uses."""
     keys: list[str] = []
     for fig in arms:
         if fig.server:
             keys.extend(k for k in fig.server.agreement if k not in keys)
     order = {"spearman": 0}
-    return sorted(keys, key=lambda k: (order.get(k, 1 if k.startswith("ndcg") else 2), k)) or ["spearman", "ndcg@10", "top10_overlap"]
+    return sorted(keys, key=lambda k: (order.get(k, 1 if k.startswith("ndcg") else 2), k)) or ["spearman", "ndcg", "topk_overlap", "rbo"]
 
 
 def collect(out_dir: Path, reference: str | None = None) -> tuple[dict, list[ArmFigures], LocustRow | None, str | None]:
