@@ -66,7 +66,7 @@ from serve.protocol import (
     TEIRerankResponse,
     WeightsChange,
 )
-from serve.router import ArmRouter, InterleavePolicy, NoiseFloorPolicy, ShadowPolicy, resolve_pin
+from serve.router import ArmRouter, resolve_pin
 from workshop.ranking import agreement, ranking, team_draft_interleave
 
 log = logging.getLogger(__name__)
@@ -125,17 +125,6 @@ async def _awaited(response):
 def score_request(req: RerankRequest, items: list[RerankItem]) -> ScoreRequest:
     """The engine's view of a request: the query, its documents and the instruction."""
     return ScoreRequest(items[0], tuple(items[1:]), req.instruction, req.max_tokens_per_doc)
-
-
-def router_for(control: dict) -> ArmRouter:
-    """The router of a control state from the ledger (`ExperimentLedger.control_state`)."""
-    shadow, floor, inter = control["shadow"], control["noise_floor"], control["interleave"]
-    return ArmRouter(
-        control["weights"],
-        shadow=ShadowPolicy(shadow["arm"], shadow["fraction"]) if shadow else None,
-        noise_floor=NoiseFloorPolicy(floor["arm"], floor["fraction"]),
-        interleave=InterleavePolicy(tuple(inter["arms"]), inter["fraction"]) if inter else None,
-    )
 
 
 def interleaved(a: ArmResult, b: ArmResult, rng: random.Random) -> tuple[list[int], list[int], list[float]]:
@@ -348,7 +337,7 @@ class Ingress:
         of order; a restarted ledger (a new epoch) always wins."""
         key = (control["epoch"], control["version"])
         if key[0] != self._control_key[0] or key[1] > self._control_key[1]:
-            self.router = router_for(control)
+            self.router = ArmRouter.from_control(control)
             self._control_key = key
 
     async def _flush(self) -> None:
@@ -411,7 +400,7 @@ class Ingress:
         try:
             result, decision = await self._call_with_failover(decision, job, deadline)
         except Exception as e:
-            self.link.tally.record_error(decision.arm, error_response(e).status_code)
+            self.link.tally.record_error(decision.arm, classify(e)[0])
             raise
         elapsed = time.perf_counter() - started
         self.link.tally.record_answer(decision.arm, decision.reason, elapsed, result)
@@ -437,7 +426,7 @@ class Ingress:
         results = await asyncio.gather(*(call(a) for a in arms), return_exceptions=True)
         for arm, r in zip(arms, results):
             if isinstance(r, BaseException):
-                self.link.tally.record_error(arm, error_response(r).status_code)
+                self.link.tally.record_error(arm, classify(r)[0])
             else:  # each arm's own latency: the request's media work and its own call
                 self.link.tally.record_answer(arm, "interleaved", ended[arm] - started, r)
                 self.metrics.latency.observe(ended[arm] - started, tags={"arm": arm})

@@ -89,14 +89,15 @@ class ArmRouter:
         self._salt = salt
 
     @classmethod
-    def from_config(cls, fleet, *, rng: random.Random | None = None) -> ArmRouter:
-        """From a `FleetConfig`: arm weights in config order, shadow policy from `router.shadow`."""
-        shadow_cfg, inter = fleet.router.shadow, fleet.router.interleave
+    def from_control(cls, control: dict, *, rng: random.Random | None = None) -> ArmRouter:
+        """From a control state of the experiment ledger (`serve.ledger.ExperimentLedger.control_state`):
+        the live weights, shadow, noise floor and interleaving the ingress routes by."""
+        shadow, floor, inter = control["shadow"], control["noise_floor"], control["interleave"]
         return cls(
-            {a.name: a.weight for a in fleet.arms},
-            shadow=ShadowPolicy(arm=shadow_cfg.arm, fraction=shadow_cfg.fraction) if shadow_cfg else None,
-            noise_floor=NoiseFloorPolicy(fleet.reference_arm, fleet.experiment.noise_floor_fraction),
-            interleave=InterleavePolicy(tuple(inter.arms), inter.fraction) if inter else None,
+            control["weights"],
+            shadow=ShadowPolicy(shadow["arm"], shadow["fraction"]) if shadow else None,
+            noise_floor=NoiseFloorPolicy(floor["arm"], floor["fraction"]),
+            interleave=InterleavePolicy(tuple(inter["arms"]), inter["fraction"]) if inter else None,
             rng=rng,
         )
 

@@ -9,7 +9,8 @@ import pytest
 
 from engine.errors import InputError
 from serve.config import FleetConfig
-from serve.router import ArmRouter, ShadowPolicy, resolve_pin
+from serve.ledger import ExperimentLedger
+from serve.router import ArmRouter, NoiseFloorPolicy, ShadowPolicy, resolve_pin
 
 
 def within_binomial(count: int, n: int, p: float, sigmas: float = 4.5) -> bool:
@@ -107,14 +108,15 @@ def test_shadow_fraction_and_never_primary():
     assert always.route(pin="nf4").shadow_arm is None
 
 
-def test_from_config_and_bad_weights():
+def test_from_the_ledgers_control_state_and_bad_weights():
     fleet = FleetConfig.from_dict(
         {"arms": [{"name": "fp32", "precision": "fp32", "weight": 2}, {"name": "nf4", "precision": "nf4", "weight": 1}],
          "router": {"shadow": {"arm": "nf4", "fraction": 0.5}}}
     )  # fmt: skip
-    router = ArmRouter.from_config(fleet)
+    router = ArmRouter.from_control(ExperimentLedger(fleet).control_state())  # what an ingress starts with
     assert router.shares == pytest.approx({"fp32": 2 / 3, "nf4": 1 / 3})
     assert router.shadow == ShadowPolicy("nf4", 0.5)
+    assert router.noise_floor == NoiseFloorPolicy("fp32", 0.05)
     with pytest.raises(ValueError):
         ArmRouter({"a": 0})
     with pytest.raises(ValueError):
