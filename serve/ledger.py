@@ -335,11 +335,12 @@ class ExperimentLedger:
         elapsed = max(1e-9, now - self.started_at)
         floor = self.tally.arms[self.reference].agreement.get(self.reference, {})
         ref = self.tally.arms[self.reference]
+        weights = self.weights()
         arms = {}
         for cfg in self.fleet.arms:
             t = self.tally.arms[cfg.name]
             arms[cfg.name] = {
-                "precision": cfg.precision, "backend": cfg.backend, "weight": self.weights()[cfg.name],
+                "precision": cfg.precision, "backend": cfg.backend, "weight": weights[cfg.name],
                 **_arm_summary(cfg.name, t),
                 "cost_per_1000_requests": _cost(cfg, t.requests, elapsed),
                 "agreement_with_reference": _agreement(t.agreement.get(self.reference, {})) if cfg.name != self.reference else None,
