@@ -21,7 +21,7 @@ from ray.serve.schema import ServeDeploySchema
 from engine.errors import ConfigError
 from serve.arm import ArmReplica
 from serve.config import FleetConfig
-from serve.deploy_options import APP_NAME, IMPORT_PATH, LEDGER_OPTIONS, arm_options, ingress_options, missing_resources, required_resources
+from serve.deploy_options import APP_NAME, IMPORT_PATH, arm_options, ingress_options, ledger_options, missing_resources, required_resources
 from serve.ingress import Ingress
 from serve.ledger_replica import LedgerReplica
 
@@ -71,11 +71,12 @@ def build_app(args: dict[str, Any]) -> Application:
     placed would hang every request); `check_resources: false` skips that for clusters that
     autoscale to the demand."""
     fleet = resolve_model(load_fleet(args))
+    fleet.resolve_secrets()  # a missing or malformed secret fails the deploy here, naming it, not each replica
     if str(args.get("check_resources", True)).lower() not in ("false", "0", "no"):
         check_cluster_resources(fleet)
     config = fleet.to_dict()
     arms = {arm.name: ArmReplica.options(**arm_options(arm, fleet.http.drain_grace_s)).bind(config, arm.name) for arm in fleet.arms}
-    ledger = LedgerReplica.options(**LEDGER_OPTIONS).bind(config)
+    ledger = LedgerReplica.options(**ledger_options(fleet)).bind(config)
     return Ingress.options(**ingress_options(fleet)).bind(config, arms, ledger)
 
 

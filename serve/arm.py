@@ -108,7 +108,7 @@ class ArmReplica:
     def __init__(self, config: dict, arm_name: str):
         import torch
 
-        fleet = FleetConfig.from_dict(config)
+        fleet = FleetConfig.from_dict(config).resolve_secrets()
         self.arm = fleet.arm(arm_name)
         if self.arm.cpu_nice:
             # Linux niceness is per thread and inherited: the prepare pool, the forward thread and
@@ -124,7 +124,7 @@ class ArmReplica:
             # shows it in the application's status; the main job prints it).
             raise RuntimeError(f"arm {self.arm.name!r} (backend {self.arm.backend}, precision {self.arm.precision}) cannot start: {e}") from None
         self.metrics = ArmMetrics(self.arm.name, self.arm.precision)
-        self.cache = FeatureCache(fleet.cache, on_event=self.metrics.cache_event)
+        self.cache = FeatureCache(fleet.cache.for_mode(self.arm.feature_cache), on_event=self.metrics.cache_event)
         self.fetcher = MediaFetcher(fleet.limits)
         name = self.arm.name
         self._prepare_pool = ThreadPoolExecutor(self.arm.prepare_workers, thread_name_prefix=f"prepare-{name}")

@@ -271,6 +271,7 @@ class FeatureCache:
             timeout = self.config.redis_timeout_s
             self._redis = Redis.from_url(
                 self.config.redis_url,
+                password=self.config.redis_password.get_secret_value() if self.config.redis_password else None,
                 socket_timeout=timeout,
                 socket_connect_timeout=timeout,
                 retry=Retry(NoBackoff(), 0),  # a failed call means bypass, not a retry storm

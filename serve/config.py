@@ -7,6 +7,7 @@ file becomes configuration; an invalid file raises `ConfigError` naming the fiel
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -23,6 +24,38 @@ PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8", "nf4", "awq", "w8
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SecretRef(_Strict):
+    """Where a secret is read when a replica starts: an environment variable or a file (e.g. a
+    Kubernetes Secret as env or volume). Configs then carry the reference, never the value."""
+
+    env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Environment variable holding the secret.")
+    file: str | None = Field(None, min_length=1, description="File holding the secret (surrounding whitespace is ignored; ~ is the replica's home).")
+
+    @model_validator(mode="after")
+    def _one_place(self) -> SecretRef:
+        if (self.env is None) == (self.file is None):
+            raise ValueError("give exactly one of env or file")
+        return self
+
+    def read(self, field: str) -> str:
+        """The secret's value; a ConfigError naming `field` when it is missing or empty."""
+        if self.env is not None:
+            value = os.environ.get(self.env)
+            if value is None:
+                raise ConfigError(f"{field}: environment variable {self.env} is not set")
+            where = f"environment variable {self.env}"
+        else:
+            try:
+                value = Path(self.file).expanduser().read_text()
+            except OSError as e:
+                raise ConfigError(f"{field}: cannot read {self.file}: {e.strerror or e}") from None
+            where = self.file
+        value = value.strip()
+        if not value:
+            raise ConfigError(f"{field}: {where} is empty")
+        return value
 
 
 class ModelConfig(_Strict):
@@ -155,6 +188,10 @@ class ArmConfig(_Strict):
     prepare_workers: int = Field(
         1, ge=1, description="CPU threads preparing requests (decode, resize, tokenize) while the forward pass runs."
     )
+    feature_cache: Literal["shared", "local", "off"] = Field(
+        "shared", description="Image-feature caching of this arm: shared (in-replica LRU, then cache.redis_url), local (the LRU only: "
+        "where fetching features over the network costs about as much as the vision tower), off (neither).",
+    )
 
     @property
     def max_replicas(self) -> int:
@@ -230,6 +267,13 @@ class ExperimentConfig(_Strict):
 
 class IngressConfig(_Strict):
     num_replicas: int = Field(1, ge=1, description="Ingress replicas (spread over nodes by Serve); experiment totals are fleet-wide whichever answers.")
+    max_replicas_per_node: int | None = Field(
+        None, ge=1, description="Serve's bound on ingress replicas per node: 1 with num_replicas >= 2 means losing a node never loses the ingress.",
+    )
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources the ingress and the experiment ledger ask for (e.g. one only CPU "
+        "ingress nodes declare), so they never land on the head or take a GPU node's CPUs.",
+    )
 
 
 class CacheConfig(_Strict):
@@ -239,6 +283,14 @@ class CacheConfig(_Strict):
     max_item_bytes: int = Field(16 * 1024 * 1024, ge=1, description="Entries larger than this are not cached.")
     redis_timeout_s: float = Field(0.05, gt=0, description="Per-operation Redis timeout; slower means bypass.")
     retry_after_s: float = Field(5.0, ge=0, description="After a Redis failure, skip Redis for this long.")
+    redis_password: SecretStr | None = Field(None, description="Password of the cache Redis (prefer redis_password_from in deployed configs).")
+    redis_password_from: SecretRef | None = Field(None, description="Where replicas read the cache Redis's password (env or file).")
+
+    def for_mode(self, mode: str) -> CacheConfig:
+        """The tiers an arm with `feature_cache: mode` uses (shared: both; local: the LRU; off: none)."""
+        if mode == "shared":
+            return self
+        return self.model_copy(update={"redis_url": None, **({"local_max_bytes": 0} if mode == "off" else {})})
 
 
 class LimitsConfig(_Strict):
@@ -284,10 +336,16 @@ class FleetConfig(_Strict):
     cache: CacheConfig = Field(default_factory=CacheConfig, description="Image-feature cache.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Request limits and URL safety.")
     http: HttpConfig = Field(default_factory=HttpConfig, description="Where the HTTP endpoint listens.")
-    api_keys: list[SecretStr] = Field(default_factory=list, description="Bearer keys accepted; empty means no auth.")
+    api_keys: list[SecretStr] = Field(default_factory=list, description="Bearer keys accepted; empty (and no api_keys_from) means no auth.")
+    api_keys_from: SecretRef | None = Field(
+        None, description="Where replicas read more client keys at start (env or file; keys separated by commas or newlines).",
+    )
     admin_keys: dict[str, SecretStr] = Field(
         default_factory=dict, description="Named Bearer keys for the experiment admin endpoints (the name is logged with each change); "
         "distinct from api_keys; empty: every admin call is refused with 403.",
+    )
+    admin_keys_from: SecretRef | None = Field(
+        None, description="Where replicas read more admin keys at start (env or file; `name=key` entries separated by commas or newlines).",
     )
     experiment: ExperimentConfig = Field(default_factory=ExperimentConfig, description="A/B experiment: reference arm, noise floor, guardrails, ramp.")
     ingress: IngressConfig = Field(default_factory=IngressConfig, description="The HTTP ingress deployment.")
@@ -319,6 +377,28 @@ class FleetConfig(_Strict):
         if any(k.get_secret_value() in api for k in self.admin_keys.values()):
             raise ValueError("admin_keys: an admin key must differ from every client API key")
         return self
+
+    def resolve_secrets(self) -> FleetConfig:
+        """This configuration with every secret reference read (api_keys_from, admin_keys_from,
+        cache.redis_password_from): what a replica uses. Never dumped into a config or Serve args."""
+        api = list(self.api_keys)
+        if self.api_keys_from is not None:
+            api += [SecretStr(k) for k in _entries(self.api_keys_from.read("api_keys_from"))]
+        admin = dict(self.admin_keys)
+        if self.admin_keys_from is not None:
+            for entry in _entries(self.admin_keys_from.read("admin_keys_from")):
+                name, sep, key = entry.partition("=")
+                if not sep or not name.strip() or not key.strip():
+                    raise ConfigError("admin_keys_from: each entry must be name=key (the key's value is not shown)")
+                admin[name.strip()] = SecretStr(key.strip())
+        cache = self.cache
+        if cache.redis_password_from is not None:
+            cache = cache.model_copy(update={"redis_password": SecretStr(cache.redis_password_from.read("cache.redis_password_from"))})
+        data = {**self.model_dump(), "api_keys": api, "admin_keys": admin, "cache": cache.model_dump()}
+        try:
+            return FleetConfig.model_validate(data)
+        except ValidationError as e:  # e.g. an admin key equal to a client key
+            raise ConfigError(describe_validation_error(e, "secrets", "configuration")) from None
 
     @property
     def reference_arm(self) -> str:
@@ -357,7 +437,13 @@ class FleetConfig(_Strict):
         data = self.model_dump(mode="json")
         data["api_keys"] = [k.get_secret_value() for k in self.api_keys]
         data["admin_keys"] = {name: k.get_secret_value() for name, k in self.admin_keys.items()}
+        if self.cache.redis_password is not None:
+            data["cache"]["redis_password"] = self.cache.redis_password.get_secret_value()
         return data
+
+
+def _entries(text: str) -> list[str]:
+    return [part.strip() for part in text.replace("\n", ",").split(",") if part.strip()]
 
 
 def read_yaml_mapping(path: str | Path, error: type[Exception]) -> dict:

@@ -20,6 +20,15 @@ INGRESS_MAX_QUEUED = 64
 LEDGER_OPTIONS = {"name": "Ledger", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0}, "max_ongoing_requests": 1000}
 
 
+def ledger_options(fleet: FleetConfig) -> dict[str, Any]:
+    """The ledger goes where the ingress goes (`ingress.resources`): off the head and the GPU nodes."""
+    return {**LEDGER_OPTIONS, "ray_actor_options": {**LEDGER_OPTIONS["ray_actor_options"], **_ingress_resources(fleet)}}
+
+
+def _ingress_resources(fleet: FleetConfig) -> dict[str, Any]:
+    return {"resources": dict(fleet.ingress.resources)} if fleet.ingress.resources else {}
+
+
 def arm_options(arm: ArmConfig, drain_grace_s: float) -> dict[str, Any]:
     """Serve deployment options of one arm (also what a Serve config's `deployments` entry overrides).
     A replica being stopped (shutdown, redeploy, downscale) gets `drain_grace_s` to finish its
@@ -48,11 +57,15 @@ def ingress_options(fleet: FleetConfig) -> dict[str, Any]:
     capacity = sum(
         (a.max_ongoing_requests + max(0, a.max_queued_requests)) * a.max_replicas for a in fleet.arms
     )
-    return {
-        "name": "Ingress", "num_replicas": fleet.ingress.num_replicas, "ray_actor_options": INGRESS_ACTOR_OPTIONS,
+    opts = {
+        "name": "Ingress", "num_replicas": fleet.ingress.num_replicas,
+        "ray_actor_options": {**INGRESS_ACTOR_OPTIONS, **_ingress_resources(fleet)},
         "max_ongoing_requests": max(256, 2 * capacity),
         "max_queued_requests": INGRESS_MAX_QUEUED, "graceful_shutdown_timeout_s": fleet.http.drain_grace_s,
     }  # fmt: skip
+    if fleet.ingress.max_replicas_per_node is not None:
+        opts["max_replicas_per_node"] = fleet.ingress.max_replicas_per_node
+    return opts
 
 
 def required_resources(fleet: FleetConfig) -> dict[str, float]:
@@ -60,6 +73,8 @@ def required_resources(fleet: FleetConfig) -> dict[str, float]:
     the ingress): CPU, GPU, accelerator types and custom resources. Ray's default of 1 CPU per
     replica applies where an arm sets none."""
     need: dict[str, float] = {"CPU": fleet.ingress.num_replicas * float(INGRESS_ACTOR_OPTIONS["num_cpus"])}
+    for key, value in fleet.ingress.resources.items():  # the ledger's share is too small to count
+        need[key] = need.get(key, 0.0) + fleet.ingress.num_replicas * value
     for arm in fleet.arms:
         n = arm.max_replicas
         opts = arm.ray_actor_options

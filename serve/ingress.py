@@ -179,7 +179,7 @@ def _outcome(result: ArmResult, routed_by: str) -> RerankOutcome:
 @serve.ingress(app)
 class Ingress:
     def __init__(self, config: dict, arms: dict[str, DeploymentHandle], ledger: DeploymentHandle):
-        self.fleet = FleetConfig.from_dict(config)
+        self.fleet = FleetConfig.from_dict(config).resolve_secrets()
         self._ledger = ledger
         # Routing starts from the control state the ledger starts with; the first flush brings
         # whatever changed since (an admin call, a guardrail, the ramp).
