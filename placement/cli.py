@@ -16,10 +16,12 @@ from pydantic import ValidationError
 from placement.inventory import Inventory, InventoryError
 from placement.memory import ArchitectureError
 from placement.planner import plan_placement
-from placement.render import OUTPUT_FILES, read_architecture_config, render_outputs, write_outputs
+from placement.outputs import OUTPUT_FILES, render_outputs, write_outputs
+from placement.render import RenderError, read_architecture_config
 from placement.report import format_plan
 from placement.solve import PlacementInfeasible
 from placement.throughput import BenchEngineReport, CapacityReport
+from serve.config import read_yaml_mapping
 
 
 def add_subparser(subparsers) -> argparse.ArgumentParser:
@@ -55,6 +57,9 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
         help="cost: meet the traffic at the lowest cost; capacity: serve the most traffic within --budget",
     )
     parser.add_argument("--budget", type=float, help="cost per hour the capacity objective may spend")
+    parser.add_argument(
+        "--image", help="the project's image as pushed, e.g. ghcr.io/org/rerank-fleet@sha256:... (replaces deployment.image)"
+    )
     parser.set_defaults(func=run_plan)
     return parser
 
@@ -70,12 +75,21 @@ def _load_measurement(path: Path, model, what: str):
         raise InventoryError(f"{path}: invalid {what}: {where}: {first['msg']}") from None
 
 
+def load_inventory(path: Path, *, image: str | None = None) -> Inventory:
+    """The inventory file, with `deployment.image` replaced by `image` when given (validated alike)."""
+    if image is None:
+        return Inventory.from_yaml(path)
+    data = read_yaml_mapping(path, InventoryError)
+    deployment = data.get("deployment") if isinstance(data.get("deployment"), dict) else {}
+    return Inventory.from_dict({**data, "deployment": {**deployment, "image": image}}, source=f"{path} with --image")
+
+
 def run_plan(args: argparse.Namespace) -> int:
     if args.objective == "capacity" and args.budget is None:
         print("error: --objective capacity needs --budget", file=sys.stderr)
         return 2
     try:
-        inventory = Inventory.from_yaml(args.inventory)
+        inventory = load_inventory(args.inventory, image=args.image)
         architecture = read_architecture_config(inventory, args.inventory)
         bench = [_load_measurement(path, BenchEngineReport, "bench engine profile") for path in args.profile]
         capacity = [_load_measurement(path, CapacityReport, "capacity report") for path in args.capacity]
@@ -88,8 +102,12 @@ def run_plan(args: argparse.Namespace) -> int:
         return 1
     print(format_plan(report))
     if args.out is not None:
-        outputs = render_outputs(report, str(args.inventory))
-        written = write_outputs(outputs, {kind: args.out / name for kind, name in OUTPUT_FILES.items()})
+        try:
+            outputs = render_outputs(report, str(args.inventory))
+        except RenderError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        written = write_outputs(outputs, args.out)
         print("\nWrote " + ", ".join(str(p) for p in written))
     return 0
 

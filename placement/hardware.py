@@ -49,6 +49,8 @@ class GpuModel:
     gcp_machines: dict[int, str] = field(default_factory=dict)  # GPUs per node -> GCE machine type
     # GCE machine families n1-* take GPUs as separately attached accelerators; a2/a3/g2 have them built in.
     gcp_attached_accelerator: str | None = None
+    # GKE's node label `cloud.google.com/gke-accelerator`; None where GKE has no such GPU.
+    gke_accelerator: str | None = None
 
     def peak_tflops(self, precision: str) -> float | None:
         """Dense tensor-core peak the given precision's matmuls can use, or None if absent."""
@@ -65,6 +67,7 @@ GPU_CATALOGUE: dict[str, GpuModel] = {
     for g in (
         GpuModel(
             key="H100-80GB",
+            gke_accelerator="nvidia-h100-80gb",
             description="NVIDIA H100 SXM5 80 GB HBM3",
             memory_mib=81559,
             compute_capability=9.0,
@@ -79,6 +82,7 @@ GPU_CATALOGUE: dict[str, GpuModel] = {
         ),
         GpuModel(
             key="A100-80GB",
+            gke_accelerator="nvidia-a100-80gb",
             description="NVIDIA A100 SXM4 80 GB",
             memory_mib=81920,
             compute_capability=8.0,
@@ -93,6 +97,7 @@ GPU_CATALOGUE: dict[str, GpuModel] = {
         ),
         GpuModel(
             key="A100-40GB",
+            gke_accelerator="nvidia-tesla-a100",
             description="NVIDIA A100 SXM4 40 GB",
             memory_mib=40960,
             compute_capability=8.0,
@@ -120,6 +125,7 @@ GPU_CATALOGUE: dict[str, GpuModel] = {
         ),
         GpuModel(
             key="L4",
+            gke_accelerator="nvidia-l4",
             description="NVIDIA L4 24 GB",
             memory_mib=23034,
             compute_capability=8.9,
@@ -147,6 +153,7 @@ GPU_CATALOGUE: dict[str, GpuModel] = {
         ),
         GpuModel(
             key="T4",
+            gke_accelerator="nvidia-tesla-t4",
             description="NVIDIA T4 16 GB",
             memory_mib=15360,
             compute_capability=7.5,
@@ -162,6 +169,7 @@ GPU_CATALOGUE: dict[str, GpuModel] = {
         ),
         GpuModel(
             key="V100-16GB",
+            gke_accelerator="nvidia-tesla-v100",
             description="NVIDIA V100 SXM2 16 GB",
             memory_mib=16384,
             compute_capability=7.0,

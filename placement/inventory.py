@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 from typing import Literal
@@ -35,6 +36,39 @@ class InventoryError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WeightsSpec(_Strict):
+    """Where a node type's replicas find the model weights: mounted at `mount_path` in every pod
+    (container), with `HF_HOME=<mount_path>/hf` so hub ids resolve there too."""
+
+    source: Literal["volume", "object_store", "hub"] = Field(
+        "hub", description="volume: an existing PersistentVolumeClaim or host folder already holding the weights (read-only, offline); "
+        "object_store: copied from `uri` by an init step into local disk at start (offline afterwards); hub: downloaded "
+        "from the Hugging Face hub at start into local disk (token from the fleet Secret when `hub_token`).",
+    )
+    mount_path: str = Field("/models", pattern=r"^/[A-Za-z0-9._/-]*$", description="Absolute folder the weights appear at in the container.")
+    pvc: str | None = Field(None, pattern=r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$", description="volume on Kubernetes: the claim's name (ReadOnlyMany or ReadWriteMany).")
+    host_path: str | None = Field(
+        None, pattern=r"^/[A-Za-z0-9._/-]*$", description="volume: the node's folder (Kubernetes hostPath when no pvc; ray up mounts it into "
+        "the container); object_store and hub on ray up: the host folder the weights are copied to.",
+    )
+    uri: str | None = Field(None, pattern=r"^(s3|gs)://[^\s]+$", description="object_store: s3://bucket/prefix or gs://bucket/prefix holding the weights.")
+    hub_token: bool = Field(False, description="hub: read HF_TOKEN from the fleet Secret (gated or private repositories).")
+    disk_gib: int | None = Field(
+        None, ge=1, description="object_store and hub: local disk the copy may take (the pod's ephemeral-storage request); default: "
+        "the checkpoints' size from the planner's model plus 20 %.",
+    )
+
+    @model_validator(mode="after")
+    def _source_fields(self) -> WeightsSpec:
+        if self.source == "volume" and not (self.pvc or self.host_path):
+            raise ValueError("source volume needs pvc (Kubernetes) or host_path")
+        if self.source == "object_store" and not self.uri:
+            raise ValueError("source object_store needs uri (s3://... or gs://...)")
+        if self.source != "volume" and self.pvc:
+            raise ValueError(f"pvc applies to source volume only, not {self.source}")
+        return self
 
 
 class NodeType(_Strict):
@@ -68,7 +102,12 @@ class NodeType(_Strict):
         None, description="GCE machine type override (default: the catalogue's machine with this many GPUs)."
     )
     k8s_node_selector: dict[str, str] | None = Field(
-        None, description="Kubernetes node selector override (default: nvidia.com/gpu.product=<GPU product label>)."
+        None, description="Kubernetes node selector override (default: the label deployment.k8s_platform gives this GPU)."
+    )
+    weights: WeightsSpec | None = Field(None, description="Where this node type's replicas find the weights (default: deployment.weights).")
+    vision_ms_per_image: float | None = Field(
+        None, gt=0, description="Measured vision-tower time of one typical image on this GPU (ms); default: the roofline. "
+        "Decides whether cached features are worth fetching over the network.",
     )
 
     @field_validator("gpu")
@@ -141,6 +180,10 @@ class TrafficSpec(_Strict):
     tokens_per_image: int = Field(
         1024, ge=1, description="Visual tokens of one image after the 2x2 merge (pixels / (32*32) for Qwen3-VL)."
     )
+    new_image_fraction: float = Field(
+        0.5, ge=0, le=1, description="Share of image documents not seen within cache_window_s (sizes the feature cache)."
+    )
+    cache_window_s: int = Field(3600, ge=1, description="How long a seen image's features are worth keeping in the shared cache.")
     batch_token_budget: int = Field(
         16384, ge=64, description="Token budget of one engine micro-batch; the serving app's model.max_batch_tokens."
     )
@@ -215,6 +258,31 @@ class ConstraintsSpec(_Strict):
         return self.fidelity[precision] < self.floor_for(precision)
 
 
+# registry host (with a dot or a port, or localhost) / path [:tag] [@sha256:digest]
+IMAGE_PATTERN = (
+    r"^(?:[a-z0-9-]+(?:\.[a-z0-9-]+)+(?::[0-9]+)?|[a-z0-9-]+:[0-9]+|localhost)/[a-z0-9]+(?:[._/-][a-z0-9]+)*"
+    r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?(?:@sha256:(?P<digest>[0-9a-f]{64}))?$"
+)
+TARGETS = ("aws", "gcp", "kuberay")
+
+
+class IngressNodesSpec(_Strict):
+    replicas: int = Field(2, ge=1, description="Ingress replicas, one per CPU node (>= 2: losing a node never loses the endpoint).")
+    cpus_per_node: int = Field(4, ge=1, description="CPUs of one ingress node (the k8s pod's request).")
+    memory_gib: int = Field(8, ge=1, description="Memory of one ingress node, GiB.")
+    aws_instance_type: str = Field("m6i.xlarge", description="EC2 instance of an ingress node (ray up).")
+    gcp_machine_type: str = Field("n2-standard-4", description="GCE machine of an ingress node (ray up).")
+
+
+class UpgradeSpec(_Strict):
+    gateway_class: str | None = Field(
+        None, description="Gateway API class for KubeRay's incremental upgrade (NewClusterWithIncrementalUpgrade); without one, "
+        "upgrades are in place (type None): Serve config changes roll replica by replica, image changes are applied as docs/DEPLOY.md says.",
+    )
+    step_percent: int = Field(25, ge=1, le=100, description="Incremental upgrade: traffic moved to the new cluster per step.")
+    interval_s: int = Field(60, ge=1, description="Incremental upgrade: seconds between steps.")
+
+
 class DeploymentSpec(_Strict):
     cluster_name: str = Field("rerank-fleet", pattern=r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$", description="Ray cluster and RayService name.")
     app_name: str = Field("reranker", min_length=1, description="Serve application name.")
@@ -227,21 +295,69 @@ class DeploymentSpec(_Strict):
     )
     target_ongoing_requests: float = Field(8, gt=0, description="With autoscaling: requests per replica Serve aims for.")
     redis_url: str | None = Field(
-        None, description="Feature-cache Redis for `ray up` clusters (e.g. a managed Redis); k8s uses its own Service."
+        None, description="Feature-cache Redis for `ray up` clusters (e.g. a managed Redis; its password comes from the secrets "
+        "file, never this URL); k8s renders its own.",
     )
     ray_version: str = Field("2.60.0", description="Ray version installed on every node.")
-    image: str = Field(
-        "rerank-fleet:latest",
-        description="Container image with the project installed on rayproject/ray (ray up docker and KubeRay pods).",
+    image: str | None = Field(
+        None, pattern=IMAGE_PATTERN,
+        description="The project's image (Dockerfile) in a registry the nodes pull from: registry/path:tag, ideally pinned "
+        "with @sha256:<digest> (`rerank-fleet plan --image` overrides it). Not :latest. Required to write deployment files.",
+    )
+    targets: list[Literal["aws", "gcp", "kuberay"]] = Field(
+        default_factory=lambda: ["kuberay"], min_length=1, description=f"What to render besides the Serve config, of {list(TARGETS)}."
+    )
+    k8s_platform: Literal["gke", "eks", "gpu-feature-discovery"] = Field(
+        "gpu-feature-discovery", description="How GPU nodes are labelled: gke (cloud.google.com/gke-accelerator), eks "
+        "(node.kubernetes.io/instance-type), gpu-feature-discovery (nvidia.com/gpu.product).",
+    )
+    weights: WeightsSpec = Field(default_factory=WeightsSpec, description="Where replicas find the weights (node types may override).")
+    ingress: IngressNodesSpec = Field(default_factory=IngressNodesSpec, description="CPU nodes for the HTTP ingress and the experiment ledger.")
+    upgrade: UpgradeSpec = Field(default_factory=UpgradeSpec, description="How a KubeRay deployment takes a new image or cluster spec.")
+    api_auth: bool = Field(True, description="Require client API keys (read by replicas from the fleet Secret, never rendered).")
+    cache_max_memory_gib: float = Field(32, gt=0, description="Most memory the shared feature-cache Redis may take.")
+    cache_network_gbps: float = Field(10, gt=0, description="Throughput one replica gets from the cache Redis, Gbit/s.")
+    cache_rtt_ms: float = Field(0.5, ge=0, description="Round trip to the cache Redis, ms.")
+    kuberay_namespace: str = Field(
+        "kuberay-system", pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", description="Namespace of the KubeRay operator: "
+        "the Ray pods' NetworkPolicy admits it to the dashboard (Serve config, health) and nobody else outside the fleet.",
+    )
+    gcs_storage_gib: int = Field(2, ge=1, description="Persistent volume of the GCS fault-tolerance Redis (k8s).")
+    redis_image: str = Field(
+        "docker.io/library/redis:7.4.2-alpine", pattern=IMAGE_PATTERN, description="Redis image of both k8s Redis servers (pin a digest where your registry mirrors it).",
     )
     aws_image_id: str | None = Field(
-        None, description="AMI with NVIDIA drivers and Docker for ray up on AWS (default: Ray's per-region choice)."
+        None, pattern=r"^ami-[0-9a-f]{8,17}$", description="Pinned AMI for ray up on AWS, with an NVIDIA driver recent enough for the "
+        "image's CUDA (e.g. the Deep Learning Base OSS Nvidia Driver GPU AMI; docs/DEPLOY.md shows how to look it up). Required for aws.",
     )
-    namespace: str = Field("default", pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", description="Kubernetes namespace.")
+    namespace: str = Field("rerank-fleet", pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", description="Kubernetes namespace.")
     aws_region: str = Field("us-west-2", description="AWS region of the ray-up cluster.")
-    gcp_project: str = Field("your-gcp-project", description="GCP project id of the ray-up cluster.")
+    gcp_project: str | None = Field(None, pattern=r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$", description="GCP project id of the ray-up cluster; required for gcp.")
     gcp_region: str = Field("us-central1", description="GCP region of the ray-up cluster.")
     gcp_zone: str = Field("us-central1-a", description="GCP zone of the ray-up cluster.")
+
+    @field_validator("image")
+    @classmethod
+    def _pinned_image(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        match = re.match(IMAGE_PATTERN, value)
+        if match and not match.group("digest") and match.group("tag") in (None, "latest"):
+            raise ValueError("give a version tag or an @sha256 digest: an untagged or :latest image changes under a running cluster")
+        return value
+
+    @model_validator(mode="after")
+    def _target_inputs(self) -> DeploymentSpec:
+        if "aws" in self.targets and not self.aws_image_id:
+            raise ValueError("aws_image_id: required to render for aws (Ray's default AMI's driver is too old for H100 and CUDA 12 images)")
+        if "gcp" in self.targets and not self.gcp_project:
+            raise ValueError("gcp_project: required to render for gcp")
+        return self
+
+    @property
+    def secret_name(self) -> str:
+        """The Kubernetes Secret (and, for ray up, the env file's keys) replicas read their secrets from."""
+        return f"{self.cluster_name}-secrets"
 
 
 class Inventory(_Strict):
@@ -300,6 +416,9 @@ class Inventory(_Strict):
                     f"{node.gpus_per_node} replicas of deployment.replica_cpus={self.deployment.replica_cpus:g}"
                 )
         return self
+
+    def weights_for(self, node: NodeType) -> WeightsSpec:
+        return node.weights or self.deployment.weights
 
     @classmethod
     def from_dict(cls, data: dict, *, source: str = "inventory") -> Inventory:

@@ -1,12 +1,14 @@
-"""What deploys a plan: the Serve config, `ray up` cluster YAMLs for AWS and GCP, and a KubeRay
-RayService with the Redis it uses.
+"""What deploys a plan: the Serve config here, and through `placement.ray_up` and
+`placement.kuberay` the `ray up` cluster YAMLs and the KubeRay RayService with its Redis servers,
+for the targets the inventory names (`deployment.targets`).
 
 Every arm of the plan is one (precision, node type) pair and becomes one Serve deployment
 `Arm-<precision>-<node type>` whose replicas ask for one GPU of that node type's Ray accelerator
 type, so Ray can only place them there. The serving app's arguments are a `serve.config.FleetConfig`
-built with `FleetConfig.from_dict`, so they are valid by construction.
+built with `FleetConfig.from_dict`, so they are valid by construction. Secrets appear only as
+references (files the replicas read at start), never as values.
 
-`regenerate_examples(repo_root)` rewrites the checked-in examples from configs/placement-example.yaml.
+`placement.outputs` turns all of it into files.
 """
 
 from __future__ import annotations
@@ -18,20 +20,32 @@ from pathlib import Path
 
 import yaml
 
-from placement.hardware import GpuModel
+from placement import feature_cache
 from placement.inventory import Inventory, NodeType
 from placement.planner import PlacementReport, arm_name, arm_weights, plan_placement
-from placement.solve import Plan
+from placement.weights import check_arm_weights
 
 INGRESS_DEPLOYMENT = "Ingress"
 SERVE_HTTP_PORT = 8000
-K8S_REDIS_NAME = "redis"
-# Ray's GCS fault tolerance keeps its tables in Redis DB 0; the feature cache uses DB 1 of the same server.
-K8S_CACHE_REDIS_URL = f"redis://{K8S_REDIS_NAME}:6379/1"
-AWS_HEAD_INSTANCE = ("m6i.2xlarge", 8)
-GCP_HEAD_MACHINE = ("n2-standard-8", 8)
-GCP_SOURCE_IMAGE = "projects/deeplearning-platform-release/global/images/family/common-cu124-ubuntu-2204-py310"
-EXAMPLE_INVENTORY = "configs/placement-example.yaml"
+# Ingress nodes declare one unit; each ingress replica (and the ledger) asks for a sliver of it, so
+# they land on those nodes only (never the head or a GPU node), and Serve's max_replicas_per_node
+# spreads the ingress one per node.
+INGRESS_RESOURCE = "rerank_ingress"
+INGRESS_RESOURCE_PER_REPLICA = 0.01
+# Environment variable names are the same everywhere; where the secret files live is per target.
+SECRET_FILES = {"api_keys": "api-keys", "admin_keys": "admin-keys", "redis_cache_password": "redis-cache-password"}
+
+
+class RenderError(ValueError):
+    """A plan that cannot be deployed as asked; the message names the arm, node type or field."""
+
+
+@dataclass(frozen=True)
+class ServeTarget:
+    """What differs between the Serve config of a `ray up` cluster and of a KubeRay one."""
+
+    redis_url: str | None  # the shared feature cache, when some arm uses it
+    secrets_dir: str  # folder the replicas read secret files from
 
 
 def deployment_name(arm: str) -> str:
@@ -81,12 +95,39 @@ def arm_deployments(report: PlacementReport) -> list[ArmDeployment]:
     return arms
 
 
-def fleet_config(report: PlacementReport, *, redis_url: str | None):
+def cache_choices(report: PlacementReport) -> dict[str, feature_cache.CacheChoice]:
+    """The feature-cache tier of every arm (by arm name), from the cost model."""
+    nodes = {n.name: n for n in report.inventory.node_types}
+    return {
+        arm_name(p.precision, p.node_type): feature_cache.choose(report.inventory, report.architecture, nodes[p.node_type])
+        for p in report.plan.placements
+    }
+
+
+def uses_shared_cache(report: PlacementReport) -> bool:
+    return any(c.mode == "shared" for c in cache_choices(report).values())
+
+
+def check_weights(report: PlacementReport) -> None:
+    """Every arm's checkpoint is where its node type's pods mount weights (RenderError otherwise)."""
+    from placement.weights import WeightsPlanError
+
+    nodes = {n.name: n for n in report.inventory.node_types}
+    try:
+        check_arm_weights(report.inventory, [(p.precision, nodes[p.node_type]) for p in report.plan.placements])
+    except WeightsPlanError as e:
+        raise RenderError(str(e)) from None
+
+
+def fleet_config(report: PlacementReport, target: ServeTarget):
     """The serving app's fleet configuration (a validated `serve.config.FleetConfig`) for this plan."""
     from serve.config import FleetConfig  # the serving app's schema; imported here to keep planning Ray-free
 
+    check_weights(report)
     inventory = report.inventory
     deployment = inventory.deployment
+    choices = cache_choices(report)
+    redis_url = target.redis_url if any(c.mode == "shared" for c in choices.values()) else None
     arms = []
     for arm in arm_deployments(report):
         entry: dict = {
@@ -95,6 +136,7 @@ def fleet_config(report: PlacementReport, *, redis_url: str | None):
             "weight": arm.weight,
             "max_ongoing_requests": deployment.max_ongoing_requests,
             "ray_actor_options": arm.actor_options(deployment.replica_cpus),
+            "feature_cache": choices[arm.name].mode,
         }
         spec = next(a for a in inventory.arms if a.precision == arm.precision)
         entry["backend"] = spec.backend
@@ -111,340 +153,74 @@ def fleet_config(report: PlacementReport, *, redis_url: str | None):
                 "target_ongoing_requests": deployment.target_ongoing_requests,
             }
         arms.append(entry)
+
+    def secret(name: str) -> dict:
+        return {"file": f"{target.secrets_dir}/{SECRET_FILES[name]}"}
+
+    cache: dict = {"redis_url": redis_url, "max_item_bytes": feature_cache.max_item_bytes(report.architecture)}
+    if redis_url:
+        cache["redis_password_from"] = secret("redis_cache_password")
     data = {
         "model": {"source": inventory.model.source, "max_batch_tokens": inventory.traffic.batch_token_budget},
         "arms": arms,
-        "cache": {"redis_url": redis_url},
+        "cache": cache,
+        # Inside the cluster the proxy must answer the load balancer / Service, so it binds every interface.
         "http": {"host": "0.0.0.0", "port": SERVE_HTTP_PORT, "route_prefix": deployment.route_prefix},
+        "ingress": {
+            "num_replicas": deployment.ingress.replicas,
+            "max_replicas_per_node": 1,
+            "resources": {INGRESS_RESOURCE: INGRESS_RESOURCE_PER_REPLICA},
+        },
+        "admin_keys_from": secret("admin_keys"),
     }
+    if deployment.api_auth:
+        data["api_keys_from"] = secret("api_keys")
     return FleetConfig.from_dict(data, source="placement plan")
 
 
-def serve_application(report: PlacementReport, *, redis_url: str | None) -> dict:
+def serve_application(report: PlacementReport, target: ServeTarget) -> dict:
     """One Serve application: the app's args, plus each deployment's settings spelled out for operators.
 
     The `deployments` entries are exactly what `serve.app.build_app` sets from the same arms
-    (`serve.deploy_options.arm_options`), so the file shows the replicas and GPU pinning without changing them.
+    (`serve.deploy_options`), so the file shows the replicas and GPU pinning without changing them.
     """
-    from serve.deploy_options import IMPORT_PATH, INGRESS_ACTOR_OPTIONS, LEDGER_OPTIONS, arm_options
+    from serve.deploy_options import IMPORT_PATH, arm_options, ingress_options, ledger_options
 
-    fleet = fleet_config(report, redis_url=redis_url)
-    deployments = [{"name": INGRESS_DEPLOYMENT, "ray_actor_options": {**INGRESS_ACTOR_OPTIONS, "num_gpus": 0}}]
+    fleet = fleet_config(report, target)
+    ingress = ingress_options(fleet)
+    deployments = [
+        {
+            "name": INGRESS_DEPLOYMENT,
+            "num_replicas": ingress["num_replicas"],
+            "max_replicas_per_node": ingress["max_replicas_per_node"],
+            "ray_actor_options": {**ingress["ray_actor_options"], "num_gpus": 0},
+        }
+    ]
     deployments += [arm_options(arm, fleet.http.drain_grace_s) for arm in fleet.arms]
-    deployments.append({**LEDGER_OPTIONS, "ray_actor_options": {**LEDGER_OPTIONS["ray_actor_options"], "num_gpus": 0}})
+    ledger = ledger_options(fleet)
+    deployments.append({**ledger, "ray_actor_options": {**ledger["ray_actor_options"], "num_gpus": 0}})
     deployment = report.inventory.deployment
     return {
         "name": deployment.app_name,
         "route_prefix": deployment.route_prefix,
         "import_path": IMPORT_PATH,
-        "args": {"config": fleet.model_dump(mode="json", exclude_unset=True)},
+        "args": {"config": fleet.model_dump(mode="json", exclude_unset=True)},  # references only: it holds no secret
         "deployments": deployments,
     }
 
 
+# Where a `ray up` node's container finds the secrets: file_mounts copy the operator's folder there.
+RAY_UP_SECRETS_DIR = "~/rerank-fleet-secrets"
+
+
 def render_serve_config(report: PlacementReport) -> dict:
     """`serve deploy` config for a Ray cluster started with `ray up` (feature cache: deployment.redis_url)."""
+    target = ServeTarget(redis_url=report.inventory.deployment.redis_url, secrets_dir=RAY_UP_SECRETS_DIR)
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": "0.0.0.0", "port": SERVE_HTTP_PORT},
-        "applications": [serve_application(report, redis_url=report.inventory.deployment.redis_url)],
+        "applications": [serve_application(report, target)],
     }
-
-
-# --- ray up ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CloudNode:
-    instance: str  # EC2 instance type or GCE machine type
-    vcpus: int
-
-
-# vCPUs of the instance types the catalogue names, so the autoscaler knows a node's CPUs before launch.
-INSTANCE_VCPUS: dict[str, int] = {
-    "p5.48xlarge": 192, "p4de.24xlarge": 96, "p4d.24xlarge": 96,
-    "g6e.xlarge": 4, "g6e.12xlarge": 48, "g6e.48xlarge": 192,
-    "g6.xlarge": 4, "g6.12xlarge": 48, "g6.48xlarge": 192,
-    "g5.xlarge": 4, "g5.12xlarge": 48, "g5.48xlarge": 192,
-    "g4dn.xlarge": 4, "g4dn.12xlarge": 48, "g4dn.metal": 96,
-    "p3.2xlarge": 8, "p3.8xlarge": 32, "p3.16xlarge": 64,
-    "a3-highgpu-1g": 26, "a3-highgpu-2g": 52, "a3-highgpu-4g": 104, "a3-highgpu-8g": 208,
-    "a2-ultragpu-1g": 12, "a2-ultragpu-2g": 24, "a2-ultragpu-4g": 48, "a2-ultragpu-8g": 96,
-    "a2-highgpu-1g": 12, "a2-highgpu-2g": 24, "a2-highgpu-4g": 48, "a2-highgpu-8g": 96,
-    "g2-standard-8": 8, "g2-standard-24": 24, "g2-standard-48": 48, "g2-standard-96": 96,
-    "n1-standard-8": 8, "n1-standard-16": 16, "n1-standard-32": 32, "n1-standard-64": 64,
-}  # fmt: skip
-
-
-def cloud_node(node: NodeType, cloud: str) -> CloudNode | None:
-    """The instance that carries this node type's GPUs on `cloud`, or None if the cloud has none."""
-    gpu = node.gpu_model
-    if cloud == "aws":
-        instance = node.aws_instance_type or gpu.aws_instances.get(node.gpus_per_node)
-    else:
-        instance = node.gcp_machine_type or gpu.gcp_machines.get(node.gpus_per_node)
-    if instance is None:
-        return None
-    return CloudNode(instance, INSTANCE_VCPUS.get(instance, node.cpus_per_node))
-
-
-def ray_node_type_name(node: NodeType) -> str:
-    return f"gpu-{node.name}"
-
-
-def _ray_worker_resources(node: NodeType, vcpus: int) -> dict:
-    return {"CPU": vcpus, "GPU": node.gpus_per_node, f"accelerator_type:{node.accelerator_type}": 1}
-
-
-def _aws_node_config(instance: str, image_id: str | None) -> dict:
-    config: dict = {
-        "InstanceType": instance,
-        "BlockDeviceMappings": [{"DeviceName": "/dev/sda1", "Ebs": {"VolumeSize": 300, "VolumeType": "gp3"}}],
-    }
-    if image_id:
-        config["ImageId"] = image_id
-    return config
-
-
-def _gcp_node_config(machine: str, gpu: GpuModel | None, gpus: int) -> dict:
-    config: dict = {
-        "machineType": machine,
-        "disks": [
-            {
-                "boot": True,
-                "autoDelete": True,
-                "type": "PERSISTENT",
-                "initializeParams": {"diskSizeGb": 300, "sourceImage": GCP_SOURCE_IMAGE},
-            }
-        ],
-    }
-    if gpu is not None:
-        if gpu.gcp_attached_accelerator:
-            # n1 machines take GPUs as attached accelerators; a2/a3/g2 machine types include theirs.
-            config["guestAccelerators"] = [{"acceleratorType": gpu.gcp_attached_accelerator, "acceleratorCount": gpus}]
-        config["scheduling"] = [{"onHostMaintenance": "TERMINATE"}]
-        config["metadata"] = {"items": [{"key": "install-nvidia-driver", "value": "True"}]}
-    return config
-
-
-@dataclass(frozen=True)
-class RenderedYaml:
-    data: dict
-    notes: tuple[str, ...]  # lines for the header comment (e.g. node types a cloud cannot host)
-
-
-def render_ray_up(report: PlacementReport, cloud: str) -> RenderedYaml:
-    """A `ray up` cluster config for `cloud` ("aws" or "gcp"): one worker node type per GPU type."""
-    if cloud not in ("aws", "gcp"):
-        raise ValueError(f"unknown cloud {cloud!r}")
-    inventory = report.inventory
-    deployment = inventory.deployment
-    plan = report.plan
-    notes = []
-    if cloud == "aws":
-        head_instance, head_cpus = AWS_HEAD_INSTANCE
-        provider = {"type": "aws", "region": deployment.aws_region, "cache_stopped_nodes": False}
-        head_config = _aws_node_config(head_instance, deployment.aws_image_id)
-    else:
-        head_instance, head_cpus = GCP_HEAD_MACHINE
-        provider = {
-            "type": "gcp",
-            "region": deployment.gcp_region,
-            "availability_zone": deployment.gcp_zone,
-            "project_id": deployment.gcp_project,
-        }
-        head_config = _gcp_node_config(head_instance, None, 0)
-    node_types: dict = {
-        "head": {"node_config": head_config, "resources": {"CPU": head_cpus, "GPU": 0}, "min_workers": 0, "max_workers": 0}
-    }
-    max_workers = 0
-    for node in inventory.node_types:
-        instance = cloud_node(node, cloud)
-        if instance is None:
-            notes.append(
-                f"node type {node.name!r} ({node.gpu} x{node.gpus_per_node}) has no {cloud.upper()} instance: "
-                f"join such machines with `ray start --address=<head>:6379` (Ray detects "
-                f"accelerator_type:{node.accelerator_type}); the plan puts {_planned_replicas(plan, node.name)} "
-                "replica(s) there"
-            )
-            continue
-        node_config = (
-            _aws_node_config(instance.instance, deployment.aws_image_id)
-            if cloud == "aws"
-            else _gcp_node_config(instance.instance, node.gpu_model, node.gpus_per_node)
-        )
-        node_types[ray_node_type_name(node)] = {
-            "node_config": node_config,
-            "resources": _ray_worker_resources(node, instance.vcpus),
-            # The plan's node count stays up; the autoscaler may add nodes up to the inventory's limit.
-            "min_workers": plan.nodes[node.name],
-            "max_workers": node.node_ceiling,
-        }
-        max_workers += node.node_ceiling
-    data = {
-        "cluster_name": deployment.cluster_name,
-        "max_workers": max_workers,
-        "upscaling_speed": 1.0,
-        "idle_timeout_minutes": 10,
-        "provider": provider,
-        "auth": {"ssh_user": "ubuntu"},
-        # One image for every node: the project installed on top of rayproject/ray:<version>-py311-gpu.
-        "docker": {
-            "image": deployment.image,
-            "container_name": "ray_container",
-            "pull_before_run": True,
-            "run_options": ["--ulimit nofile=65536:65536"],
-        },
-        "available_node_types": node_types,
-        "head_node_type": "head",
-        # Ray 2.60 enables token authentication: every node gets the token made by `ray get-auth-token --generate`.
-        "file_mounts": {"~/.ray/auth_token": "~/.ray/auth_token"},
-        "setup_commands": [],
-        "head_start_ray_commands": [
-            "ray stop",
-            "ulimit -n 65536; ray start --head --port=6379 --object-manager-port=8076 "
-            "--autoscaling-config=~/ray_bootstrap_config.yaml --dashboard-host=0.0.0.0",
-        ],
-        "worker_start_ray_commands": [
-            "ray stop",
-            "ulimit -n 65536; ray start --address=$RAY_HEAD_IP:6379 --object-manager-port=8076",
-        ],
-    }
-    return RenderedYaml(data, tuple(notes))
-
-
-def _planned_replicas(plan: Plan, node_type: str) -> int:
-    return sum(p.replicas for p in plan.placements if p.node_type == node_type)
-
-
-# --- KubeRay ---------------------------------------------------------------------------------
-
-
-def _ray_start_resources(node: NodeType) -> str:
-    # KubeRay hands this to `ray start --resources=...` through a shell, hence the escaped quotes.
-    return json.dumps(json.dumps({f"accelerator_type:{node.accelerator_type}": 1}))
-
-
-def render_rayservice(report: PlacementReport) -> dict:
-    """A KubeRay RayService: head group, one worker group per GPU type, the Serve config inline."""
-    inventory = report.inventory
-    deployment = inventory.deployment
-    plan = report.plan
-    serve_config = {"applications": [serve_application(report, redis_url=K8S_CACHE_REDIS_URL)]}
-    worker_groups = []
-    for node in inventory.node_types:
-        resources = {
-            "cpu": str(node.cpus_per_node),
-            "memory": f"{node.host_memory_gib}Gi",
-            "nvidia.com/gpu": str(node.gpus_per_node),
-        }
-        worker_groups.append(
-            {
-                "groupName": node.name,
-                "replicas": plan.nodes[node.name],
-                "minReplicas": plan.nodes[node.name],
-                "maxReplicas": node.node_ceiling,
-                "rayStartParams": {"resources": _ray_start_resources(node)},
-                "template": {
-                    "spec": {
-                        "containers": [
-                            {
-                                "name": "ray-worker",
-                                "image": deployment.image,
-                                "resources": {"limits": dict(resources), "requests": dict(resources)},
-                            }
-                        ],
-                        "nodeSelector": node.k8s_node_selector or {"nvidia.com/gpu.product": node.gpu_model.k8s_gpu_product},
-                        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-                    }
-                },
-            }
-        )
-    head_resources = {"cpu": "4", "memory": "16Gi"}
-    return {
-        "apiVersion": "ray.io/v1",
-        "kind": "RayService",
-        "metadata": {"name": deployment.cluster_name, "namespace": deployment.namespace},
-        "spec": {
-            "serveConfigV2": _dump_yaml(serve_config),
-            "rayClusterConfig": {
-                "rayVersion": deployment.ray_version,
-                "enableInTreeAutoscaling": any(n.node_ceiling > plan.nodes[n.name] for n in inventory.node_types),
-                "authOptions": {"mode": "token"},
-                "gcsFaultToleranceOptions": {"redisAddress": f"{K8S_REDIS_NAME}:6379"},
-                "headGroupSpec": {
-                    "rayStartParams": {"dashboard-host": "0.0.0.0", "num-gpus": "0"},
-                    "template": {
-                        "spec": {
-                            "containers": [
-                                {
-                                    "name": "ray-head",
-                                    "image": deployment.image,
-                                    "resources": {"limits": dict(head_resources), "requests": dict(head_resources)},
-                                    "ports": [
-                                        {"containerPort": 6379, "name": "gcs-server"},
-                                        {"containerPort": 8265, "name": "dashboard"},
-                                        {"containerPort": 10001, "name": "client"},
-                                        {"containerPort": SERVE_HTTP_PORT, "name": "serve"},
-                                    ],
-                                }
-                            ]
-                        }
-                    },
-                },
-                "workerGroupSpecs": worker_groups,
-            },
-        },
-    }
-
-
-def render_redis(report: PlacementReport) -> list[dict]:
-    """Redis Deployment and Service: GCS fault tolerance (DB 0) and the image-feature cache (DB 1)."""
-    namespace = report.inventory.deployment.namespace
-    labels = {"app.kubernetes.io/name": K8S_REDIS_NAME, "app.kubernetes.io/part-of": report.inventory.deployment.cluster_name}
-    resources = {"cpu": "1", "memory": "3Gi"}
-    deployment = {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": K8S_REDIS_NAME, "namespace": namespace, "labels": labels},
-        "spec": {
-            "replicas": 1,
-            "selector": {"matchLabels": {"app.kubernetes.io/name": K8S_REDIS_NAME}},
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    "containers": [
-                        {
-                            "name": "redis",
-                            "image": "redis:7.4-alpine",
-                            # Only keys with a TTL (cache entries) are evicted, never Ray's GCS tables.
-                            "args": ["--appendonly", "yes", "--maxmemory", "2gb", "--maxmemory-policy", "volatile-lru"],
-                            "ports": [{"containerPort": 6379, "name": "redis"}],
-                            "resources": {"limits": dict(resources), "requests": dict(resources)},
-                            "readinessProbe": {"exec": {"command": ["redis-cli", "ping"]}, "periodSeconds": 5},
-                            "livenessProbe": {"tcpSocket": {"port": 6379}, "periodSeconds": 10},
-                            "volumeMounts": [{"name": "data", "mountPath": "/data"}],
-                        }
-                    ],
-                    "volumes": [{"name": "data", "emptyDir": {}}],
-                },
-            },
-        },
-    }
-    service = {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": K8S_REDIS_NAME, "namespace": namespace, "labels": labels},
-        "spec": {
-            "type": "ClusterIP",
-            "selector": {"app.kubernetes.io/name": K8S_REDIS_NAME},
-            "ports": [{"name": "redis", "port": 6379, "targetPort": 6379}],
-        },
-    }
-    return [deployment, service]
-
-
-# --- files -------------------------------------------------------------------------------------
 
 
 class _BlockDumper(yaml.SafeDumper):
@@ -462,61 +238,12 @@ def _str_representer(dumper: yaml.SafeDumper, value: str):
 _BlockDumper.add_representer(str, _str_representer)
 
 
-def _dump_yaml(data) -> str:
+def dump_yaml(data) -> str:
     return yaml.dump(data, Dumper=_BlockDumper, sort_keys=False, default_flow_style=False, width=4096)
 
 
-def _header(source: str, what: str, notes: tuple[str, ...] = ()) -> str:
-    lines = [
-        f"# {what}",
-        f"# Generated by `rerank-fleet plan {source}` (placement.render); do not edit by hand.",
-    ]
-    lines += [f"# NOTE: {note}" for note in notes]
-    return "\n".join(lines) + "\n"
-
-
-@dataclass(frozen=True)
-class PlanOutputs:
-    """The text of every file a plan produces, keyed by kind."""
-
-    serve: str
-    aws: str
-    gcp: str
-    rayservice: str
-    redis: str
-
-
-def render_outputs(report: PlacementReport, source: str) -> PlanOutputs:
-    aws = render_ray_up(report, "aws")
-    gcp = render_ray_up(report, "gcp")
-    return PlanOutputs(
-        serve=_header(source, "Ray Serve config (serve deploy) for the planned arms.") + _dump_yaml(render_serve_config(report)),
-        aws=_header(source, "ray up cluster config for AWS.", aws.notes) + _dump_yaml(aws.data),
-        gcp=_header(source, "ray up cluster config for GCP.", gcp.notes) + _dump_yaml(gcp.data),
-        rayservice=_header(source, "KubeRay RayService for the planned arms (apply k8s/redis.yaml first).")
-        + _dump_yaml(render_rayservice(report)),
-        redis=_header(source, "Redis for GCS fault tolerance and the image-feature cache.")
-        + yaml.dump_all(render_redis(report), Dumper=_BlockDumper, sort_keys=False, width=4096),
-    )
-
-
-OUTPUT_FILES = {"serve": "serve.yaml", "aws": "aws.yaml", "gcp": "gcp.yaml", "rayservice": "rayservice.yaml", "redis": "redis.yaml"}
-EXAMPLE_FILES = {
-    "serve": "configs/serve-example.yaml",
-    "aws": "cluster/aws-example.yaml",
-    "gcp": "cluster/gcp-example.yaml",
-    "rayservice": "k8s/rayservice-example.yaml",
-    "redis": "k8s/redis.yaml",
-}
-
-
-def write_outputs(outputs: PlanOutputs, paths: dict[str, Path]) -> list[Path]:
-    written = []
-    for kind, path in paths.items():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(getattr(outputs, kind))
-        written.append(path)
-    return written
+def dump_yaml_all(documents: list) -> str:
+    return yaml.dump_all(documents, Dumper=_BlockDumper, sort_keys=False, width=4096)
 
 
 def read_architecture_config(inventory: Inventory, inventory_path: Path) -> dict:
@@ -531,30 +258,3 @@ def read_architecture_config(inventory: Inventory, inventory_path: Path) -> dict
     from huggingface_hub import hf_hub_download
 
     return json.loads(Path(hf_hub_download(reference, "config.json")).read_text())
-
-
-def example_report(repo_root: Path) -> PlacementReport:
-    inventory_path = repo_root / EXAMPLE_INVENTORY
-    inventory = Inventory.from_yaml(inventory_path)
-    return plan_placement(inventory, read_architecture_config(inventory, inventory_path))
-
-
-def expected_examples(repo_root: Path) -> dict[Path, str]:
-    """Every checked-in example file and the text a fresh generation gives it."""
-    from placement.report import memory_table_markdown, replace_generated_block
-
-    repo_root = Path(repo_root)
-    outputs = render_outputs(example_report(repo_root), EXAMPLE_INVENTORY)
-    files = {repo_root / rel: getattr(outputs, kind) for kind, rel in EXAMPLE_FILES.items()}
-    docs = repo_root / "docs" / "PLACEMENT.md"
-    files[docs] = replace_generated_block(docs.read_text(), memory_table_markdown(repo_root / "configs" / "models"))
-    return files
-
-
-def regenerate_examples(repo_root: str | Path) -> list[Path]:
-    """Rewrite the checked-in examples (cluster/, k8s/, configs/serve-example.yaml, the docs table)."""
-    written = []
-    for path, text in expected_examples(Path(repo_root)).items():
-        path.write_text(text)
-        written.append(path)
-    return written

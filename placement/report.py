@@ -99,7 +99,7 @@ def format_plan(report: PlacementReport) -> str:
 
 # --- docs -----------------------------------------------------------------------------------
 
-DOCS_BEGIN = "<!-- generated:memory-table (placement.render.regenerate_examples) -->"
+DOCS_BEGIN = "<!-- generated:memory-table (placement.outputs.regenerate_examples) -->"
 DOCS_END = "<!-- /generated:memory-table -->"
 DOCS_MODELS = (("Qwen3-VL(-Reranker)-8B", "qwen3-vl-8b.json"), ("Qwen3-VL(-Reranker)-2B", "qwen3-vl-2b.json"))
 # The workload the docs table is computed for: the serving app's default micro-batch, image documents present.

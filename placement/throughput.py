@@ -71,7 +71,7 @@ def _decoder_pair_flops(arch: Architecture, counts: ParameterCounts, tokens: int
     return projections + causal_attention + last_token_head
 
 
-def _vision_image_flops(arch: Architecture, image_tokens: int) -> float:
+def vision_image_flops(arch: Architecture, image_tokens: int) -> float:
     v = arch.vision
     patches = image_tokens * v.merge * v.merge
     mlp_weights = (3 if v.gated_mlp else 2) * v.hidden * v.intermediate
@@ -87,7 +87,7 @@ def _vision_image_flops(arch: Architecture, image_tokens: int) -> float:
 
 def mean_pair_flops(arch: Architecture, counts: ParameterCounts, shape: PairShape) -> float:
     text = _decoder_pair_flops(arch, counts, shape.text_pair_tokens)
-    image = _decoder_pair_flops(arch, counts, shape.image_pair_tokens) + _vision_image_flops(arch, shape.image_tokens)
+    image = _decoder_pair_flops(arch, counts, shape.image_pair_tokens) + vision_image_flops(arch, shape.image_tokens)
     return (1 - shape.image_share) * text + shape.image_share * image
 
 

@@ -229,13 +229,13 @@ def test_a_vllm_arm_is_held_to_the_share_vllm_reserves_and_renders_its_backend(q
     """A vLLM replica fills at most its gpu_memory_utilization of the card (the rest of that share
     is its KV-cache pool): fp16 8B (~19 GiB a replica) fits an L4 (24 GiB) at 0.9, not at 0.6,
     and the refusal says why. The rendered Serve config carries each arm's backend."""
-    from placement.render import fleet_config
+    from placement.render import ServeTarget, fleet_config
 
     arms = [{"precision": "fp16", "backend": "vllm", "vllm_memory_fraction": 0.9}, {"precision": "nf4"}]
     report = plan_placement(inventory(arms=arms), qwen3_vl_8b)
     fp16_l4 = report.assessment("fp16", "l4")
     assert fp16_l4.rejection is None and fp16_l4.usable_bytes == int(fp16_l4.node_type.gpu_memory_bytes * 0.9)
-    fleet = fleet_config(report, redis_url=None)
+    fleet = fleet_config(report, ServeTarget(redis_url=None, secrets_dir="/secrets"))
     backends = {a.precision: (a.backend, a.vllm.gpu_memory_utilization) for a in fleet.arms}
     assert backends.get("fp16") == ("vllm", 0.9) and backends.get("nf4", ("transformers",))[0] == "transformers"
 

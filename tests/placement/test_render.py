@@ -17,20 +17,17 @@ from ray.serve.schema import ServeDeploySchema
 from placement.cli import main
 from placement.inventory import Inventory
 from placement.planner import PlacementReport, plan_placement
-from placement.render import (
-    expected_examples,
-    read_architecture_config,
-    render_outputs,
-    render_rayservice,
-    render_redis,
-    render_serve_config,
-)
+from placement.kuberay import render_rayservice
+from placement.outputs import expected_examples, render_outputs
+from placement.redis_k8s import render_redis
+from placement.render import read_architecture_config, render_serve_config
 from serve.config import FleetConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # CI clones the repo with shared/ beside it.
 KUBERAY_DIR = Path(__file__).resolve().parents[2] / ".." / "shared" / "kuberay"
-K8S_VERSION = "1.30"
+# The newest Kubernetes version kubernetes-validate ships schemas for.
+K8S_VERSION = kubernetes_validate.utils.latest_version()
 INVENTORIES = ["configs/placement-example.yaml", "configs/placement-small.yaml"]
 
 
@@ -54,7 +51,7 @@ CASES = [(inv, autoscaling) for inv in INVENTORIES for autoscaling in (False, Tr
 @pytest.mark.parametrize("cloud", ["aws", "gcp"])
 def test_ray_up_yaml_passes_rays_own_validation(inventory, autoscaling, cloud):
     outputs = render_outputs(report_for(inventory, autoscaling), inventory)
-    config = yaml.safe_load(getattr(outputs, cloud))
+    config = yaml.safe_load(outputs[cloud])
     prepared = prepare_config(copy.deepcopy(config))  # offline: fills defaults, no cloud calls
     validate_config(prepared)
     assert prepared["provider"]["type"] == cloud
@@ -63,7 +60,7 @@ def test_ray_up_yaml_passes_rays_own_validation(inventory, autoscaling, cloud):
     for node in report.inventory.node_types:
         entry = workers.get(f"gpu-{node.name}")
         if entry is None:  # not sold by this cloud: named in the header instead
-            assert f"node type {node.name!r}" in getattr(outputs, cloud).split("\ncluster_name")[0]
+            assert f"node type {node.name!r}" in outputs[cloud].split("\ncluster_name")[0]
             continue
         assert entry["resources"]["GPU"] == node.gpus_per_node
         assert entry["resources"][f"accelerator_type:{node.accelerator_type}"] == 1
@@ -142,18 +139,22 @@ def rayservice_validator() -> jsonschema.protocols.Validator:
 @pytest.mark.parametrize(("inventory", "autoscaling"), CASES)
 def test_rayservice_validates_against_the_kuberay_crd(inventory, autoscaling):
     report = report_for(inventory, autoscaling)
-    manifest = render_rayservice(report)
+    manifest = render_rayservice(report).data
     rayservice_validator().validate(manifest)
     # serveConfigV2 is a string in the CRD: the Serve config inside it is validated on its own.
     serve_config = yaml.safe_load(manifest["spec"]["serveConfigV2"])
     ServeDeploySchema.model_validate(serve_config)
-    assert serve_config["applications"][0]["args"]["config"]["cache"]["redis_url"] == "redis://redis:6379/1"
+    cache = serve_config["applications"][0]["args"]["config"]["cache"]
+    assert cache.get("redis_url") in (None, f"redis://{report.inventory.deployment.cluster_name}-cache-redis:6379/0")
     groups = {g["groupName"]: g for g in manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
     for node in report.inventory.node_types:
-        group = groups[node.name]
+        group = groups.get(node.name)
+        if group is None:  # a GPU the platform lacks, where the plan puts nothing: named in the notes
+            assert not any(p.node_type == node.name for p in report.plan.placements)
+            continue
         container = group["template"]["spec"]["containers"][0]
         assert container["resources"]["limits"]["nvidia.com/gpu"] == str(node.gpus_per_node)
-        assert group["template"]["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": node.gpu_model.k8s_gpu_product}
+        assert group["template"]["spec"]["nodeSelector"] == _expected_selector(report, node)
         assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in group["template"]["spec"]["tolerations"]
         assert json.loads(json.loads(group["rayStartParams"]["resources"])) == {f"accelerator_type:{node.accelerator_type}": 1}
         # The pod template is a core PodTemplateSpec: check it with the Kubernetes schema too.
@@ -161,8 +162,19 @@ def test_rayservice_validates_against_the_kuberay_crd(inventory, autoscaling):
         kubernetes_validate.validate(pod_template, K8S_VERSION, strict=True)
 
 
+def _expected_selector(report, node):
+    platform = report.inventory.deployment.k8s_platform
+    if node.k8s_node_selector:
+        return node.k8s_node_selector
+    if platform == "gke":
+        return {"cloud.google.com/gke-accelerator": node.gpu_model.gke_accelerator}
+    if platform == "eks":
+        return {"node.kubernetes.io/instance-type": node.gpu_model.aws_instances[node.gpus_per_node]}
+    return {"nvidia.com/gpu.product": node.gpu_model.k8s_gpu_product}
+
+
 def test_rayservice_schema_check_catches_a_misspelt_field():
-    manifest = render_rayservice(report_for(INVENTORIES[1]))
+    manifest = render_rayservice(report_for(INVENTORIES[1])).data
     manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["maxReplica"] = 3
     with pytest.raises(jsonschema.ValidationError, match="maxReplica"):
         rayservice_validator().validate(manifest)
@@ -172,7 +184,7 @@ def test_rayservice_schema_check_catches_a_misspelt_field():
 def test_redis_manifests_validate_against_the_kubernetes_schemas(inventory):
     for manifest in render_redis(report_for(inventory)):
         kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
-    bad = render_redis(report_for(inventory))[1]
+    bad = render_redis(report_for(inventory))[0]
     bad["spec"]["ports"][0]["port"] = "six-three-seven-nine"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(bad, K8S_VERSION, strict=True)
@@ -188,7 +200,7 @@ def test_checked_in_examples_equal_a_fresh_generation():
         if not path.exists() or path.read_text() != text
     ]
     assert not stale, (
-        f"out of date: {stale}; run python -c \"from placement.render import regenerate_examples; regenerate_examples('.')\""
+        f"out of date: {stale}; run python -c \"from placement.outputs import regenerate_examples; regenerate_examples('.')\""
     )
 
 
@@ -199,6 +211,7 @@ def test_checked_in_examples_are_valid_files():
     for manifest in yaml.safe_load_all((REPO_ROOT / "k8s/redis.yaml").read_text()):
         kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
     rayservice_validator().validate(yaml.safe_load((REPO_ROOT / "k8s/rayservice-example.yaml").read_text()))
+    ServeDeploySchema.model_validate(yaml.safe_load(yaml.safe_load((REPO_ROOT / "k8s/rayservice-example.yaml").read_text())["spec"]["serveConfigV2"]))
 
 
 # ---- CLI ------------------------------------------------------------------------------------
@@ -210,7 +223,20 @@ def test_cli_prints_the_table_and_writes_every_file(tmp_path, capsys):
     for heading in ("Chosen arms", "Nodes", "Memory per replica", "Throughput per replica", "Rejected options"):
         assert heading in out
     assert "bf16 on t4: bf16 needs compute capability >= 8.0" in out
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["aws.yaml", "gcp.yaml", "rayservice.yaml", "redis.yaml", "serve.yaml"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["aws.yaml", "gcp.yaml", "network-policy.yaml", "rayservice.yaml", "redis.yaml", "serve.yaml"]
+
+
+def test_cli_image_replaces_the_inventorys_and_is_validated(tmp_path, capsys):
+    pinned = "ghcr.io/acme/rerank-fleet@sha256:" + "ab" * 32
+    assert main(["plan", str(REPO_ROOT / INVENTORIES[1]), "--image", pinned, "--out", str(tmp_path)]) == 0
+    assert yaml.safe_load((tmp_path / "rayservice.yaml").read_text())["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"][
+        "containers"][0]["image"] == pinned  # fmt: skip
+    assert f"image: {pinned}" in (tmp_path / "aws.yaml").read_text()
+    capsys.readouterr()
+    for bad, reason in [("rerank-fleet:0.1.0", "deployment.image"), ("ghcr.io/acme/rerank-fleet:latest", "version tag or an @sha256 digest"),
+                        ("ghcr.io/acme/rerank-fleet", "version tag or an @sha256 digest")]:  # fmt: skip
+        assert main(["plan", str(REPO_ROOT / INVENTORIES[1]), "--image", bad, "--out", str(tmp_path)]) == 2
+        assert reason in capsys.readouterr().err
 
 
 def test_cli_refuses_an_infeasible_inventory_with_the_reason(tmp_path, capsys):

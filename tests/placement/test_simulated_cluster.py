@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from placement.render import INGRESS_RESOURCE
+
 pytestmark = pytest.mark.ray
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -63,6 +65,8 @@ def cluster(small_plan):
                     resources={f"accelerator_type:{node.accelerator_type}": 1},
                 )
         sim.add_node(num_cpus=2, num_gpus=2, resources={f"accelerator_type:{DECOY_ACCELERATOR}": 1})
+        for _ in range(small_plan.inventory.deployment.ingress.replicas):  # the ingress nodes, as ray_up and kuberay declare them
+            sim.add_node(num_cpus=1, num_gpus=0, resources={INGRESS_RESOURCE: 1})
         sim.wait_for_nodes()
         sim.connect()
         yield sim
@@ -116,8 +120,11 @@ def _assert_every_replica_on_its_planned_node_type(report, app_name: str) -> Non
         assert Counter(accelerators[n] for n in nodes) == Counter({wanted: placement.replicas}), name
     arm_nodes = {n for name, nodes in replicas.items() if name.startswith("Arm-") for n in nodes}
     assert DECOY_ACCELERATOR not in {accelerators[n] for n in arm_nodes}
-    # The ingress asks for no GPU, so it may run anywhere (the decoy node included).
-    assert len(replicas.get("Ingress", [])) == 1
+    # The ingress (and the ledger) run on the ingress nodes only, one ingress replica per node.
+    ingress_nodes = {n["NodeID"] for n in __import__("ray").nodes() if n["Alive"] and INGRESS_RESOURCE in n["Resources"]}
+    ingress = replicas.get("Ingress", [])
+    assert len(ingress) == report.inventory.deployment.ingress.replicas == len(set(ingress)) and set(ingress) <= ingress_nodes
+    assert set(replicas.get("Ledger", [])) <= ingress_nodes
 
 
 def test_stand_in_deployments_land_on_their_planned_gpu_types(small_plan, cluster):
@@ -154,7 +161,10 @@ def test_stand_in_deployments_land_on_their_planned_gpu_types(small_plan, cluste
         for name, settings in deployments.items()
         if name.startswith("Arm-")
     ]
-    ingress = IngressStandIn.options(name="Ingress", ray_actor_options=deployments["Ingress"]["ray_actor_options"]).bind(*arms)
+    ingress = IngressStandIn.options(
+        name="Ingress", num_replicas=deployments["Ingress"]["num_replicas"], max_replicas_per_node=deployments["Ingress"]["max_replicas_per_node"],
+        ray_actor_options=deployments["Ingress"]["ray_actor_options"],
+    ).bind(*arms)
     serve.start(http_options={"host": "127.0.0.1", "port": _free_port()}, proxy_location="HeadOnly")
     serve.run(ingress, name="standin", route_prefix="/standin")
     try:
@@ -178,13 +188,13 @@ def _tiny_model_source() -> str | None:
 
 
 @pytest.mark.skipif(_tiny_model_source() is None, reason="the tiny model is not built yet (the engine tests build it)")
-def test_the_serving_app_lands_on_its_planned_gpu_types(small_plan, cluster):
+def test_the_serving_app_lands_on_its_planned_gpu_types(small_plan, cluster, tmp_path_factory):
     """The real app (`serve.app.build_app`) from the generated Serve config, model source 'tiny'
     (or the tiny build RERANK_TEST_MODEL_DIR names).
 
-    Only two things change from the generated config: the model is the project's tiny offline
-    model, and the engines run on CPU since the GPUs are simulated. Replica counts and
-    ray_actor_options are as generated.
+    Only three things change from the generated config: the model is the project's tiny offline
+    model, the engines run on CPU since the GPUs are simulated, and the secret files it references
+    are in a temporary folder. Replica counts and ray_actor_options are as generated.
     """
     from ray import serve
 
@@ -194,6 +204,11 @@ def test_the_serving_app_lands_on_its_planned_gpu_types(small_plan, cluster):
     (application,) = render_serve_config(small_plan)["applications"]
     fleet = application["args"]["config"]
     fleet["model"]["source"] = _tiny_model_source()
+    secrets = tmp_path_factory.mktemp("secrets")
+    (secrets / "api-keys").write_text("client-key")
+    (secrets / "admin-keys").write_text("ops=admin-key")
+    for field in ("api_keys_from", "admin_keys_from"):
+        fleet[field] = {"file": str(secrets / Path(fleet[field]["file"]).name)}
     for arm in fleet["arms"]:
         arm["device"] = "cpu"
     serve.start(http_options={"host": "127.0.0.1", "port": _free_port()}, proxy_location="HeadOnly")

@@ -1,0 +1,97 @@
+"""Whether caching image features pays, per arm, and how big the shared cache must be.
+
+A cached image skips the vision tower but costs moving its features: (1 + deepstack mergers) x
+visual tokens x decoder width x 2 bytes, 32 MiB for one 1024-token image of Qwen3-VL-8B. On a
+slow GPU the tower costs far more than that transfer, so the shared Redis tier pays; on an
+H100 the tower costs about as much as the transfer, so only the in-replica LRU (a memory copy)
+does. Pure functions of the plan: no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from engine.config import DEFAULT_MAX_PIXELS, FACTOR
+from placement.inventory import Inventory, NodeType
+from placement.memory import Architecture
+from placement.throughput import KERNEL_EFFICIENCY, vision_image_flops
+
+FEATURE_DTYPE_BYTES = 2  # features are kept and cached in bf16/fp16
+# Shared only when fetching costs at most half the tower's time: a hit must save real work after
+# Redis's own jitter and deserialisation.
+FETCH_TO_VISION_LIMIT = 0.5
+MIB = 1024**2
+MIN_CACHE_BYTES = 256 * MIB
+REDIS_OVERHEAD = 1.10  # per-key bookkeeping and allocator slack
+
+
+def image_feature_bytes(arch: Architecture, image_tokens: int) -> int:
+    """Bytes of one image's cached features (the merger's output and each deepstack merger's)."""
+    return (1 + arch.vision.deepstack_layers) * image_tokens * arch.vision.out_hidden * FEATURE_DTYPE_BYTES
+
+
+def max_item_bytes(arch: Architecture) -> int:
+    """The cache's per-entry bound: the features of the largest image the model accepts, rounded up to a MiB."""
+    largest = image_feature_bytes(arch, DEFAULT_MAX_PIXELS // (FACTOR * FACTOR))
+    return math.ceil(largest * 1.02 / MIB) * MIB  # + the entry's header
+
+
+@dataclass(frozen=True)
+class CacheChoice:
+    """The feature-cache tier of one arm and the figures behind it."""
+
+    mode: str  # "shared" | "local" | "off", the arm's `feature_cache`
+    feature_mib: float
+    vision_ms: float
+    fetch_ms: float
+    reason: str
+
+
+def vision_ms(node: NodeType, arch: Architecture, image_tokens: int) -> tuple[float, str]:
+    if node.vision_ms_per_image is not None:
+        return node.vision_ms_per_image, "measured"
+    # The tower runs in 16-bit on every arm (quantised arms quantise the decoder only).
+    flops = vision_image_flops(arch, image_tokens)
+    return flops / (node.gpu_model.fp16_tflops * 1e12 * KERNEL_EFFICIENCY["bf16"]) * 1e3, "roofline"
+
+
+def choose(inventory: Inventory, arch: Architecture, node: NodeType) -> CacheChoice:
+    traffic, deployment = inventory.traffic, inventory.deployment
+    nbytes = image_feature_bytes(arch, traffic.tokens_per_image)
+    tower_ms, how = vision_ms(node, arch, traffic.tokens_per_image)
+    fetch = deployment.cache_rtt_ms + nbytes * 8 / (deployment.cache_network_gbps * 1e9) * 1e3
+    figures = f"{nbytes / MIB:.1f} MiB per image: fetch {fetch:.1f} ms vs vision tower {tower_ms:.1f} ms ({how}) on {node.gpu}"
+    if traffic.image_share == 0:
+        return CacheChoice("off", nbytes / MIB, tower_ms, fetch, "no image traffic")
+    if fetch <= FETCH_TO_VISION_LIMIT * tower_ms:
+        return CacheChoice("shared", nbytes / MIB, tower_ms, fetch, f"{figures}: the shared Redis pays")
+    return CacheChoice("local", nbytes / MIB, tower_ms, fetch, f"{figures}: only the in-replica LRU pays")
+
+
+@dataclass(frozen=True)
+class CacheSizing:
+    maxmemory_bytes: int
+    working_set_bytes: int
+    detail: str
+
+    @property
+    def fits_fraction(self) -> float:
+        return min(1.0, self.maxmemory_bytes / self.working_set_bytes) if self.working_set_bytes else 1.0
+
+
+def size_shared_cache(inventory: Inventory, arch: Architecture) -> CacheSizing:
+    """Redis `maxmemory` for the new images of one cache window, within deployment.cache_max_memory_gib."""
+    traffic = inventory.traffic
+    new_images_per_s = traffic.target_qps * traffic.documents_per_request * traffic.image_share * traffic.new_image_fraction
+    working_set = int(new_images_per_s * traffic.cache_window_s * image_feature_bytes(arch, traffic.tokens_per_image) * REDIS_OVERHEAD)
+    cap = int(inventory.deployment.cache_max_memory_gib * 1024**3)
+    maxmemory = max(MIN_CACHE_BYTES, min(cap, working_set))
+    maxmemory = math.ceil(maxmemory / MIB) * MIB
+    detail = (
+        f"{new_images_per_s:.2f} new images/s x {traffic.cache_window_s} s window x "
+        f"{image_feature_bytes(arch, traffic.tokens_per_image) / MIB:.1f} MiB = {working_set / 1024**3:.1f} GiB"
+    )
+    if working_set > cap:
+        detail += f"; capped at {cap / 1024**3:g} GiB (deployment.cache_max_memory_gib): {cap / working_set:.0%} of the window fits"
+    return CacheSizing(maxmemory, working_set, detail)
