@@ -22,7 +22,7 @@ import yaml
 
 from placement import feature_cache
 from placement.inventory import Inventory, NodeType
-from placement.planner import PlacementReport, arm_name, arm_weights, plan_placement
+from placement.planner import PlacementReport, arm_name, arm_weights
 from placement.weights import check_arm_weights
 
 INGRESS_DEPLOYMENT = "Ingress"
