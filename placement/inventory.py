@@ -356,7 +356,7 @@ class DeploymentSpec(_Strict):
 
     @property
     def secret_name(self) -> str:
-        """The Kubernetes Secret (and, for ray up, the env file's keys) replicas read their secrets from."""
+        """The Kubernetes Secret whose keys replicas read as files (`placement.k8s` names them)."""
         return f"{self.cluster_name}-secrets"
 
 

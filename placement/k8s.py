@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from placement.inventory import DeploymentSpec, NodeType
 
-# Keys of the fleet Secret (`<cluster>-secrets`), created by the operator (docs/DEPLOY.md); the
-# renderer only ever names them.
+# The fleet's secrets, one file each: the keys of the Kubernetes Secret `<cluster>-secrets` and the
+# file names in ray up's secrets folder. The operator creates them (docs/DEPLOY.md); the renderer
+# only ever names them.
 API_KEYS = "api-keys"
 ADMIN_KEYS = "admin-keys"
 REDIS_CACHE_PASSWORD = "redis-cache-password"

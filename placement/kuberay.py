@@ -6,24 +6,17 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 
 from placement import k8s
 from placement.inventory import Inventory, NodeType
 from placement.planner import PlacementReport
 from placement.ray_up import cloud_node
-from placement.render import INGRESS_RESOURCE, SERVE_HTTP_PORT, RenderError, ServeTarget, dump_yaml, serve_application, uses_shared_cache
-from placement.weights import copy_command, disk_gib, hf_home
+from placement.render import INGRESS_RESOURCE, SERVE_HTTP_PORT, Rendered, RenderError, ServeTarget, dump_yaml, serve_application, uses_shared_cache
+from placement.weights import copy_command, disk_gib, weights_env
 
 HEAD_RESOURCES = {"cpu": "4", "memory": "16Gi"}
 SCRATCH_GIB = 10  # logs, Ray's session folder and spilled objects, besides any weights copy
 SHM_FRACTION = 0.3  # Ray's object store defaults to 30 % of the pod's memory, in /dev/shm
-
-
-@dataclass(frozen=True)
-class RenderedManifest:
-    data: dict
-    notes: tuple[str, ...]
 
 
 def cache_redis_url(inventory: Inventory) -> str:
@@ -77,7 +70,7 @@ def _weights(report: PlacementReport, node: NodeType) -> tuple[list[dict], list[
     inventory = report.inventory
     spec = inventory.weights_for(node)
     precisions = {p.precision for p in report.plan.placements if p.node_type == node.name} or {a.precision for a in inventory.arms}
-    env = [{"name": "HF_HOME", "value": hf_home(spec)}]
+    env = [{"name": k, "value": v} for k, v in weights_env(spec, f"{k8s.SECRETS_MOUNT}/{k8s.HF_TOKEN}").items()]
     init: list[dict] = []
     disk = 0
     if spec.source == "volume":
@@ -88,14 +81,12 @@ def _weights(report: PlacementReport, node: NodeType) -> tuple[list[dict], list[
         )
         volumes = [{"name": "weights", **source}]
         mounts = [{"name": "weights", "mountPath": spec.mount_path, "readOnly": True}]
-        env.append({"name": "HF_HUB_OFFLINE", "value": "1"})
     else:
         disk = disk_gib(inventory, report.counts, node, precisions)
         volumes = [{"name": "weights", "emptyDir": {"sizeLimit": f"{disk}Gi"}}]
         read_only = spec.source == "object_store"
         mounts = [{"name": "weights", "mountPath": spec.mount_path, "readOnly": read_only}]
         if spec.source == "object_store":
-            env.append({"name": "HF_HUB_OFFLINE", "value": "1"})
             copy = copy_command(spec.uri, spec.mount_path)
             # Credentials come from the pod's service account (IRSA on EKS, Workload Identity on GKE).
             init.append(
@@ -109,8 +100,6 @@ def _weights(report: PlacementReport, node: NodeType) -> tuple[list[dict], list[
                     "volumeMounts": [{"name": "weights", "mountPath": spec.mount_path}],
                 }
             )
-        elif spec.hub_token:
-            env.append({"name": "HF_TOKEN_PATH", "value": f"{k8s.SECRETS_MOUNT}/{k8s.HF_TOKEN}"})
     return volumes, mounts, env, init, disk
 
 
@@ -145,7 +134,7 @@ def upgrade_strategy(report: PlacementReport) -> tuple[dict, str]:
     return {"type": "NewClusterWithIncrementalUpgrade", "clusterUpgradeOptions": options}, f"incremental upgrade, surge {surge} % of the GPU pools"
 
 
-def render_rayservice(report: PlacementReport) -> RenderedManifest:
+def render_rayservice(report: PlacementReport) -> Rendered:
     """A KubeRay RayService: head group, an ingress group, one worker group per GPU type, the Serve config inline."""
     inventory = report.inventory
     deployment = inventory.deployment
@@ -188,7 +177,7 @@ def render_rayservice(report: PlacementReport) -> RenderedManifest:
             if planned:
                 raise RenderError(
                     f"node_types.{node.name}: k8s_platform {deployment.k8s_platform} has no {node.gpu} nodes; "
-                    "give node_types.{0}.k8s_node_selector (the labels of the nodes that have them)".format(node.name)
+                    f"give node_types.{node.name}.k8s_node_selector (the labels of the nodes that have them)"
                 )
             notes.append(f"node type {node.name!r} ({node.gpu}) is left out: {deployment.k8s_platform} has no such nodes and the plan puts no replica there")
             continue
@@ -263,7 +252,7 @@ def render_rayservice(report: PlacementReport) -> RenderedManifest:
             },
         },
     }
-    return RenderedManifest(manifest, tuple(notes))
+    return Rendered(manifest, tuple(notes))
 
 
 def render_network_policy(report: PlacementReport) -> dict:

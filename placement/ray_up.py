@@ -6,11 +6,12 @@ from __future__ import annotations
 import posixpath
 from dataclasses import dataclass
 
+from placement import k8s
 from placement.hardware import GpuModel
 from placement.inventory import Inventory, NodeType
 from placement.planner import PlacementReport
-from placement.render import INGRESS_RESOURCE, RAY_UP_SECRETS_DIR, RenderError, check_weights
-from placement.weights import copy_command, hf_home
+from placement.render import INGRESS_RESOURCE, RAY_UP_SECRETS_DIR, Rendered, RenderError, check_weights
+from placement.weights import copy_command, weights_env
 
 AWS_HEAD_INSTANCE = ("m6i.2xlarge", 8)
 GCP_HEAD_MACHINE = ("n2-standard-8", 8)
@@ -92,12 +93,6 @@ def _gcp_node_config(machine: str, gpu: GpuModel | None, gpus: int) -> dict:
     return config
 
 
-@dataclass(frozen=True)
-class RenderedYaml:
-    data: dict
-    notes: tuple[str, ...]  # lines for the header comment (e.g. node types a cloud cannot host)
-
-
 def weights_mount(inventory: Inventory, node: NodeType) -> tuple[list[str], list[str]]:
     """(host commands run before the container starts, docker run options) that put this node
     type's weights at its mount path in the container, with HF_HOME and the hub token set."""
@@ -108,24 +103,22 @@ def weights_mount(inventory: Inventory, node: NodeType) -> tuple[list[str], list
             raise RenderError(
                 f"node_types.{node.name}.weights: a pvc is Kubernetes only; give host_path (a folder on the node holding the weights) for ray up"
             )
-        host = spec.host_path
-        options = [f"-v {host}:{spec.mount_path}:ro", "-e HF_HUB_OFFLINE=1"]
+        options = [f"-v {spec.host_path}:{spec.mount_path}:ro"]
     elif spec.source == "object_store":
         host = spec.host_path or HOST_WEIGHTS_DIR
         copy = copy_command(spec.uri, host)  # the AWS and GCP host images carry the aws and gcloud CLIs
         commands.append(f"sudo mkdir -p {host} && sudo chown $(id -u) {host} && {' '.join(copy.command)}")
-        options = [f"-v {host}:{spec.mount_path}:ro", "-e HF_HUB_OFFLINE=1"]
+        options = [f"-v {host}:{spec.mount_path}:ro"]
     else:
         host = spec.host_path or HOST_WEIGHTS_DIR
-        commands.append(f"sudo mkdir -p {host} && sudo chown 1000:1000 {host}")
+        commands.append(f"sudo mkdir -p {host} && sudo chown {k8s.RAY_UID}:{k8s.RAY_UID} {host}")  # the container's user writes the download
         options = [f"-v {host}:{spec.mount_path}"]
-        if spec.hub_token:
-            options.append(f"-e HF_TOKEN_PATH={posixpath.join(CONTAINER_HOME, RAY_UP_SECRETS_DIR.removeprefix('~/'), 'hf-token')}")
-    options.append(f"-e HF_HOME={hf_home(spec)}")
+    token_file = posixpath.join(CONTAINER_HOME, RAY_UP_SECRETS_DIR.removeprefix("~/"), k8s.HF_TOKEN)
+    options += [f"-e {k}={v}" for k, v in weights_env(spec, token_file).items()]
     return commands, options
 
 
-def render_ray_up(report: PlacementReport, cloud: str) -> RenderedYaml:
+def render_ray_up(report: PlacementReport, cloud: str) -> Rendered:
     """A `ray up` cluster config for `cloud` ("aws" or "gcp"): one worker node type per GPU type."""
     if cloud not in ("aws", "gcp"):
         raise ValueError(f"unknown cloud {cloud!r}")
@@ -220,7 +213,7 @@ def render_ray_up(report: PlacementReport, cloud: str) -> RenderedYaml:
             "ulimit -n 65536; ray start --address=$RAY_HEAD_IP:6379 --object-manager-port=8076",
         ],
     }
-    return RenderedYaml(data, tuple(notes))
+    return Rendered(data, tuple(notes))
 
 
 def _planned_replicas(report: PlacementReport, node_type: str) -> int:

@@ -20,20 +20,17 @@ from pathlib import Path
 
 import yaml
 
-from placement import feature_cache
+from placement import feature_cache, k8s
 from placement.inventory import Inventory, NodeType
 from placement.planner import PlacementReport, arm_name, arm_weights
-from placement.weights import check_arm_weights
+from placement.weights import WeightsPlanError, check_arm_weights
 
-INGRESS_DEPLOYMENT = "Ingress"
 SERVE_HTTP_PORT = 8000
 # Ingress nodes declare one unit; each ingress replica (and the ledger) asks for a sliver of it, so
 # they land on those nodes only (never the head or a GPU node), and Serve's max_replicas_per_node
 # spreads the ingress one per node.
 INGRESS_RESOURCE = "rerank_ingress"
 INGRESS_RESOURCE_PER_REPLICA = 0.01
-# Environment variable names are the same everywhere; where the secret files live is per target.
-SECRET_FILES = {"api_keys": "api-keys", "admin_keys": "admin-keys", "redis_cache_password": "redis-cache-password"}
 
 
 class RenderError(ValueError):
@@ -45,11 +42,15 @@ class ServeTarget:
     """What differs between the Serve config of a `ray up` cluster and of a KubeRay one."""
 
     redis_url: str | None  # the shared feature cache, when some arm uses it
-    secrets_dir: str  # folder the replicas read secret files from
+    secrets_dir: str  # folder the replicas read secret files from (one file per key of the fleet Secret)
 
 
-def deployment_name(arm: str) -> str:
-    return f"Arm-{arm}"
+@dataclass(frozen=True)
+class Rendered:
+    """A rendered cluster file's data and the lines for its header comment (e.g. node types left out)."""
+
+    data: dict
+    notes: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -110,8 +111,6 @@ def uses_shared_cache(report: PlacementReport) -> bool:
 
 def check_weights(report: PlacementReport) -> None:
     """Every arm's checkpoint is where its node type's pods mount weights (RenderError otherwise)."""
-    from placement.weights import WeightsPlanError
-
     nodes = {n.name: n for n in report.inventory.node_types}
     try:
         check_arm_weights(report.inventory, [(p.precision, nodes[p.node_type]) for p in report.plan.placements])
@@ -154,12 +153,12 @@ def fleet_config(report: PlacementReport, target: ServeTarget):
             }
         arms.append(entry)
 
-    def secret(name: str) -> dict:
-        return {"file": f"{target.secrets_dir}/{SECRET_FILES[name]}"}
+    def secret(key: str) -> dict:
+        return {"file": f"{target.secrets_dir}/{key}"}
 
     cache: dict = {"redis_url": redis_url, "max_item_bytes": feature_cache.max_item_bytes(report.architecture)}
     if redis_url:
-        cache["redis_password_from"] = secret("redis_cache_password")
+        cache["redis_password_from"] = secret(k8s.REDIS_CACHE_PASSWORD)
     data = {
         "model": {"source": inventory.model.source, "max_batch_tokens": inventory.traffic.batch_token_budget},
         "arms": arms,
@@ -171,10 +170,10 @@ def fleet_config(report: PlacementReport, target: ServeTarget):
             "max_replicas_per_node": 1,
             "resources": {INGRESS_RESOURCE: INGRESS_RESOURCE_PER_REPLICA},
         },
-        "admin_keys_from": secret("admin_keys"),
+        "admin_keys_from": secret(k8s.ADMIN_KEYS),
     }
     if deployment.api_auth:
-        data["api_keys_from"] = secret("api_keys")
+        data["api_keys_from"] = secret(k8s.API_KEYS)
     return FleetConfig.from_dict(data, source="placement plan")
 
 
@@ -187,18 +186,15 @@ def serve_application(report: PlacementReport, target: ServeTarget) -> dict:
     from serve.deploy_options import IMPORT_PATH, arm_options, ingress_options, ledger_options
 
     fleet = fleet_config(report, target)
-    ingress = ingress_options(fleet)
+
+    def without_gpu(options: dict) -> dict:  # spelled out, so operators see the ingress and ledger take none
+        return {**options, "ray_actor_options": {**options["ray_actor_options"], "num_gpus": 0}}
+
     deployments = [
-        {
-            "name": INGRESS_DEPLOYMENT,
-            "num_replicas": ingress["num_replicas"],
-            "max_replicas_per_node": ingress["max_replicas_per_node"],
-            "ray_actor_options": {**ingress["ray_actor_options"], "num_gpus": 0},
-        }
+        without_gpu(ingress_options(fleet)),
+        *(arm_options(arm, fleet.http.drain_grace_s) for arm in fleet.arms),
+        without_gpu(ledger_options(fleet)),
     ]
-    deployments += [arm_options(arm, fleet.http.drain_grace_s) for arm in fleet.arms]
-    ledger = ledger_options(fleet)
-    deployments.append({**ledger, "ray_actor_options": {**ledger["ray_actor_options"], "num_gpus": 0}})
     deployment = report.inventory.deployment
     return {
         "name": deployment.app_name,

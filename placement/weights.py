@@ -36,6 +36,17 @@ def hf_home(spec: WeightsSpec) -> str:
     return posixpath.join(spec.mount_path, "hf")
 
 
+def weights_env(spec: WeightsSpec, token_file: str) -> dict[str, str]:
+    """The replica's environment for `spec`: HF_HOME on the weights mount, offline unless it
+    downloads from the hub, and the hub token's file when it needs one."""
+    env = {"HF_HOME": hf_home(spec)}
+    if spec.source != "hub":
+        env["HF_HUB_OFFLINE"] = "1"
+    elif spec.hub_token:
+        env["HF_TOKEN_PATH"] = token_file
+    return env
+
+
 def check_arm_weights(inventory: Inventory, placements: list[tuple[str, NodeType]]) -> None:
     """Raise WeightsPlanError for the first (precision, node type) whose checkpoint cannot be read there."""
     for precision, node in placements:
