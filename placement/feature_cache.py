@@ -4,18 +4,20 @@ A cached image skips the vision tower but costs moving its features: (1 + deepst
 visual tokens x decoder width x 2 bytes, 32 MiB for one 1024-token image of Qwen3-VL-8B. On a
 slow GPU the tower costs far more than that transfer, so the shared Redis tier pays; on an
 H100 the tower costs about as much as the transfer, so only the in-replica LRU (a memory copy)
-does. Pure functions of the plan: no I/O.
+does. The tower's time is measured where possible (`bench engine` reports, or the inventory's
+`vision_ms_per_image`), else the roofline. Pure functions of the plan: no I/O.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from engine.config import DEFAULT_MAX_PIXELS, FACTOR
 from placement.inventory import Inventory, NodeType
 from placement.memory import Architecture
-from placement.throughput import KERNEL_EFFICIENCY, vision_image_flops
+from placement.throughput import KERNEL_EFFICIENCY, BenchEngineReport, find_vision_ms, vision_image_flops
 
 FEATURE_DTYPE_BYTES = 2  # features are kept and cached in bf16/fp16
 # Shared only when fetching costs at most half the tower's time: a hit must save real work after
@@ -48,18 +50,28 @@ class CacheChoice:
     reason: str
 
 
-def vision_ms(node: NodeType, arch: Architecture, image_tokens: int) -> tuple[float, str]:
+def vision_ms(
+    inventory: Inventory, arch: Architecture, node: NodeType, precision: str, bench: Sequence[BenchEngineReport] = ()
+) -> tuple[float, str]:
+    """(ms, how) of the vision tower on the traffic's typical image: the inventory's figure, else a
+    `bench engine` measurement on this GPU, else the roofline."""
     if node.vision_ms_per_image is not None:
-        return node.vision_ms_per_image, "measured"
+        return node.vision_ms_per_image, "measured, from the inventory"
+    model_ids = {inventory.model.source, inventory.model.name}
+    found = find_vision_ms(bench, node.gpu_model, precision, model_ids, arch, inventory.traffic.tokens_per_image)
+    if found is not None:
+        return found
     # The tower runs in 16-bit on every arm (quantised arms quantise the decoder only).
-    flops = vision_image_flops(arch, image_tokens)
+    flops = vision_image_flops(arch, inventory.traffic.tokens_per_image)
     return flops / (node.gpu_model.fp16_tflops * 1e12 * KERNEL_EFFICIENCY["bf16"]) * 1e3, "roofline"
 
 
-def choose(inventory: Inventory, arch: Architecture, node: NodeType) -> CacheChoice:
+def choose(
+    inventory: Inventory, arch: Architecture, node: NodeType, precision: str, bench: Sequence[BenchEngineReport] = ()
+) -> CacheChoice:
     traffic, deployment = inventory.traffic, inventory.deployment
     nbytes = image_feature_bytes(arch, traffic.tokens_per_image)
-    tower_ms, how = vision_ms(node, arch, traffic.tokens_per_image)
+    tower_ms, how = vision_ms(inventory, arch, node, precision, bench)
     fetch = deployment.cache_rtt_ms + nbytes * 8 / (deployment.cache_network_gbps * 1e9) * 1e3
     figures = f"{nbytes / MIB:.1f} MiB per image: fetch {fetch:.1f} ms vs vision tower {tower_ms:.1f} ms ({how}) on {node.gpu}"
     if traffic.image_share == 0:

@@ -53,6 +53,7 @@ class PlacementReport:
     counts: ParameterCounts
     assessments: tuple[OptionAssessment, ...]
     plan: Plan
+    bench: tuple[BenchEngineReport, ...] = ()  # measured reports the plan used (the feature-cache model reads their vision times)
 
     def assessment(self, precision: str, node_type: str) -> OptionAssessment:
         for a in self.assessments:
@@ -197,7 +198,7 @@ def plan_placement(
         ),
     )
     plan = solve_placement(options, pools, demand, objective=objective, budget=budget, rejected=rejected)
-    return PlacementReport(inventory, arch, count_parameters(arch), tuple(assessments), plan)
+    return PlacementReport(inventory, arch, count_parameters(arch), tuple(assessments), plan, tuple(bench))
 
 
 def _group_rejections(assessments: list[OptionAssessment], inventory: Inventory) -> tuple[Rejection, ...]:

@@ -100,7 +100,7 @@ def cache_choices(report: PlacementReport) -> dict[str, feature_cache.CacheChoic
     """The feature-cache tier of every arm (by arm name), from the cost model."""
     nodes = {n.name: n for n in report.inventory.node_types}
     return {
-        arm_name(p.precision, p.node_type): feature_cache.choose(report.inventory, report.architecture, nodes[p.node_type])
+        arm_name(p.precision, p.node_type): feature_cache.choose(report.inventory, report.architecture, nodes[p.node_type], p.precision, report.bench)
         for p in report.plan.placements
     }
 

@@ -19,6 +19,7 @@ The pure functions take plain data; `BenchEngineReport` parses the JSON that `be
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -130,6 +131,16 @@ class BenchEngineRow(BaseModel):
     skipped: str | None = Field(None, description="Why this precision did not run on the device.")
 
 
+class BenchVisionRow(BaseModel):
+    """The vision tower's time on one image, as `bench engine` measures it per precision."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    precision: str = Field(..., description="Precision of the arm whose tower ran.")
+    image_tokens: int = Field(..., ge=1, description="Merged visual tokens of the image.")
+    ms_per_image: float = Field(..., gt=0, description="Milliseconds of the tower alone (no decoding or resizing).")
+
+
 class BenchEngineReport(BaseModel):
     """The JSON `rerank-fleet bench engine --out FILE` writes: one model on one device."""
 
@@ -142,6 +153,7 @@ class BenchEngineReport(BaseModel):
         None, gt=0, description="Mean tokens per pair in the bench workload; when given, figures are rescaled to the traffic."
     )
     rows: list[BenchEngineRow] = Field(..., description="Measured rows per precision and batch size.")
+    vision: list[BenchVisionRow] = Field(default_factory=list, description="Vision-tower time per image, per precision.")
 
     def best_pairs_per_s(self, precision: str) -> BenchEngineRow | None:
         """The row with the highest pairs/s for `precision`: the batcher fills batches under load."""
@@ -160,6 +172,20 @@ def measured_estimate(report: BenchEngineReport, row: BenchEngineRow, gpu: GpuMo
     else:
         detail += " (bench workload; the report gives no tokens per pair to rescale by)"
     return ThroughputEstimate(gpu.key, row.precision, rate, "measured", detail)
+
+
+def find_vision_ms(
+    reports: Sequence[BenchEngineReport], gpu: GpuModel, precision: str, model_ids: set[str], arch: Architecture, image_tokens: int
+) -> tuple[float, str] | None:
+    """(ms, detail) of the vision tower on an `image_tokens` image for this GPU, precision and model,
+    from a measured report, rescaled from the measured image by the tower's FLOPs; None if none has it."""
+    for report in reports:
+        if report.model in model_ids and gpu_for_device_name(report.device) == gpu.key:
+            for row in report.vision:
+                if row.precision == precision:
+                    ms = row.ms_per_image * vision_image_flops(arch, image_tokens) / vision_image_flops(arch, row.image_tokens)
+                    return ms, f"measured by bench engine on {report.device} ({row.ms_per_image:.1f} ms at {row.image_tokens} tokens)"
+    return None
 
 
 def find_measured(

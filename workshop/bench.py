@@ -93,6 +93,31 @@ def case_requests(case: Case, seed: int = 0):
     return out
 
 
+# 1024 x 1024 pixels: 1024 merged visual tokens on Qwen3-VL (32 x 32 pixels each), the planner's typical image.
+VISION_IMAGE_SIDE = 1024
+
+
+def time_vision(engine, repeats: int) -> dict:
+    """The vision tower alone on one typical image (decoding and resizing excluded): what a
+    feature-cache hit saves, which the planner weighs against fetching the features from Redis."""
+    from engine.inputs import ImageInput
+    from workshop.tiny import draw, random_thing
+
+    rng = random.Random(0)
+    image = ImageInput.of(draw(random_thing(rng), rng, side=VISION_IMAGE_SIDE))
+    patches = [engine.preprocessor.image(image.data, image.field)]  # what engine.encode_images does, its two steps timed apart
+    tower = engine.forwarder.tower
+    (features,) = tower.features(patches, [image.digest], engine.feature_spec)  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        tower.features(patches, [image.digest], engine.feature_spec)
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return {"image_tokens": features.num_tokens, "ms_per_image": 1000 * float(np.median(times))}
+
+
 def time_call(engine, requests) -> tuple[float, float, int]:
     """(prepare seconds, forward seconds, decoder tokens) of one serial engine call."""
     t0 = time.perf_counter()
@@ -134,6 +159,7 @@ def run_engine_bench(
         model = str(build_random_model(random_config, Path("out") / ("random-" + Path(random_config).stem), device=build_dev))
     source = resolve_source(model)
     rows = []
+    vision_rows = []
     for precision in precisions:
         engines = {}
         gc.collect()
@@ -184,6 +210,7 @@ def run_engine_bench(
                 if mfu is not None:
                     row["mfu"] = mfu
                 rows.append(row)
+        vision_rows.append({"precision": precision, **time_vision(first, repeats)})
         del engines, first
     report = {
         "model": model,
@@ -193,6 +220,7 @@ def run_engine_bench(
         "torch_threads": torch.get_num_threads(),
         "date": time.strftime("%Y-%m-%d"),
         "rows": rows,
+        "vision": vision_rows,
     }
     print(format_table(report))
     write_json(report, out)
@@ -240,4 +268,6 @@ def format_table(report: dict) -> str:
             f"{r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['prepare_ms']:.1f} | {r['forward_ms']:.1f} | {r['decoder_tokens']} | "
             f"{r['peak_mem_gib']:.3f} | {mfu} |"
         )
+    for v in report.get("vision", []):
+        lines.append(f"vision tower ({v['precision']}): {v['ms_per_image']:.1f} ms per {v['image_tokens']}-token image")
     return "\n".join(lines)

@@ -325,19 +325,42 @@ def test_feature_cache_choice_follows_the_cost_model(qwen3_vl_8b):
     data = yaml.safe_load((REPO_ROOT / INVENTORIES[0]).read_text())
     inventory = Inventory.from_dict(data)
     nodes = {n.name: n for n in inventory.node_types}
-    h100 = feature_cache.choose(inventory, arch, nodes["h100"])
-    t4 = feature_cache.choose(inventory, arch, nodes["t4"])
+    h100 = feature_cache.choose(inventory, arch, nodes["h100"], "bf16")
+    t4 = feature_cache.choose(inventory, arch, nodes["t4"], "fp16")
     assert h100.mode == "local" and h100.fetch_ms > 0.5 * h100.vision_ms  # the ViT is about as cheap as the transfer
     assert t4.mode == "shared" and t4.fetch_ms <= 0.5 * t4.vision_ms
-    measured = feature_cache.choose(inventory, arch, nodes["t4"].model_copy(update={"vision_ms_per_image": 20.0}))
+    measured = feature_cache.choose(inventory, arch, nodes["t4"].model_copy(update={"vision_ms_per_image": 20.0}), "fp16")
     assert measured.mode == "local" and "measured" in measured.reason
     text_only = Inventory.from_dict({**data, "traffic": {**data["traffic"], "image_share": 0}})
-    assert feature_cache.choose(text_only, arch, nodes["t4"]).mode == "off"
+    assert feature_cache.choose(text_only, arch, nodes["t4"], "fp16").mode == "off"
     sizing = feature_cache.size_shared_cache(inventory, arch)
     traffic = inventory.traffic
     expected = traffic.target_qps * traffic.documents_per_request * traffic.image_share * traffic.new_image_fraction * traffic.cache_window_s * 32 * 1024**2 * 1.1
     assert sizing.working_set_bytes == pytest.approx(expected, rel=1e-6)
     assert sizing.maxmemory_bytes == min(sizing.working_set_bytes, 32 * 1024**3) // 1024**2 * 1024**2 or sizing.fits_fraction < 1
+
+
+def test_a_bench_engine_vision_time_replaces_the_roofline_for_its_gpu_and_precision(qwen3_vl_8b):
+    """`bench engine` measures the tower per precision; the plan rescales it to the traffic's image
+    by the tower's FLOPs and decides the arm's tier with it (and renders that)."""
+    from placement.memory import read_architecture
+    from placement.render import cache_choices
+    from placement.throughput import BenchEngineReport, vision_image_flops
+
+    arch = read_architecture(qwen3_vl_8b)
+    bench = BenchEngineReport.model_validate({
+        "model": "Qwen/Qwen3-VL-Reranker-8B", "device": "NVIDIA L4", "rows": [],
+        "vision": [{"precision": "bf16", "image_tokens": 256, "ms_per_image": 4.0}],
+    })  # fmt: skip
+    data = yaml.safe_load((REPO_ROOT / INVENTORIES[0]).read_text())
+    inventory = Inventory.from_dict(data)
+    l4 = next(n for n in inventory.node_types if n.name == "l4")
+    choice = feature_cache.choose(inventory, arch, l4, "bf16", [bench])
+    assert choice.vision_ms == pytest.approx(4.0 * vision_image_flops(arch, 1024) / vision_image_flops(arch, 256))
+    assert "measured by bench engine on NVIDIA L4" in choice.reason and choice.mode == "local"  # 4 ms at 256 tokens: the tower is cheap there
+    assert feature_cache.choose(inventory, arch, l4, "int8", [bench]).reason.endswith("(roofline) on L4: the shared Redis pays")  # no int8 figure
+    report = plan_placement(inventory, read_architecture_config(inventory, REPO_ROOT / INVENTORIES[0]), bench=[bench])
+    assert cache_choices(report)["bf16-l4"].mode == "local"
 
 
 def test_the_rendered_arms_carry_their_cache_choice_and_no_cache_redis_without_a_shared_arm():
