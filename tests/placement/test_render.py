@@ -17,7 +17,7 @@ from ray.serve.schema import ServeDeploySchema
 from placement.cli import main
 from placement.inventory import Inventory
 from placement.planner import PlacementReport, plan_placement
-from placement.kuberay import render_rayservice
+from placement.kuberay import render_network_policy, render_rayservice
 from placement.outputs import expected_examples, render_outputs
 from placement.redis_k8s import render_redis
 from placement.render import read_architecture_config, render_serve_config
@@ -182,6 +182,7 @@ def test_rayservice_schema_check_catches_a_misspelt_field():
 
 @pytest.mark.parametrize("inventory", INVENTORIES)
 def test_redis_manifests_validate_against_the_kubernetes_schemas(inventory):
+    kubernetes_validate.validate(render_network_policy(report_for(inventory)), K8S_VERSION, strict=True)  # the Ray pods' policy too
     for manifest in render_redis(report_for(inventory)):
         kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
     bad = render_redis(report_for(inventory))[0]
@@ -208,7 +209,7 @@ def test_checked_in_examples_are_valid_files():
     aws = yaml.safe_load((REPO_ROOT / "cluster/aws-example.yaml").read_text())
     validate_config(prepare_config(aws))
     ServeDeploySchema.model_validate(yaml.safe_load((REPO_ROOT / "configs/serve-example.yaml").read_text()))
-    for manifest in yaml.safe_load_all((REPO_ROOT / "k8s/redis.yaml").read_text()):
+    for manifest in [*yaml.safe_load_all((REPO_ROOT / "k8s/redis.yaml").read_text()), yaml.safe_load((REPO_ROOT / "k8s/network-policy.yaml").read_text())]:
         kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
     rayservice_validator().validate(yaml.safe_load((REPO_ROOT / "k8s/rayservice-example.yaml").read_text()))
     ServeDeploySchema.model_validate(yaml.safe_load(yaml.safe_load((REPO_ROOT / "k8s/rayservice-example.yaml").read_text())["spec"]["serveConfigV2"]))
