@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from engine.config import DEFAULT_MAX_PIXELS, FACTOR
 from placement.inventory import Inventory, NodeType
 from placement.memory import Architecture
+from placement.planner import PlacementReport, arm_name
 from placement.throughput import KERNEL_EFFICIENCY, BenchEngineReport, find_vision_ms, vision_image_flops
 
 FEATURE_DTYPE_BYTES = 2  # features are kept and cached in bf16/fp16
@@ -107,3 +108,16 @@ def size_shared_cache(inventory: Inventory, arch: Architecture) -> CacheSizing:
     if working_set > cap:
         detail += f"; capped at {cap / 1024**3:g} GiB (deployment.cache_max_memory_gib): {cap / working_set:.0%} of the window fits"
     return CacheSizing(maxmemory, working_set, detail)
+
+
+def cache_choices(report: PlacementReport) -> dict[str, CacheChoice]:
+    """The feature-cache tier of every planned arm (by arm name)."""
+    nodes = {n.name: n for n in report.inventory.node_types}
+    return {
+        arm_name(p.precision, p.node_type): choose(report.inventory, report.architecture, nodes[p.node_type], p.precision, report.bench)
+        for p in report.plan.placements
+    }
+
+
+def uses_shared_cache(report: PlacementReport) -> bool:
+    return any(c.mode == "shared" for c in cache_choices(report).values())

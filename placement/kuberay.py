@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 import math
 
-from placement import k8s
+from placement import feature_cache, k8s
 from placement.inventory import Inventory, NodeType
 from placement.planner import PlacementReport
 from placement.ray_up import cloud_node
-from placement.render import INGRESS_RESOURCE, SERVE_HTTP_PORT, Rendered, RenderError, ServeTarget, dump_yaml, serve_application, uses_shared_cache
+from placement.render import INGRESS_RESOURCE, SERVE_HTTP_PORT, Rendered, RenderError, ServeTarget, dump_yaml, serve_application
 from placement.weights import copy_command, disk_gib, weights_env
 
 HEAD_RESOURCES = {"cpu": "4", "memory": "16Gi"}
@@ -32,7 +32,7 @@ def _secret_keys(report: PlacementReport, node: NodeType | None) -> list[str]:
     keys = [k8s.ADMIN_KEYS]
     if report.inventory.deployment.api_auth:
         keys.append(k8s.API_KEYS)
-    if uses_shared_cache(report):
+    if feature_cache.uses_shared_cache(report):
         keys.append(k8s.REDIS_CACHE_PASSWORD)
     if node is not None and report.inventory.weights_for(node).hub_token:
         keys.append(k8s.HF_TOKEN)

@@ -17,7 +17,6 @@ import math
 
 from placement import feature_cache, k8s
 from placement.planner import PlacementReport
-from placement.render import uses_shared_cache
 
 REDIS_UID = 10001  # any non-root uid works for the official image; a high one stays clear of host users
 GCS_MAXMEMORY_MIB = 1024  # Ray's GCS tables are megabytes; a bound makes runaway growth an error, not an OOM kill
@@ -166,6 +165,6 @@ def render_cache_redis(report: PlacementReport) -> list[dict]:
 def render_redis(report: PlacementReport) -> list[dict]:
     """GCS fault-tolerance Redis, and the feature-cache Redis when an arm uses it."""
     manifests = render_gcs_redis(report)
-    if uses_shared_cache(report):
+    if feature_cache.uses_shared_cache(report):
         manifests += render_cache_redis(report)
     return manifests

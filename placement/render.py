@@ -96,19 +96,6 @@ def arm_deployments(report: PlacementReport) -> list[ArmDeployment]:
     return arms
 
 
-def cache_choices(report: PlacementReport) -> dict[str, feature_cache.CacheChoice]:
-    """The feature-cache tier of every arm (by arm name), from the cost model."""
-    nodes = {n.name: n for n in report.inventory.node_types}
-    return {
-        arm_name(p.precision, p.node_type): feature_cache.choose(report.inventory, report.architecture, nodes[p.node_type], p.precision, report.bench)
-        for p in report.plan.placements
-    }
-
-
-def uses_shared_cache(report: PlacementReport) -> bool:
-    return any(c.mode == "shared" for c in cache_choices(report).values())
-
-
 def check_weights(report: PlacementReport) -> None:
     """Every arm's checkpoint is where its node type's pods mount weights (RenderError otherwise)."""
     nodes = {n.name: n for n in report.inventory.node_types}
@@ -125,8 +112,8 @@ def fleet_config(report: PlacementReport, target: ServeTarget):
     check_weights(report)
     inventory = report.inventory
     deployment = inventory.deployment
-    choices = cache_choices(report)
-    redis_url = target.redis_url if any(c.mode == "shared" for c in choices.values()) else None
+    choices = feature_cache.cache_choices(report)
+    redis_url = target.redis_url if feature_cache.uses_shared_cache(report) else None
     arms = []
     for arm in arm_deployments(report):
         entry: dict = {

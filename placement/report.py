@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from placement import feature_cache
 from placement.hardware import PLANNED_PRECISIONS
 from placement.memory import GIB, Workload, count_parameters, read_architecture, replica_memory
 from placement.planner import PlacementReport, arm_name, arm_weights
@@ -86,6 +87,11 @@ def format_plan(report: PlacementReport) -> str:
     for p in plan.placements:
         a = report.assessment(p.precision, p.node_type)
         lines.append(f"  {p.precision} on {a.node_type.gpu}: {a.throughput.pairs_per_s:.1f} pairs/s, {a.throughput.detail}")
+    lines += ["", "Feature cache per arm (image features: fetch from the shared Redis vs run the vision tower)"]
+    for name, choice in feature_cache.cache_choices(report).items():
+        lines.append(f"  {name}: {choice.mode} ({choice.reason})")
+    if feature_cache.uses_shared_cache(report):
+        lines.append(f"  shared Redis maxmemory: {feature_cache.size_shared_cache(inventory, report.architecture).detail}")
     lines += ["", "Rejected options"]
     for r in plan.rejected:
         where = f"{r.precision} on {r.node_type}" if r.node_type else f"{r.precision} (every node type)"

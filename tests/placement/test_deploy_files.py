@@ -100,7 +100,7 @@ def test_the_dockerfile_passes_checkovs_dockerfile_checks(tmp_path):
 
 
 def test_checkov_catches_what_the_renderer_avoids(tmp_path):
-    """The lint can fail: a Redis with a root container and a password in its arguments is flagged."""
+    """The lint can fail: the GCS Redis with a privileged container is flagged."""
     (manifest,) = [m for m in render_redis(report_for(INVENTORIES[1])) if m["kind"] == "StatefulSet"]
     bad = copy.deepcopy(manifest)
     container = bad["spec"]["template"]["spec"]["containers"][0]
@@ -354,7 +354,6 @@ def test_a_bench_engine_vision_time_replaces_the_roofline_for_its_gpu_and_precis
     """`bench engine` measures the tower per precision; the plan rescales it to the traffic's image
     by the tower's FLOPs and decides the arm's tier with it (and renders that)."""
     from placement.memory import read_architecture
-    from placement.render import cache_choices
     from placement.throughput import BenchEngineReport, vision_image_flops
 
     arch = read_architecture(qwen3_vl_8b)
@@ -370,7 +369,7 @@ def test_a_bench_engine_vision_time_replaces_the_roofline_for_its_gpu_and_precis
     assert "measured by bench engine on NVIDIA L4" in choice.reason and choice.mode == "local"  # 4 ms at 256 tokens: the tower is cheap there
     assert feature_cache.choose(inventory, arch, l4, "int8", [bench]).reason.endswith("(roofline) on L4: the shared Redis pays")  # no int8 figure
     report = plan_placement(inventory, read_architecture_config(inventory, REPO_ROOT / INVENTORIES[0]), bench=[bench])
-    assert cache_choices(report)["bf16-l4"].mode == "local"
+    assert feature_cache.cache_choices(report)["bf16-l4"].mode == "local"
 
 
 def test_the_rendered_arms_carry_their_cache_choice_and_no_cache_redis_without_a_shared_arm():

@@ -221,9 +221,10 @@ def test_checked_in_examples_are_valid_files():
 def test_cli_prints_the_table_and_writes_every_file(tmp_path, capsys):
     assert main(["plan", str(REPO_ROOT / INVENTORIES[1]), "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    for heading in ("Chosen arms", "Nodes", "Memory per replica", "Throughput per replica", "Rejected options"):
+    for heading in ("Chosen arms", "Nodes", "Memory per replica", "Throughput per replica", "Feature cache per arm", "Rejected options"):
         assert heading in out
     assert "bf16 on t4: bf16 needs compute capability >= 8.0" in out
+    assert "bf16-l4: off (no image traffic)" in out  # the small inventory is text only: no arm caches features
     assert sorted(p.name for p in tmp_path.iterdir()) == ["aws.yaml", "gcp.yaml", "network-policy.yaml", "rayservice.yaml", "redis.yaml", "serve.yaml"]
 
 
