@@ -97,9 +97,12 @@ def _weights(report: PlacementReport, node: NodeType) -> tuple[list[dict], list[
                     "command": copy.command,
                     "securityContext": k8s.container_security(read_only_root=True),
                     "resources": {"requests": {"cpu": "2", "memory": "2Gi"}, "limits": {"cpu": "2", "memory": "2Gi"}},
-                    "volumeMounts": [{"name": "weights", "mountPath": spec.mount_path}],
+                    # The root filesystem is read-only: the CLIs keep their config and credential caches in /tmp.
+                    "env": [{"name": "HOME", "value": "/tmp"}, {"name": "CLOUDSDK_CONFIG", "value": "/tmp/gcloud"}],
+                    "volumeMounts": [{"name": "weights", "mountPath": spec.mount_path}, {"name": "copy-tmp", "mountPath": "/tmp"}],
                 }
             )
+            volumes.append({"name": "copy-tmp", "emptyDir": {"sizeLimit": "1Gi"}})
     return volumes, mounts, env, init, disk
 
 

@@ -74,9 +74,12 @@ def _checkov(folder: Path, framework: str) -> dict:
 # ---- linters -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("inventory", INVENTORIES)
-def test_rendered_manifests_pass_checkov_but_for_the_justified_skips(inventory, tmp_path):
-    outputs = render_outputs(report_for(inventory), inventory)
+LINTED = [(INVENTORIES[0], {}), (INVENTORIES[1], {}), (INVENTORIES[1], {"weights": {"source": "object_store", "uri": "gs://acme-models/2b"}})]
+
+
+@pytest.mark.parametrize(("inventory", "changes"), LINTED)
+def test_rendered_manifests_pass_checkov_but_for_the_justified_skips(inventory, changes, tmp_path):
+    outputs = render_outputs(report_for(inventory, **changes), inventory)
     for kind in ("redis", "network"):
         (tmp_path / f"{kind}.yaml").write_text(outputs[kind])
     (tmp_path / "ray-pods.yaml").write_text(yaml.safe_dump_all(_pods_of(yaml.safe_load(outputs["rayservice"]))))
@@ -165,6 +168,9 @@ def test_object_store_weights_are_copied_by_an_init_container_into_bounded_disk(
     (init,) = group["template"]["spec"]["initContainers"]
     assert init["command"][:3] == ["aws", "s3", "sync"] and init["command"][-1] == "/models"
     assert init["securityContext"]["readOnlyRootFilesystem"] is True
+    # ... so the CLI's home is a writable scratch volume of its own.
+    assert {"name": "HOME", "value": "/tmp"} in init["env"] and {"name": "copy-tmp", "mountPath": "/tmp"} in init["volumeMounts"]
+    assert {"name": "copy-tmp", "emptyDir": {"sizeLimit": "1Gi"}} in group["template"]["spec"]["volumes"]
 
 
 # ---- secrets ---------------------------------------------------------------------------------
