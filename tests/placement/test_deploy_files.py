@@ -402,7 +402,8 @@ def _free_port() -> int:
 def test_the_rendered_redis_command_really_configures_redis(job, tmp_path):
     """The manifest's own start command, run by a real redis-server with its folders and port
     moved to this machine: the password from the file is required, and each job's policy holds."""
-    manifests = render_redis(report_for(INVENTORIES[0]))
+    report = report_for(INVENTORIES[0])
+    manifests = render_redis(report)
     (workload,) = [m for m in manifests if m["kind"] in ("StatefulSet", "Deployment") and f"-{job}-" in m["metadata"]["name"]]
     command = workload["spec"]["template"]["spec"]["containers"][0]["command"]
     port = _free_port()
@@ -427,7 +428,7 @@ def test_the_rendered_redis_command_really_configures_redis(job, tmp_path):
             assert config["maxmemory-policy"] == "noeviction" and config["appendonly"] == "yes"
         else:
             assert config["maxmemory-policy"] == "allkeys-lru" and config["appendonly"] == "no" and config["save"] == ""
-            assert int(config["maxmemory"]) == feature_cache.size_shared_cache(report_for(INVENTORIES[0]).inventory, report_for(INVENTORIES[0]).architecture).maxmemory_bytes
+            assert int(config["maxmemory"]) == feature_cache.size_shared_cache(report.inventory, report.architecture).maxmemory_bytes
         assert b"requirepass" not in subprocess.run(["ps", "-o", "args=", "-p", str(proc.pid)], capture_output=True).stdout
     finally:
         proc.terminate()
