@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
@@ -20,6 +20,8 @@ from engine.prompt import DEFAULT_INSTRUCTION
 
 Precision = Literal["fp32", "bf16", "fp16", "int8", "nf4", "awq", "w8a8", "fp8"]
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8", "nf4", "awq", "w8a8", "fp8")
+# Retry-After (seconds) of every 503 the fleet answers: its own refusals and Serve's backpressure.
+RETRY_AFTER_S = 1
 
 
 class _Strict(BaseModel):
@@ -171,8 +173,9 @@ class ArmConfig(_Strict):
         32, ge=1, description="Requests one replica holds (batching draws from them). With max_queued_requests it bounds the wait: "
         "keep (max_ongoing_requests + max_queued_requests) / the replica's requests per second within the latency budget.",
     )
-    max_queued_requests: int = Field(
-        32, ge=-1, description="Requests queued per ingress handle beyond those; more are refused at once with 503 + Retry-After (-1: unbounded)."
+    max_queued_requests: Annotated[int, Field(ge=1)] | Literal[-1] = Field(
+        32, description="Requests queued per ingress handle beyond those (at least 1, as Serve requires); more are refused at once "
+        "with 503 + Retry-After (-1: unbounded).",
     )
     ray_actor_options: ActorOptions = Field(default_factory=ActorOptions, description="Resources per replica.")
     cost_per_replica_hour: float | None = Field(None, ge=0, description="What one replica costs per hour (any currency): experiments report cost per 1000 requests.")
@@ -274,6 +277,23 @@ class IngressConfig(_Strict):
         default_factory=dict, description="Custom Ray resources the ingress and the experiment ledger ask for (e.g. one only CPU "
         "ingress nodes declare), so they never land on the head or take a GPU node's CPUs.",
     )
+    max_in_flight: Annotated[int, Field(ge=1)] | Literal["auto", "off"] = Field(
+        "auto", description="Rerank requests one ingress replica works on at once; more are refused with 503 + Retry-After before "
+        "their body is read or parsed (the cheapest refusal there is). auto: what the arms hold and queue at their largest "
+        "(max_ongoing_requests + max_queued_requests per replica), split over the ingress replicas; off: no gate (each arm's "
+        "own max_queued_requests still refuses).",
+    )
+
+    def in_flight_limit(self, arms: list[ArmConfig]) -> int | None:
+        """The gate's bound per ingress replica (None: no gate; also auto with an arm whose queue is unbounded)."""
+        if self.max_in_flight == "off":
+            return None
+        if self.max_in_flight != "auto":
+            return self.max_in_flight
+        if any(a.max_queued_requests < 0 for a in arms):
+            return None
+        held = sum((a.max_ongoing_requests + a.max_queued_requests) * a.max_replicas for a in arms)
+        return max(1, -(-held // self.num_replicas))
 
 
 class CacheConfig(_Strict):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from serve.config import ArmConfig, FleetConfig
+from serve.config import RETRY_AFTER_S, ArmConfig, FleetConfig
 
 IMPORT_PATH = "serve.app:build_app"
 APP_NAME = "rerank"
@@ -16,6 +16,9 @@ APP_NAME = "rerank"
 # keep their cores for arm replicas.
 INGRESS_ACTOR_OPTIONS = {"num_cpus": 0.1}
 INGRESS_MAX_QUEUED = 64
+# What Serve answers for a request past a deployment's max_queued_requests: the fleet's own 503
+# with Retry-After (Serve's default sends none), so its proxy's refusals read like the ingress's.
+BACKPRESSURE = {"status_code": 503, "retry_after_s": RETRY_AFTER_S}
 # The experiment ledger does bookkeeping only (a few merges a second per ingress replica).
 LEDGER_OPTIONS = {"name": "Ledger", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0}, "max_ongoing_requests": 1000}
 
@@ -38,6 +41,7 @@ def arm_options(arm: ArmConfig, drain_grace_s: float) -> dict[str, Any]:
         "ray_actor_options": arm.ray_actor_options.to_ray(),
         "max_ongoing_requests": arm.max_ongoing_requests,
         "max_queued_requests": arm.max_queued_requests,
+        "backpressure_config": BACKPRESSURE,
         "user_config": arm.batching.model_dump(),  # applied by ArmReplica.reconfigure; changeable live
         "graceful_shutdown_timeout_s": drain_grace_s,
     }
@@ -61,7 +65,8 @@ def ingress_options(fleet: FleetConfig) -> dict[str, Any]:
         "name": "Ingress", "num_replicas": fleet.ingress.num_replicas,
         "ray_actor_options": {**INGRESS_ACTOR_OPTIONS, **_ingress_resources(fleet)},
         "max_ongoing_requests": max(256, 2 * capacity),
-        "max_queued_requests": INGRESS_MAX_QUEUED, "graceful_shutdown_timeout_s": fleet.http.drain_grace_s,
+        "max_queued_requests": INGRESS_MAX_QUEUED, "backpressure_config": BACKPRESSURE,
+        "graceful_shutdown_timeout_s": fleet.http.drain_grace_s,
     }  # fmt: skip
     if fleet.ingress.max_replicas_per_node is not None:
         opts["max_replicas_per_node"] = fleet.ingress.max_replicas_per_node

@@ -17,6 +17,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.errors import ImageDecodeError, ImageTooLarge, InputError, RerankError
+from serve.config import RETRY_AFTER_S
 from serve.ledger import AdminForbidden, AlreadyRecorded, ExperimentStopped, UnknownRequest
 from serve.protocol import CONTENT_PART_TAGS, ErrorDetail, ErrorResponse
 
@@ -81,7 +82,6 @@ ERROR_TABLE: tuple[tuple[type | tuple[type, ...], int, str], ...] = (
     (_UNAVAILABLE, 503, "overloaded"),
     (TimeoutError, 504, "timeout"),
 )
-RETRY_AFTER_S = 1
 
 
 def classify(exc: BaseException) -> tuple[int, str]:
@@ -113,7 +113,7 @@ def error_response(exc: BaseException, request_id: str | None = None) -> JSONRes
     elif isinstance(exc, StarletteHTTPException):
         message = str(exc.detail)
         headers.update(exc.headers or {})
-    elif isinstance(exc, (ArmDown, DeadlineExceeded, Draining)):
+    elif isinstance(exc, (ArmDown, DeadlineExceeded, Draining, ServiceUnavailable)):
         message = str(exc)
     elif status == 503:
         message = "no replica can take this request now; retry later"

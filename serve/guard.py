@@ -1,18 +1,27 @@
 """The ASGI guard in front of the app: API-key check (admin keys for the experiment admin
-endpoints) and request-body cap, before any body is parsed."""
+endpoints), request-body cap and the admission gate, before any body is parsed.
+
+The admission gate is the cheapest refusal there is: when this ingress replica already works on
+as many rerank requests as the arms can hold and queue, a new one is answered 503 + Retry-After
+before its body is read, parsed, routed or handed to Serve. Each arm's own Serve bound
+(`max_queued_requests`) stays the exact per-arm limit behind it; the gate spares a refusal the
+body read, validation, routing and Serve handle call it would otherwise wait for (under overload
+a malformed request may thus get 503 rather than its 4xx: it was not read)."""
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from serve.errors import BodyTimeout, RequestTooLarge, Unauthorized, error_response
+from serve.errors import BodyTimeout, RequestTooLarge, ServiceUnavailable, Unauthorized, error_response
 from serve.ledger import AdminForbidden
 
 PUBLIC_PATHS = frozenset({"/health", "/ready", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 ADMIN_PATH = "/v1/experiments/"  # POST below it changes the live experiment: admin keys only
 EXPERIMENTS_PATH = "/v1/experiments"
+RERANK_PATHS = ("/v2/rerank", "/v1/rerank", "/rerank")  # the scoring endpoints: the only ones the gate counts
 
 
 class GuardMiddleware:
@@ -40,6 +49,9 @@ class GuardMiddleware:
             reads_results = EXPERIMENTS_PATH in path and guard.admin(header) is not None  # admins read what they change
             if not (guard.authorized(header) or reads_results):
                 return await error_response(Unauthorized("authorization", "missing or invalid Bearer API key"))(scope, receive, send)
+        gated = guard.admission if scope.get("method") == "POST" and path.endswith(RERANK_PATHS) else None
+        if gated is not None and gated.full():
+            return await error_response(gated.refusal())(scope, receive, send)
         declared = next((v for k, v in scope.get("headers", []) if k.lower() == b"content-length"), None)
         if declared is not None and declared.isdigit() and int(declared) > guard.max_request_bytes:
             err = RequestTooLarge("body", f"request body is {int(declared)} bytes, over the limit of {guard.max_request_bytes}")
@@ -75,7 +87,39 @@ class GuardMiddleware:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        return await self.app(scope, replay, send)
+        if gated is None:
+            return await self.app(scope, replay, send)
+        # A slot is taken only once the body is in hand (a slow sender holds none), and checked
+        # again: others may have taken the last ones while this body arrived.
+        if gated.full():
+            return await error_response(gated.refusal())(scope, receive, send)
+        gated.in_flight += 1
+        try:
+            return await self.app(scope, replay, send)
+        finally:
+            gated.in_flight -= 1
+
+
+@dataclass
+class Admission:
+    """Rerank requests this ingress replica works on (from body read to answer sent) and its bound."""
+
+    limit: int | None  # None: no gate, only counting
+    on_refusal: Callable[[], None] | None = None  # e.g. the ingress's request metric
+    in_flight: int = 0
+    refused: int = 0
+
+    def full(self) -> bool:
+        return self.limit is not None and self.in_flight >= self.limit
+
+    def refusal(self) -> ServiceUnavailable:
+        self.refused += 1
+        if self.on_refusal is not None:
+            self.on_refusal()
+        return ServiceUnavailable(
+            f"overloaded: this ingress replica is working on {self.in_flight} rerank requests, its limit "
+            "(ingress.max_in_flight); retry later"
+        )
 
 
 @dataclass(frozen=True)
@@ -84,6 +128,7 @@ class Guard:
     max_request_bytes: int
     body_read_timeout_s: float = 10.0
     admin_keys: tuple[tuple[str, str], ...] = ()  # (name, key)
+    admission: Admission | None = None  # None: rerank requests are neither counted nor gated here
 
     def authorized(self, header: str | None) -> bool:
         return _matches(header, self.api_keys) is not None

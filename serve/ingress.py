@@ -41,7 +41,7 @@ from serve.config import FleetConfig, ShadowConfig
 from serve.errors import ArmDown, Draining, classify, error_response, log_if_internal, unwrap
 from serve.experiment_page import render as render_experiment
 from serve.fetch import MediaFetcher
-from serve.guard import Guard, GuardMiddleware
+from serve.guard import Admission, Guard, GuardMiddleware
 from serve.health import ArmHealth
 from serve.ledger import ExperimentLedger, UnknownRequest
 from serve.ledger_link import LedgerLink
@@ -201,13 +201,18 @@ class Ingress:
         self.health = ArmHealth(self._arms, failure_threshold=router_cfg.failure_threshold, probe_interval_s=router_cfg.probe_interval_s)
         self._probe_task: asyncio.Task | None = None
         self._gone: dict[str, asyncio.Event] = {}  # set when an arm leaves routed traffic: its waiting calls fail over
-        self._in_flight = 0
+        # Rerank requests in flight here, counted (and bounded) by the guard from body read to answer.
+        self.admission = Admission(
+            self.fleet.ingress.in_flight_limit(self.fleet.arms),
+            on_refusal=lambda: self.metrics.requests.inc(tags={"arm": "", "api": "admission", "status": "503"}),
+        )
         self._draining = False
         app.state.guard = Guard(
             api_keys=tuple(k.get_secret_value() for k in self.fleet.api_keys),
             admin_keys=tuple((name, k.get_secret_value()) for name, k in self.fleet.admin_keys.items()),
             max_request_bytes=self.fleet.limits.max_request_bytes,
             body_read_timeout_s=self.fleet.limits.body_read_timeout_s,
+            admission=self.admission,
         )
 
     # ------------------------------------------------------------------ endpoints
@@ -231,7 +236,8 @@ class Ingress:
     async def health(self) -> dict:
         """Liveness: the ingress answers (with its rerank requests in flight, whether it is
         draining, and each arm's state as this replica routes). Whether arms can score is `/ready`."""
-        return {"status": "ok", "arms": list(self._arms), "in_flight": self._in_flight, "draining": self._draining,
+        return {"status": "ok", "arms": list(self._arms), "in_flight": self.admission.in_flight,
+                "admission": {"limit": self.admission.limit, "refused": self.admission.refused}, "draining": self._draining,
                 "arm_state": {a: v["state"] for a, v in self.health.snapshot().items()},
                 "replica": serve.get_replica_context().replica_id.unique_id}  # fmt: skip
 
@@ -251,9 +257,9 @@ class Ingress:
         finish; returns how many were still in flight at the end (0: nothing dropped)."""
         self._draining = True
         deadline = time.monotonic() + grace_s
-        while self._in_flight and time.monotonic() < deadline:
+        while self.admission.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        return self._in_flight
+        return self.admission.in_flight
 
     @app.get("/v1/models", response_model=ModelList)
     async def models(self) -> ModelList:
@@ -356,7 +362,6 @@ class Ingress:
 
     async def _rerank(self, body, shape, request: Request, response: Response):
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        self._in_flight += 1
         try:
             if self._draining:
                 raise Draining("the service is draining (shutting down or redeploying); retry on another instance")
@@ -367,8 +372,6 @@ class Ingress:
             resp = log_if_internal(error_response(e, request_id), e, request_id)
             self.metrics.requests.inc(tags={"arm": "", "api": shape.__name__, "status": str(resp.status_code)})
             return resp
-        finally:
-            self._in_flight -= 1
 
     async def _answer(self, body, shape, request: Request, response: Response, request_id: str):
         started = time.perf_counter()

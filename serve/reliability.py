@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import platform
 import time
 from collections import Counter
@@ -43,8 +44,13 @@ class LoadResult:
             "scenario": scenario, "sent": len(self.outcomes),
             "200": counts["200"], "4xx": counts["4xx"], "503": counts["503"], "other": counts["other"], "hung": counts["hung"],
             "p50_ms": _pct_ms(ok, 0.50), "p99_ms": _pct_ms(ok, 0.99), "refusal_p99_ms": _pct_ms(refused, 0.99),
+            "max_ms": _pct_ms(sorted(o.latency_s for o in self.outcomes if o.latency_s is not None), 1.0),
             "refusals_with_retry_after": sum(o.retry_after for o in self.outcomes if o.status == 503), **extra,
         }  # fmt: skip
+
+    @property
+    def answered(self) -> int:
+        return sum(o.status == 200 for o in self.outcomes)
 
     def stall_s(self) -> float:
         """Longest time with no request answered 200 (from the first send to the last answer)."""
@@ -69,6 +75,39 @@ def _pct_ms(sorted_s: list[float], q: float) -> float | None:
     if not sorted_s:
         return None
     return round(1000 * sorted_s[min(len(sorted_s) - 1, int(q * len(sorted_s)))], 1)
+
+
+CPU_ROLES = (("Arm-", "arms"), (":Ingress", "ingress"), ("ProxyActor", "proxy"), ("ray::", "ray (other)"), ("/ray/", "ray (other)"))
+
+
+class CpuUse:
+    """Cores each role of the local app used over a span (process CPU time / wall time): arm
+    replicas, the ingress, Serve's HTTP proxy, the rest of Ray, and this process (the load
+    generator). Shows where a 2-core machine's CPU goes when the HTTP path competes with the arms."""
+
+    def __init__(self):
+        self._start = self._sample()
+        self._t0 = time.perf_counter()
+
+    @staticmethod
+    def _sample() -> dict[int, tuple[str, float]]:
+        import psutil
+
+        me, out = os.getpid(), {}
+        for p in psutil.process_iter(["cmdline", "cpu_times"]):
+            cmd, times = " ".join(p.info["cmdline"] or []), p.info["cpu_times"]
+            if times is None:
+                continue
+            role = "load generator" if p.pid == me else next((r for key, r in CPU_ROLES if key in cmd), None)
+            if role is not None:
+                out[p.pid] = (role, times.user + times.system)
+        return out
+
+    def cores(self) -> dict[str, float]:
+        wall, used = time.perf_counter() - self._t0, Counter()
+        for pid, (role, cpu) in self._sample().items():
+            used[role] += cpu - self._start.get(pid, (role, 0.0))[1]
+        return {role: round(v / wall, 2) for role, v in used.most_common()}
 
 
 def check_loopback(base_url: str) -> None:
@@ -128,7 +167,7 @@ async def closed_loop_capacity(base_url: str, concurrency: int, duration_s: floa
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(w) for w in range(concurrency)))
         wall = time.perf_counter() - t0
-    return sum(o.status == 200 for o in result.outcomes) / wall, result
+    return result.answered / wall, result
 
 
 async def health_latency(base_url: str) -> float:
@@ -265,11 +304,19 @@ async def redis_kill(base_url: str, redis: PrivateRedis, rate: float, duration_s
     return load.row("Redis killed under image traffic", stall_s=load.stall_s())
 
 
-def run_reliability_bench(*, config: str | None = None, duration_s: float = 20.0, out: str | Path = "out/bench-reliability.json") -> dict[str, Any]:
-    """Every scenario against one embedded local app (the main job's config), one after another."""
+SCENARIOS = ("overload", "replica-kill", "slow-clients", "redis-kill", "drain")
+
+
+def run_reliability_bench(*, config: str | None = None, duration_s: float = 20.0, out: str | Path = "out/bench-reliability.json",
+                          scenarios: list[str] | tuple[str, ...] = SCENARIOS) -> dict[str, Any]:  # fmt: skip
+    """The scenarios against one embedded local app (the main job's config), one after another,
+    after a closed-loop capacity run whose rate the others' open loops are set from."""
     from serve.deploy_options import APP_NAME
     from serve.local import embedded_serve, local_fleet
 
+    unknown = sorted(set(scenarios) - set(SCENARIOS))
+    if unknown:
+        raise ValueError(f"scenarios: unknown {unknown}; choose from {list(SCENARIOS)}")
     redis = PrivateRedis()
     fleet = local_fleet(config, redis.url, 8767)
     bodies = text_requests(256, 8, seed=3)
@@ -277,15 +324,23 @@ def run_reliability_bench(*, config: str | None = None, duration_s: float = 20.0
     rows: list[dict[str, Any]] = []
     with embedded_serve(fleet) as base:
         asyncio.run(closed_loop_capacity(base, 8, 3.0, bodies))  # warm-up
+        cpu = CpuUse()
         capacity, at_capacity = asyncio.run(closed_loop_capacity(base, 8, duration_s, bodies))
-        rows.append(at_capacity.row("capacity (closed loop, 8 clients)", req_per_s=round(capacity, 1)))
-        overload = asyncio.run(open_loop(base, 2 * capacity, duration_s, bodies))
-        rows.append(overload.row(f"2x capacity (open loop, {2 * capacity:.0f} req/s)"))
-        rows.append(asyncio.run(replica_kill(base, fleet.arms[0].name, 0.5 * capacity, duration_s, bodies)))
-        rows.append(asyncio.run(slow_clients(base, 150, min(duration_s, 15.0), bodies)))
-        rows.append(asyncio.run(redis_kill(base, redis, 0.5 * capacity, duration_s, images)))
-        rows.append(asyncio.run(drain_under_load(base, 0.5 * capacity, 6.0, bodies, fleet.http.drain_grace_s, APP_NAME)))
-    report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
+        rows.append(at_capacity.row("capacity (closed loop, 8 clients)", req_per_s=round(capacity, 1), cpu_cores=cpu.cores()))
+        if "overload" in scenarios:
+            cpu = CpuUse()
+            overload = asyncio.run(open_loop(base, 2 * capacity, duration_s, bodies))
+            rows.append(overload.row(f"2x capacity (open loop, {2 * capacity:.0f} req/s)", answered_req_per_s=round(overload.answered / duration_s, 1),
+                                     answered_of_capacity=round(overload.answered / duration_s / capacity, 2), cpu_cores=cpu.cores()))  # fmt: skip
+        if "replica-kill" in scenarios:
+            rows.append(asyncio.run(replica_kill(base, fleet.arms[0].name, 0.5 * capacity, duration_s, bodies)))
+        if "slow-clients" in scenarios:
+            rows.append(asyncio.run(slow_clients(base, 150, min(duration_s, 15.0), bodies)))
+        if "redis-kill" in scenarios:
+            rows.append(asyncio.run(redis_kill(base, redis, 0.5 * capacity, duration_s, images)))
+        if "drain" in scenarios:
+            rows.append(asyncio.run(drain_under_load(base, 0.5 * capacity, 6.0, bodies, fleet.http.drain_grace_s, APP_NAME)))
+    report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
               "config": config or "configs/local.yaml", "capacity_req_per_s": capacity, "rows": rows}  # fmt: skip
     print(format_table(report))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -294,7 +349,7 @@ def run_reliability_bench(*, config: str | None = None, duration_s: float = 20.0
 
 
 def format_table(report: dict[str, Any]) -> str:
-    cols = ["sent", "200", "4xx", "503", "other", "hung", "p50_ms", "p99_ms", "refusal_p99_ms"]
+    cols = ["sent", "200", "4xx", "503", "other", "hung", "p50_ms", "p99_ms", "refusal_p99_ms", "max_ms"]
     lines = [f"reliability, {report['machine']}, {report['config']}, capacity {report['capacity_req_per_s']:.1f} req/s",
              "| scenario | " + " | ".join(cols) + " | notes |", "|---|" + "--:|" * len(cols) + "---|"]  # fmt: skip
     for r in report["rows"]:

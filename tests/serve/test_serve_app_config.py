@@ -56,10 +56,30 @@ def test_arm_options_follow_the_config():
     # + (32 + 32) x 4 nf4 replicas at most; past that Serve's proxy refuses (64 queued).
     ingress = ingress_options(fleet)
     assert ingress == {"name": "Ingress", "num_replicas": 1, "ray_actor_options": INGRESS_ACTOR_OPTIONS, "max_ongoing_requests": 2 * (64 * 2 + 64 * 4),
-                       "max_queued_requests": 64, "graceful_shutdown_timeout_s": fleet.http.drain_grace_s}  # fmt: skip
+                       "max_queued_requests": 64, "backpressure_config": {"status_code": 503, "retry_after_s": 1},
+                       "graceful_shutdown_timeout_s": fleet.http.drain_grace_s}  # fmt: skip
+    assert fp32["backpressure_config"] == {"status_code": 503, "retry_after_s": 1}  # Serve's own refusals carry Retry-After too
     assert arm_options(fleet.arms[0], 12.5)["graceful_shutdown_timeout_s"] == 12.5  # Serve drains a stopping replica
     small = FleetConfig.from_dict({"arms": [{"name": "a", "precision": "fp32", "max_ongoing_requests": 4}]})
     assert ingress_options(small)["max_ongoing_requests"] == 256  # room for /health and /ready beside slow senders
+
+
+def test_the_ingress_admission_limit_is_what_the_arms_hold_and_queue_split_over_ingress_replicas():
+    fleet = FleetConfig.from_dict(FLEET)
+    # (32 + 32) x 2 fp32 replicas + (32 + 32) x 4 nf4 replicas at most, one ingress replica.
+    assert fleet.ingress.in_flight_limit(fleet.arms) == 64 * 2 + 64 * 4
+    three = FleetConfig.from_dict({**FLEET, "ingress": {"num_replicas": 3}})
+    assert three.ingress.in_flight_limit(three.arms) == 128  # 384 / 3
+    five = FleetConfig.from_dict({**FLEET, "ingress": {"num_replicas": 5}})
+    assert five.ingress.in_flight_limit(five.arms) == 77  # rounded up: 5 x 77 >= 384
+    fixed = FleetConfig.from_dict({**FLEET, "ingress": {"max_in_flight": 10}})
+    assert fixed.ingress.in_flight_limit(fixed.arms) == 10
+    off = FleetConfig.from_dict({**FLEET, "ingress": {"max_in_flight": "off"}})
+    assert off.ingress.in_flight_limit(off.arms) is None
+    unbounded = FleetConfig.from_dict({"arms": [{"name": "a", "precision": "fp32", "max_queued_requests": -1}]})
+    assert unbounded.ingress.in_flight_limit(unbounded.arms) is None  # an unbounded arm queue: no gate either
+    with pytest.raises(ConfigError, match="ingress.max_in_flight"):
+        FleetConfig.from_dict({**FLEET, "ingress": {"max_in_flight": "many"}})
 
 
 def test_deploy_options_need_no_ray():
@@ -154,6 +174,8 @@ def test_engine_config_carries_the_model_settings_and_decode_limits():
         (lambda d: d["arms"][0].update(prepare_workers=0), "arms.0.prepare_workers"),
         (lambda d: d["arms"][0].update(torch_threads=0), "arms.0.torch_threads"),
         (lambda d: d.update(limits={"max_request_pixels": 0}), "limits.max_request_pixels"),
+        (lambda d: d["arms"][0].update(max_queued_requests=0), "arms.0.max_queued_requests"),  # Serve takes -1 or >= 1
+        (lambda d: d.update(ingress={"max_in_flight": 0}), "ingress.max_in_flight"),
     ],
 )
 def test_invalid_config_names_field_and_reason(mutate, field):

@@ -43,16 +43,26 @@ def test_overload_is_refused_at_once_with_retry_after_and_the_rest_is_answered(r
             async def one(body):
                 t0 = time.perf_counter()
                 r = await client.post("/v2/rerank", json=body)
-                return r.status_code, time.perf_counter() - t0, r.headers.get("retry-after")
+                message = r.json()["error"]["message"] if r.status_code != 200 else ""
+                return r.status_code, time.perf_counter() - t0, r.headers.get("retry-after"), message
 
             return await asyncio.gather(*(one(b) for b in bodies))
 
+    refused_before = rel_app.client.get("/health").json()["admission"]["refused"]
     results = asyncio.run(burst())
-    statuses = [s for s, _, _ in results]
-    assert set(statuses) <= {200, 503} and statuses.count(503) > 0 and statuses.count(200) >= 8, statuses
-    refusals = [(t, ra) for s, t, ra in results if s == 503]
-    assert all(ra == "1" for _, ra in refusals)
-    assert max(t for t, _ in refusals) < 5.0  # refused without waiting for the work ahead of it
+    statuses = [s for s, _, _, _ in results]
+    # At least one arm's worth is answered (the gate admits 8; a random split may send more than
+    # an arm's 2 + 2 to one arm, whose own bound then refuses the excess).
+    assert set(statuses) <= {200, 503} and statuses.count(503) > 0 and statuses.count(200) >= 4, statuses
+    refusals = [(t, ra, msg) for s, t, ra, msg in results if s == 503]
+    assert all(ra == "1" for _, ra, _ in refusals)
+    assert max(t for t, _, _ in refusals) < 5.0  # refused without waiting for the work ahead of it
+    # The ingress's admission gate (auto: 2 arms x (2 + 2)) refused the excess before reading it,
+    # naming its setting; the arms' own Serve bound stays behind it.
+    at_gate = [msg for _, _, msg in refusals if "ingress.max_in_flight" in msg]
+    assert at_gate, [msg for _, _, msg in refusals][:3]
+    health = rel_app.client.get("/health").json()
+    assert health["admission"] == {"limit": 8, "refused": refused_before + len(at_gate)} and health["in_flight"] == 0
     assert rel_app.client.get("/ready").status_code == 200  # fully healthy right after
 
 
@@ -81,6 +91,8 @@ def test_slow_senders_get_408_and_health_stays_fast(rel_app):
                 time.sleep(0.5)
             answers.append(s.recv(64))
 
+    # 40 slow senders, five times the ingress's admission limit (8): a sender holds no slot until
+    # its body is in, so the rerank below is still admitted.
     threads = [threading.Thread(target=slowloris) for _ in range(40)]
     for t in threads:
         t.start()
