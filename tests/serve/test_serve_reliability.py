@@ -1,5 +1,6 @@
 """Overload, faults and hostile clients against a real Serve app over real HTTP (fast versions of
-`rerank-fleet bench reliability`): excess load is refused at once with Retry-After, a killed arm
+`rerank-fleet bench reliability`): excess load is refused at once with Retry-After (by the
+ingress's admission gate before the body is read, by an arm's Serve bound, and by Serve's proxy), a killed arm
 replica costs no request, a client's deadline is kept, slow senders get 408 without starving
 `/health`, and one request with many slow URLs cannot hold every download slot."""
 
@@ -127,3 +128,30 @@ def test_a_killed_arm_replica_costs_no_request_and_the_arm_comes_back(rel_app):
     assert row["stall_s"] < 2.0 and row["recovery_s"] is not None, row
     health = rel_app.client.get("/v1/experiments").json()["this_replica"]["health"]["a"]
     assert health["state"] == "up" and [e["event"].split(":")[0] for e in health["events"]][-2:] == ["down", "up"]
+
+
+def test_serves_own_backpressure_refusals_carry_retry_after(ray_serve):
+    """Past a deployment's max_queued_requests Serve's proxy refuses by itself; with the fleet's
+    `backpressure_config` (every deployment gets it) that refusal is a 503 with Retry-After too."""
+    from ray import serve
+
+    from serve.deploy_options import BACKPRESSURE
+
+    @serve.deployment(max_ongoing_requests=1, max_queued_requests=1, backpressure_config=BACKPRESSURE)
+    class Slow:
+        async def __call__(self, request) -> str:
+            await asyncio.sleep(1.0)
+            return "done"
+
+    serve.run(Slow.bind(), name="backpressure", route_prefix="/backpressure")
+    try:
+        async def burst():
+            async with httpx.AsyncClient(base_url=ray_serve, timeout=30) as client:
+                return await asyncio.gather(*(client.get("/backpressure") for _ in range(6)))
+
+        answers = asyncio.run(burst())
+        refused = [r for r in answers if r.status_code == 503]
+        assert [r.status_code for r in answers].count(200) >= 1 and len(refused) >= 3, [r.status_code for r in answers]
+        assert all(r.headers.get("retry-after") == "1" for r in refused)
+    finally:
+        serve.delete("backpressure")
