@@ -115,11 +115,21 @@ def cmd_bench_serving(args) -> int:
     return 0
 
 
+def _scenarios(text: str) -> list[str]:
+    from serve.reliability import SCENARIOS
+
+    chosen = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in SCENARIOS]
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(f"unknown scenario(s) {unknown or [text]}; choose from {','.join(SCENARIOS)}")
+    return chosen
+
+
 def cmd_bench_reliability(args) -> int:
     from serve.reliability import run_reliability_bench
 
     run_reliability_bench(config=args.config, duration_s=args.duration, out=args.out,
-                          **({"scenarios": args.scenarios.split(",")} if args.scenarios else {}))
+                          **({"scenarios": args.scenarios} if args.scenarios else {}))
     return 0
 
 
@@ -206,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("reliability", help="overload, replica kill, slow clients, drain: a table of outcomes (loopback only)")
     p.add_argument("--config", default=None, help="fleet config (default: configs/local.yaml)")
     p.add_argument("--duration", type=float, default=20.0, help="seconds per load scenario")
-    p.add_argument("--scenarios", default=None, help="comma-separated subset of overload,replica-kill,slow-clients,redis-kill,drain "
+    p.add_argument("--scenarios", default=None, type=_scenarios, help="comma-separated subset of overload,replica-kill,slow-clients,redis-kill,drain "
                    "(default: all; the capacity run always comes first: the others' rates follow it)")
     p.add_argument("--out", default="out/bench-reliability.json")
     p.set_defaults(func=cmd_bench_reliability)

@@ -30,3 +30,37 @@ def test_a_bad_document_argument_is_a_one_line_error_naming_it(tiny_model_dir, c
     assert main(["score", "--model", str(tiny_model_dir), "a query", "a text", argument]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.startswith(message) and captured.err.count("\n") == 1, captured.err
+
+
+@pytest.mark.ray
+def test_bench_reliability_prints_its_table_and_where_the_cpu_went(tiny_model_dir, tmp_path):
+    """`rerank-fleet bench reliability --scenarios overload`, short, in its own process (it starts
+    its own embedded Ray): the capacity and 2x rows, every refusal with Retry-After, and each
+    role's cores, the arms' and the load generator's among them."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "reliability.json"
+    args = ["bench", "reliability", "--scenarios", "overload", "--duration", "3", "--out", str(out)]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", f"from cli import main; raise SystemExit(main({args!r}))"],
+                          capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| 2x capacity (open loop" in done.stdout and "max_ms" in done.stdout
+    report = json.loads(out.read_text())
+    capacity, overload = report["rows"]
+    assert capacity["scenario"].startswith("capacity") and capacity["200"] > 0 and report["capacity_req_per_s"] > 0
+    assert overload["sent"] == int(2 * report["capacity_req_per_s"] * 3) and overload["hung"] == 0
+    assert overload["refusals_with_retry_after"] == overload["503"]
+    assert overload["max_ms"] >= overload["p99_ms"] and 0 < overload["answered_of_capacity"]
+    for row in (capacity, overload):
+        assert row["cpu_cores"]["arms"] > 0.1 and row["cpu_cores"]["load generator"] > 0 and row["cpu_cores"]["ingress"] > 0
+
+
+def test_an_unknown_reliability_scenario_is_a_one_line_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "reliability", "--scenarios", "overload,nope"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "argument --scenarios: unknown scenario(s) ['nope']; choose from overload," in err
