@@ -10,6 +10,7 @@ replicas whose pinning was missing. The Serve deployments use exactly the genera
 from __future__ import annotations
 
 import os
+import random
 import socket
 import time
 from collections import Counter
@@ -28,9 +29,18 @@ DECOY_ACCELERATOR = "A10G"
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port for the dashboard outside both the kernel's ephemeral range and Ray's worker
+    ports (10002-19999): a port the kernel hands out can be taken by one of the cluster's own
+    processes before the dashboard binds it (it happened once: "address already in use")."""
+    rng = random.Random()
+    while True:
+        port = rng.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 @pytest.fixture(scope="module")
