@@ -201,6 +201,11 @@ class ArmConfig(_Strict):
         """Replicas this arm runs at its largest (autoscaling's bound, else the fixed count)."""
         return self.autoscaling.max_replicas if self.autoscaling else self.num_replicas
 
+    @property
+    def max_held(self) -> int:
+        """Requests this arm holds and queues at its largest (an unbounded queue counts none)."""
+        return (self.max_ongoing_requests + max(0, self.max_queued_requests)) * self.max_replicas
+
 
 class ShadowConfig(_Strict):
     arm: str = Field(..., description="Arm that receives mirrored traffic.")
@@ -292,8 +297,7 @@ class IngressConfig(_Strict):
             return self.max_in_flight
         if any(a.max_queued_requests < 0 for a in arms):
             return None
-        held = sum((a.max_ongoing_requests + a.max_queued_requests) * a.max_replicas for a in arms)
-        return max(1, -(-held // self.num_replicas))
+        return max(1, -(-sum(a.max_held for a in arms) // self.num_replicas))
 
 
 class CacheConfig(_Strict):

@@ -58,9 +58,7 @@ def ingress_options(fleet: FleetConfig) -> dict[str, Any]:
     arms' own bounds it is refused there at once), and never fewer than 256, so `/health` and
     `/ready` find a slot while slow clients send their bodies. Past that, Serve's proxy refuses
     with 503 instead of queueing without bound."""
-    capacity = sum(
-        (a.max_ongoing_requests + max(0, a.max_queued_requests)) * a.max_replicas for a in fleet.arms
-    )
+    capacity = sum(a.max_held for a in fleet.arms)
     opts = {
         "name": "Ingress", "num_replicas": fleet.ingress.num_replicas,
         "ray_actor_options": {**INGRESS_ACTOR_OPTIONS, **_ingress_resources(fleet)},
