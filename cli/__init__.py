@@ -116,20 +116,18 @@ def cmd_bench_serving(args) -> int:
 
 
 def _scenarios(text: str) -> list[str]:
-    from serve.reliability import SCENARIOS
+    from serve.reliability import check_scenarios
 
-    chosen = [s.strip() for s in text.split(",") if s.strip()]
-    unknown = [s for s in chosen if s not in SCENARIOS]
-    if unknown or not chosen:
-        raise argparse.ArgumentTypeError(f"unknown scenario(s) {unknown or [text]}; choose from {','.join(SCENARIOS)}")
-    return chosen
+    try:
+        return check_scenarios([s.strip() for s in text.split(",") if s.strip()])
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def cmd_bench_reliability(args) -> int:
-    from serve.reliability import run_reliability_bench
+    from serve.reliability import SCENARIOS, run_reliability_bench
 
-    run_reliability_bench(config=args.config, duration_s=args.duration, out=args.out,
-                          **({"scenarios": args.scenarios} if args.scenarios else {}))
+    run_reliability_bench(config=args.config, duration_s=args.duration, out=args.out, scenarios=args.scenarios or SCENARIOS)
     return 0
 
 

@@ -320,6 +320,15 @@ async def redis_kill(base_url: str, redis: PrivateRedis, rate: float, duration_s
 SCENARIOS = ("overload", "replica-kill", "slow-clients", "redis-kill", "drain")
 
 
+def check_scenarios(names: list[str] | tuple[str, ...]) -> list[str]:
+    """The scenarios asked for, or ValueError naming the unknown ones (and what there is)."""
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown or not names:
+        problem = f"unknown scenario(s) {unknown}" if unknown else "no scenario given"
+        raise ValueError(f"{problem}; choose from {','.join(SCENARIOS)}")
+    return list(names)
+
+
 def run_reliability_bench(*, config: str | None = None, duration_s: float = 20.0, out: str | Path = "out/bench-reliability.json",
                           scenarios: list[str] | tuple[str, ...] = SCENARIOS) -> dict[str, Any]:  # fmt: skip
     """The scenarios against one embedded local app (the main job's config), one after another,
@@ -327,9 +336,7 @@ def run_reliability_bench(*, config: str | None = None, duration_s: float = 20.0
     from serve.deploy_options import APP_NAME
     from serve.local import embedded_serve, local_fleet
 
-    unknown = sorted(set(scenarios) - set(SCENARIOS))
-    if unknown:
-        raise ValueError(f"scenarios: unknown {unknown}; choose from {list(SCENARIOS)}")
+    scenarios = check_scenarios(scenarios)
     redis = PrivateRedis()
     fleet = local_fleet(config, redis.url, 8767)
     bodies = text_requests(256, 8, seed=3)
