@@ -18,7 +18,9 @@ import torch
 from engine.errors import ModelLoadError, PrecisionUnsupported, UnknownPrecision
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8", "nf4", "awq", "w8a8", "fp8")
-KEEP_16BIT = ["visual", "lm_head"]
+# transformers 5 matches these against full module names from their start (`should_convert_module`):
+# "visual" alone would match nothing and the vision tower would be quantized with the decoder.
+KEEP_16BIT = ["model.visual", "lm_head"]
 # LLM.int8 casts fp32 activations to fp16 for its int8 matmul and says so on every call.
 warnings.filterwarnings("ignore", message=".*MatMul8bitLt: inputs will be cast.*")
 logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
@@ -68,6 +70,13 @@ def check_precision(precision: str, device: torch.device) -> None:
         cc = torch.cuda.get_device_capability(device)
         if cc < (8, 9):
             raise PrecisionUnsupported(f"precision: fp8 needs compute capability >= 8.9; this GPU has {cc[0]}.{cc[1]}")
+        try:
+            import kernels  # noqa: F401
+        except ImportError:
+            raise PrecisionUnsupported(
+                "precision: fp8 on the transformers backend needs the `kernels` package: transformers 5.17's FineGrainedFP8 "
+                "loads its matmul from the hub kernel kernels-community/finegrained-fp8 (use the vllm backend's fp8)"
+            ) from None
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise PrecisionUnsupported("precision: bf16 needs compute capability >= 8.0; use fp16 on this GPU")
     if precision == "w8a8":

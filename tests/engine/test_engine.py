@@ -228,6 +228,20 @@ def test_max_tokens_per_doc_cuts_document_text(engine_for):
     assert len(whole.rows[0]) - len(cut.rows[0]) >= 100
 
 
+@pytest.mark.parametrize("precision", ["int8", "nf4"])
+def test_quantized_precisions_quantize_the_decoder_alone(engine_for, precision):
+    """bitsandbytes replaces the decoder's projections; the vision tower and lm_head stay plain
+    linears in the compute dtype, so a quantized arm's tower is the fp32 arm's (equal feature-cache
+    keys: image features are shared between the arms)."""
+    model = engine_for(precision).model
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    kept = {n: m for n, m in linears.items() if n.startswith("model.visual") or n == "lm_head"}
+    assert kept and all(type(m) is torch.nn.Linear and m.weight.dtype == torch.float32 for m in kept.values())
+    decoder = [m for n, m in linears.items() if n.startswith("model.language_model")]
+    assert decoder and all(type(m) is not torch.nn.Linear for m in decoder)
+    assert engine_for(precision).feature_spec == engine_for("fp32").feature_spec
+
+
 def test_unknown_and_unsupported_precisions_are_refused(tiny_model_dir):
     from engine.engine import RerankEngine
 
