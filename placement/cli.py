@@ -20,7 +20,7 @@ from placement.outputs import OUTPUT_FILES, render_outputs, write_outputs
 from placement.render import RenderError, read_architecture_config
 from placement.report import format_plan
 from placement.solve import PlacementInfeasible
-from placement.throughput import BenchEngineReport, CapacityReport
+from placement.profiles import CapacityReport, read_bench_reports
 from serve.config import read_yaml_mapping
 
 
@@ -38,7 +38,7 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
         type=Path,
         action="append",
         default=[],
-        help="`rerank-fleet bench engine --out` JSON measured on one GPU type (repeat for several)",
+        help="`rerank-fleet bench engine --out` JSON or `scripts/gpu-check.sh`'s gpu-check.json, measured on one GPU type (repeat for several)",
     )
     parser.add_argument(
         "--capacity",
@@ -64,9 +64,9 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def _load_measurement(path: Path, model, what: str):
+def _load_measurement(path: Path, parse, what: str):
     try:
-        return model.model_validate(json.loads(path.read_text()))
+        return parse(json.loads(path.read_text()))
     except (OSError, json.JSONDecodeError) as err:
         raise InventoryError(f"{path}: cannot read the {what}: {err}") from None
     except ValidationError as err:
@@ -91,8 +91,8 @@ def run_plan(args: argparse.Namespace) -> int:
     try:
         inventory = load_inventory(args.inventory, image=args.image)
         architecture = read_architecture_config(inventory, args.inventory)
-        bench = [_load_measurement(path, BenchEngineReport, "bench engine profile") for path in args.profile]
-        capacity = [_load_measurement(path, CapacityReport, "capacity report") for path in args.capacity]
+        bench = [report for path in args.profile for report in _load_measurement(path, read_bench_reports, "bench engine profile")]
+        capacity = [_load_measurement(path, CapacityReport.model_validate, "capacity report") for path in args.capacity]
         report = plan_placement(inventory, architecture, bench=bench, capacity=capacity, objective=args.objective, budget=args.budget)
     except (InventoryError, ArchitectureError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -18,7 +18,8 @@ from engine.config import DEFAULT_MAX_PIXELS, FACTOR
 from placement.inventory import Inventory, NodeType
 from placement.memory import Architecture
 from placement.planner import PlacementReport, arm_name
-from placement.throughput import KERNEL_EFFICIENCY, BenchEngineReport, find_vision_ms, vision_image_flops
+from placement.profiles import BenchEngineReport, find_vision_ms
+from placement.throughput import roofline_vision_ms
 
 FEATURE_DTYPE_BYTES = 2  # features are kept and cached in bf16/fp16
 # Shared only when fetching costs at most half the tower's time: a hit must save real work after
@@ -62,9 +63,7 @@ def vision_ms(
     found = find_vision_ms(bench, node.gpu_model, precision, model_ids, arch, inventory.traffic.tokens_per_image)
     if found is not None:
         return found
-    # The tower runs in 16-bit on every arm (quantised arms quantise the decoder only).
-    flops = vision_image_flops(arch, inventory.traffic.tokens_per_image)
-    return flops / (node.gpu_model.fp16_tflops * 1e12 * KERNEL_EFFICIENCY["bf16"]) * 1e3, "roofline"
+    return roofline_vision_ms(node.gpu_model, arch, inventory.traffic.tokens_per_image), "roofline"
 
 
 def choose(

@@ -81,6 +81,21 @@ GPU_CATALOGUE: dict[str, GpuModel] = {
             gcp_machines={1: "a3-highgpu-1g", 2: "a3-highgpu-2g", 4: "a3-highgpu-4g", 8: "a3-highgpu-8g"},
         ),
         GpuModel(
+            key="H200",
+            gke_accelerator="nvidia-h200-141gb",
+            description="NVIDIA H200 SXM 141 GB HBM3e (the H100's tensor cores, 4.8 TB/s)",
+            memory_mib=143771,  # as nvidia-smi reports it on the project's GPU machine
+            compute_capability=9.0,
+            fp16_tflops=989.0,
+            int8_tops=1979.0,
+            fp8_tflops=1979.0,
+            bandwidth_gbps=4800.0,
+            ray_accelerator_type="H200",
+            k8s_gpu_product="NVIDIA-H200",
+            aws_instances={8: "p5en.48xlarge"},
+            gcp_machines={8: "a3-ultragpu-8g"},
+        ),
+        GpuModel(
             key="A100-80GB",
             gke_accelerator="nvidia-a100-80gb",
             description="NVIDIA A100 SXM4 80 GB",
@@ -232,6 +247,7 @@ def hardware_support(precision: str, compute_capability: float) -> str | None:
 
 # How CUDA names each catalogue GPU (torch.cuda.get_device_name), checked in this order.
 _DEVICE_NAME_PATTERNS: tuple[tuple[str, str], ...] = (
+    ("H200", r"\bH200\b"),
     ("H100-80GB", r"\bH100\b"),
     ("A100-80GB", r"\bA100\b.*\b80\s?GB\b"),
     ("A100-40GB", r"\bA100\b"),

@@ -23,15 +23,8 @@ from placement.memory import (
     replica_memory,
 )
 from placement.solve import Demand, NodePool, Objective, Option, Plan, Rejection, solve_placement
-from placement.throughput import (
-    BenchEngineReport,
-    CapacityReport,
-    PairShape,
-    ThroughputEstimate,
-    find_capacity,
-    find_measured,
-    roofline_estimate,
-)
+from placement.profiles import BenchEngineReport, CapacityReport, find_capacity, find_measured
+from placement.throughput import PairShape, ThroughputEstimate, roofline_estimate
 
 
 @dataclass(frozen=True)
@@ -81,11 +74,6 @@ def pair_shape_of(inventory: Inventory) -> PairShape:
     )
 
 
-def _weight_bytes(memory: ReplicaMemory) -> int:
-    weight_items = {"decoder linears", "vision tower", "embeddings", "lm_head", "norms and biases"}
-    return sum(item.bytes for item in memory.items if item.name in weight_items)
-
-
 def assess_options(
     inventory: Inventory,
     arch: Architecture,
@@ -112,7 +100,7 @@ def assess_options(
             gpu = node.gpu_model
             usable = usable_bytes(node, arm, constraints.memory_headroom)
             throughput = find_capacity(list(capacity), gpu, precision, model_ids) or find_measured(list(bench), gpu, precision, model_ids, shape) or roofline_estimate(
-                gpu, precision, arch, counts, shape, batch_tokens=workload.batch_tokens, weight_bytes=_weight_bytes(memory)
+                gpu, precision, arch, counts, shape, batch_tokens=workload.batch_tokens, weight_bytes=memory.weight_bytes
             )
             if constraints.below_floor(precision):
                 # A precision below the floor is out everywhere; its other shortcomings do not matter.

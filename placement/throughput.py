@@ -1,9 +1,7 @@
 """Pairs per second one replica sustains on one GPU at one precision: the profile table.
 
-Each entry is either *measured* or a *roofline* estimate, and says which. Measured, in order of
-preference: a `rerank-fleet loadtest --capacity` report made on that GPU (requests/s the arm
-served end to end with p95 within its SLO, times documents per request), or a `rerank-fleet
-bench engine --out` report (the engine alone: the best pairs/s over its batch sizes). The roofline:
+Each entry is either *measured* (`placement.profiles`: load-test capacity or engine benchmark
+reports made on that GPU) or a *roofline* estimate, and says which. The roofline:
 
 - FLOPs of one (query, document) pair: 2 x decoder projection parameters x pair tokens, plus
   causal attention 2 x layers x tokens^2 x heads x head_dim, plus the last-token lm_head; an image
@@ -14,18 +12,16 @@ bench engine --out` report (the engine alone: the best pairs/s over its batch si
   precision (KERNEL_EFFICIENCY) is the share of the roofline that kind of kernel reaches in
   practice; it is stated in every entry.
 
-The pure functions take plain data; `BenchEngineReport` parses the JSON that `bench engine` writes.
+Pure functions over plain data: no I/O and no pydantic (the GPU check imports them on a machine
+that has neither Ray nor pydantic).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from placement.hardware import GpuModel, gpu_for_device_name
+from placement.hardware import GpuModel
 from placement.memory import Architecture, ParameterCounts
 
 # Share of the roofline each kernel family reaches on prefill-sized batches.
@@ -120,118 +116,7 @@ def roofline_estimate(
     return ThroughputEstimate(gpu.key, precision, pairs_per_s, "roofline", detail)
 
 
-class BenchEngineRow(BaseModel):
-    """One row of a `bench engine` report: one precision at one batch size, or why it was skipped."""
-
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-    precision: str = Field(..., description="Precision measured.")
-    batch_size: int | None = Field(None, ge=1, description="Pairs per engine call.")
-    pairs_per_s: float | None = Field(None, gt=0, description="Pairs per second at this batch size.")
-    skipped: str | None = Field(None, description="Why this precision did not run on the device.")
-
-
-class BenchVisionRow(BaseModel):
-    """The vision tower's time on one image, as `bench engine` measures it per precision."""
-
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-    precision: str = Field(..., description="Precision of the arm whose tower ran.")
-    image_tokens: int = Field(..., ge=1, description="Merged visual tokens of the image.")
-    ms_per_image: float = Field(..., gt=0, description="Milliseconds of the tower alone (no decoding or resizing).")
-
-
-class BenchEngineReport(BaseModel):
-    """The JSON `rerank-fleet bench engine --out FILE` writes: one model on one device."""
-
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-    model: str = Field(..., description="Model benchmarked (hub id, folder, or 'tiny'), matched against the inventory.")
-    device: str = Field(..., description="Device name as CUDA reports it, e.g. 'NVIDIA L4'.")
-    image_share: float | None = Field(None, ge=0, le=1, description="Share of image documents in the bench workload.")
-    mean_pair_tokens: float | None = Field(
-        None, gt=0, description="Mean tokens per pair in the bench workload; when given, figures are rescaled to the traffic."
-    )
-    rows: list[BenchEngineRow] = Field(..., description="Measured rows per precision and batch size.")
-    vision: list[BenchVisionRow] = Field(default_factory=list, description="Vision-tower time per image, per precision.")
-
-    def best_pairs_per_s(self, precision: str) -> BenchEngineRow | None:
-        """The row with the highest pairs/s for `precision`: the batcher fills batches under load."""
-        measured = [r for r in self.rows if r.precision == precision and r.pairs_per_s]
-        return max(measured, key=lambda r: r.pairs_per_s) if measured else None
-
-
-def measured_estimate(report: BenchEngineReport, row: BenchEngineRow, gpu: GpuModel, shape: PairShape) -> ThroughputEstimate:
-    """A measured figure, rescaled by tokens per pair when the report says its pair length."""
-    rate = row.pairs_per_s
-    detail = f"measured by bench engine on {report.device}: {row.pairs_per_s:.1f} pairs/s at batch {row.batch_size}"
-    if report.mean_pair_tokens is not None:
-        # Prefill cost is close to linear in tokens, so pairs/s scale inversely with pair length.
-        rate = row.pairs_per_s * report.mean_pair_tokens / shape.mean_pair_tokens
-        detail += f" with {report.mean_pair_tokens:g} tokens/pair, rescaled to {shape.mean_pair_tokens:.0f}"
-    else:
-        detail += " (bench workload; the report gives no tokens per pair to rescale by)"
-    return ThroughputEstimate(gpu.key, row.precision, rate, "measured", detail)
-
-
-def find_vision_ms(
-    reports: Sequence[BenchEngineReport], gpu: GpuModel, precision: str, model_ids: set[str], arch: Architecture, image_tokens: int
-) -> tuple[float, str] | None:
-    """(ms, detail) of the vision tower on an `image_tokens` image for this GPU, precision and model,
-    from a measured report, rescaled from the measured image by the tower's FLOPs; None if none has it."""
-    for report in reports:
-        if report.model in model_ids and gpu_for_device_name(report.device) == gpu.key:
-            for row in report.vision:
-                if row.precision == precision:
-                    ms = row.ms_per_image * vision_image_flops(arch, image_tokens) / vision_image_flops(arch, row.image_tokens)
-                    return ms, f"measured by bench engine on {report.device} ({row.ms_per_image:.1f} ms at {row.image_tokens} tokens)"
-    return None
-
-
-def find_measured(
-    reports: list[BenchEngineReport], gpu: GpuModel, precision: str, model_ids: set[str], shape: PairShape
-) -> ThroughputEstimate | None:
-    """The measured entry for this GPU, precision and model, if a report has one."""
-    for report in reports:
-        if report.model in model_ids and gpu_for_device_name(report.device) == gpu.key:
-            row = report.best_pairs_per_s(precision)
-            if row is not None:
-                return measured_estimate(report, row, gpu, shape)
-    return None
-
-
-class CapacityArm(BaseModel):
-    """One arm of a `loadtest --capacity` report."""
-
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-    arm: str = Field(..., description="Arm name in the measured fleet.")
-    precision: str | None = Field(None, description="The arm's precision.")
-    device: str | None = Field(None, description="What its replicas ran on, as CUDA names it (or 'cpu').")
-    replicas: int = Field(1, ge=1, description="Replicas the arm had while measured.")
-    capacity_rps: float = Field(..., ge=0, description="Highest requests/s of the whole arm with p95 within the SLO.")
-    pairs_per_s: float = Field(..., ge=0, description="capacity_rps x documents per request (the whole arm).")
-
-
-class CapacityReport(BaseModel):
-    """The `capacity.json` that `rerank-fleet loadtest --capacity` writes."""
-
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-    model: str = Field(..., description="Model served (its id), matched against the inventory.")
-    slo_p95_ms: float = Field(..., gt=0, description="The p95 latency each arm had to keep.")
-    docs_per_request: int = Field(..., ge=1, description="Documents per request of the load.")
-    arms: list[CapacityArm] = Field(..., description="Measured arms.")
-
-
-def find_capacity(reports: list[CapacityReport], gpu: GpuModel, precision: str, model_ids: set[str]) -> ThroughputEstimate | None:
-    """The load-tested capacity of this precision on this GPU and model, if a report has one."""
-    for report in reports:
-        if report.model not in model_ids:
-            continue
-        for arm in report.arms:
-            if arm.precision == precision and arm.device and gpu_for_device_name(arm.device) == gpu.key and arm.pairs_per_s > 0:
-                detail = (f"measured by loadtest --capacity on {arm.device} (arm {arm.arm}, {arm.replicas} replica(s)): {arm.capacity_rps:.2f} req/s x "
-                          f"{report.docs_per_request} docs with p95 <= {report.slo_p95_ms:g} ms, served end to end (load-test traffic, not rescaled)")  # fmt: skip
-                return ThroughputEstimate(gpu.key, precision, arm.pairs_per_s / arm.replicas, "measured", detail)
-    return None
+def roofline_vision_ms(gpu: GpuModel, arch: Architecture, image_tokens: int) -> float:
+    """Milliseconds of the vision tower on one `image_tokens` image by the roofline: the tower runs
+    in 16-bit on every arm (quantised arms quantise the decoder only)."""
+    return vision_image_flops(arch, image_tokens) / (gpu.fp16_tflops * 1e12 * KERNEL_EFFICIENCY["bf16"]) * 1e3

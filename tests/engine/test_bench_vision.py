@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from placement.throughput import BenchEngineReport
+from placement.profiles import BenchEngineReport
 from workshop.bench import VISION_IMAGE_SIDE, format_table, time_vision
 
 

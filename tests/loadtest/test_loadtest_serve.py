@@ -47,7 +47,7 @@ def test_capacity_sweep_against_the_local_app(fleet_app, tmp_path):
     """Two load steps on arm fp32 with real Locust: each step's figures come from its own Locust
     run, the capacity is one of them, and the JSON is what the planner reads."""
     from cli import main
-    from placement.throughput import CapacityReport
+    from placement.profiles import CapacityReport
 
     out = tmp_path / "capacity"
     argv = ["loadtest", "--capacity", "--host", fleet_app, "--arms", "fp32", "--user-steps", "1,2", "--duration", "3",

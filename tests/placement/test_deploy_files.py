@@ -360,7 +360,8 @@ def test_a_bench_engine_vision_time_replaces_the_roofline_for_its_gpu_and_precis
     """`bench engine` measures the tower per precision; the plan rescales it to the traffic's image
     by the tower's FLOPs and decides the arm's tier with it (and renders that)."""
     from placement.memory import read_architecture
-    from placement.throughput import BenchEngineReport, vision_image_flops
+    from placement.profiles import BenchEngineReport
+    from placement.throughput import vision_image_flops
 
     arch = read_architecture(qwen3_vl_8b)
     bench = BenchEngineReport.model_validate({

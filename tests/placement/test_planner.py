@@ -11,7 +11,8 @@ from placement.inventory import Inventory, InventoryError
 from placement.memory import count_parameters, read_architecture
 from placement.planner import pair_shape_of, plan_placement
 from placement.solve import PlacementInfeasible
-from placement.throughput import KERNEL_EFFICIENCY, BenchEngineReport, mean_pair_flops
+from placement.profiles import BenchEngineReport, read_bench_reports
+from placement.throughput import KERNEL_EFFICIENCY, mean_pair_flops
 
 BASE = {
     "model": {"name": "qwen3-vl-8b", "source": "Qwen/Qwen3-VL-Reranker-8B", "awq_checkpoint": "/models/awq"},
@@ -203,6 +204,39 @@ def test_measured_entries_replace_the_roofline_and_say_so(qwen3_vl_8b):
     assert report.assessment("bf16", "t4").throughput.source == "roofline"  # another GPU
 
 
+def test_a_gpu_check_file_replaces_the_roofline_for_its_gpu_with_the_nearest_workload(qwen3_vl_8b):
+    """`scripts/gpu-check.sh`'s JSON holds one report per architecture; each row says its workload.
+    The planner takes the device-step rate (a replica overlaps preparation), from the rows whose
+    image share is nearest the traffic's, rescaled by tokens per pair."""
+    row = {"precision": "bf16", "requests": 32, "pairs_per_s": 100.0, "p50_ms": 1.0}
+    gpu_check = {
+        "tool": "gpu-check", "device": "NVIDIA H200",
+        "reports": [
+            {"model": "Qwen/Qwen3-VL-Reranker-2B", "device": "NVIDIA H200", "rows": [{**row, "case": "short", "forward_pairs_per_s": 9000.0}]},
+            {"model": "Qwen/Qwen3-VL-Reranker-8B", "device": "NVIDIA H200", "weights": [{"precision": "bf16"}], "rows": [
+                {**row, "case": "short", "batch_size": 256, "forward_pairs_per_s": 2000.0, "mean_pair_tokens": 80.0, "image_share": 0.0},
+                {**row, "case": "long", "batch_size": 256, "forward_pairs_per_s": 600.0, "mean_pair_tokens": 480.0, "image_share": 0.0},
+                {**row, "case": "imgdocs", "batch_size": 128, "forward_pairs_per_s": 900.0, "mean_pair_tokens": 280.0, "image_share": 1.0},
+                {"precision": "int8", "case": "short", "requests": 1, "error": "RuntimeError: boom"},
+                {"precision": "fp8", "skipped": "precision: fp8 on the transformers backend needs the `kernels` package"},
+            ]},
+        ],
+    }  # fmt: skip
+    reports = read_bench_reports(gpu_check)
+    assert [r.model for r in reports] == ["Qwen/Qwen3-VL-Reranker-2B", "Qwen/Qwen3-VL-Reranker-8B"]
+    nodes = [{"name": "h200", "gpu": "H200", "gpus_per_node": 1, "max_nodes": 2, "cost_per_hour": 5.0}]
+    report = plan_placement(inventory(node_types=nodes, arms=[{"precision": "bf16"}, {"precision": "int8"}]), qwen3_vl_8b, bench=reports)
+    entry = report.assessment("bf16", "h200").throughput
+    # Text traffic (352 tokens/pair): the long-query row rescales to 600 x 480 / 352, above the short row's 2000 x 80 / 352.
+    assert entry.source == "measured" and entry.pairs_per_s == pytest.approx(600.0 * 480 / 352)
+    assert "NVIDIA H200 (long)" in entry.detail and "device step alone" in entry.detail
+    assert report.assessment("int8", "h200").throughput.source == "roofline"  # its only row failed
+    image_traffic = inventory(node_types=nodes, arms=[{"precision": "bf16"}], traffic={**BASE["traffic"], "image_share": 1.0})
+    shape = pair_shape_of(image_traffic)
+    entry = plan_placement(image_traffic, qwen3_vl_8b, bench=reports).assessment("bf16", "h200").throughput
+    assert "(imgdocs)" in entry.detail and entry.pairs_per_s == pytest.approx(900.0 * 280 / shape.mean_pair_tokens)
+
+
 def test_measured_figures_are_rescaled_to_the_planned_pair_length(qwen3_vl_8b):
     bench = BenchEngineReport.model_validate(
         {"model": "qwen3-vl-8b", "device": "NVIDIA L4", "mean_pair_tokens": 704, "rows": [{"precision": "bf16", "batch_size": 32, "pairs_per_s": 9.0}]}
@@ -250,7 +284,7 @@ def test_load_tested_capacity_replaces_other_figures_for_its_gpu(qwen3_vl_8b, tm
     import json
 
     from loadtest.capacity import write_outputs
-    from placement.throughput import CapacityReport
+    from placement.profiles import CapacityReport
 
     steps = [{"users": 1, "requests": 40, "failures": 0, "rps": 2.0, "p50_ms": 400.0, "p95_ms": 450.0},
              {"users": 2, "requests": 60, "failures": 0, "rps": 3.0, "p50_ms": 600.0, "p95_ms": 800.0}]  # fmt: skip
