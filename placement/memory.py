@@ -3,8 +3,8 @@
 The planner never reads weights: parameter counts come from the dimensions in `config.json`
 (Qwen3-VL, and Qwen2.5-VL for lychee-rerank-mm), split by component because precisions treat
 components differently. Only the decoder's attention and MLP projection weights are quantised;
-the vision tower, the token embeddings, the lm_head, norms and biases stay 16-bit in every
-precision (quantising the vision tower costs ranking quality for little memory, and embedding
+the vision tower, the token embeddings, the lm_head, norms and biases stay in the compute dtype
+(16-bit on a GPU, as the engine loads them) in every precision (quantising the vision tower costs ranking quality for little memory, and embedding
 tables are lookups, not matmuls). Every figure carries a sentence saying how it was computed.
 
 Pure functions over plain data: no I/O, no Ray, no torch.
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 GIB = 1024**3
 BYTES_16BIT = 2  # bf16 and fp16 are both two bytes
+BYTES_32BIT = 4
 
 # bitsandbytes nf4: 64 weights share one absmax; with double quantisation those absmax values are
 # themselves quantised to 8 bits in blocks of 256, each block keeping one fp32 scale.
@@ -111,6 +112,9 @@ class MemoryItem:
         return self.bytes / GIB
 
 
+WEIGHT_ITEMS = ("decoder linears", "vision tower", "embeddings", "lm_head", "norms and biases")
+
+
 @dataclass(frozen=True)
 class ReplicaMemory:
     """Device memory of one replica at one precision, as a list of explained items."""
@@ -126,6 +130,14 @@ class ReplicaMemory:
     @property
     def total_gib(self) -> float:
         return self.total_bytes / GIB
+
+    @property
+    def weight_bytes(self) -> int:
+        """The weights alone (every `weight_items` component): what a forward pass reads once."""
+        return sum(item.bytes for item in self.items if item.name in WEIGHT_ITEMS)
+
+    def item_bytes(self, name: str) -> int:
+        return sum(item.bytes for item in self.items if item.name == name)
 
     def explain(self) -> str:
         lines = [f"{self.label}: {self.total_gib:.2f} GiB per replica"]
@@ -262,6 +274,8 @@ def count_parameters(arch: Architecture) -> ParameterCounts:
 def quantized_matrix_bytes(precision: str, out_features: int, in_features: int, *, nf4_double_quant: bool) -> int:
     """Bytes one decoder weight matrix occupies at `precision`, scales and absmax included."""
     n = out_features * in_features
+    if precision == "fp32":
+        return n * BYTES_32BIT
     if precision in ("bf16", "fp16"):
         return n * BYTES_16BIT
     if precision == "int8":
@@ -284,7 +298,17 @@ def quantized_matrix_bytes(precision: str, out_features: int, in_features: int, 
     raise ValueError(f"no memory rule for precision {precision!r}")
 
 
+def unquantized_bytes(precision: str, *, on_cpu: bool = False) -> int:
+    """Bytes per parameter of what no precision quantises (vision tower, embeddings, lm_head,
+    norms): the engine's compute dtype (engine.model.compute_dtype_for): 32-bit at fp32, and on
+    CPU for the quantised precisions too (16-bit matmuls are slow there); 16-bit otherwise."""
+    if precision == "fp32" or (on_cpu and precision not in ("bf16", "fp16")):
+        return BYTES_32BIT
+    return BYTES_16BIT
+
+
 _QUANT_RULE = {
+    "fp32": "4 bytes per weight (a CPU reference precision)",
     "bf16": "2 bytes per weight",
     "fp16": "2 bytes per weight",
     "int8": "1 byte per weight + a 4-byte fp32 absmax per output row",
@@ -303,7 +327,10 @@ def _nf4_rule(double_quant: bool) -> str:
     return f"4-bit weights + an fp32 absmax per {NF4_BLOCK} weights (~0.5625 B/weight)"
 
 
-def weight_items(counts: ParameterCounts, precision: str, *, nf4_double_quant: bool) -> list[MemoryItem]:
+def weight_items(counts: ParameterCounts, precision: str, *, nf4_double_quant: bool, on_cpu: bool = False) -> list[MemoryItem]:
+    """The weights at `precision`, by component; `on_cpu`: as the engine holds them on a CPU."""
+    width = unquantized_bytes(precision, on_cpu=on_cpu)
+    kept = f"kept {8 * width}-bit ({width} bytes)"
     linear_bytes = sum(
         s.count * quantized_matrix_bytes(precision, s.out_features, s.in_features, nf4_double_quant=nf4_double_quant)
         for s in counts.decoder_linear_shapes
@@ -317,25 +344,25 @@ def weight_items(counts: ParameterCounts, precision: str, *, nf4_double_quant: b
         ),
         MemoryItem(
             "vision tower",
-            counts.vision_tower * BYTES_16BIT,
-            f"{counts.vision_tower:,} ViT + merger parameters, kept 16-bit (2 bytes)",
+            counts.vision_tower * width,
+            f"{counts.vision_tower:,} ViT + merger parameters, {kept}",
         ),
         MemoryItem(
             "embeddings",
-            counts.embeddings * BYTES_16BIT,
-            f"{counts.embeddings:,} token-embedding parameters, kept 16-bit (a lookup, not a matmul)",
+            counts.embeddings * width,
+            f"{counts.embeddings:,} token-embedding parameters, {kept} (a lookup, not a matmul)",
         ),
         MemoryItem(
             "lm_head",
-            counts.lm_head * BYTES_16BIT,
-            f"{counts.lm_head:,} output-projection parameters, kept 16-bit"
+            counts.lm_head * width,
+            f"{counts.lm_head:,} output-projection parameters, {kept}"
             if counts.lm_head
             else "tied to the embeddings: no extra memory",
         ),
         MemoryItem(
             "norms and biases",
-            counts.decoder_small * BYTES_16BIT,
-            f"{counts.decoder_small:,} decoder norm/bias parameters, kept 16-bit",
+            counts.decoder_small * width,
+            f"{counts.decoder_small:,} decoder norm/bias parameters, {kept}",
         ),
     ]
     return items
@@ -411,9 +438,10 @@ def replica_memory(
     *,
     runtime_overhead_bytes: int,
     nf4_double_quant: bool = True,
+    on_cpu: bool = False,
 ) -> ReplicaMemory:
     counts = count_parameters(arch)
-    items = weight_items(counts, precision, nf4_double_quant=nf4_double_quant)
+    items = weight_items(counts, precision, nf4_double_quant=nf4_double_quant, on_cpu=on_cpu)
     items.append(kernel_scratch_item(counts, precision, workload))
     items.append(activation_item(arch, workload))
     items.append(
