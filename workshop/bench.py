@@ -7,7 +7,7 @@ replica runs, serially: prepare every request (decode, resize, tokenize), then o
 (ViT, decoder). The prepare and forward shares are reported apart: a replica overlaps them.
 Memory is the CUDA allocator's peak on a GPU and the process's peak resident set (sampled) on
 CPU, both relative to before the model loaded. MFU (GPU only) = decoder FLOPs actually run
-(2 x parameters x tokens) / (time x the GPU's dense peak).
+(2 x projection weights x tokens) / (time x the GPU's dense peak).
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ class Case:
     documents: int  # documents per request
     query: str  # "short" | "long" | "image"
     image_share: float  # share of documents that are images
+    image_side: int | None = None  # pixels of a square image document; None: 96, 128 or 160 at random
 
 
 CASES = {
@@ -85,7 +86,7 @@ def case_requests(case: Case, seed: int = 0):
         else:
             query = RerankItem(text=query_text(random_thing(rng), rng))
         docs = [
-            RerankItem(images=(ImageInput.of(draw(random_thing(rng), rng, side=rng.choice((96, 128, 160)))),)) if rng.random() < case.image_share
+            RerankItem(images=(ImageInput.of(draw(random_thing(rng), rng, side=case.image_side or rng.choice((96, 128, 160)))),)) if rng.random() < case.image_share
             else RerankItem(text=caption(random_thing(rng), rng))
             for _ in range(case.documents)
         ]  # fmt: skip
@@ -112,21 +113,66 @@ def time_vision(engine, repeats: int) -> dict:
     for _ in range(repeats):
         t0 = time.perf_counter()
         tower.features(patches, [image.digest], engine.feature_spec)
-        if engine.device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(engine)
         times.append(time.perf_counter() - t0)
     return {"image_tokens": features.num_tokens, "ms_per_image": 1000 * float(np.median(times))}
 
 
+def sync(engine) -> None:
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def time_call(engine, requests) -> tuple[float, float, int]:
-    """(prepare seconds, forward seconds, decoder tokens) of one serial engine call."""
+    """(prepare seconds, forward seconds, decoder tokens) of one serial engine call, preparation included."""
     t0 = time.perf_counter()
     prepared = [engine.prepare(r) for r in requests]
     t1 = time.perf_counter()
     results = engine.forward(prepared)
-    if engine.device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(engine)
     return t1 - t0, time.perf_counter() - t1, sum(r.tokens for r in results)
+
+
+def measure_case(engine, requests, repeats: int) -> dict:
+    """One serial engine call on `requests`, as a replica makes it: preparation (CPU, timed once
+    after a warm-up: it is deterministic), then the device step, timed `repeats` times after a
+    warm-up on the same prepared requests. Latency = preparation + device step; peak memory of the
+    device steps above what was held before (the allocator's on a GPU, resident set on CPU)."""
+    engine.prepare(requests[0])  # warm-up: tokenizer and image-processor caches
+    t0 = time.perf_counter()
+    prepared = [engine.prepare(r) for r in requests]
+    prepare_s = time.perf_counter() - t0
+    engine.forward(prepared)  # warm-up: kernels, allocator
+    sync(engine)
+    cuda = engine.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if cuda else PeakRSS().peak
+    forward_s, tokens = [], 0
+    with PeakRSS() as rss:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            results = engine.forward(prepared)
+            sync(engine)
+            forward_s.append(time.perf_counter() - t0)
+            tokens = sum(r.tokens for r in results)
+    pairs = sum(len(p.rows) for p in prepared)
+    visual_ids = (engine.forwarder.image_token_id, engine.forwarder.video_token_id)
+    latency = [prepare_s + f for f in forward_s]
+    forward = float(np.median(forward_s))
+    return {
+        "pairs": pairs,
+        "pairs_per_s": pairs * len(latency) / sum(latency),
+        "forward_pairs_per_s": pairs / forward,
+        "p50_ms": 1000 * float(np.percentile(latency, 50)),
+        "p95_ms": 1000 * float(np.percentile(latency, 95)),
+        "prepare_ms": 1000 * prepare_s,
+        "forward_ms": 1000 * forward,
+        "decoder_tokens": tokens,  # tokens the decoder ran, each shared prefix once
+        "pair_tokens": sum(len(row) for p in prepared for row in p.rows),  # whole pairs, as if nothing were shared
+        "visual_tokens": sum(int(sum((row.ids == t).sum() for t in visual_ids)) for p in prepared for row in p.rows),
+        "activation_peak_gib": _gib((torch.cuda.max_memory_allocated() if cuda else rss.peak) - base),
+    }
 
 
 def run_engine_bench(
@@ -147,6 +193,7 @@ def run_engine_bench(
     from engine.engine import RerankEngine
     from engine.errors import PrecisionUnsupported
     from workshop.tiny import resolve_source
+    from workshop.weight_bytes import decoder_matmul_parameters
 
     precisions = precisions or ["fp32", "bf16", "int8", "nf4"]
     selected = [CASES[c] for c in (cases if cases is not None else list(CASES))]
@@ -182,31 +229,15 @@ def run_engine_bench(
         engines[False] = RerankEngine(first.loaded, first.tokenizer, EngineConfig(max_batch_tokens=1 << 16, share_prefix=False), model_id=first.model_id)
         engine_dev = first.device
         weights_gib = _gib(torch.cuda.memory_allocated() - base_alloc) if engine_dev.type == "cuda" else _gib(sampler.peak - base_rss)
-        params = sum(p.numel() for p in first.model.model.language_model.parameters())
+        params = decoder_matmul_parameters(first.model)
         for case in selected:
             requests = case_requests(case)
-            pairs = case.requests * case.documents
             for share in sharing:
-                engine = engines[share]
-                time_call(engine, requests)  # warm-up: kernels, allocator
-                if engine_dev.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-                prep, fwd, tokens = [], [], 0
-                with PeakRSS() as run_peak:
-                    for _ in range(repeats):
-                        p, f, tokens = time_call(engine, requests)
-                        prep.append(p)
-                        fwd.append(f)
-                lat = [p + f for p, f in zip(prep, fwd)]
-                peak = _gib(torch.cuda.max_memory_allocated() - base_alloc) if engine_dev.type == "cuda" else _gib(run_peak.peak - base_rss)
-                row = {
-                    "precision": precision, "case": case.name, "share_prefix": share, "pairs": pairs, "batch_size": pairs,
-                    "pairs_per_s": pairs * len(lat) / sum(lat), "p50_ms": 1000 * float(np.percentile(lat, 50)),
-                    "p95_ms": 1000 * float(np.percentile(lat, 95)), "prepare_ms": 1000 * float(np.median(prep)),
-                    "forward_ms": 1000 * float(np.median(fwd)), "decoder_tokens": tokens,
-                    "peak_mem_gib": peak, "weights_mem_gib": weights_gib, "load_s": load_s,
-                }  # fmt: skip
-                mfu = _mfu(params, tokens, float(np.median(fwd)), engine_dev, precision, peak_tflops)
+                m = measure_case(engines[share], requests, repeats)
+                row = {"precision": precision, "case": case.name, "share_prefix": share, "batch_size": m["pairs"], **m,
+                       "mean_pair_tokens": m["pair_tokens"] / m["pairs"], "image_share": case.image_share,
+                       "peak_mem_gib": m["activation_peak_gib"] + weights_gib, "weights_mem_gib": weights_gib, "load_s": load_s}  # fmt: skip
+                mfu = _mfu(params, m["decoder_tokens"], m["forward_ms"] / 1000, engine_dev, precision, peak_tflops)
                 if mfu is not None:
                     row["mfu"] = mfu
                 rows.append(row)

@@ -321,6 +321,12 @@ def build_model(folder: Path, seed: int = SEED):
     )
     torch.manual_seed(seed)
     model = Qwen3VLForConditionalGeneration(cfg).float()
+    write_preprocessor_config(folder)
+    return model
+
+
+def write_preprocessor_config(folder: Path) -> None:
+    """Qwen3-VL's image-processor settings (patch 16, merge 2, the reranker's pixel limits)."""
     (folder / "preprocessor_config.json").write_text(
         json.dumps(
             {
@@ -332,7 +338,6 @@ def build_model(folder: Path, seed: int = SEED):
             indent=2,
         )
     )
-    return model
 
 
 def build_and_train(folder: Path, steps: int = TRAIN_STEPS) -> dict:
