@@ -66,16 +66,21 @@ def resolve_model(fleet: FleetConfig) -> FleetConfig:
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    """The application of `args` (see `load_fleet`). When Ray is running, a fleet that needs more
-    than the cluster has is refused at once, naming what is missing (replicas that can never be
-    placed would hang every request); `check_resources: false` skips that for clusters that
-    autoscale to the demand."""
+    """The application of `args` (see `load_fleet`). On a fixed cluster (`cluster.elastic: false`)
+    with Ray running, a fleet that needs more than the cluster has is refused at once, naming what
+    is missing (replicas that can never be placed would hang every request); an elastic cluster's
+    nodes join later, so nothing is checked and each arm asks for its replicas once the
+    application runs (`serve.arm_scaling`)."""
     fleet = resolve_model(load_fleet(args))
     fleet.resolve_secrets()  # a missing or malformed secret fails the deploy here, naming it, not each replica
-    if str(args.get("check_resources", True)).lower() not in ("false", "0", "no"):
+    elastic = fleet.cluster.elastic
+    if not elastic:
         check_cluster_resources(fleet)
     config = fleet.to_dict()
-    arms = {arm.name: ArmReplica.options(**arm_options(arm, fleet.http.drain_grace_s)).bind(config, arm.name) for arm in fleet.arms}
+    arms = {
+        arm.name: ArmReplica.options(**arm_options(arm, fleet.http.drain_grace_s, elastic=elastic)).bind(config, arm.name)
+        for arm in fleet.arms
+    }
     ledger = LedgerReplica.options(**ledger_options(fleet)).bind(config)
     return Ingress.options(**ingress_options(fleet)).bind(config, arms, ledger)
 
@@ -90,7 +95,7 @@ def check_cluster_resources(fleet: FleetConfig) -> None:
         lacks = ", ".join(f"{k}: needs {need:g}, the cluster has {have:g}" for k, (need, have) in sorted(missing.items()))
         raise ConfigError(
             f"this fleet cannot be placed on this cluster ({lacks}); lower arms' ray_actor_options / replicas, add nodes, "
-            "or pass check_resources=false if the cluster autoscales"
+            "or set cluster.elastic: true if nodes join the cluster later"
         )
 
 

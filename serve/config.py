@@ -353,6 +353,23 @@ class HttpConfig(_Strict):
     )
 
 
+class ClusterConfig(_Strict):
+    """What the application may assume of the Ray cluster it is deployed on."""
+
+    elastic: bool = Field(
+        False, description="The cluster's nodes join after the application is submitted, or never (KubeRay, ray up, GPU groups "
+        "that scale from zero): the application is never refused for resources the cluster lacks now, and each arm asks for its "
+        "replicas once the application runs, so an arm whose GPU type never arrives holds back no other (its traffic fails "
+        "over; /health and /ready name it and say why). Off (a local cluster, which has what it will ever have): a fleet that "
+        "needs more than the cluster has is refused at once, and the application runs when every arm does.",
+    )
+    arm_grace_s: float = Field(
+        300, ge=0, description="elastic: the ingress starts (and the application reports RUNNING, which KubeRay waits for "
+        "before it sends traffic) once every arm answers, or this long after the first one did: an arm whose nodes never "
+        "come delays the fleet by at most this.",
+    )
+
+
 class FleetConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig, description="The reranker model.")
     arms: list[ArmConfig] = Field(..., min_length=1, description="Precision arms, one Serve deployment each.")
@@ -373,6 +390,7 @@ class FleetConfig(_Strict):
     )
     experiment: ExperimentConfig = Field(default_factory=ExperimentConfig, description="A/B experiment: reference arm, noise floor, guardrails, ramp.")
     ingress: IngressConfig = Field(default_factory=IngressConfig, description="The HTTP ingress deployment.")
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="What the application may assume of its Ray cluster.")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> FleetConfig:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from serve.config import RETRY_AFTER_S, ArmConfig, FleetConfig
+from serve.config import RETRY_AFTER_S, ArmConfig, AutoscalingConfig, FleetConfig
 
 IMPORT_PATH = "serve.app:build_app"
 APP_NAME = "rerank"
@@ -21,6 +21,8 @@ INGRESS_MAX_QUEUED = 64
 BACKPRESSURE = {"status_code": 503, "retry_after_s": RETRY_AFTER_S}
 # The experiment ledger does bookkeeping only (a few merges a second per ingress replica).
 LEDGER_OPTIONS = {"name": "Ledger", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0}, "max_ongoing_requests": 1000}
+# The autoscaling policy of an arm on an elastic cluster (serve/arm_scaling.py says why).
+PLANNED_REPLICAS_POLICY = "serve.arm_scaling:PlannedReplicas"
 
 
 def ledger_options(fleet: FleetConfig) -> dict[str, Any]:
@@ -32,10 +34,23 @@ def _ingress_resources(fleet: FleetConfig) -> dict[str, Any]:
     return {"resources": dict(fleet.ingress.resources)} if fleet.ingress.resources else {}
 
 
-def arm_options(arm: ArmConfig, drain_grace_s: float) -> dict[str, Any]:
+def deferred_autoscaling(planned: int, most: int, target_ongoing_requests: float) -> dict[str, Any]:
+    """Serve's `autoscaling_config` of an arm that starts at 0 replicas and asks for `planned` at
+    once (at most `most`): the application is RUNNING while the replicas wait for their nodes."""
+    return {
+        "min_replicas": 0,
+        "initial_replicas": 0,
+        "max_replicas": most,
+        "target_ongoing_requests": target_ongoing_requests,
+        "policy": {"policy_function": PLANNED_REPLICAS_POLICY, "policy_kwargs": {"planned": planned}},
+    }
+
+
+def arm_options(arm: ArmConfig, drain_grace_s: float, *, elastic: bool = False) -> dict[str, Any]:
     """Serve deployment options of one arm (also what a Serve config's `deployments` entry overrides).
     A replica being stopped (shutdown, redeploy, downscale) gets `drain_grace_s` to finish its
-    in-flight requests: Serve's own graceful shutdown."""
+    in-flight requests: Serve's own graceful shutdown. On an `elastic` cluster the arm asks for its
+    replicas after the application runs (`deferred_autoscaling`)."""
     opts: dict[str, Any] = {
         "name": f"Arm-{arm.name}",
         "ray_actor_options": arm.ray_actor_options.to_ray(),
@@ -45,7 +60,11 @@ def arm_options(arm: ArmConfig, drain_grace_s: float) -> dict[str, Any]:
         "user_config": arm.batching.model_dump(),  # applied by ArmReplica.reconfigure; changeable live
         "graceful_shutdown_timeout_s": drain_grace_s,
     }
-    if arm.autoscaling is not None:
+    if elastic:
+        planned = arm.autoscaling.min_replicas if arm.autoscaling else arm.num_replicas
+        target = arm.autoscaling.target_ongoing_requests if arm.autoscaling else AutoscalingConfig().target_ongoing_requests
+        opts["autoscaling_config"] = deferred_autoscaling(planned, arm.max_replicas, target)
+    elif arm.autoscaling is not None:
         opts["autoscaling_config"] = arm.autoscaling.model_dump()
     else:
         opts["num_replicas"] = arm.num_replicas

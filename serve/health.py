@@ -87,6 +87,8 @@ class ArmHealth:
             s.down_since, s.reason = self._clock(), why
             s.last_probe = s.down_since  # the first probe waits one interval
             self._event(s, f"down: {why}")
+        else:
+            s.reason = why  # still down: the reason shown is the latest
 
     def _event(self, s: _ArmState, what: str) -> None:
         s.events.append((self._clock(), what))

@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.errors import InputError
 from engine.inputs import RerankItem, ScoreRequest
+from serve.arm_arrival import await_arms, deployment_states, unplaced_arms
 from serve.arm_result import ArmResult
 from serve.cache import FeatureCache
 from serve.config import FleetConfig, ShadowConfig
@@ -73,6 +74,7 @@ log = logging.getLogger(__name__)
 
 DEADLINE_HEADER = "x-rerank-timeout-ms"  # a client's own deadline, at most limits.request_timeout_s
 PROBE_TIMEOUT_S = 1.0
+PLACEMENT_CHECK_S = 2.0  # elastic clusters: how often Serve's status is read for arms without a running replica
 READY_QUERY = ScoreRequest.of("readiness probe", ["readiness probe"])
 # The arm's replica is gone (killed, crashed, its node lost): scoring is idempotent, so the request
 # is retried once on another arm, and the arm leaves routed traffic until a probe answers.
@@ -178,7 +180,7 @@ def _outcome(result: ArmResult, routed_by: str) -> RerankOutcome:
 @serve.deployment(name="Ingress")
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, config: dict, arms: dict[str, DeploymentHandle], ledger: DeploymentHandle):
+    async def __init__(self, config: dict, arms: dict[str, DeploymentHandle], ledger: DeploymentHandle):
         self.fleet = FleetConfig.from_dict(config).resolve_secrets()
         self._ledger = ledger
         # Routing starts from the control state the ledger starts with; the first flush brings
@@ -214,6 +216,12 @@ class Ingress:
             body_read_timeout_s=self.fleet.limits.body_read_timeout_s,
             admission=self.admission,
         )
+        if self.fleet.cluster.elastic:
+            # Start (and let the application report RUNNING) only once the fleet can serve: see serve.arm_arrival.
+            answered = await await_arms({a: self._describe[a].remote for a in self._arms}, self.fleet.cluster.arm_grace_s)
+            for arm in self._arms:
+                if arm not in answered:
+                    self.health.died(arm, f"no answer within cluster.arm_grace_s ({self.fleet.cluster.arm_grace_s:g} s) of the ingress starting")
 
     # ------------------------------------------------------------------ endpoints
 
@@ -243,13 +251,16 @@ class Ingress:
 
     @app.get("/ready", responses={503: {"model": ErrorResponse}})
     async def ready(self) -> JSONResponse:
-        """Readiness: every arm scores a one-pair request within its probe time and none is out
-        of routed traffic; 503 with Retry-After and each arm's state otherwise (and while draining)."""
+        """Readiness: the fleet answers reranks, i.e. an arm that takes routed traffic scores a
+        one-pair request within its probe time. Each arm's state is listed ("ok", or why not:
+        down and its reason, e.g. no replica placed yet) and the others are `degraded`; 503 with
+        Retry-After when no routed arm scores, and while draining."""
         self._ensure_probing()
         results = await asyncio.gather(*(self._probe_score(a) for a in self._arms))
         arms = {a: ("ok" if error is None else error) for a, error in zip(self._arms, results)}
-        ok = not self._draining and all(error is None for error in results)
-        body = {"ready": ok, "draining": self._draining, "arms": arms}
+        routed = [a for a in self._arms if self.router.shares.get(a, 0) > 0] or list(self._arms)
+        ok = not self._draining and any(arms[a] == "ok" for a in routed)
+        body = {"ready": ok, "draining": self._draining, "arms": arms, "degraded": sorted(a for a, state in arms.items() if state != "ok")}
         return JSONResponse(body, status_code=200 if ok else 503, headers={} if ok else {"retry-after": "1"})
 
     async def drain(self, grace_s: float) -> int:
@@ -529,12 +540,17 @@ class Ingress:
 
     async def _probe_loop(self) -> None:
         interval = self.fleet.router.probe_interval_s
+        placement_checked = 0.0
         while True:
             await asyncio.sleep(interval / 2)
             live = await self._live_replicas()
             for arm, n in live.items():
                 if n == 0:
                     self._arm_gone(arm, "no live replica")
+            if self.fleet.cluster.elastic and time.monotonic() - placement_checked >= PLACEMENT_CHECK_S:
+                placement_checked = time.monotonic()
+                for arm, why in (await self._unplaced()).items():
+                    self._arm_gone(arm, why)
             due = self.health.due_for_probe()
             results = await asyncio.gather(*(self._probe_describe(a) for a in due))
             for arm, ok in zip(due, results):
@@ -549,6 +565,16 @@ class Ingress:
         except Exception as e:  # noqa: BLE001 - without the table, calls and probes still decide
             log.warning("cannot read the replica table: %s", type(e).__name__)
             return {}
+
+    async def _unplaced(self) -> dict[str, str]:
+        """Arms with no running replica and Serve's reason ({} when Serve's status cannot be read)."""
+        app_name = serve.get_replica_context().app_name
+        try:
+            states = await asyncio.get_running_loop().run_in_executor(None, deployment_states, app_name)
+        except Exception as e:  # noqa: BLE001 - calls and probes still decide without it
+            log.warning("cannot read Serve's status: %s", type(e).__name__)
+            return {}
+        return unplaced_arms(states, list(self._arms))
 
     async def _probe_describe(self, arm: str) -> bool:
         try:

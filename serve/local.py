@@ -100,7 +100,7 @@ def wait_until_ready(base: str, timeout_s: float, stop: threading.Event) -> bool
     while not stop.is_set() and time.monotonic() < deadline:
         try:
             r = httpx.get(f"{base}/ready", timeout=30)
-            if r.status_code == 200:
+            if r.status_code == 200 and not r.json().get("degraded"):
                 return True
             state = r.json().get("arms", {})
         except (httpx.HTTPError, ValueError) as e:

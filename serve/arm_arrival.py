@@ -1,0 +1,85 @@
+"""Arms on an elastic cluster (`cluster.elastic`): their replicas arrive when GPU nodes join, or never.
+
+Two things the ingress needs, both from Serve's own public API:
+
+- `await_arms`: the ingress starts (so the application reports RUNNING, which KubeRay waits for
+  before it routes traffic) once every arm answers, or `grace_s` after the first one did. A
+  cluster being upgraded thus takes traffic only when it can serve it, arms whose nodes join
+  within `grace_s` of each other all start serving together, and an arm whose nodes never come
+  delays the fleet by at most `grace_s`.
+- `unplaced_arms`: which arms have no running replica, and why, read from `serve.status()`
+  (Serve's message names the resources a pending replica waits for), so `/health` and `/ready`
+  can say it and the router sends nothing there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+
+log = logging.getLogger(__name__)
+
+WAIT_LOG_INTERVAL_S = 30.0
+
+
+async def await_arms(calls: Mapping[str, Callable[[], Awaitable]], grace_s: float, *, clock: Callable[[], float] = time.monotonic,
+                     poll_s: float = 1.0, retry_s: float = 1.0) -> set[str]:  # fmt: skip
+    """Call every arm (`calls[arm]()`, e.g. its `describe`) until each has answered once, or until
+    `grace_s` has passed since the first answered; returns the arms that answered.
+    A call that fails (the arm's replica crashed while starting) is made again `retry_s` later."""
+    start = clock()
+    first: float | None = None  # when the first arm answered: the grace counts from there
+    answered: set[str] = set()
+    pending: dict[asyncio.Future, str] = {asyncio.ensure_future(_call(calls[a])): a for a in calls}
+    last_log = start
+    try:
+        while pending:
+            if first is not None and clock() - first >= grace_s:
+                break
+            done, _ = await asyncio.wait(pending, timeout=poll_s, return_when=asyncio.FIRST_COMPLETED)
+            for future in done:
+                arm = pending.pop(future)
+                if future.exception() is None:
+                    answered.add(arm)
+                    first = clock() if first is None else first
+                else:
+                    log.warning("arm %s did not answer while starting (%s); asking again", arm, type(future.exception()).__name__)
+                    pending[asyncio.ensure_future(_call(calls[arm], delay_s=retry_s))] = arm
+            if pending and clock() - last_log >= WAIT_LOG_INTERVAL_S:
+                last_log = clock()
+                waited = f"{clock() - first:.0f} s of {grace_s:.0f} s grace" if first is not None else f"{clock() - start:.0f} s, none yet"
+                log.warning("waiting for arms %s (answered: %s; %s)", sorted(pending.values()), sorted(answered) or "none", waited)
+    finally:
+        for future in pending:
+            future.cancel()
+    return answered
+
+
+async def _call(call: Callable[[], Awaitable], delay_s: float = 0.0):
+    if delay_s:
+        await asyncio.sleep(delay_s)
+    return await call()
+
+
+def unplaced_arms(deployments: Mapping[str, tuple[int, str, str]], arms: list[str]) -> dict[str, str]:
+    """arm -> why it has no running replica, from `deployments` (Serve deployment name ->
+    (running replicas, status, Serve's message)); arms with a running replica are left out."""
+    out = {}
+    for arm in arms:
+        running, status, message = deployments.get(f"Arm-{arm}", (0, "absent", ""))
+        if running == 0:
+            out[arm] = f"no replica running (Serve: {status}{': ' + message if message else ''})"
+    return out
+
+
+def deployment_states(app_name: str) -> dict[str, tuple[int, str, str]]:
+    """Serve deployment name -> (running replicas, status, message) of one application, from
+    `serve.status()` (a controller call: a slow loop's work, never a request's)."""
+    from ray import serve
+
+    app = serve.status().applications.get(app_name)
+    if app is None:
+        return {}
+    return {name: (int(d.replica_states.get("RUNNING", 0)), str(getattr(d.status, "value", d.status)), d.message or "") for name, d in app.deployments.items()}

@@ -1,0 +1,100 @@
+"""Arms on an elastic cluster (pure logic, milliseconds): the ingress starts once every arm answers
+or once one does and the grace has passed, and an arm with no running replica is named with
+Serve's reason."""
+
+from __future__ import annotations
+
+import asyncio
+
+from serve.arm_arrival import await_arms, unplaced_arms
+from serve.deploy_options import PLANNED_REPLICAS_POLICY, deferred_autoscaling
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def arm_call(answers_after: float | None, clock: Clock, log: list[str], name: str):
+    """An arm's describe: answers once `answers_after` seconds of the clock have passed (None: never)."""
+
+    async def call():
+        log.append(name)
+        while answers_after is None or clock.now < answers_after:
+            await asyncio.sleep(0.001)
+        return {"arm": name}
+
+    return call
+
+
+async def _run(arrivals: dict[str, float | None], grace_s: float, tick_s: float = 0.5) -> tuple[set[str], float]:
+    clock, log = Clock(), []
+    calls = {name: arm_call(after, clock, log, name) for name, after in arrivals.items()}
+    task = asyncio.ensure_future(await_arms(calls, grace_s, clock=clock, poll_s=0.001))
+    while not task.done():
+        await asyncio.sleep(0.001)
+        clock.now += tick_s / 10
+    return task.result(), clock.now
+
+
+def test_the_ingress_waits_for_every_arm_that_comes():
+    answered, at = asyncio.run(_run({"bf16-l4": 3.0, "fp16-t4": 6.0}, grace_s=300))
+    assert answered == {"bf16-l4", "fp16-t4"} and 6.0 <= at < 7.0  # when the last arm answered, long before the grace
+
+
+def test_an_arm_that_never_comes_delays_the_start_by_the_grace_at_most():
+    answered, at = asyncio.run(_run({"bf16-l4": 2.0, "fp16-t4": None}, grace_s=20))
+    assert answered == {"bf16-l4"} and 22.0 <= at < 23.0  # the grace counts from the first answer
+
+
+def test_arms_whose_nodes_join_late_but_together_all_start():
+    # GPU nodes took ten minutes to come, the second arm a minute after the first: both serve from the start.
+    answered, at = asyncio.run(_run({"bf16-l4": 600.0, "fp16-t4": 660.0}, grace_s=300, tick_s=5.0))
+    assert answered == {"bf16-l4", "fp16-t4"} and 660.0 <= at < 661.0
+
+
+def test_with_no_arm_the_ingress_keeps_waiting():
+    async def scenario():
+        clock = Clock()
+        task = asyncio.ensure_future(await_arms({"a": arm_call(None, clock, [], "a")}, 5, clock=clock, poll_s=0.001))
+        for _ in range(200):
+            await asyncio.sleep(0.001)
+            clock.now += 1.0
+        done = task.done()
+        task.cancel()
+        return done
+
+    assert asyncio.run(scenario()) is False  # 200 s past a 5 s grace: nothing can answer, nothing is claimed
+
+
+def test_a_call_that_fails_is_made_again():
+    calls = {"n": 0}
+
+    async def flaky():
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("replica died while starting")
+        return {}
+
+    assert asyncio.run(await_arms({"a": flaky}, 0, poll_s=0.001, retry_s=0.001)) == {"a"} and calls["n"] == 2
+
+
+def test_unplaced_arms_are_named_with_serves_reason():
+    states = {
+        "Arm-bf16-l4": (1, "HEALTHY", ""),
+        "Arm-fp16-t4": (0, "UPSCALING", "Deployment 'Arm-fp16-t4' has 1 replicas that have taken more than 30s to be scheduled."),
+        "Ingress": (2, "HEALTHY", ""),
+    }
+    out = unplaced_arms(states, ["bf16-l4", "fp16-t4", "int8-a10g"])
+    assert set(out) == {"fp16-t4", "int8-a10g"}
+    assert "UPSCALING" in out["fp16-t4"] and "taken more than 30s to be scheduled" in out["fp16-t4"]
+    assert "absent" in out["int8-a10g"]
+
+
+def test_a_deferred_arm_starts_at_zero_and_asks_for_its_plan():
+    config = deferred_autoscaling(planned=3, most=6, target_ongoing_requests=8)
+    assert (config["min_replicas"], config["initial_replicas"], config["max_replicas"]) == (0, 0, 6)
+    assert config["policy"] == {"policy_function": PLANNED_REPLICAS_POLICY, "policy_kwargs": {"planned": 3}}
