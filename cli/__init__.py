@@ -9,6 +9,8 @@
   eval               ranking fidelity of a precision against a reference precision
   quantize           make an AWQ W4A16 (or FP8) checkpoint with llm-compressor
   build-tiny         build and train the offline tiny model (cached)
+  weights            fill the weights volume, mark a checkpoint complete, wait for what an arm reads
+  check-driver       this node's NVIDIA driver against the image's CUDA build (before Ray starts)
   plan               placement planner: which precision runs on which GPU
   loadtest           Locust comparison of precision arms against a running endpoint
 """
@@ -155,6 +157,33 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def cmd_weights(args) -> int:
+    from workshop import weights_volume
+
+    into = Path(args.into)
+    if args.weights == "fill":
+        checkpoint = weights_volume.fill(args.source, into)
+        print(f"filled {into} with {checkpoint}")
+        return 0
+    if args.weights == "mark":
+        for done in args.done:
+            print(f"marked {weights_volume.mark(into, done)}")
+        return 0
+    missing = weights_volume.wait(into, args.need, timeout_s=args.timeout, staged=args.staged, log=lambda line: print(line, flush=True))
+    if missing:
+        print(f"error: after {args.timeout:g} s, {into} still lacks {', '.join(missing)}: did the weights Jobs run? "
+              "(kubectl get jobs; docs/DEPLOY.md, step 3)", file=sys.stderr)  # fmt: skip
+        return 1
+    print(f"{into} holds {', '.join(args.need)}")
+    return 0
+
+
+def cmd_check_driver(args) -> int:
+    from cli.driver_check import run
+
+    return run(args)
+
+
 def cmd_build_tiny(args) -> int:
     from workshop.tiny import ensure_tiny_model
 
@@ -236,6 +265,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("build-tiny", help="build and train the offline tiny model")
     p.set_defaults(func=cmd_build_tiny)
+
+    weights = sub.add_parser("weights", help="the weights volume: fill, mark complete, wait (Jobs and init steps run these)")
+    weights_sub = weights.add_subparsers(dest="weights", required=True)
+    p = weights_sub.add_parser("fill", help="download a hub model into INTO/hf, or copy a folder into INTO; then mark it")
+    p.add_argument("--from", dest="source", required=True, help="a hub id (Qwen/Qwen3-VL-Reranker-8B) or a local folder")
+    p.add_argument("--into", required=True, help="the mount path of the weights volume")
+    p.set_defaults(func=cmd_weights)
+    p = weights_sub.add_parser("mark", help="record checkpoints as complete in the volume (after a quantize or an object-store sync)")
+    p.add_argument("--into", required=True)
+    p.add_argument("--done", action="append", required=True, help="a checkpoint as an arm names it (hub id or path); repeatable")
+    p.set_defaults(func=cmd_weights)
+    p = weights_sub.add_parser("wait", help="wait until every needed checkpoint is marked complete (a GPU pod's init step)")
+    p.add_argument("--into", required=True)
+    p.add_argument("--need", action="append", required=True, help="a checkpoint an arm reads; repeatable")
+    p.add_argument("--timeout", type=float, default=4 * 3600, help="seconds, then fail naming what is missing")
+    p.add_argument("--staged", action="store_true", help="a volume staged by hand: a checkpoint on disk counts without a marker")
+    p.set_defaults(func=cmd_weights)
+
+    from cli.driver_check import add_arguments as driver_arguments
+
+    p = sub.add_parser("check-driver", help="this node's NVIDIA driver against the image's CUDA build (before Ray starts on it)")
+    driver_arguments(p)
+    p.set_defaults(func=cmd_check_driver)
 
     try:
         from placement.cli import add_subparser as add_plan

@@ -59,6 +59,17 @@ class WeightsSpec(_Strict):
         None, ge=1, description="object_store and hub: local disk the copy may take (the pod's ephemeral-storage request); default: "
         "the checkpoints' size from the planner's model plus 20 %.",
     )
+    fill: str | None = Field(
+        None, pattern=r"^(hub|(s3|gs)://[^\s]+)$", description="volume: where its content comes from, so the deployment fills it "
+        "from empty: `hub` (the model from the Hugging Face hub) or s3://... / gs://... (a prefix holding the checkpoints). "
+        "Kubernetes: a claim, a fill Job, a quantize Job for the awq arm, and GPU pods that wait for them; ray up: each node "
+        "fills host_path before Ray starts. Without it the volume must already hold the weights (checked before Ray starts).",
+    )
+    storage_class: str | None = Field(
+        None, description="fill on Kubernetes: the ReadWriteMany StorageClass of the claim (default: one for EFS on eks, rendered "
+        "with efs_file_system_id; Filestore's standard-rwx on gke).",
+    )
+    efs_file_system_id: str | None = Field(None, pattern=r"^fs-[0-9a-f]{8,17}$", description="fill on eks: the EFS file system the claim's access point lives in.")
 
     @model_validator(mode="after")
     def _source_fields(self) -> WeightsSpec:
@@ -68,6 +79,8 @@ class WeightsSpec(_Strict):
             raise ValueError("source object_store needs uri (s3://... or gs://...)")
         if self.source != "volume" and self.pvc:
             raise ValueError(f"pvc applies to source volume only, not {self.source}")
+        if self.fill and self.source != "volume":
+            raise ValueError(f"fill applies to source volume only, not {self.source}")
         return self
 
 
@@ -268,10 +281,19 @@ TARGETS = ("aws", "gcp", "kuberay")
 
 class IngressNodesSpec(_Strict):
     replicas: int = Field(2, ge=1, description="Ingress replicas, one per CPU node (>= 2: losing a node never loses the endpoint).")
-    cpus_per_node: int = Field(4, ge=1, description="CPUs of one ingress node (the k8s pod's request).")
-    memory_gib: int = Field(8, ge=1, description="Memory of one ingress node, GiB.")
-    aws_instance_type: str = Field("m6i.xlarge", description="EC2 instance of an ingress node (ray up).")
-    gcp_machine_type: str = Field("n2-standard-4", description="GCE machine of an ingress node (ray up).")
+    cpus_per_node: float = Field(3, gt=0, description="CPUs of one ingress pod (the k8s pod's request; it must fit the node's allocatable).")
+    memory_gib: int = Field(8, ge=1, description="Memory of one ingress pod, GiB.")
+    aws_instance_type: str = Field("m6i.xlarge", description="EC2 instance of an ingress node (eks and ray up).")
+    gcp_machine_type: str = Field("n2-standard-4", description="GCE machine of an ingress node (gke and ray up).")
+
+
+class SystemNodesSpec(_Strict):
+    """The CPU nodes that hold the Ray head, both Redis servers and the weights fill Job (Kubernetes)."""
+
+    aws_instance_type: str = Field("r6i.2xlarge", description="EC2 instance of a system node (eks; ray up's head).")
+    gcp_machine_type: str = Field("n2-highmem-8", description="GCE machine of a system node (gke; ray up's head).")
+    head_cpus: float = Field(2, gt=0, description="CPUs of the Ray head pod (it runs no replica: GCS, dashboard, Serve's controller).")
+    head_memory_gib: int = Field(8, ge=2, description="Memory of the Ray head pod, GiB.")
 
 
 class UpgradeSpec(_Strict):
@@ -294,6 +316,10 @@ class DeploymentSpec(_Strict):
         2.0, ge=1, description="With autoscaling: max_replicas = planned replicas x this, capped by the pool's GPUs."
     )
     target_ongoing_requests: float = Field(8, gt=0, description="With autoscaling: requests per replica Serve aims for.")
+    arm_grace_s: float = Field(
+        300, ge=0, description="How long after the first arm answers the ingress waits for the others before it starts with "
+        "those that answered (the serving app's cluster.arm_grace_s): an arm whose GPU nodes never come delays the fleet, or an upgrade's switch, by at most this.",
+    )
     redis_url: str | None = Field(
         None, description="Feature-cache Redis for `ray up` clusters (e.g. a managed Redis; its password comes from the secrets "
         "file, never this URL); k8s renders its own.",
@@ -313,6 +339,15 @@ class DeploymentSpec(_Strict):
     )
     weights: WeightsSpec = Field(default_factory=WeightsSpec, description="Where replicas find the weights (node types may override).")
     ingress: IngressNodesSpec = Field(default_factory=IngressNodesSpec, description="CPU nodes for the HTTP ingress and the experiment ledger.")
+    system: SystemNodesSpec = Field(default_factory=SystemNodesSpec, description="CPU nodes for the Ray head, the Redis servers and the weights fill Job.")
+    image_pull_secret: str | None = Field(
+        None, pattern=r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$", description="Kubernetes: the docker-registry Secret the pods pull the "
+        "project's images with (a private registry; docs/DEPLOY.md shows how to create it).",
+    )
+    quantize_image: str | None = Field(
+        None, pattern=IMAGE_PATTERN, description="The Dockerfile's `quantize` stage pushed (llm-compressor, which the serving image "
+        "cannot hold beside vLLM): runs the Job that writes the awq arm's checkpoint into a filled volume.",
+    )
     upgrade: UpgradeSpec = Field(default_factory=UpgradeSpec, description="How a KubeRay deployment takes a new image or cluster spec.")
     api_auth: bool = Field(True, description="Require client API keys (read by replicas from the fleet Secret, never rendered).")
     cache_max_memory_gib: float = Field(32, gt=0, description="Most memory the shared feature-cache Redis may take.")
@@ -336,7 +371,7 @@ class DeploymentSpec(_Strict):
     gcp_region: str = Field("us-central1", description="GCP region of the ray-up cluster.")
     gcp_zone: str = Field("us-central1-a", description="GCP zone of the ray-up cluster.")
 
-    @field_validator("image")
+    @field_validator("image", "quantize_image")
     @classmethod
     def _pinned_image(cls, value: str | None) -> str | None:
         if value is None:

@@ -58,3 +58,30 @@ def gpu_node_selector(node: NodeType, platform: str, aws_instance: str | None) -
     if platform == "eks":
         return {"node.kubernetes.io/instance-type": aws_instance} if aws_instance else None
     return {"nvidia.com/gpu.product": node.gpu_model.k8s_gpu_product}
+
+
+INSTANCE_TYPE_LABEL = "node.kubernetes.io/instance-type"  # set by EKS and GKE on every node
+
+
+def platform_machine(deployment: DeploymentSpec, aws: str, gcp: str) -> str | None:
+    """The machine of a node pool on this Kubernetes platform (None where the plan cannot know it)."""
+    return {"eks": aws, "gke": gcp}.get(deployment.k8s_platform)
+
+
+def system_machine(deployment: DeploymentSpec) -> str | None:
+    """The nodes of the Ray head, the Redis servers and the fill Job."""
+    return platform_machine(deployment, deployment.system.aws_instance_type, deployment.system.gcp_machine_type)
+
+
+def ingress_machine(deployment: DeploymentSpec) -> str | None:
+    return platform_machine(deployment, deployment.ingress.aws_instance_type, deployment.ingress.gcp_machine_type)
+
+
+def pool_selector(machine: str | None) -> dict[str, str]:
+    """The node selector that keeps a pod on its pool's machines ({} where the machine is unknown)."""
+    return {INSTANCE_TYPE_LABEL: machine} if machine else {}
+
+
+def pull_secrets(deployment: DeploymentSpec) -> dict:
+    """The pod spec's imagePullSecrets for the project's images ({} for a public registry)."""
+    return {"imagePullSecrets": [{"name": deployment.image_pull_secret}]} if deployment.image_pull_secret else {}

@@ -1,6 +1,11 @@
 """The KubeRay RayService of a plan: a head that runs no replicas, an ingress group of CPU pods
 spread over nodes, one GPU worker group per GPU type with its weights mounted, `/dev/shm`, the
-fleet Secret as files, and an upgrade strategy the GPU pools can afford."""
+fleet Secret as files, and an upgrade strategy that rolls out a new image.
+
+Every pod names the node type it is meant for (`node.kubernetes.io/instance-type` on EKS and
+GKE) and is checked against what that machine leaves it (`placement.pod_fit`), KubeRay's
+autoscaler sidecar included. A GPU pod first checks the node's NVIDIA driver against the image's
+CUDA build and waits until the weights its arms read are on the volume."""
 
 from __future__ import annotations
 
@@ -10,13 +15,32 @@ import math
 from placement import feature_cache, k8s
 from placement.inventory import Inventory, NodeType
 from placement.planner import PlacementReport
-from placement.ray_up import cloud_node
+from placement.machines import cloud_node, gpu_machine
+from placement.pod_fit import PodFitError, check_pods_fit
 from placement.render import INGRESS_RESOURCE, SERVE_HTTP_PORT, Rendered, RenderError, ServeTarget, dump_yaml, serve_application
 from placement.weights import copy_command, disk_gib, weights_env
+from placement.weights_jobs import wait_container
 
-HEAD_RESOURCES = {"cpu": "4", "memory": "16Gi"}
 SCRATCH_GIB = 10  # logs, Ray's session folder and spilled objects, besides any weights copy
 SHM_FRACTION = 0.3  # Ray's object store defaults to 30 % of the pod's memory, in /dev/shm
+# KubeRay's in-tree autoscaler runs beside the head with these requests (BuildAutoscalerContainer).
+AUTOSCALER_SIDECAR = {"cpu": "500m", "memory": "512Mi"}
+def check_driver_container(report: PlacementReport, node: NodeType) -> dict:
+    """A GPU pod's first step: the node's NVIDIA driver against the image's CUDA build (cli/driver_check.py).
+    It asks for the pod's GPUs so the container runtime gives it the driver."""
+    resources = {"cpu": "100m", "memory": "512Mi"}
+    limits = {**resources, "nvidia.com/gpu": str(node.gpus_per_node)}
+    return {
+        "name": "check-driver",
+        "image": report.inventory.deployment.image,
+        "imagePullPolicy": "Always",
+        "command": ["rerank-fleet", "check-driver"],
+        "securityContext": k8s.container_security(read_only_root=True),
+        "resources": {"requests": {**limits}, "limits": limits},
+    }
+
+
+INGRESS_LABELS = {"rerank-fleet/group": "ingress"}
 
 
 def cache_redis_url(inventory: Inventory) -> str:
@@ -59,9 +83,14 @@ def _pod(report: PlacementReport, container: dict, memory_gib: int, *, node: Nod
         k8s.secret_volume(deployment, _secret_keys(report, node)),
         *extra_volumes,
     ]
+    metadata = {"labels": {**k8s.ray_pod_label(deployment), **spec.pop("labels", {})}}
+    if "annotations" in spec:
+        metadata["annotations"] = spec.pop("annotations")
+    if not spec.get("nodeSelector"):
+        spec.pop("nodeSelector", None)
     return {
-        "metadata": {"labels": {**k8s.ray_pod_label(deployment), **spec.pop("labels", {})}},
-        "spec": {"securityContext": k8s.pod_security(k8s.RAY_UID), **spec, "containers": [container], "volumes": volumes},
+        "metadata": metadata,
+        "spec": {"securityContext": k8s.pod_security(k8s.RAY_UID), **k8s.pull_secrets(deployment), **spec, "containers": [container], "volumes": volumes},
     }
 
 
@@ -114,27 +143,39 @@ def _group_resources(cpus: int, memory_gib: int, disk_gib: int, gpus: int = 0) -
 
 
 def upgrade_strategy(report: PlacementReport) -> tuple[dict, str]:
-    """KubeRay's upgrade strategy and why. A new cluster at full size (NewCluster) doubles the GPU
-    fleet during an upgrade; the incremental upgrade needs only `maxSurgePercent` of it, which must
-    fit every GPU pool's headroom up to its ceiling; without a gateway class or headroom: in place."""
+    """KubeRay's upgrade strategy and why. KubeRay rolls out a changed cluster spec (a new image)
+    only by building a new cluster beside the old one: with type `None` it ignores the change
+    entirely (docs/DEPLOY.md, "Upgrades"). So it is always a new cluster: incremental
+    (`NewClusterWithIncrementalUpgrade`, traffic moved in steps through the Gateway API) where a
+    gateway class is given and every GPU pool has headroom, else `NewCluster` (traffic switches
+    once the new cluster's application is RUNNING, which its ingress reports once its arms answer
+    or `arm_grace_s` after the first did: serve.arm_arrival). The new cluster's GPU pods
+    need room beside the old ones: the note says how much of the plan each pool can double."""
     deployment = report.inventory.deployment
-    surges = []
+    headroom = {}
     for node in report.inventory.node_types:
         planned = report.plan.nodes[node.name]
         if planned:
-            surges.append(100 * (node.node_ceiling - planned) // planned)
-    surge = min([100, *surges])
-    if deployment.upgrade.gateway_class is None:
-        return {"type": "None"}, "upgrades in place (no deployment.upgrade.gateway_class for an incremental upgrade); see docs/DEPLOY.md"
-    if surge < 1:
-        return {"type": "None"}, "upgrades in place: a GPU pool is at its ceiling, so no new cluster can grow beside it; see docs/DEPLOY.md"
-    options = {
-        "maxSurgePercent": surge,
-        "stepSizePercent": min(deployment.upgrade.step_percent, surge),
-        "intervalSeconds": deployment.upgrade.interval_s,
-        "gatewayClassName": deployment.upgrade.gateway_class,
-    }
-    return {"type": "NewClusterWithIncrementalUpgrade", "clusterUpgradeOptions": options}, f"incremental upgrade, surge {surge} % of the GPU pools"
+            headroom[node.name] = 100 * (node.node_ceiling - planned) // planned
+    surge = min([100, *headroom.values()])
+    room = ", ".join(f"{name} {min(100, pct)} %" for name, pct in headroom.items()) or "no GPU pool in use"
+    if deployment.upgrade.gateway_class is not None and surge >= 1:
+        options = {
+            "maxSurgePercent": surge,
+            "stepSizePercent": min(deployment.upgrade.step_percent, surge),
+            "intervalSeconds": deployment.upgrade.interval_s,
+            "gatewayClassName": deployment.upgrade.gateway_class,
+        }
+        return {"type": "NewClusterWithIncrementalUpgrade", "clusterUpgradeOptions": options}, (
+            f"incremental upgrade (KubeRay >= 1.5), surge {surge} % of the GPU pools; headroom per pool: {room}"
+        )
+    why = "no deployment.upgrade.gateway_class" if deployment.upgrade.gateway_class is None else "a GPU pool has no headroom for an incremental step"
+    if not headroom or max(headroom.values()) < 1:
+        return {"type": "NewCluster"}, (
+            f"new-cluster upgrade ({why}); NO GPU pool can grow beside the running one ({room}): the new cluster gets no arm "
+            "until max_nodes is raised, and traffic stays on the old one; see docs/DEPLOY.md"
+        )
+    return {"type": "NewCluster"}, f"new-cluster upgrade ({why}); room for the new cluster's GPU pods per pool: {room}; see docs/DEPLOY.md"
 
 
 def render_rayservice(report: PlacementReport) -> Rendered:
@@ -146,7 +187,7 @@ def render_rayservice(report: PlacementReport) -> Rendered:
     target = ServeTarget(redis_url=cache_redis_url(inventory), secrets_dir=k8s.SECRETS_MOUNT)
     serve_config = {"applications": [serve_application(report, target)]}
     ingress = deployment.ingress
-    ingress_labels = {"rerank-fleet/group": "ingress"}
+    pods: list[tuple[str, dict, str, str | None]] = []  # (pod, spec, node type, machine): checked against their nodes below
     worker_groups = [
         {
             "groupName": "ingress",
@@ -159,13 +200,14 @@ def render_rayservice(report: PlacementReport) -> Rendered:
                 {"name": "ray-worker", "resources": _group_resources(ingress.cpus_per_node, ingress.memory_gib, 0)},
                 ingress.memory_gib,
                 node=None,
-                labels=ingress_labels,
+                labels=INGRESS_LABELS,
                 automountServiceAccountToken=False,
+                nodeSelector=k8s.pool_selector(k8s.ingress_machine(deployment)),
                 # One ingress pod per Kubernetes node: a node lost never takes the endpoint with it.
                 affinity={
                     "podAntiAffinity": {
                         "requiredDuringSchedulingIgnoredDuringExecution": [
-                            {"labelSelector": {"matchLabels": ingress_labels}, "topologyKey": "kubernetes.io/hostname"}
+                            {"labelSelector": {"matchLabels": INGRESS_LABELS}, "topologyKey": "kubernetes.io/hostname"}
                         ]
                     }
                 },
@@ -191,6 +233,7 @@ def render_rayservice(report: PlacementReport) -> Rendered:
             "resources": _group_resources(node.cpus_per_node, node.host_memory_gib, disk, node.gpus_per_node),
             "volumeMounts": mounts,
         }
+        machine = gpu_machine(node, deployment.k8s_platform)
         template = _pod(
             report,
             container,
@@ -198,11 +241,12 @@ def render_rayservice(report: PlacementReport) -> Rendered:
             node=node,
             extra_volumes=volumes,
             automountServiceAccountToken=False,
-            nodeSelector=selector,
+            nodeSelector={**selector, **k8s.pool_selector(machine)},
             tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
         )
-        if init:
-            template["spec"]["initContainers"] = init
+        waits = wait_container(report, node)
+        template["spec"]["initContainers"] = [check_driver_container(report, node), *init, *([waits] if waits else [])]
+        pods.append((f"worker group {node.name}", template["spec"], f"node_types.{node.name}", machine))
         worker_groups.append(
             {
                 "groupName": node.name,
@@ -213,13 +257,17 @@ def render_rayservice(report: PlacementReport) -> Rendered:
                 "template": template,
             }
         )
+    pods.insert(0, ("ingress pod", worker_groups[0]["template"]["spec"], "deployment.ingress", k8s.ingress_machine(deployment)))
     strategy, why = upgrade_strategy(report)
     notes.append(why)
+    head_resources = {"cpu": f"{deployment.system.head_cpus:g}", "memory": f"{deployment.system.head_memory_gib}Gi"}
+    # The autoscaler grows GPU groups toward their ceilings for the arms' pending replicas (and a new cluster's).
+    autoscaling = any(n.node_ceiling > plan.nodes[n.name] for n in inventory.node_types)
     head = _pod(
         report,
         {
             "name": "ray-head",
-            "resources": {"limits": dict(HEAD_RESOURCES), "requests": dict(HEAD_RESOURCES)},
+            "resources": {"limits": dict(head_resources), "requests": dict(head_resources)},
             "ports": [
                 {"containerPort": 6379, "name": "gcs-server"},
                 {"containerPort": 8265, "name": "dashboard"},
@@ -227,9 +275,20 @@ def render_rayservice(report: PlacementReport) -> Rendered:
                 {"containerPort": SERVE_HTTP_PORT, "name": "serve"},
             ],
         },
-        int(HEAD_RESOURCES["memory"].removesuffix("Gi")),
+        deployment.system.head_memory_gib,
         node=None,
+        nodeSelector=k8s.pool_selector(k8s.system_machine(deployment)),
+        # The cluster autoscaler must not move the head to consolidate nodes (Ray's own advice).
+        annotations={"cluster-autoscaler.kubernetes.io/safe-to-evict": "false"},
     )
+    head_spec = head["spec"]
+    if autoscaling:  # KubeRay adds its autoscaler beside the head: the node must hold both
+        head_spec = {**head_spec, "containers": [*head_spec["containers"], {"name": "autoscaler", "resources": {"requests": dict(AUTOSCALER_SIDECAR)}}]}
+    pods.insert(0, ("head pod (with KubeRay's autoscaler sidecar)" if autoscaling else "head pod", head_spec, "deployment.system", k8s.system_machine(deployment)))
+    try:
+        notes += check_pods_fit(deployment.k8s_platform, f"rayservice {deployment.cluster_name}", pods)
+    except PodFitError as e:
+        raise RenderError(str(e)) from None
     manifest = {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",
@@ -239,8 +298,7 @@ def render_rayservice(report: PlacementReport) -> Rendered:
             "serveConfigV2": dump_yaml(serve_config),
             "rayClusterConfig": {
                 "rayVersion": deployment.ray_version,
-                "enableInTreeAutoscaling": strategy["type"] != "None"
-                or any(n.node_ceiling > plan.nodes[n.name] for n in inventory.node_types),
+                "enableInTreeAutoscaling": autoscaling,
                 "authOptions": {"mode": "token"},
                 "gcsFaultToleranceOptions": {
                     "redisAddress": f"{k8s.redis_name(deployment, 'gcs')}:6379",
@@ -277,5 +335,22 @@ def render_network_policy(report: PlacementReport) -> dict:
                 {"from": [operator], "ports": [{"protocol": "TCP", "port": 8265}, {"protocol": "TCP", "port": 52365}]},
                 {"ports": [{"protocol": "TCP", "port": SERVE_HTTP_PORT}]},
             ],
+        },
+    }
+
+
+def render_ingress_budget(report: PlacementReport) -> dict:
+    """The ingress pods' PodDisruptionBudget: a node drain or scale-down takes one ingress pod at a
+    time, so the endpoint keeps answering. `minAvailable` is a count: KubeRay's RayCluster has no
+    scale subresource, which a percentage or `maxUnavailable` would need."""
+    deployment = report.inventory.deployment
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": {"name": f"{deployment.cluster_name}-ingress", "namespace": deployment.namespace},
+        "spec": {
+            "minAvailable": max(1, deployment.ingress.replicas - 1),
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
+            "selector": {"matchLabels": {**k8s.ray_pod_label(deployment), **INGRESS_LABELS}},
         },
     }

@@ -7,17 +7,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from placement.cloud_setup import render_eksctl, render_gke_script
 from placement.inventory import Inventory
-from placement.kuberay import render_network_policy, render_rayservice
+from placement.kuberay import render_ingress_budget, render_network_policy, render_rayservice
 from placement.planner import PlacementReport, plan_placement
 from placement.ray_up import render_ray_up
 from placement.redis_k8s import render_redis
 from placement.render import RenderError, dump_yaml, dump_yaml_all, read_architecture_config, render_serve_config
+from placement.weights_jobs import WeightsPipelineError, render_weights
 
 EXAMPLE_INVENTORY = "configs/placement-example.yaml"
 OUTPUT_FILES = {
     "serve": "serve.yaml", "aws": "aws.yaml", "gcp": "gcp.yaml", "rayservice": "rayservice.yaml", "redis": "redis.yaml",
-    "network": "network-policy.yaml",
+    "network": "network-policy.yaml", "disruption": "disruption-budgets.yaml", "weights": "weights.yaml",
+    "eksctl": "eksctl.yaml", "gke": "gke.sh",
 }  # fmt: skip
 EXAMPLE_FILES = {
     "serve": "configs/serve-example.yaml",
@@ -26,6 +29,9 @@ EXAMPLE_FILES = {
     "rayservice": "k8s/rayservice-example.yaml",
     "redis": "k8s/redis.yaml",
     "network": "k8s/network-policy.yaml",
+    "disruption": "k8s/disruption-budgets.yaml",
+    "weights": "k8s/weights.yaml",
+    "eksctl": "k8s/eksctl-example.yaml",
 }
 
 
@@ -60,6 +66,25 @@ def render_outputs(report: PlacementReport, source: str) -> dict[str, str]:
         outputs["network"] = _header(source, "NetworkPolicy of the Ray pods (the Redis servers have their own in redis.yaml).") + dump_yaml(
             render_network_policy(report)
         )
+        outputs["disruption"] = _header(source, "PodDisruptionBudget of the ingress pods (the Redis servers have theirs in redis.yaml).") + dump_yaml(
+            render_ingress_budget(report)
+        )
+        platform = report.inventory.deployment.k8s_platform
+        if platform == "eks":
+            outputs["eksctl"] = _header(source, "EKS cluster and node groups for this plan (eksctl create cluster -f eksctl.yaml; docs/DEPLOY.md).") + dump_yaml(
+                render_eksctl(report)
+            )
+        elif platform == "gke":
+            outputs["gke"] = render_gke_script(report)
+        try:
+            weights, notes = render_weights(report)
+        except WeightsPipelineError as e:
+            raise RenderError(str(e)) from None
+        if weights:
+            outputs["weights"] = _header(
+                source, "The weights volume from empty: its claim, the Job that fills it, the Job that writes the quantized checkpoint "
+                "(apply before rayservice.yaml; GPU pods wait for them).", tuple(notes),
+            ) + dump_yaml_all(weights)
     return outputs
 
 

@@ -9,13 +9,15 @@ from dataclasses import dataclass
 from placement import k8s
 from placement.hardware import GpuModel
 from placement.inventory import Inventory, NodeType
+from placement.machines import MACHINES, CloudNode, cloud_node, vcpus_of
 from placement.planner import PlacementReport
 from placement.render import INGRESS_RESOURCE, RAY_UP_SECRETS_DIR, Rendered, RenderError, check_weights
-from placement.weights import copy_command, weights_env
+from placement.weights import copy_command, hf_home, weights_env
+from placement.weights_jobs import checkpoints_on
 
-AWS_HEAD_INSTANCE = ("m6i.2xlarge", 8)
-GCP_HEAD_MACHINE = ("n2-standard-8", 8)
-GCP_SOURCE_IMAGE = "projects/deeplearning-platform-release/global/images/family/common-cu124-ubuntu-2204-py310"
+# The image's CUDA 13 build needs an NVIDIA driver >= 580 (cli/driver_check.py): Google's Deep Learning VM
+# family with the R580 driver (the cu124 families ship 550).
+GCP_SOURCE_IMAGE = "projects/deeplearning-platform-release/global/images/family/common-cu129-ubuntu-2204-nvidia-580"
 CONTAINER_HOME = "/home/ray"  # the rayproject/ray images' user home: where file_mounts' ~ lands in the container
 HOST_WEIGHTS_DIR = "/mnt/rerank-weights"  # object_store and hub copies when weights.host_path is not given
 # GCE installs the NVIDIA driver after boot (install-nvidia-driver metadata) and a fresh AMI may still
@@ -23,39 +25,10 @@ HOST_WEIGHTS_DIR = "/mnt/rerank-weights"  # object_store and hub copies when wei
 WAIT_FOR_DRIVER = "timeout 900 bash -c 'until nvidia-smi >/dev/null 2>&1; do sleep 10; done'"
 
 
-@dataclass(frozen=True)
-class CloudNode:
-    instance: str  # EC2 instance type or GCE machine type
-    vcpus: int
-
-
-# vCPUs of the instance types the catalogue names, so the autoscaler knows a node's CPUs before launch.
-INSTANCE_VCPUS: dict[str, int] = {
-    "p5.48xlarge": 192, "p4de.24xlarge": 96, "p4d.24xlarge": 96,
-    "g6e.xlarge": 4, "g6e.12xlarge": 48, "g6e.48xlarge": 192,
-    "g6.xlarge": 4, "g6.12xlarge": 48, "g6.48xlarge": 192,
-    "g5.xlarge": 4, "g5.12xlarge": 48, "g5.48xlarge": 192,
-    "g4dn.xlarge": 4, "g4dn.12xlarge": 48, "g4dn.metal": 96,
-    "p3.2xlarge": 8, "p3.8xlarge": 32, "p3.16xlarge": 64,
-    "a3-highgpu-1g": 26, "a3-highgpu-2g": 52, "a3-highgpu-4g": 104, "a3-highgpu-8g": 208,
-    "a2-ultragpu-1g": 12, "a2-ultragpu-2g": 24, "a2-ultragpu-4g": 48, "a2-ultragpu-8g": 96,
-    "a2-highgpu-1g": 12, "a2-highgpu-2g": 24, "a2-highgpu-4g": 48, "a2-highgpu-8g": 96,
-    "g2-standard-8": 8, "g2-standard-24": 24, "g2-standard-48": 48, "g2-standard-96": 96,
-    "n1-standard-8": 8, "n1-standard-16": 16, "n1-standard-32": 32, "n1-standard-64": 64,
-    "m6i.xlarge": 4, "m6i.2xlarge": 8, "n2-standard-4": 4, "n2-standard-8": 8,
-}  # fmt: skip
-
-
-def cloud_node(node: NodeType, cloud: str) -> CloudNode | None:
-    """The instance that carries this node type's GPUs on `cloud`, or None if the cloud has none."""
-    gpu = node.gpu_model
-    if cloud == "aws":
-        instance = node.aws_instance_type or gpu.aws_instances.get(node.gpus_per_node)
-    else:
-        instance = node.gcp_machine_type or gpu.gcp_machines.get(node.gpus_per_node)
-    if instance is None:
-        return None
-    return CloudNode(instance, INSTANCE_VCPUS.get(instance, node.cpus_per_node))
+def in_image(image: str, command: str, *, gpus: bool = False, mounts: tuple[str, ...] = (), env: tuple[str, ...] = ()) -> str:
+    """A host command that runs `command` in the project's image (before Ray's container starts)."""
+    options = ["--rm", *(["--gpus all"] if gpus else []), *(f"-v {m}" for m in mounts), *(f"-e {e}" for e in env)]
+    return f"docker run {' '.join(options)} {image} {command}"
 
 
 def ray_node_type_name(node: NodeType) -> str:
@@ -93,17 +66,31 @@ def _gcp_node_config(machine: str, gpu: GpuModel | None, gpus: int) -> dict:
     return config
 
 
-def weights_mount(inventory: Inventory, node: NodeType) -> tuple[list[str], list[str]]:
-    """(host commands run before the container starts, docker run options) that put this node
-    type's weights at its mount path in the container, with HF_HOME and the hub token set."""
+def weights_mount(report: PlacementReport, node: NodeType) -> tuple[list[str], list[str]]:
+    """(host commands run before Ray starts on the node, docker run options) that put this node
+    type's weights at its mount path in the container, with HF_HOME and the hub token set. A
+    volume with a `fill` source is filled on the host first (the model from the hub or an
+    object-store prefix, and the awq arm's checkpoint quantized when the source lacks it); one
+    without is checked: Ray never starts on a node whose arms' weights are missing."""
+    inventory = report.inventory
+    deployment = inventory.deployment
     spec = inventory.weights_for(node)
     commands: list[str] = []
+    token_file = posixpath.join(CONTAINER_HOME, RAY_UP_SECRETS_DIR.removeprefix("~/"), k8s.HF_TOKEN)
+    env = weights_env(spec, token_file)
     if spec.source == "volume":
         if not spec.host_path:
             raise RenderError(
                 f"node_types.{node.name}.weights: a pvc is Kubernetes only; give host_path (a folder on the node holding the weights) for ray up"
             )
-        options = [f"-v {spec.host_path}:{spec.mount_path}:ro"]
+        host, mount = spec.host_path, f"{spec.host_path}:{spec.mount_path}"
+        needs = checkpoints_on(report, node)
+        if spec.fill:
+            commands += _fill_host(report, node, spec, host, mount, needs)
+        elif needs:
+            check = f"rerank-fleet weights wait --staged --timeout 0 --into {spec.mount_path} " + " ".join(f"--need {n}" for n in needs)
+            commands.append(in_image(deployment.image, check, mounts=(f"{mount}:ro",), env=tuple(f"{k}={v}" for k, v in env.items())))
+        options = [f"-v {mount}:ro"]
     elif spec.source == "object_store":
         host = spec.host_path or HOST_WEIGHTS_DIR
         copy = copy_command(spec.uri, host)  # the AWS and GCP host images carry the aws and gcloud CLIs
@@ -113,9 +100,33 @@ def weights_mount(inventory: Inventory, node: NodeType) -> tuple[list[str], list
         host = spec.host_path or HOST_WEIGHTS_DIR
         commands.append(f"sudo mkdir -p {host} && sudo chown {k8s.RAY_UID}:{k8s.RAY_UID} {host}")  # the container's user writes the download
         options = [f"-v {host}:{spec.mount_path}"]
-    token_file = posixpath.join(CONTAINER_HOME, RAY_UP_SECRETS_DIR.removeprefix("~/"), k8s.HF_TOKEN)
-    options += [f"-e {k}={v}" for k, v in weights_env(spec, token_file).items()]
+    options += [f"-e {k}={v}" for k, v in env.items()]
     return commands, options
+
+
+def _fill_host(report: PlacementReport, node: NodeType, spec, host: str, mount: str, needs: list[str]) -> list[str]:
+    """Host commands that fill an empty `host` folder as the Kubernetes Jobs fill the claim (each
+    step skipped when its marker is there: a node that restarts keeps its disk)."""
+    inventory = report.inventory
+    deployment = inventory.deployment
+    env = (f"HF_HOME={hf_home(spec)}",)
+    commands = [f"sudo mkdir -p {host} && sudo chown {k8s.RAY_UID}:{k8s.RAY_UID} {host}"]
+    source = inventory.model.source
+    if spec.fill == "hub":
+        commands.append(in_image(deployment.image, f"rerank-fleet weights fill --from {source} --into {spec.mount_path}", mounts=(mount,), env=env))
+    else:
+        copy = copy_command(spec.fill, host)
+        synced = " ".join(f"--done {n}" for n in needs)
+        commands.append(f"{' '.join(copy.command)} && " + in_image(deployment.image, f"rerank-fleet weights mark --into {spec.mount_path} {synced}", mounts=(mount,)))
+    awq = inventory.model.awq_checkpoint
+    if spec.fill == "hub" and awq and awq in needs:
+        if not deployment.quantize_image:
+            raise RenderError(f"deployment.quantize_image: node type {node.name} fills its weights from the hub and runs the awq arm, "
+                              "whose checkpoint must be written there (or fill from an object-store prefix that holds it)")  # fmt: skip
+        quantize = (f"sh -c 'rerank-fleet weights wait --timeout 0 --into {spec.mount_path} --need {awq} 2>/dev/null || "
+                    f"(rerank-fleet quantize --model {source} --scheme awq --out {awq} && rerank-fleet weights mark --into {spec.mount_path} --done {awq})'")  # fmt: skip
+        commands.append(in_image(deployment.quantize_image, quantize, gpus=True, mounts=(mount,), env=(*env, "HF_HUB_OFFLINE=1")))
+    return commands
 
 
 def render_ray_up(report: PlacementReport, cloud: str) -> Rendered:
@@ -128,13 +139,13 @@ def render_ray_up(report: PlacementReport, cloud: str) -> Rendered:
     plan = report.plan
     notes = []
     if cloud == "aws":
-        head_instance, head_cpus = AWS_HEAD_INSTANCE
+        head_instance = deployment.system.aws_instance_type
         provider = {"type": "aws", "region": deployment.aws_region, "cache_stopped_nodes": False}
         head_config = _aws_node_config(head_instance, deployment.aws_image_id)
-        ingress = CloudNode(deployment.ingress.aws_instance_type, INSTANCE_VCPUS.get(deployment.ingress.aws_instance_type, deployment.ingress.cpus_per_node))
+        ingress = CloudNode(deployment.ingress.aws_instance_type, vcpus_of(deployment.ingress.aws_instance_type, 4))
         ingress_config = _aws_node_config(ingress.instance, deployment.aws_image_id)
     else:
-        head_instance, head_cpus = GCP_HEAD_MACHINE
+        head_instance = deployment.system.gcp_machine_type
         provider = {
             "type": "gcp",
             "region": deployment.gcp_region,
@@ -142,7 +153,7 @@ def render_ray_up(report: PlacementReport, cloud: str) -> Rendered:
             "project_id": deployment.gcp_project,
         }
         head_config = _gcp_node_config(head_instance, None, 0)
-        ingress = CloudNode(deployment.ingress.gcp_machine_type, INSTANCE_VCPUS.get(deployment.ingress.gcp_machine_type, deployment.ingress.cpus_per_node))
+        ingress = CloudNode(deployment.ingress.gcp_machine_type, vcpus_of(deployment.ingress.gcp_machine_type, 4))
         ingress_config = _gcp_node_config(ingress.instance, None, 0)
     # The head runs Ray's control plane and Serve's controller only (`--num-cpus=0` there): losing it
     # must not take the ingress with it.
@@ -171,14 +182,16 @@ def render_ray_up(report: PlacementReport, cloud: str) -> Rendered:
             if cloud == "aws"
             else _gcp_node_config(instance.instance, node.gpu_model, node.gpus_per_node)
         )
-        commands, run_options = weights_mount(inventory, node)
+        commands, run_options = weights_mount(report, node)
+        # The node's driver must run the image's CUDA build, or no arm replica could: fail the node, naming both versions.
+        check_driver = in_image(deployment.image, "rerank-fleet check-driver", gpus=True)
         node_types[ray_node_type_name(node)] = {
             "node_config": node_config,
             "resources": {"CPU": instance.vcpus, "GPU": node.gpus_per_node, f"accelerator_type:{node.accelerator_type}": 1},
             # The plan's node count stays up; the autoscaler may add nodes up to the inventory's limit.
             "min_workers": plan.nodes[node.name],
             "max_workers": node.node_ceiling,
-            "initialization_commands": [WAIT_FOR_DRIVER, *commands],
+            "initialization_commands": [WAIT_FOR_DRIVER, check_driver, *commands],
             "docker": {"worker_run_options": run_options},
         }
         max_workers += node.node_ceiling

@@ -9,6 +9,8 @@
 Both need a password (read from the fleet Secret as a file into a config file, never an argument
 or environment variable) and admit connections only from this fleet's Ray pods (NetworkPolicy):
 cached features' keys are computable hashes, so any pod that could write them could poison results.
+Both run on the system nodes (`deployment.system`), checked to fit them, under a
+PodDisruptionBudget.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import math
 
 from placement import feature_cache, k8s
 from placement.planner import PlacementReport
+from placement.pod_fit import PodFitError, check_pods_fit
+from placement.render import RenderError
 
 REDIS_UID = 10001  # any non-root uid works for the official image; a high one stays clear of host users
 GCS_MAXMEMORY_MIB = 1024  # Ray's GCS tables are megabytes; a bound makes runaway growth an error, not an OOM kill
@@ -56,9 +60,10 @@ def _pod_spec(report: PlacementReport, job: str, args: str, memory_mib: int, pas
     ]
     if data_volume is not None:
         volumes.append(data_volume)
-    return {
+    spec = {
         "securityContext": k8s.pod_security(REDIS_UID),
         "automountServiceAccountToken": False,
+        "nodeSelector": k8s.pool_selector(k8s.system_machine(deployment)),
         "containers": [
             {
                 "name": "redis",
@@ -78,6 +83,35 @@ def _pod_spec(report: PlacementReport, job: str, args: str, memory_mib: int, pas
             }
         ],
         "volumes": volumes,
+    }
+    if not spec["nodeSelector"]:
+        del spec["nodeSelector"]
+    _check_fit(report, job, spec)
+    return spec
+
+
+def _check_fit(report: PlacementReport, job: str, spec: dict) -> None:
+    deployment = report.inventory.deployment
+    pods = [(f"{job} Redis pod", spec, "deployment.system", k8s.system_machine(deployment))]
+    try:
+        check_pods_fit(deployment.k8s_platform, deployment.cluster_name, pods)
+    except PodFitError as e:
+        raise RenderError(f"{e} (lower deployment.cache_max_memory_gib or choose a larger deployment.system machine)") from None
+
+
+def _disruption_budget(report: PlacementReport, job: str) -> dict:
+    """A voluntary eviction (a node drain, a cluster-autoscaler scale-down) waits until the operator
+    moves this Redis on purpose (docs/DEPLOY.md); a Redis that is not healthy may still be evicted."""
+    labels = _labels(report, job)
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": {"name": labels["app.kubernetes.io/name"], "namespace": report.inventory.deployment.namespace, "labels": labels},
+        "spec": {
+            "minAvailable": 1,
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
+            "selector": {"matchLabels": {"app.kubernetes.io/name": labels["app.kubernetes.io/name"]}},
+        },
     }
 
 
@@ -133,7 +167,7 @@ def render_gcs_redis(report: PlacementReport) -> list[dict]:
             ],
         },
     }
-    return [_service(report, "gcs"), stateful_set, _network_policy(report, "gcs")]
+    return [_service(report, "gcs"), stateful_set, _network_policy(report, "gcs"), _disruption_budget(report, "gcs")]
 
 
 def render_cache_redis(report: PlacementReport) -> list[dict]:
@@ -159,7 +193,7 @@ def render_cache_redis(report: PlacementReport) -> list[dict]:
             "template": {"metadata": {"labels": labels}, "spec": spec},
         },
     }
-    return [_service(report, "cache"), cache, _network_policy(report, "cache")]
+    return [_service(report, "cache"), cache, _network_policy(report, "cache"), _disruption_budget(report, "cache")]
 
 
 def render_redis(report: PlacementReport) -> list[dict]:

@@ -158,6 +158,9 @@ def fleet_config(report: PlacementReport, target: ServeTarget):
             "resources": {INGRESS_RESOURCE: INGRESS_RESOURCE_PER_REPLICA},
         },
         "admin_keys_from": secret(k8s.ADMIN_KEYS),
+        # Ray clusters whose GPU nodes join after the config is submitted (KubeRay, ray up): never
+        # refused for what is missing now, and an arm whose nodes never come holds back no other.
+        "cluster": {"elastic": True, "arm_grace_s": deployment.arm_grace_s},
     }
     if deployment.api_auth:
         data["api_keys_from"] = secret(k8s.API_KEYS)
@@ -179,7 +182,7 @@ def serve_application(report: PlacementReport, target: ServeTarget) -> dict:
 
     deployments = [
         without_gpu(ingress_options(fleet)),
-        *(arm_options(arm, fleet.http.drain_grace_s) for arm in fleet.arms),
+        *(arm_options(arm, fleet.http.drain_grace_s, elastic=fleet.cluster.elastic) for arm in fleet.arms),
         without_gpu(ledger_options(fleet)),
     ]
     deployment = report.inventory.deployment

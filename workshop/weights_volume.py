@@ -62,17 +62,27 @@ def fill(source: str, into: Path) -> str:
     return checkpoint
 
 
-def missing(into: Path, needs: list[str]) -> list[str]:
-    return [n for n in needs if not marker_path(into, n).is_file()]
+def on_disk(into: Path, checkpoint: str) -> bool:
+    """Whether a checkpoint staged by hand is there: a folder with its config.json, or a hub id's
+    snapshot in the volume's HF_HOME. (A fill writes a marker instead, which also says complete.)"""
+    if checkpoint.startswith("/"):
+        return (Path(checkpoint) / "config.json").is_file()
+    cache = Path(into) / "hf" / "hub" / f"models--{checkpoint.replace('/', '--')}" / "snapshots"
+    return any(cache.glob("*/config.json"))
 
 
-def wait(into: Path, needs: list[str], *, timeout_s: float, interval_s: float = 10.0, log=print) -> list[str]:
-    """Wait until every checkpoint in `needs` is marked complete; returns those still missing
-    when `timeout_s` ran out (empty: all there)."""
+def missing(into: Path, needs: list[str], *, staged: bool = False) -> list[str]:
+    """The checkpoints not yet complete: without a marker (`staged`: and not on disk either)."""
+    return [n for n in needs if not marker_path(into, n).is_file() and not (staged and on_disk(into, n))]
+
+
+def wait(into: Path, needs: list[str], *, timeout_s: float, staged: bool = False, interval_s: float = 10.0, log=print) -> list[str]:
+    """Wait until every checkpoint in `needs` is complete; returns those still missing when
+    `timeout_s` ran out (empty: all there)."""
     deadline = time.monotonic() + timeout_s
     last: list[str] | None = None
     while True:
-        left = missing(into, needs)
+        left = missing(into, needs, staged=staged)
         if not left or time.monotonic() >= deadline:
             return left
         if left != last:

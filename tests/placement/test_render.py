@@ -88,11 +88,16 @@ def test_serve_config_passes_serve_schema_and_pins_each_arm(inventory, autoscali
         assert arm.ray_actor_options.accelerator_type == accelerator[placement.node_type]
         deployed = deployments[f"Arm-{arm.name}"]
         assert deployed["ray_actor_options"]["accelerator_type"] == accelerator[placement.node_type]
+        # Nodes join a cluster after the config: each arm starts at 0 and asks for its planned replicas (serve/arm_scaling.py).
+        scaling = deployed["autoscaling_config"]
+        assert fleet.cluster.elastic and (scaling["min_replicas"], scaling["initial_replicas"]) == (0, 0)
+        assert scaling["policy"]["policy_kwargs"] == {"planned": placement.replicas}
         if autoscaling:
-            assert arm.autoscaling.min_replicas == placement.replicas == deployed["autoscaling_config"]["min_replicas"]
-            assert arm.autoscaling.max_replicas >= placement.replicas
+            assert arm.autoscaling.min_replicas == placement.replicas
+            assert arm.autoscaling.max_replicas >= placement.replicas == scaling["policy"]["policy_kwargs"]["planned"]
+            assert scaling["max_replicas"] == arm.autoscaling.max_replicas
         else:
-            assert arm.num_replicas == placement.replicas == deployed["num_replicas"]
+            assert arm.num_replicas == placement.replicas == scaling["max_replicas"]
         if arm.precision == "awq":
             assert arm.checkpoint == report.inventory.model.awq_checkpoint
     # Weights honour the requested split between precisions and add up to 1.
@@ -166,8 +171,9 @@ def _expected_selector(report, node):
     platform = report.inventory.deployment.k8s_platform
     if node.k8s_node_selector:
         return node.k8s_node_selector
-    if platform == "gke":
-        return {"cloud.google.com/gke-accelerator": node.gpu_model.gke_accelerator}
+    if platform == "gke":  # the accelerator, and the machine the plan sized the pod for
+        return {"cloud.google.com/gke-accelerator": node.gpu_model.gke_accelerator,
+                "node.kubernetes.io/instance-type": node.gpu_model.gcp_machines[node.gpus_per_node]}
     if platform == "eks":
         return {"node.kubernetes.io/instance-type": node.gpu_model.aws_instances[node.gpus_per_node]}
     return {"nvidia.com/gpu.product": node.gpu_model.k8s_gpu_product}
@@ -225,7 +231,8 @@ def test_cli_prints_the_table_and_writes_every_file(tmp_path, capsys):
         assert heading in out
     assert "bf16 on t4: bf16 needs compute capability >= 8.0" in out
     assert "bf16-l4: off (no image traffic)" in out  # the small inventory is text only: no arm caches features
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["aws.yaml", "gcp.yaml", "network-policy.yaml", "rayservice.yaml", "redis.yaml", "serve.yaml"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "aws.yaml", "disruption-budgets.yaml", "gcp.yaml", "gke.sh", "network-policy.yaml", "rayservice.yaml", "redis.yaml", "serve.yaml"]  # gke: its script; no filled volume: no weights.yaml
 
 
 def test_cli_image_replaces_the_inventorys_and_is_validated(tmp_path, capsys):

@@ -162,10 +162,12 @@ def test_stand_in_deployments_land_on_their_planned_gpu_types(small_plan, cluste
         async def __call__(self, request) -> str:
             return "ok"
 
+    # Each arm as rendered: on a cluster whose nodes join later, it starts at 0 replicas and its
+    # autoscaling policy asks for the planned count at once (serve/arm_scaling.py).
     arms = [
         ArmStandIn.options(
             name=name,
-            num_replicas=settings["num_replicas"],
+            autoscaling_config=settings["autoscaling_config"],
             ray_actor_options=settings["ray_actor_options"],
         ).bind()
         for name, settings in deployments.items()
@@ -212,21 +214,26 @@ def test_the_serving_app_lands_on_its_planned_gpu_types(small_plan, cluster, tmp
     from serve.app import build_app
 
     (application,) = render_serve_config(small_plan)["applications"]
-    fleet = application["args"]["config"]
-    fleet["model"]["source"] = _tiny_model_source()
-    secrets = tmp_path_factory.mktemp("secrets")
-    (secrets / "api-keys").write_text("client-key")
-    (secrets / "admin-keys").write_text("ops=admin-key")
-    for field in ("api_keys_from", "admin_keys_from"):
-        fleet[field] = {"file": str(secrets / Path(fleet[field]["file"]).name)}
-    for arm in fleet["arms"]:
-        arm["device"] = "cpu"
+    fleet = on_this_machine(application["args"]["config"], tmp_path_factory.mktemp("secrets"))
     serve.start(http_options={"host": "127.0.0.1", "port": _free_port()}, proxy_location="HeadOnly")
     serve.run(build_app({"config": fleet}), name="rerank-app", route_prefix="/rerank-app")
     try:
         _assert_every_replica_on_its_planned_node_type(small_plan, "rerank-app")
     finally:
         serve.delete("rerank-app")
+
+
+def on_this_machine(fleet: dict, secrets: Path) -> dict:
+    """A rendered fleet config changed only where this machine differs from the cluster: the
+    offline model on CPU (the GPUs are simulated), and the secret files it names in `secrets`."""
+    fleet["model"]["source"] = _tiny_model_source()
+    (secrets / "api-keys").write_text("client-key")
+    (secrets / "admin-keys").write_text("ops=admin-key")
+    for field in ("api_keys_from", "admin_keys_from"):
+        fleet[field] = {"file": str(secrets / Path(fleet[field]["file"]).name)}
+    for arm in fleet["arms"]:
+        arm["device"] = "cpu"
+    return fleet
 
 
 def test_small_inventory_matches_the_simulated_nodes():
