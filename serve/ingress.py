@@ -221,7 +221,7 @@ class Ingress:
             answered = await await_arms({a: self._describe[a].remote for a in self._arms}, self.fleet.cluster.arm_grace_s)
             for arm in self._arms:
                 if arm not in answered:
-                    self.health.died(arm, f"no answer within cluster.arm_grace_s ({self.fleet.cluster.arm_grace_s:g} s) of the ingress starting")
+                    self.health.died(arm, f"no answer within cluster.arm_grace_s ({self.fleet.cluster.arm_grace_s:g} s) of the first arm's")
 
     # ------------------------------------------------------------------ endpoints
 
