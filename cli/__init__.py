@@ -87,12 +87,8 @@ def cmd_score(args) -> int:
 
 
 def cmd_bench_engine(args) -> int:
-    from placement.hardware import GPU_CATALOGUE, gpu_for_device_name
+    from placement.predict import datasheet_tflops
     from workshop.bench import run_engine_bench
-
-    def peak_tflops(device_name: str, precision: str) -> float | None:
-        key = gpu_for_device_name(device_name)
-        return GPU_CATALOGUE[key].peak_tflops(precision) if key else None
 
     sharing = {"both": [False, True], "on": [True], "off": [False]}[args.share_prefix]
     run_engine_bench(
@@ -105,7 +101,7 @@ def cmd_bench_engine(args) -> int:
         repeats=args.repeats,
         out=args.out,
         random_config=args.random_config,
-        peak_tflops=peak_tflops,
+        peak_tflops=datasheet_tflops,
     )
     return 0
 

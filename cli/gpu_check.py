@@ -211,7 +211,7 @@ class GpuCheck:
                 call = MeasuredCall(pairs=m["pairs"], pair_tokens=m["pair_tokens"], decoder_tokens=m["decoder_tokens"], image_share=case.image_share,
                                     image_tokens=m["visual_tokens"] / image_docs if image_docs else 0.0, max_batch_tokens=engine.cfg.max_batch_tokens)  # fmt: skip
                 row.update(m, batch_size=m["pairs"], mean_pair_tokens=call.mean_pair_tokens, image_share=case.image_share, image_tokens=call.image_tokens,
-                           weights_gib=weights_gib, **self.mfu(config, precision, m), **predict_call(config, precision, self.device_name, call))  # fmt: skip
+                           weights_gib=weights_gib, **self.mfu(engine, precision, m), **predict_call(config, precision, self.device_name, call))  # fmt: skip
                 if row.get("predicted_pairs_per_s"):
                     row["forward_vs_predicted"] = row["forward_pairs_per_s"] / row["predicted_pairs_per_s"]
                 row["activation_vs_predicted"] = row["activation_peak_gib"] / row["predicted_activation_gib"] if row["predicted_activation_gib"] else None
@@ -266,10 +266,12 @@ class GpuCheck:
         return Case(name, requests, DOCS_PER_REQUEST[name], "long" if name == "long" else "short",
                     1.0 if name == "imgdocs" else 0.0, image_side=self.image_side)  # fmt: skip
 
-    def mfu(self, config: dict, precision: str, m: dict) -> dict:
-        from placement.predict import datasheet_tflops, decoder_flops_per_token
+    def mfu(self, engine, precision: str, m: dict) -> dict:
+        """Decoder TFLOP/s (2 x projection weights per token, as `bench engine` counts them) against the measured and datasheet peaks."""
+        from placement.predict import datasheet_tflops
+        from workshop.weight_bytes import decoder_matmul_parameters
 
-        tflops = decoder_flops_per_token(config) * m["decoder_tokens"] / (m["forward_ms"] / 1000) / 1e12
+        tflops = 2 * decoder_matmul_parameters(engine.model) * m["decoder_tokens"] / (m["forward_ms"] / 1000) / 1e12
         out = {"decoder_tflops": tflops}
         measured = self.report.get("measured_bf16_tflops")
         if measured:

@@ -83,6 +83,11 @@ class WeightsSpec(_Strict):
             raise ValueError(f"fill applies to source volume only, not {self.source}")
         return self
 
+    @property
+    def filled_claim(self) -> bool:
+        """A Kubernetes claim the deployment fills from empty (its Jobs write it, GPU pods wait for them)."""
+        return self.source == "volume" and bool(self.pvc) and bool(self.fill)
+
 
 class NodeType(_Strict):
     name: str = Field(

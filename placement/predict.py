@@ -82,11 +82,7 @@ def predict_vision_ms(config: Mapping, device_name: str, image_tokens: int) -> f
     return roofline_vision_ms(gpu, read_architecture(config), image_tokens) if gpu else None
 
 
-def decoder_flops_per_token(config: Mapping) -> float:
-    """2 x the decoder's projection weights: the FLOPs per token that MFU counts."""
-    return 2.0 * count_parameters(read_architecture(config)).decoder_linears
-
-
 def datasheet_tflops(device_name: str, precision: str) -> float | None:
+    """The catalogue's dense peak for `precision`'s matmuls on this CUDA device (None off the catalogue)."""
     gpu = gpu_of(device_name)
     return gpu.peak_tflops(precision) if gpu and precision in PLANNED_PRECISIONS else None

@@ -4,16 +4,16 @@ and one GPU worker node type per GPU type, each mounting its weights into the pr
 from __future__ import annotations
 
 import posixpath
-from dataclasses import dataclass
+import shlex
 
 from placement import k8s
 from placement.hardware import GpuModel
-from placement.inventory import Inventory, NodeType
-from placement.machines import MACHINES, CloudNode, cloud_node, vcpus_of
+from placement.inventory import NodeType
+from placement.machines import CloudNode, cloud_node, vcpus_of
 from placement.planner import PlacementReport
 from placement.render import INGRESS_RESOURCE, RAY_UP_SECRETS_DIR, Rendered, RenderError, check_weights
 from placement.weights import copy_command, hf_home, weights_env
-from placement.weights_jobs import checkpoints_on
+from placement.weights_jobs import checkpoints_on, fill_command, mark_command, quantize_command, wait_command
 
 # The image's CUDA 13 build needs an NVIDIA driver >= 580 (cli/driver_check.py): Google's Deep Learning VM
 # family with the R580 driver (the cu124 families ship 550).
@@ -88,7 +88,7 @@ def weights_mount(report: PlacementReport, node: NodeType) -> tuple[list[str], l
         if spec.fill:
             commands += _fill_host(report, node, spec, host, mount, needs)
         elif needs:
-            check = f"rerank-fleet weights wait --staged --timeout 0 --into {spec.mount_path} " + " ".join(f"--need {n}" for n in needs)
+            check = shlex.join(wait_command(spec.mount_path, needs, timeout_s=0, staged=True))
             commands.append(in_image(deployment.image, check, mounts=(f"{mount}:ro",), env=tuple(f"{k}={v}" for k, v in env.items())))
         options = [f"-v {mount}:ro"]
     elif spec.source == "object_store":
@@ -113,18 +113,17 @@ def _fill_host(report: PlacementReport, node: NodeType, spec, host: str, mount: 
     commands = [f"sudo mkdir -p {host} && sudo chown {k8s.RAY_UID}:{k8s.RAY_UID} {host}"]
     source = inventory.model.source
     if spec.fill == "hub":
-        commands.append(in_image(deployment.image, f"rerank-fleet weights fill --from {source} --into {spec.mount_path}", mounts=(mount,), env=env))
+        commands.append(in_image(deployment.image, shlex.join(fill_command(source, spec.mount_path)), mounts=(mount,), env=env))
     else:
         copy = copy_command(spec.fill, host)
-        synced = " ".join(f"--done {n}" for n in needs)
-        commands.append(f"{' '.join(copy.command)} && " + in_image(deployment.image, f"rerank-fleet weights mark --into {spec.mount_path} {synced}", mounts=(mount,)))
+        commands.append(f"{' '.join(copy.command)} && " + in_image(deployment.image, shlex.join(mark_command(spec.mount_path, needs)), mounts=(mount,)))
     awq = inventory.model.awq_checkpoint
     if spec.fill == "hub" and awq and awq in needs:
         if not deployment.quantize_image:
             raise RenderError(f"deployment.quantize_image: node type {node.name} fills its weights from the hub and runs the awq arm, "
                               "whose checkpoint must be written there (or fill from an object-store prefix that holds it)")  # fmt: skip
-        quantize = (f"sh -c 'rerank-fleet weights wait --timeout 0 --into {spec.mount_path} --need {awq} 2>/dev/null || "
-                    f"(rerank-fleet quantize --model {source} --scheme awq --out {awq} && rerank-fleet weights mark --into {spec.mount_path} --done {awq})'")  # fmt: skip
+        done_already = shlex.join(wait_command(spec.mount_path, [awq], timeout_s=0))
+        quantize = "sh -c " + shlex.quote(f"{done_already} 2>/dev/null || ({quantize_command(source, awq, spec.mount_path)})")
         commands.append(in_image(deployment.quantize_image, quantize, gpus=True, mounts=(mount,), env=(*env, "HF_HUB_OFFLINE=1")))
     return commands
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import posixpath
+import shlex
 
 from placement import k8s
 from placement.inventory import Inventory, NodeType, WeightsSpec
@@ -31,9 +32,31 @@ def filled_claims(inventory: Inventory) -> dict[str, WeightsSpec]:
     claims: dict[str, WeightsSpec] = {}
     for node in inventory.node_types:
         spec = inventory.weights_for(node)
-        if spec.source == "volume" and spec.pvc and spec.fill:
+        if spec.filled_claim:
             claims.setdefault(spec.pvc, spec)
     return claims
+
+
+# The commands of the pipeline (workshop.weights_volume behind `rerank-fleet weights`), one place for
+# the Jobs, the init containers and ray up's node commands.
+
+
+def fill_command(source: str, mount: str) -> list[str]:
+    return ["rerank-fleet", "weights", "fill", "--from", source, "--into", mount]
+
+
+def mark_command(mount: str, done: list[str]) -> list[str]:
+    return ["rerank-fleet", "weights", "mark", "--into", mount, *(x for d in done for x in ("--done", d))]
+
+
+def wait_command(mount: str, needs: list[str], *, timeout_s: float = WAIT_TIMEOUT_S, staged: bool = False) -> list[str]:
+    return ["rerank-fleet", "weights", "wait", *(["--staged"] if staged else []), "--into", mount, "--timeout", f"{timeout_s:g}",
+            *(x for n in needs for x in ("--need", n))]  # fmt: skip
+
+
+def quantize_command(source: str, awq: str, mount: str) -> str:
+    """AWQ of the model on the volume into `awq`, then its marker (a shell line: two steps)."""
+    return f"{shlex.join(['rerank-fleet', 'quantize', '--model', source, '--scheme', 'awq', '--out', awq])} && {shlex.join(mark_command(mount, [awq]))}"
 
 
 def checkpoints_on(report: PlacementReport, node: NodeType) -> list[str]:
@@ -46,25 +69,17 @@ def wait_container(report: PlacementReport, node: NodeType) -> dict | None:
     """The GPU pod's init step: wait for the checkpoints its arms read (None when nothing fills the volume)."""
     spec = report.inventory.weights_for(node)
     needs = checkpoints_on(report, node)
-    if not (spec.source == "volume" and spec.pvc and spec.fill) or not needs:
+    if not spec.filled_claim or not needs:
         return None
-    command = ["rerank-fleet", "weights", "wait", "--into", spec.mount_path, "--timeout", str(WAIT_TIMEOUT_S)]
-    for need in needs:
-        command += ["--need", need]
     return {
         "name": "wait-for-weights",
         "image": report.inventory.deployment.image,
         "imagePullPolicy": "Always",
-        "command": command,
+        "command": wait_command(spec.mount_path, needs),
         "securityContext": k8s.container_security(read_only_root=True),
-        "resources": _small(),
+        "resources": _sized("100m", "256Mi"),
         "volumeMounts": [{"name": "weights", "mountPath": spec.mount_path, "readOnly": True}],
     }
-
-
-def _small() -> dict:
-    resources = {"cpu": "100m", "memory": "256Mi"}
-    return {"requests": dict(resources), "limits": dict(resources)}
 
 
 def claim_size_gib(report: PlacementReport) -> int:
@@ -127,7 +142,7 @@ def fill_job(report: PlacementReport, claim: str, spec: WeightsSpec) -> dict:
     init: list[dict] = []
     if spec.fill == "hub":
         keys = [k8s.HF_TOKEN] if spec.hub_token else []
-        command = ["rerank-fleet", "weights", "fill", "--from", source, "--into", spec.mount_path]
+        command = fill_command(source, spec.mount_path)
         if spec.hub_token:
             env.append({"name": "HF_TOKEN_PATH", "value": f"{k8s.SECRETS_MOUNT}/{k8s.HF_TOKEN}"})
     else:
@@ -137,11 +152,9 @@ def fill_job(report: PlacementReport, claim: str, spec: WeightsSpec) -> dict:
                      "env": [{"name": "HOME", "value": "/tmp"}, {"name": "CLOUDSDK_CONFIG", "value": "/tmp/gcloud"}],
                      "securityContext": k8s.container_security(read_only_root=True),
                      "resources": _sized("2", "2Gi"), "volumeMounts": [mount, {"name": "tmp", "mountPath": "/tmp"}]})  # fmt: skip
-        command = ["rerank-fleet", "weights", "mark", "--into", spec.mount_path]
-        for checkpoint in sorted({checkpoint_of(inventory, a.precision) for a in inventory.arms}):
-            if checkpoint == inventory.model.awq_checkpoint and inventory.deployment.quantize_image:
-                continue  # written by the quantize Job
-            command += ["--done", checkpoint]
+        synced = sorted({checkpoint_of(inventory, a.precision) for a in inventory.arms})
+        # The quantize Job writes (and marks) the awq checkpoint when there is one.
+        command = mark_command(spec.mount_path, [c for c in synced if not (c == inventory.model.awq_checkpoint and deployment.quantize_image)])
     containers.append({"name": "fill", "image": deployment.image, "imagePullPolicy": "Always", "command": command, "env": env,
                        "securityContext": k8s.container_security(read_only_root=True),
                        "resources": _sized("2", "4Gi"), "volumeMounts": [mount, {"name": "tmp", "mountPath": "/tmp"}]})  # fmt: skip
@@ -165,7 +178,7 @@ def quantize_node(report: PlacementReport) -> NodeType:
     return min(fits, key=lambda n: (n.cost_per_hour / n.gpus_per_node, n.name))
 
 
-def quantize_job(report: PlacementReport, claim: str, spec: WeightsSpec, node_selector: dict[str, str]) -> dict | None:
+def quantize_job(report: PlacementReport, claim: str, spec: WeightsSpec, node: NodeType, node_selector: dict[str, str]) -> dict | None:
     """The Job that writes the AWQ checkpoint the awq arms read, once the source is on the volume
     (None without an awq arm). Its image is `deployment.quantize_image` (the Dockerfile's
     `quantize` stage: llm-compressor, which the serving image cannot hold beside vLLM)."""
@@ -173,13 +186,11 @@ def quantize_job(report: PlacementReport, claim: str, spec: WeightsSpec, node_se
     awq = inventory.model.awq_checkpoint
     if not awq or not any(a.precision == "awq" for a in inventory.arms) or not is_path(awq):
         return None
-    node = quantize_node(report)
     source = inventory.model.source
     mount = {"name": "weights", "mountPath": spec.mount_path}
     env = [{"name": "HF_HOME", "value": hf_home(spec)}, {"name": "HF_HUB_OFFLINE", "value": "1"}]
-    wait = ["rerank-fleet", "weights", "wait", "--into", spec.mount_path, "--timeout", str(WAIT_TIMEOUT_S), "--need", source]
-    quantize = (f"rerank-fleet quantize --model {source} --scheme awq --out {awq} && "
-                f"rerank-fleet weights mark --into {spec.mount_path} --done {awq}")  # fmt: skip
+    wait = wait_command(spec.mount_path, [source])
+    quantize = quantize_command(source, awq, spec.mount_path)
     share = node.gpus_per_node  # one GPU's share of the node's pod resources
     gpu = _sized(f"{max(1, node.cpus_per_node // share)}", f"{max(1, node.host_memory_gib // share)}Gi")
     gpu["requests"]["nvidia.com/gpu"] = gpu["limits"]["nvidia.com/gpu"] = "1"
@@ -187,7 +198,7 @@ def quantize_job(report: PlacementReport, claim: str, spec: WeightsSpec, node_se
         "nodeSelector": node_selector,
         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
         "initContainers": [{"name": "wait-for-source", "image": inventory.deployment.image, "imagePullPolicy": "Always", "command": wait,
-                            "securityContext": k8s.container_security(read_only_root=True), "resources": _small(),
+                            "securityContext": k8s.container_security(read_only_root=True), "resources": _sized("100m", "256Mi"),
                             "volumeMounts": [{**mount, "readOnly": True}]}],
         # Caches (torch, Triton, llm-compressor) go to /tmp, a scratch volume: the image stays read-only.
         "containers": [{"name": "quantize", "image": inventory.deployment.quantize_image, "imagePullPolicy": "Always",
@@ -227,7 +238,7 @@ def render_weights(report: PlacementReport) -> tuple[list[dict], list[str]]:
             node = quantize_node(report)
             gpu = gpu_machine(node, deployment.k8s_platform)
             selector = {**(k8s.gpu_node_selector(node, deployment.k8s_platform, gpu) or {}), **k8s.pool_selector(gpu)}
-            quantize = quantize_job(report, claim, spec, selector)
+            quantize = quantize_job(report, claim, spec, node, selector)
             if quantize is not None:
                 pods.append((f"Job {quantize['metadata']['name']}", quantize["spec"]["template"]["spec"], f"node_types.{node.name}", gpu))
                 manifests.append(quantize)
