@@ -15,7 +15,7 @@ AGREEMENT_METRICS = ("spearman", "ndcg", "topk_overlap", "rbo")
 
 
 def metric_name(key: str) -> str:
-    """`workshop.ranking.agreement`'s key without its k: ndcg@10 -> ndcg, top10_overlap -> topk_overlap."""
+    """`ranking.metrics.agreement`'s key without its k: ndcg@10 -> ndcg, top10_overlap -> topk_overlap."""
     if key.startswith("ndcg@"):
         return "ndcg"
     if key.startswith("top") and key.endswith("_overlap"):

@@ -68,7 +68,7 @@ from serve.protocol import (
     WeightsChange,
 )
 from serve.router import ArmRouter, resolve_pin
-from workshop.ranking import agreement, ranking, team_draft_interleave
+from ranking.metrics import agreement, ranking, team_draft_interleave
 
 log = logging.getLogger(__name__)
 

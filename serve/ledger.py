@@ -28,7 +28,7 @@ from engine.errors import InputError
 from serve.config import FleetConfig
 from serve.experiments import AGREEMENT_METRICS, ArmTally, Tally
 from serve.statistics import Moments, mean_difference_ci, quantile_ratio_ci, samples_needed, sign_test_p, wilson
-from workshop.ranking import click_ndcg, reciprocal_rank
+from ranking.metrics import click_ndcg, reciprocal_rank
 
 CHANGE_LOG = 500  # most recent control changes kept
 GUARDRAIL_LEVEL = 0.99  # guardrails look repeatedly: a stricter interval than the 95 % reported

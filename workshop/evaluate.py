@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from workshop.bench import write_json
-from workshop.ranking import agreement, ndcg_at_k
+from ranking.metrics import agreement, ndcg_at_k
 
 
 def labelled_set(model: str):

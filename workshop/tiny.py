@@ -489,7 +489,7 @@ def training_batch(engine, examples, short: bool = False, patch_cache: dict | No
 
 
 def evaluate_ndcg(engine, tasks=None, k: int = 10) -> float:
-    from workshop.ranking import ndcg_at_k
+    from ranking.metrics import ndcg_at_k
 
     tasks = tasks if tasks is not None else eval_set()
     return float(np.mean([ndcg_at_k(engine.score(q, docs), gains, k) for q, docs, gains in tasks]))

@@ -13,7 +13,7 @@ from engine.errors import ImageDecodeError, ImageTooLarge, InputError, Precision
 from engine.features import FeatureDecodeError, ImageFeatures
 from engine.inputs import ImageInput, RerankItem, ScoreRequest, VideoInput
 from engine.prepare import VIDEO
-from workshop.ranking import agreement
+from ranking.metrics import agreement
 from workshop.tiny import Thing, draw, eval_set, evaluate_ndcg
 
 CPU_PRECISIONS = ["fp32", "bf16", "int8", "nf4"]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from engine.engine import RerankEngine
-from workshop.ranking import agreement
+from ranking.metrics import agreement
 from workshop.tiny import eval_set
 
 REPO = Path(__file__).resolve().parents[2]

@@ -190,7 +190,7 @@ def test_a_w8a8_checkpoint_runs_on_vllms_int8_kernels_and_ranks_like_fp32(tiny_m
 
     from engine.config import EngineConfig
     from engine.vllm_engine import VllmRerankEngine, VllmSettings
-    from workshop.ranking import agreement
+    from ranking.metrics import agreement
     from workshop.tiny import eval_set
 
     cli = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "rerank-fleet"

@@ -3,7 +3,7 @@
 It answers `POST /v2/rerank` in the Cohere v2 shape with `meta.arm`/`meta.precision` and the
 `x-rerank-arm` header, routes like the real router (pin header or body field `arm`, else a
 weighted draw), keeps a real per-arm image cache (hits are images it has seen before), mirrors a
-share of requests to a shadow arm and scores their agreement with `workshop.ranking.agreement`,
+share of requests to a shadow arm and scores their agreement with `ranking.metrics.agreement`,
 fails every `fail_every[arm]`-th request to an arm with a 503, and serves `/health`,
 `/v1/models` and `/v1/experiments` in the real ingress's shapes. Its own exact counters let the
 tests check that a report's numbers come from the run.
@@ -19,7 +19,7 @@ import time
 from collections import Counter, defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from workshop.ranking import agreement
+from ranking.metrics import agreement
 
 PIN_HEADER = "x-rerank-arm"
 

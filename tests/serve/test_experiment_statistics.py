@@ -18,7 +18,7 @@ from serve.experiment_page import render as render_experiment
 from serve.experiments import Tally
 from serve.ledger import AlreadyRecorded, ExperimentLedger, Shown, UnknownRequest
 from serve.statistics import LatencyHistogram, Moments, mean_difference_ci, quantile_ratio_ci, samples_needed, sign_test_p, wilson
-from workshop.ranking import click_ndcg, rank_biased_overlap, reciprocal_rank, team_draft_interleave
+from ranking.metrics import click_ndcg, rank_biased_overlap, reciprocal_rank, team_draft_interleave
 
 # ------------------------------------------------------------------------------- statistics
 

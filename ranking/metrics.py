@@ -1,4 +1,6 @@
-"""Ranking agreement and quality metrics, shared by `eval` and shadow traffic. Pure functions."""
+"""Ranking agreement and quality metrics (Spearman, NDCG@k, top-k overlap, RBO, click metrics, team-draft
+interleaving), shared by `eval`, shadow traffic, experiments and the ledger. Pure functions; a leaf
+module: it imports nothing of this project."""
 
 from __future__ import annotations
 
