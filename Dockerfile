@@ -25,6 +25,7 @@ COPY --chown=ray:users serve ./serve
 COPY --chown=ray:users placement ./placement
 COPY --chown=ray:users loadtest ./loadtest
 COPY --chown=ray:users cli ./cli
+COPY --chown=ray:users bench ./bench
 COPY --chown=ray:users workshop ./workshop
 COPY --chown=ray:users configs ./configs
 ENV HF_HUB_DISABLE_TELEMETRY=1 \

@@ -88,7 +88,7 @@ def cmd_score(args) -> int:
 
 def cmd_bench_engine(args) -> int:
     from placement.predict import datasheet_tflops
-    from workshop.bench import run_engine_bench
+    from bench.engine import run_engine_bench
 
     sharing = {"both": [False, True], "on": [True], "off": [False]}[args.share_prefix]
     run_engine_bench(
@@ -107,14 +107,14 @@ def cmd_bench_engine(args) -> int:
 
 
 def cmd_bench_serving(args) -> int:
-    from serve.bench_serving import run_serving_bench
+    from bench.serving import run_serving_bench
 
     run_serving_bench(out=args.out)
     return 0
 
 
 def _scenarios(text: str) -> list[str]:
-    from serve.reliability import check_scenarios
+    from bench.reliability import check_scenarios
 
     try:
         return check_scenarios([s.strip() for s in text.split(",") if s.strip()])
@@ -123,14 +123,14 @@ def _scenarios(text: str) -> list[str]:
 
 
 def cmd_bench_reliability(args) -> int:
-    from serve.reliability import SCENARIOS, run_reliability_bench
+    from bench.reliability import SCENARIOS, run_reliability_bench
 
     run_reliability_bench(config=args.config, duration_s=args.duration, out=args.out, scenarios=args.scenarios or SCENARIOS)
     return 0
 
 
 def cmd_bench_backends(args) -> int:
-    from serve.bench_backends import run_backend_bench
+    from bench.backends import run_backend_bench
 
     run_backend_bench(model_source=args.model, repeats=args.repeats, requests=args.requests, concurrency=args.concurrency, out=args.out)
     return 0
@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("engine", help="engine throughput, latency and peak memory")
     _add_model_args(p)
     p.add_argument("--precisions", default="fp32,bf16,int8,nf4")
-    p.add_argument("--cases", default="short100,batch32x8,long100,imgquery,imgdocs", help="named cases (workshop/bench.py CASES)")
+    p.add_argument("--cases", default="short100,batch32x8,long100,imgquery,imgdocs", help="named cases (bench/engine.py CASES)")
     p.add_argument("--batch-sizes", default="1,8,32", help="also: one query x N documents, half images (docsN cases)")
     p.add_argument("--share-prefix", default="both", choices=["both", "on", "off"], help="shared-prefix scoring on, off or both")
     p.add_argument("--repeats", type=int, default=5)

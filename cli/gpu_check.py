@@ -191,7 +191,7 @@ class GpuCheck:
 
     def measure_cases(self, engine, config: dict, precision: str, rep: dict, *, weights_gib: float) -> None:
         from placement.predict import MeasuredCall, predict_call, predict_vision_ms
-        from workshop.bench import case_requests, measure_case, time_vision
+        from bench.engine import case_requests, measure_case, time_vision
 
         for name in DOCS_PER_REQUEST:
             for n in self.requests:
@@ -234,7 +234,7 @@ class GpuCheck:
         device's busy share of the wall time (launch-bound code leaves the GPU idle)."""
         from torch.profiler import ProfilerActivity, profile
 
-        from workshop.bench import case_requests, sync, time_vision
+        from bench.engine import case_requests, sync, time_vision
 
         case_name, n = self.args.profile.split(":")
         prepared = [engine.prepare(r) for r in case_requests(self.case(case_name, int(n)))]
@@ -261,7 +261,7 @@ class GpuCheck:
 
     def case(self, name: str, requests: int):
         """`requests` requests of the named workload: short texts, a ~400-token query, or image documents."""
-        from workshop.bench import Case
+        from bench.engine import Case
 
         return Case(name, requests, DOCS_PER_REQUEST[name], "long" if name == "long" else "short",
                     1.0 if name == "imgdocs" else 0.0, image_side=self.image_side)  # fmt: skip

@@ -1,5 +1,5 @@
 """The "before" column of docs/BENCHMARKS.md (engine, second generation): the previous engine
-(commit 94dbc81, `RerankEngine.score_pairs`) timed on the same requests as `workshop/bench.py`'s
+(commit 94dbc81, `RerankEngine.score_pairs`) timed on the same requests as `bench/engine.py`'s
 cases, built by the same seeded code. Run it from a checkout of that commit:
 
     git worktree add /tmp/before 94dbc81

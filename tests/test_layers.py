@@ -1,5 +1,5 @@
 """The folders are the layers and imports point one way (engine <- workshop <- serve <- placement,
-loadtest, cli). Each package is imported in a clean interpreter where the modules it must not
+loadtest, bench, cli). Each package is imported in a clean interpreter where the modules it must not
 need are blocked: importing one of them fails there."""
 
 import subprocess
@@ -35,10 +35,12 @@ PROBE = textwrap.dedent(
 LAYERS = {
     # The engine needs torch, transformers (and what they import) and PIL; never the serving layer,
     # Ray, an HTTP framework, Redis or pydantic config.
-    "engine": "serve,workshop,placement,loadtest,ray,fastapi,starlette,uvicorn,redis,pydantic,locust",
+    "engine": "serve,workshop,placement,loadtest,bench,ray,fastapi,starlette,uvicorn,redis,pydantic,locust",
     # Planning is pure: pydantic, yaml and scipy; no model, image or Ray code.
     "placement": "torch,PIL,ray,transformers,fastapi,starlette,uvicorn,redis,httpx,locust,bitsandbytes,"
     "engine.engine,engine.forward,engine.prepare,engine.vision,engine.model,workshop",
+    # The serving layer never reaches up: the benchmarks, the planner, the load test and the command line use it.
+    "serve": "placement,loadtest,cli,bench",
 }
 
 

@@ -9,11 +9,12 @@ the vLLM environment, against the same transformers reference.
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import numpy as np
 
-from workshop.bench import write_json
 from ranking.metrics import agreement, ndcg_at_k
 
 
@@ -52,7 +53,9 @@ def run_eval(model: str, precisions: list[str], reference: str = "fp32", device:
         "rows": rows,
     }
     print(format_table(rows))
-    write_json(report, out)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=2))
     return report
 
 

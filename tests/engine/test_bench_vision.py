@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from placement.profiles import BenchEngineReport
-from workshop.bench import VISION_IMAGE_SIDE, format_table, time_vision
+from bench.engine import VISION_IMAGE_SIDE, format_table, time_vision
 
 
 def test_vision_timing_covers_a_typical_image_and_feeds_the_planner(engine_for, qwen_vl_utils):

@@ -15,8 +15,8 @@ import httpx
 import pytest
 from conftest import _arm, _deployed, _fleet
 
-from serve.bench_serving import text_requests
-from serve.reliability import replica_kill
+from bench.serving import text_requests
+from bench.reliability import replica_kill
 
 pytestmark = pytest.mark.ray
 

@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 import httpx
 
-from serve.bench_serving import image_request, text_requests
+from bench.serving import image_request, text_requests
 
 HUNG_S = 30.0  # a request not answered within this is counted "hung" (and abandoned)
 

@@ -1,6 +1,6 @@
 """`rerank-fleet bench backends`: the vLLM backend against the transformers engine, in one run.
 
-1. Engine alone: the `bench engine` cases (workshop/bench.py `CASES`), each handed whole to each
+1. Engine alone: the `bench engine` cases (bench/engine.py `CASES`), each handed whole to each
    backend: the transformers engine prepares every request and runs one forward call (shared
    prefix on); vLLM gets every pair of every request at once (its scheduler batches them).
    Pairs/s, p50 per call, and the vLLM / transformers ratio.
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from serve.bench_serving import image_request, summary_ms, text_requests
+from bench.serving import image_request, summary_ms, text_requests
 
 
 def _rss_gib(pids: list[int]) -> float:
@@ -52,7 +52,7 @@ def engine_alone(source: str, case_names: list[str], repeats: int) -> dict[str, 
     from engine.config import EngineConfig
     from engine.engine import RerankEngine
     from engine.vllm_engine import VllmRerankEngine, VllmSettings
-    from workshop.bench import CASES, case_requests, time_call
+    from bench.engine import CASES, case_requests, time_call
 
     me = os.getpid()
     before = _rss_gib([me])

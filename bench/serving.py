@@ -225,7 +225,7 @@ def run_serving_bench(
             "hit_speedup_median": round(statistics.median(miss_s) / statistics.median(hit_s), 2),
         }
         # 4. Long vs short query, 100 documents each, through Serve (one request at a time).
-        from workshop.bench import LONG_QUERY_PHRASES
+        from bench.engine import LONG_QUERY_PHRASES
 
         rng = random.Random(7)
         captions = [f"a {c} {s}" for c in COLOURS for s in SHAPES]
