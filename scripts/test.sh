@@ -22,7 +22,7 @@ if [ "$(cat "$REF_PKGS/SPECS" 2>/dev/null)" != "$REF_SPECS" ]; then
   echo "$REF_SPECS" > "$REF_PKGS/SPECS"
 fi
 export RERANK_REFERENCE_PACKAGES="$PWD/$REF_PKGS"
-bash scripts/checkov-env.sh  # the linter of the rendered deployment files (tests/placement/test_deploy_lint.py)
+bash scripts/checkov-env.sh  # the linter of the rendered deployment files and the Dockerfile (tests/placement/test_deploy_files.py)
 if ! (exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null; then
   echo "no Redis on 127.0.0.1:6379; starting one" >&2
   command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null)
