@@ -149,10 +149,6 @@ class LoadTestRun:
         return self.out_dir / f"{CSV_PREFIX}_stats.csv"
 
     @property
-    def history_csv(self) -> Path:
-        return self.out_dir / f"{CSV_PREFIX}_stats_history.csv"
-
-    @property
     def failures_csv(self) -> Path:
         return self.out_dir / f"{CSV_PREFIX}_failures.csv"
 
