@@ -40,13 +40,17 @@ def _engine_config(args):
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
 
 
-def _read_item(value: str, field: str):
-    """A document/query on the command line: an image URL (fetched with the service's safe
-    fetcher and its limits), an image path (by extension: a missing file is an error, never
-    text), or text. Problems raise `InputError` naming the argument (one line from `main`)."""
-    from engine.errors import InputError
-    from engine.inputs import ImageInput, RerankItem
+def _named_media(item):
+    """A query or document argument (a text item named by `ScoreRequest.of`) that names an image
+    becomes that image: a URL is fetched with the service's safe fetcher and its limits, a path is
+    read (by extension: a missing file is an error, never text); anything else stays text.
+    Problems raise `InputError` naming the argument (one line from `main`)."""
+    from dataclasses import replace
 
+    from engine.errors import InputError
+    from engine.inputs import ImageInput
+
+    value, field = item.text, item.field
     lower = value.lower()
     if lower.startswith(("http://", "https://")):
         import asyncio
@@ -61,24 +65,30 @@ def _read_item(value: str, field: str):
             finally:
                 await fetcher.aclose()
 
-        return RerankItem(images=(asyncio.run(fetch()),), field=field)
-    if lower.endswith(IMAGE_SUFFIXES):
+        image = asyncio.run(fetch())
+    elif lower.endswith(IMAGE_SUFFIXES):
         path = Path(value)
         if not path.is_file():
             raise InputError(field, f"no such image file: {value}")
-        return RerankItem(images=(ImageInput.of(path.read_bytes(), field),), field=field)
-    return RerankItem(text=value, field=field)
+        image = ImageInput.of(path.read_bytes(), field)
+    else:
+        return item
+    return replace(item, text=None, images=(image,))
 
 
 def cmd_score(args) -> int:
+    from dataclasses import replace
+
     from engine.engine import RerankEngine
+    from engine.inputs import ScoreRequest
     from workshop.tiny import resolve_source
 
-    query = _read_item(args.query, "query")  # bad arguments fail before the model loads
-    docs = [_read_item(d, f"documents.{i}") for i, d in enumerate(args.documents)]
+    request = ScoreRequest.of(args.query, args.documents, args.instruction)
+    # Bad arguments fail before the model loads.
+    request = replace(request, query=_named_media(request.query), documents=tuple(map(_named_media, request.documents)))
     engine = RerankEngine.load(resolve_source(args.model), args.precision, config=_engine_config(args), device=args.device)
-    scores = engine.score(query, docs, instruction=args.instruction)
-    order = sorted(range(len(docs)), key=lambda i: -scores[i])
+    scores = engine.score_requests([request])[0].scores
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
     print(f"model={engine.model_id} precision={engine.precision} device={engine.device}")
     print(f"{'rank':>4}  {'score':>8}  {'index':>5}  document")
     for rank, i in enumerate(order, 1):
