@@ -21,7 +21,7 @@ from placement.render import RenderError, read_architecture_config
 from placement.report import format_plan
 from placement.solve import PlacementInfeasible
 from placement.profiles import CapacityReport, read_bench_reports
-from serve.config import read_yaml_mapping
+from serve.yaml_io import describe_validation_error, read_yaml_mapping
 
 
 def add_subparser(subparsers) -> argparse.ArgumentParser:
@@ -70,9 +70,7 @@ def _load_measurement(path: Path, parse, what: str):
     except (OSError, json.JSONDecodeError) as err:
         raise InventoryError(f"{path}: cannot read the {what}: {err}") from None
     except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise InventoryError(f"{path}: invalid {what}: {where}: {first['msg']}") from None
+        raise InventoryError(describe_validation_error(err, str(path), what)) from None
 
 
 def load_inventory(path: Path, *, image: str | None = None) -> Inventory:

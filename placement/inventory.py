@@ -12,10 +12,10 @@ from pathlib import Path
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from placement.hardware import GPU_CATALOGUE, PLANNED_PRECISIONS, GpuModel, PlannedPrecision
-from serve.config import describe_validation_error, read_yaml_mapping
+from serve.yaml_io import read_yaml_mapping, validated
 
 # Agreement of each precision's top-10 ranking with the bf16 reference (NDCG@10), used when the
 # inventory gives no measured figures. Conservative values from published reranker quantisation
@@ -462,10 +462,7 @@ class Inventory(_Strict):
 
     @classmethod
     def from_dict(cls, data: dict, *, source: str = "inventory") -> Inventory:
-        try:
-            return cls.model_validate(data)
-        except ValidationError as err:
-            raise InventoryError(describe_validation_error(err, source, "inventory")) from None
+        return validated(cls, data, InventoryError, source, "inventory")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Inventory:

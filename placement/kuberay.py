@@ -17,9 +17,10 @@ from placement.inventory import Inventory, NodeType
 from placement.planner import PlacementReport
 from placement.machines import cloud_node, gpu_machine
 from placement.pod_fit import PodFitError, check_pods_fit
-from placement.render import INGRESS_RESOURCE, SERVE_HTTP_PORT, Rendered, RenderError, ServeTarget, dump_yaml, serve_application
+from placement.render import INGRESS_RESOURCE, SERVE_HTTP_PORT, Rendered, RenderError, ServeTarget, serve_application
 from placement.weights import copy_command, disk_gib, weights_env
 from placement.weights_jobs import wait_container
+from serve.yaml_io import dump_yaml
 
 SCRATCH_GIB = 10  # logs, Ray's session folder and spilled objects, besides any weights copy
 SHM_FRACTION = 0.3  # Ray's object store defaults to 30 % of the pod's memory, in /dev/shm

@@ -13,8 +13,9 @@ from placement.kuberay import render_ingress_budget, render_network_policy, rend
 from placement.planner import PlacementReport, plan_placement
 from placement.ray_up import render_ray_up
 from placement.redis_k8s import render_redis
-from placement.render import RenderError, dump_yaml, dump_yaml_all, read_architecture_config, render_serve_config
+from placement.render import RenderError, read_architecture_config, render_serve_config
 from placement.weights_jobs import WeightsPipelineError, render_weights
+from serve.yaml_io import dump_yaml, dump_yaml_all
 
 EXAMPLE_INVENTORY = "configs/placement-example.yaml"
 OUTPUT_FILES = {

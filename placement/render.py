@@ -18,8 +18,6 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from placement import feature_cache, k8s
 from placement.inventory import Inventory, NodeType
 from placement.planner import PlacementReport, arm_name, arm_weights
@@ -207,29 +205,6 @@ def render_serve_config(report: PlacementReport) -> dict:
         "http_options": {"host": "0.0.0.0", "port": SERVE_HTTP_PORT},
         "applications": [serve_application(report, target)],
     }
-
-
-class _BlockDumper(yaml.SafeDumper):
-    """Writes multi-line strings (serveConfigV2) as readable literal blocks, and no YAML aliases."""
-
-    def ignore_aliases(self, data) -> bool:
-        return True
-
-
-def _str_representer(dumper: yaml.SafeDumper, value: str):
-    style = "|" if "\n" in value else None
-    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
-
-
-_BlockDumper.add_representer(str, _str_representer)
-
-
-def dump_yaml(data) -> str:
-    return yaml.dump(data, Dumper=_BlockDumper, sort_keys=False, default_flow_style=False, width=4096)
-
-
-def dump_yaml_all(documents: list) -> str:
-    return yaml.dump_all(documents, Dumper=_BlockDumper, sort_keys=False, width=4096)
 
 
 def read_architecture_config(inventory: Inventory, inventory_path: Path) -> dict:

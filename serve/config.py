@@ -11,12 +11,12 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from engine.config import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, VIDEO_TOTAL_PIXELS, EngineConfig
 from engine.errors import ConfigError
 from engine.prompt import DEFAULT_INSTRUCTION
+from serve.yaml_io import read_yaml_mapping, validated
 
 Precision = Literal["fp32", "bf16", "fp16", "int8", "nf4", "awq", "w8a8", "fp8"]
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8", "nf4", "awq", "w8a8", "fp8")
@@ -437,10 +437,7 @@ class FleetConfig(_Strict):
         if cache.redis_password_from is not None:
             cache = cache.model_copy(update={"redis_password": SecretStr(cache.redis_password_from.read("cache.redis_password_from"))})
         data = {**self.model_dump(), "api_keys": api, "admin_keys": admin, "cache": cache.model_dump()}
-        try:
-            return FleetConfig.model_validate(data)
-        except ValidationError as e:  # e.g. an admin key equal to a client key
-            raise ConfigError(describe_validation_error(e, "secrets", "configuration")) from None
+        return FleetConfig.from_dict(data, source="secrets")  # e.g. an admin key equal to a client key is refused
 
     @property
     def reference_arm(self) -> str:
@@ -465,10 +462,7 @@ class FleetConfig(_Strict):
 
     @classmethod
     def from_dict(cls, data: dict, *, source: str = "config") -> FleetConfig:
-        try:
-            return cls.model_validate(data)
-        except ValidationError as e:
-            raise ConfigError(describe_validation_error(e, source, "configuration")) from None
+        return validated(cls, data, ConfigError, source, "configuration")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> FleetConfig:
@@ -486,21 +480,3 @@ class FleetConfig(_Strict):
 
 def _entries(text: str) -> list[str]:
     return [part.strip() for part in text.replace("\n", ",").split(",") if part.strip()]
-
-
-def read_yaml_mapping(path: str | Path, error: type[Exception]) -> dict:
-    """A YAML file whose top level is a mapping, or `error` saying why not."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise error(f"{path}: cannot read YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise error(f"{path}: the top level must be a mapping")
-    return data
-
-
-def describe_validation_error(err: ValidationError, source: str, what: str) -> str:
-    """One line naming every invalid field by its dotted path, e.g. `arms.1.precision: ...`."""
-    problems = [f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in err.errors()]
-    return f"{source}: invalid {what}: " + "; ".join(problems)
