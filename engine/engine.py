@@ -59,7 +59,7 @@ class RerankEngine:
         except ValueError as e:
             raise ModelLoadError(f"model: {e}") from None
         self.preprocessor = VisionPreprocessor(
-            self.vision_params, max_image_bytes=cfg.max_image_bytes, max_image_pixels=cfg.max_image_pixels, max_video_frames=cfg.max_video_frames
+            self.vision_params, max_image_bytes=cfg.max_image_bytes, max_image_pixels=cfg.max_image_pixels, max_video_frames=cfg.max_video_file_frames
         )
         tower = VisionTower(self.model.model.visual, loaded.family, self.device)
         self.feature_spec = FeatureSpec(

@@ -291,7 +291,7 @@ def decode_sampled_video(data: bytes, field: str, pre: VisionPreprocessor, budge
                 raise ImageTooLarge(field, f"video frames are {width}x{height}, over the limit of {pre.max_image_pixels} pixels")
             total = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
             if total > pre.max_video_frames:
-                raise ImageTooLarge(field, f"video has {total} frames, over the limit of {pre.max_video_frames} (max_video_frames)")
+                raise ImageTooLarge(field, f"video has {total} frames, over the limit of {pre.max_video_frames} (max_video_file_frames)")
             if total < 1:
                 raise ImageDecodeError(field, "video has no frames")
             # Every frame is decoded (codecs need the ones before), so all of them are charged.

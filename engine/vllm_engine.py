@@ -30,11 +30,10 @@ import os
 import threading
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import torch
 
-from engine.config import EngineConfig
+from engine.config import EngineConfig, VllmSettings
 from engine.engine import device_name
 from engine.errors import InputError, ModelLoadError, PrecisionUnsupported
 from engine.features import FeatureSpec, ImageFeatures
@@ -52,21 +51,6 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 VLLM_CPU_QUANT_DTYPE = os.environ.get("RERANK_VLLM_CPU_QUANT_DTYPE", "float32")
 MAX_IMAGES_PER_PROMPT = 64
 VIDEO_REFUSAL = "video is not supported on the vllm backend yet; pin a transformers arm (x-rerank-arm) for video"
-
-
-@dataclass(frozen=True)
-class VllmSettings:
-    """vLLM engine arguments an arm may set (the serving config validates them and builds this)."""
-
-    block_size: int = 32  # lets the ~80-token shared system+instruction prefix hit the prefix cache (128 never does)
-    enable_prefix_caching: bool = True
-    max_num_batched_tokens: int | None = None  # None: vLLM's default
-    max_num_seqs: int | None = None
-    gpu_memory_utilization: float = 0.9  # the share of GPU memory vLLM may take (weights + KV cache)
-    cpu_kvcache_space_gib: int = 1  # vLLM's CPU backend: KV cache size
-    enforce_eager: bool = False  # skip torch.compile / graphs: faster start, slower steady state
-    max_model_len: int | None = None  # None: derived from the checkpoint
-    vision_encoder: str = "project"  # "project": our vision tower + shared feature cache -> embeddings; "vllm": raw images
 
 
 def engine_args(source: str, model_config: dict, precision: str, settings: VllmSettings, vision: VisionParams, device: str):
@@ -141,7 +125,7 @@ class VllmRerankEngine:
             raise ModelLoadError(f"model: cannot load the tokenizer of {source!r}: {e}") from None
         self.vision_params = VisionParams.from_checkpoint(folder, config, family)
         self.preprocessor = VisionPreprocessor(
-            self.vision_params, max_image_bytes=config.max_image_bytes, max_image_pixels=config.max_image_pixels, max_video_frames=config.max_video_frames
+            self.vision_params, max_image_bytes=config.max_image_bytes, max_image_pixels=config.max_image_pixels, max_video_frames=config.max_video_file_frames
         )
         self.tower: VisionTower | None = None
         if settings.vision_encoder == "project":

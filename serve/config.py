@@ -3,6 +3,9 @@
 Everything that shapes serving lives here: the model, the precision arms, the router, the
 image-feature cache, request limits and API keys. `FleetConfig.from_yaml` is the only way a
 file becomes configuration; an invalid file raises `ConfigError` naming the field and reason.
+The engine's settings are declared once, in `engine.config`, and reused here: `model:` is the
+engine's `ModelSettings` plus the model's source and name, `limits:` holds the engine's
+`DecodeBudgets` beside the serving layer's own limits, an arm's `vllm:` is `VllmSettings`.
 """
 
 from __future__ import annotations
@@ -11,11 +14,10 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, model_validator
 
-from engine.config import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, VIDEO_TOTAL_PIXELS, EngineConfig
+from engine.config import DecodeBudgets, EngineConfig, ModelSettings, Settings, VllmSettings
 from engine.errors import ConfigError
-from engine.prompt import DEFAULT_INSTRUCTION
 from serve.yaml_io import read_yaml_mapping, validated
 
 Precision = Literal["fp32", "bf16", "fp16", "int8", "nf4", "awq", "w8a8", "fp8"]
@@ -24,8 +26,7 @@ PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8", "nf4", "awq", "w8
 RETRY_AFTER_S = 1
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+_Strict = Settings  # frozen, unknown names refused: every section alike, the engine's too
 
 
 class SecretRef(_Strict):
@@ -60,49 +61,19 @@ class SecretRef(_Strict):
         return value
 
 
-class ModelConfig(_Strict):
+class ModelConfig(ModelSettings):
+    """The model: where its weights come from, its served name, and the engine's `ModelSettings`."""
+
     source: str = Field(
         "tiny",
         description="'tiny' for the project's trained offline model, a local folder, or a hub id "
         "such as Qwen/Qwen3-VL-Reranker-8B or vec-ai/lychee-rerank-mm.",
     )
     served_name: str | None = Field(None, description="Model id reported in responses; default: the source.")
-    max_length: int = Field(
-        10240, ge=64, description="Tokens of a pair's body (all but its final 5), as the official reranker's MAX_LENGTH; "
-        "longer bodies lose ordinary tokens from their end, special and vision tokens are kept.",
-    )
-    min_pixels: int | None = Field(
-        None, ge=1, description="Smallest image area after resize; default: the model's official limit "
-        f"(Qwen3-VL-Reranker {DEFAULT_MIN_PIXELS}; lychee-rerank-mm: its checkpoint's processor).",
-    )
-    max_pixels: int | None = Field(
-        None, ge=1, description="Largest image area after resize; default: the model's official limit "
-        f"(Qwen3-VL-Reranker {DEFAULT_MAX_PIXELS}; lychee-rerank-mm: its checkpoint's processor).",
-    )
-    video_fps: float = Field(1.0, gt=0, description="Frames sampled per second of a video file (official FPS).")
-    video_max_frames: int = Field(
-        64, ge=2, description="Most frames sampled from a video file, and kept from a frame list (official MAX_FRAMES)."
-    )
-    video_min_pixels: int = Field(VIDEO_MIN_PIXELS, ge=1, description="Smallest area of one video frame after resize (qwen-vl-utils).")
-    video_max_pixels: int = Field(VIDEO_MAX_PIXELS, ge=1, description="Largest area of one video frame after resize (official FRAME_MAX_PIXELS).")
-    video_total_pixels: int = Field(
-        VIDEO_TOTAL_PIXELS, ge=1, description="Largest area of a frame-list video's frames together (official MAX_TOTAL_PIXELS)."
-    )
-    default_instruction: str = Field(DEFAULT_INSTRUCTION, min_length=1, description="Instruction when a request gives none.")
-    max_batch_tokens: int = Field(
-        16384, ge=64, description="Token budget of one engine micro-batch: shared prefix + rows x longest remainder."
-    )
-    share_prefix: bool = Field(True, description="Run the tokens every pair of a request shares (system turn, instruction, query) once.")
 
     @property
     def name(self) -> str:
         return self.served_name or self.source
-
-    @model_validator(mode="after")
-    def _pixels_ordered(self) -> ModelConfig:
-        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
-            raise ValueError(f"min_pixels ({self.min_pixels}) must not exceed max_pixels ({self.max_pixels})")
-        return self
 
 
 class ActorOptions(_Strict):
@@ -137,24 +108,6 @@ class BatchingConfig(_Strict):
     batch_wait_timeout_s: float = Field(0.0, ge=0, description="How long the first request waits for others to join.")
 
 
-class VllmConfig(_Strict):
-    """vLLM engine arguments of an arm with `backend: vllm` (see `engine.vllm_engine.VllmSettings`)."""
-
-    block_size: int = Field(32, ge=1, description="KV-cache block size: 32 lets the ~80-token shared system+instruction prefix hit the prefix cache (128 never does).")
-    enable_prefix_caching: bool = Field(True, description="vLLM's automatic prefix caching (the shared prompt head is computed once).")
-    max_num_batched_tokens: int | None = Field(None, ge=1, description="Tokens per engine step (chunked prefill); default: vLLM's.")
-    max_num_seqs: int | None = Field(None, ge=1, description="Sequences per engine step; default: vLLM's.")
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of GPU memory vLLM reserves (weights + KV cache).")
-    cpu_kvcache_space_gib: int = Field(1, ge=1, description="KV-cache size on vLLM's CPU backend.")
-    enforce_eager: bool = Field(False, description="Skip torch.compile and graphs: faster start, slower steady state.")
-    max_model_len: int | None = Field(None, ge=64, description="Longest pair vLLM accepts; default: the checkpoint's.")
-    vision_encoder: Literal["project", "vllm"] = Field(
-        "project", description="project: the checkpoint's vision tower runs in the replica and vLLM gets its features as embeddings, "
-        "through the shared feature cache (a repeated image skips the ViT across replicas and restarts); vllm: raw images, vLLM's own "
-        "vision tower and per-engine encoder cache.",
-    )
-
-
 class ArmConfig(_Strict):
     name: str = Field(..., pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$", description="Arm name, used in URLs, headers and metrics.")
     precision: Precision = Field(..., description="Numeric precision of this arm's engine.")
@@ -162,7 +115,7 @@ class ArmConfig(_Strict):
         "transformers", description="transformers: the project's own engine (the parity reference; bitsandbytes int8/nf4 on CPU too); "
         "vllm: vLLM's async engine in the replica (continuous batching, prefix caching, FP8/AWQ kernels).",
     )
-    vllm: VllmConfig = Field(default_factory=VllmConfig, description="vLLM engine arguments (backend: vllm only).")
+    vllm: VllmSettings = Field(default_factory=VllmSettings, description="vLLM engine arguments (backend: vllm only).")
     checkpoint: str | None = Field(
         None, description="Model folder or hub id for this arm (e.g. a pre-quantized AWQ checkpoint); defaults to model.source."
     )
@@ -317,16 +270,13 @@ class CacheConfig(_Strict):
         return self.model_copy(update={"redis_url": None, **({"local_max_bytes": 0} if mode == "off" else {})})
 
 
-class LimitsConfig(_Strict):
+class LimitsConfig(DecodeBudgets):
+    """Request limits and URL safety; the engine's `DecodeBudgets` (image bytes and pixels, video file
+    frames, a request's pixels) are among them."""
+
     max_documents: int = Field(1000, ge=1, description="Documents per request.")
     max_text_chars: int = Field(32_000, ge=1, description="Characters per text field.")
     max_images_per_item: int = Field(8, ge=0, description="Images in one query or document.")
-    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Encoded bytes of one image.")
-    max_image_pixels: int = Field(32 * 1024 * 1024, ge=1, description="Decoded pixels of one image or video frame (decompression-bomb guard).")
-    max_request_pixels: int = Field(
-        128 * 1024 * 1024, ge=1, description="Decoded pixels of all images and video frames of one request (decode budget)."
-    )
-    max_video_file_frames: int = Field(4096, ge=1, description="Frames a video file may have (counted before decoding).")
     max_video_frames: int = Field(256, ge=1, description="Frames given in one video.")
     max_video_bytes: int = Field(200 * 1024 * 1024, ge=1, description="Encoded bytes of one video file.")
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1, description="Bytes of one HTTP request body.")
@@ -444,15 +394,8 @@ class FleetConfig(_Strict):
         return self.experiment.reference or self.arms[0].name
 
     def engine_config(self) -> EngineConfig:
-        """What the engine needs of this configuration (model settings and decode limits)."""
-        m, lim = self.model, self.limits
-        return EngineConfig(
-            max_length=m.max_length, min_pixels=m.min_pixels, max_pixels=m.max_pixels, video_fps=m.video_fps,
-            video_max_frames=m.video_max_frames, video_min_pixels=m.video_min_pixels, video_max_pixels=m.video_max_pixels,
-            video_total_pixels=m.video_total_pixels, default_instruction=m.default_instruction,
-            max_batch_tokens=m.max_batch_tokens, share_prefix=m.share_prefix, max_image_bytes=lim.max_image_bytes,
-            max_image_pixels=lim.max_image_pixels, max_request_pixels=lim.max_request_pixels, max_video_frames=lim.max_video_file_frames,
-        )  # fmt: skip
+        """What the engine needs of this configuration: `model:`'s settings and `limits:`'s decode budgets."""
+        return EngineConfig.of(self.model, self.limits)
 
     def arm(self, name: str) -> ArmConfig:
         for a in self.arms:

@@ -34,8 +34,10 @@ PROBE = textwrap.dedent(
 
 LAYERS = {
     # The engine needs torch, transformers (and what they import) and PIL; never the serving layer,
-    # Ray, an HTTP framework, Redis or pydantic config.
-    "engine": "serve,workshop,placement,loadtest,bench,ray,fastapi,starlette,uvicorn,redis,pydantic,locust",
+    # Ray, an HTTP framework or Redis. pydantic is allowed: a validation library, with which the
+    # engine's settings are validated where they are declared (`engine.config`), not mirrored.
+    # (yaml cannot be blocked: huggingface_hub imports it.)
+    "engine": "serve,workshop,placement,loadtest,bench,ray,fastapi,starlette,uvicorn,redis,locust",
     # Planning is pure: pydantic, yaml and scipy; no model, image or Ray code.
     "placement": "torch,PIL,ray,transformers,fastapi,starlette,uvicorn,redis,httpx,locust,bitsandbytes,"
     "engine.engine,engine.forward,engine.prepare,engine.vision,engine.model,workshop",

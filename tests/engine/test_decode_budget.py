@@ -77,7 +77,7 @@ def test_a_small_video_of_thousands_of_frames_is_refused_before_decoding(engine_
     assert len(data) < 2 * MIB
     before = rss()
     req = ScoreRequest.of("q", [RerankItem(videos=(VideoInput.of_file(data, "documents.0.video"),))])
-    with pytest.raises(ImageTooLarge, match=r"documents.0.video: video has 6000 frames, over the limit of 4096 \(max_video_frames\)"):
+    with pytest.raises(ImageTooLarge, match=r"documents.0.video: video has 6000 frames, over the limit of 4096 \(max_video_file_frames\)"):
         eng.prepare(req)
     assert rss() - before < 64 * MIB
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from engine.config import VIDEO_TOTAL_PIXELS, EngineConfig
+from engine.config import VIDEO_TOTAL_PIXELS, EngineConfig, VllmSettings
 from engine.errors import ConfigError
 from serve.app import APP_NAME, IMPORT_PATH, build_app, load_fleet, resolve_model, serve_config
 from serve.config import FleetConfig
@@ -139,19 +139,22 @@ def test_resolve_model_replaces_tiny_with_the_built_folder(built_tiny):
     assert resolve_model(folder) is folder and folder.model.name == "/models/qwen3-vl-reranker-8b"
 
 
-def test_engine_config_carries_the_model_settings_and_decode_limits():
-    fleet = FleetConfig.from_dict(
-        {**FLEET, "model": {"source": "tiny", "max_length": 512, "min_pixels": 1024, "max_pixels": 65536, "video_fps": 2.0,
-                            "video_max_frames": 8, "video_max_pixels": 32768, "default_instruction": "rank it",
-                            "max_batch_tokens": 4096, "share_prefix": False},
-         "limits": {"max_image_bytes": 1000, "max_image_pixels": 2000, "max_request_pixels": 3000, "max_video_file_frames": 40}}
-    )  # fmt: skip
-    assert fleet.engine_config() == EngineConfig(
-        max_length=512, min_pixels=1024, max_pixels=65536, video_fps=2.0, video_max_frames=8, video_max_pixels=32768,
-        default_instruction="rank it", max_batch_tokens=4096, share_prefix=False, max_image_bytes=1000,
-        max_image_pixels=2000, max_request_pixels=3000, max_video_frames=40,
-    )  # fmt: skip
-    # The defaults of both sides agree.
+def test_settings_given_in_yaml_reach_the_engine(tmp_path):
+    path = tmp_path / "fleet.yaml"
+    path.write_text(yaml.safe_dump({
+        **FLEET, "model": {"source": "tiny", "max_length": 512, "min_pixels": 1024, "share_prefix": False},
+        "limits": {"max_video_file_frames": 40, "max_video_frames": 7},
+        "arms": [{"name": "v", "precision": "bf16", "backend": "vllm", "vllm": {"block_size": 16, "vision_encoder": "vllm"}}],
+        "router": {},
+    }))  # fmt: skip
+    fleet = FleetConfig.from_yaml(path)
+    engine = fleet.engine_config()
+    assert (engine.max_length, engine.min_pixels, engine.share_prefix) == (512, 1024, False)
+    # limits.max_video_file_frames bounds the video files the engine decodes; limits.max_video_frames
+    # (frames given as a list) is the serving layer's own.
+    assert engine.max_video_file_frames == 40 and fleet.limits.max_video_frames == 7
+    # What the arm hands its vLLM engine (serve.arm.load_engine).
+    assert VllmSettings(**fleet.arms[0].vllm.model_dump()) == VllmSettings(block_size=16, vision_encoder="vllm")
     default = FleetConfig.from_dict({"arms": [{"name": "a", "precision": "fp32"}]})
     assert default.engine_config() == EngineConfig()
     # Image limits unset: the engine takes the model family's official ones (Qwen3-VL-Reranker's
@@ -174,6 +177,9 @@ def test_engine_config_carries_the_model_settings_and_decode_limits():
         (lambda d: d["arms"][0].update(prepare_workers=0), "arms.0.prepare_workers"),
         (lambda d: d["arms"][0].update(torch_threads=0), "arms.0.torch_threads"),
         (lambda d: d.update(limits={"max_request_pixels": 0}), "limits.max_request_pixels"),
+        (lambda d: d.update(model={"max_length": 10}), "model.max_length"),  # declared by the engine (engine.config)
+        (lambda d: d.update(model={"min_pixels": 4096, "max_pixels": 1024}), "min_pixels"),
+        (lambda d: d["arms"][0].update(vllm={"vision_encoder": "vit"}), "arms.0.vllm.vision_encoder"),
         (lambda d: d["arms"][0].update(max_queued_requests=0), "arms.0.max_queued_requests"),  # Serve takes -1 or >= 1
         (lambda d: d.update(ingress={"max_in_flight": 0}), "ingress.max_in_flight"),
     ],
