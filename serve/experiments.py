@@ -5,8 +5,10 @@
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any, get_args, get_origin, get_type_hints
 
 from serve.arm_result import ArmResult
 from serve.statistics import LatencyHistogram, Moments
@@ -44,41 +46,51 @@ class ArmTally:
     clicks_ndcg: Moments = field(default_factory=Moments)
     clicks_rr: Moments = field(default_factory=Moments)
 
+    # Each field is merged, written out and read back by its type (`_merged`, `_plain`, `_typed`):
+    # a new count, Counter, Moments, LatencyHistogram or dict of them needs only its line above.
+
     def merge(self, other: ArmTally) -> None:
-        for name in ("requests", "client_errors", "server_errors", "refused", "cache_hits", "cache_misses", "batch_requests_sum",
-                     "shadow_requests", "shadow_errors", "shadow_dropped"):  # fmt: skip
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.routed_by.update(other.routed_by)
-        self.cache_events.update(other.cache_events)
-        self.latency.merge(other.latency)
-        for primary, metrics in other.agreement.items():
-            mine = self.agreement.setdefault(primary, {})
-            for metric, m in metrics.items():
-                mine.setdefault(metric, Moments()).merge(m)
-        self.clicks_ndcg.merge(other.clicks_ndcg)
-        self.clicks_rr.merge(other.clicks_rr)
+        for f in fields(self):
+            setattr(self, f.name, _merged(getattr(self, f.name), getattr(other, f.name)))
 
     def to_dict(self) -> dict:
-        return {
-            "requests": self.requests, "client_errors": self.client_errors, "server_errors": self.server_errors, "refused": self.refused,
-            "routed_by": dict(self.routed_by), "latency": self.latency.to_dict(), "cache_hits": self.cache_hits,
-            "cache_misses": self.cache_misses, "cache_events": dict(self.cache_events), "batch_requests_sum": self.batch_requests_sum,
-            "shadow_requests": self.shadow_requests, "shadow_errors": self.shadow_errors, "shadow_dropped": self.shadow_dropped,
-            "agreement": {p: {k: m.to_list() for k, m in ms.items()} for p, ms in self.agreement.items()},
-            "clicks_ndcg": self.clicks_ndcg.to_list(), "clicks_rr": self.clicks_rr.to_list(),
-        }  # fmt: skip
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
 
     @classmethod
     def from_dict(cls, d: dict) -> ArmTally:
-        t = cls(**{k: d[k] for k in ("requests", "client_errors", "server_errors", "refused", "cache_hits", "cache_misses",
-                                     "batch_requests_sum", "shadow_requests", "shadow_errors", "shadow_dropped")})  # fmt: skip
-        t.routed_by = Counter(d["routed_by"])
-        t.cache_events = Counter(d["cache_events"])
-        t.latency = LatencyHistogram.from_dict(d["latency"])
-        t.agreement = {p: {k: Moments.from_list(v) for k, v in ms.items()} for p, ms in d["agreement"].items()}
-        t.clicks_ndcg = Moments.from_list(d["clicks_ndcg"])
-        t.clicks_rr = Moments.from_list(d["clicks_rr"])
-        return t
+        types = get_type_hints(cls)
+        return cls(**{f.name: _typed(types[f.name], d[f.name]) for f in fields(cls)})
+
+
+# Plain data of the mergeable values: (to it, from it).
+_CODECS: dict[type, tuple] = {Moments: (Moments.to_list, Moments.from_list), LatencyHistogram: (LatencyHistogram.to_dict, LatencyHistogram.from_dict)}
+
+
+def _merged(mine: Any, theirs: Any) -> Any:
+    """`theirs` added to `mine`: counts add, mappings (Counters too) merge key by key, the rest by their own `merge`."""
+    if isinstance(mine, (int, float)):
+        return mine + theirs
+    if isinstance(mine, dict):
+        for key, value in theirs.items():
+            mine[key] = _merged(mine[key], value) if key in mine else copy.deepcopy(value)
+        return mine
+    mine.merge(theirs)
+    return mine
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _plain(v) for key, v in value.items()}
+    codec = _CODECS.get(type(value))
+    return codec[0](value) if codec else value
+
+
+def _typed(kind: Any, data: Any) -> Any:
+    if kind in _CODECS:
+        return _CODECS[kind][1](data)
+    if get_origin(kind) is dict:
+        return {key: _typed(get_args(kind)[1], v) for key, v in data.items()}
+    return kind(data)  # int, Counter
 
 
 class Tally:

@@ -5,7 +5,9 @@ feedback join and verdicts."""
 
 from __future__ import annotations
 
+import json
 import random
+from dataclasses import fields
 
 import numpy as np
 import pytest
@@ -15,7 +17,7 @@ from engine.errors import InputError
 from serve.arm_result import ArmResult
 from serve.config import FleetConfig
 from serve.experiment_page import render as render_experiment
-from serve.experiments import Tally
+from serve.experiments import ArmTally, Tally
 from serve.ledger import AlreadyRecorded, ExperimentLedger, Shown, UnknownRequest
 from serve.statistics import LatencyHistogram, Moments, mean_difference_ci, quantile_ratio_ci, samples_needed, sign_test_p, wilson
 from ranking.metrics import click_ndcg, rank_biased_overlap, reciprocal_rank, team_draft_interleave
@@ -158,6 +160,27 @@ def tally_with(answers: dict[str, int], agreement: float | None = None, floor: f
         same = min(1.0, floor - rng.uniform(0, 0.01))
         t.record_shadow("ref", "ref", {"ndcg@10": same, "spearman": same}, result("ref"))
     return t
+
+
+def test_an_arm_tally_travels_and_merges_every_field():
+    t = tally_with({"cand": 4}, agreement=0.9, n_agree=3)
+    for status in (400, 500, 503):
+        t.record_error("cand", status)
+    t.record_shadow_failure("cand")
+    t.record_shadow_failure("cand", dropped=True)
+    cand = t.arms["cand"]
+    cand.cache_hits, cand.cache_misses, cand.cache_events["redis_hit"] = 2, 3, 2
+    cand.clicks_ndcg.add(0.5)
+    cand.clicks_rr.add(1.0)
+    empty = ArmTally()
+    assert all(getattr(cand, f.name) != getattr(empty, f.name) for f in fields(ArmTally))  # every field is exercised
+    sent = ArmTally.from_dict(json.loads(json.dumps(cand.to_dict())))  # as a batch reaches the ledger
+    assert sent == cand
+    empty.merge(sent)
+    assert empty == cand
+    empty.merge(sent)
+    assert empty.requests == 2 * cand.requests and empty.latency.n == 2 * cand.latency.n
+    assert empty.agreement["ref"]["spearman"].n == 6 and empty.routed_by["weighted"] == 8 and cand.requests == 4  # cand untouched
 
 
 def test_ledger_merges_replicas_exactly_and_judges_equivalence_against_the_floor():
