@@ -27,6 +27,7 @@ from typing import Any
 from engine.errors import InputError
 from serve.config import FleetConfig
 from serve.experiments import AGREEMENT_METRICS, ArmTally, Tally
+from serve.router import ControlState, InterleavePolicy, NoiseFloorPolicy, ShadowPolicy
 from serve.statistics import Moments, mean_difference_ci, quantile_ratio_ci, samples_needed, sign_test_p, wilson
 from ranking.metrics import click_ndcg, reciprocal_rank
 
@@ -65,7 +66,8 @@ class Shown:
 
 @dataclass
 class Control:
-    """What every ingress routes by; `version` grows with each change."""
+    """The ledger's own, changing settings; `version` grows with each change. Ingress replicas get
+    `ExperimentLedger.control_state()`, a frozen `ControlState` made from it."""
 
     version: int
     base_weights: dict[str, float]
@@ -144,21 +146,21 @@ class ExperimentLedger:
             w[self.reference] = 1.0
         return w
 
-    def control_state(self) -> dict[str, Any]:
+    def control_state(self) -> ControlState:
         c = self.control
         weights = self.weights()
         # Interleaving shows both arms' documents to users: never an arm out of routed traffic.
         interleaves = c.active and c.interleave and all(weights[a] > 0 for a in c.interleave)
-        return {
-            "epoch": self.epoch, "version": c.version, "experiment": self.name, "weights": weights, "active": c.active,
-            "shadow": {"arm": c.shadow_arm, "fraction": c.shadow_fraction} if c.active and c.shadow_arm else None,
-            "noise_floor": {"arm": self.reference, "fraction": c.noise_floor_fraction if c.active else 0.0},
-            "interleave": {"arms": list(c.interleave), "fraction": c.interleave_fraction} if interleaves else None,
-        }  # fmt: skip
+        return ControlState(
+            epoch=self.epoch, version=c.version, experiment=self.name, active=c.active, weights=weights,
+            shadow=ShadowPolicy(c.shadow_arm, c.shadow_fraction) if c.active and c.shadow_arm else None,
+            noise_floor=NoiseFloorPolicy(self.reference, c.noise_floor_fraction if c.active else 0.0),
+            interleave=InterleavePolicy(c.interleave, c.interleave_fraction) if interleaves else None,
+        )  # fmt: skip
 
     # ----------------------------------------------------------------- from the ingress replicas
 
-    def flush(self, source: str, seq: int, experiment: str, tally: dict | None, shown: list[Shown]) -> dict[str, Any]:
+    def flush(self, source: str, seq: int, experiment: str, tally: dict | None, shown: list[Shown]) -> ControlState:
         """Batch `seq` of an ingress replica's records (`serve.ledger_link`); returns the control
         state. A batch merged before (its reply was lost) or recorded in another experiment is
         ignored."""
@@ -215,7 +217,7 @@ class ExperimentLedger:
 
     # ----------------------------------------------------------------- admin
 
-    def set_weights(self, who: str, weights: dict[str, float]) -> dict[str, Any]:
+    def set_weights(self, who: str, weights: dict[str, float]) -> ControlState:
         for arm, w in weights.items():
             if arm not in self.arms:
                 raise InputError(f"weights.{arm}", f"unknown arm; arms are {self.arms}")
@@ -234,7 +236,7 @@ class ExperimentLedger:
         return self.control_state()
 
     def set_shadow(self, who: str, arm: str | None, fraction: float | None, noise_floor_fraction: float | None,
-                   interleave_fraction: float | None = None) -> dict[str, Any]:  # fmt: skip
+                   interleave_fraction: float | None = None) -> ControlState:  # fmt: skip
         """Mirrored traffic (shadow arm and share, noise-floor share) and the interleaved share."""
         if arm is not None and arm not in self.arms:
             raise InputError("arm", f"unknown arm {arm!r}; arms are {self.arms}")
@@ -258,13 +260,13 @@ class ExperimentLedger:
         self._log(who, "shadow", {"before": before, "after": after})
         return self.control_state()
 
-    def start(self, who: str, name: str) -> dict[str, Any]:
+    def start(self, who: str, name: str) -> ControlState:
         self.past.appendleft(self.results())
         self._start(name, who)
         self._log(who, "experiment started", {"name": name})
         return self.control_state()
 
-    def stop(self, who: str) -> dict[str, Any]:
+    def stop(self, who: str) -> ControlState:
         if self.control.active:
             self.control.active = False
             self.stopped_at = self._now()
@@ -353,7 +355,7 @@ class ExperimentLedger:
             "experiment": self.name, "active": self.control.active, "reference": self.reference,
             "started_at": self.started_at, "stopped_at": self.stopped_at, "elapsed_s": round(elapsed, 3),
             "scope": "fleet: every ingress replica, merged in the ledger",
-            "control": {**self.control_state(), "base_weights": self.control.base_weights, "tripped": self.control.tripped,
+            "control": {**self.control_state().to_json(), "base_weights": self.control.base_weights, "tripped": self.control.tripped,
                         "ramp": self._ramp_view()},  # fmt: skip
             "arms": arms,
             "feedback": {"received": self.feedback_count, "joinable_requests": len(self.shown)},

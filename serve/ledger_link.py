@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from serve.experiments import Tally
 from serve.ledger import Shown
+from serve.router import ControlState
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class LedgerLink:
             shown = [s for b in [*old, keep] for s in b.shown][-MAX_PENDING_SHOWN:]
             self._pending = [Batch(keep.seq, keep.experiment, merged, shown)]
 
-    async def flush(self) -> dict | None:
+    async def flush(self) -> ControlState | None:
         """Send what is unsent; the ledger's control state, or None if it could not be reached."""
         async with self._lock:
             self._seal()
@@ -81,5 +82,5 @@ class LedgerLink:
             except Exception as e:  # noqa: BLE001 - the experiment must never break serving
                 log.warning("cannot reach the experiment ledger (%s); %d batches wait", type(e).__name__, len(self._pending))
                 return None
-            self.experiment = control["experiment"]
+            self.experiment = control.experiment
             return control

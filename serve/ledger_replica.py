@@ -10,6 +10,7 @@ from ray import serve
 
 from serve.config import FleetConfig
 from serve.ledger import ExperimentLedger, Shown
+from serve.router import ControlState
 
 
 @serve.deployment(name="Ledger")
@@ -17,10 +18,10 @@ class LedgerReplica:
     def __init__(self, config: dict):
         self.ledger = ExperimentLedger(FleetConfig.from_dict(config))
 
-    async def flush(self, source: str, seq: int, experiment: str, tally: dict | None, shown: list[Shown]) -> dict[str, Any]:
+    async def flush(self, source: str, seq: int, experiment: str, tally: dict | None, shown: list[Shown]) -> ControlState:
         return self.ledger.flush(source, seq, experiment, tally, shown)
 
-    async def control(self) -> dict[str, Any]:
+    async def control(self) -> ControlState:
         return self.ledger.control_state()
 
     async def results(self) -> dict[str, Any]:
@@ -29,15 +30,15 @@ class LedgerReplica:
     async def feedback(self, request_id: str, clicked: list[int], purchased: list[int] | None) -> dict[str, Any]:
         return self.ledger.feedback(request_id, clicked, purchased)
 
-    async def set_weights(self, who: str, weights: dict[str, float]) -> dict[str, Any]:
+    async def set_weights(self, who: str, weights: dict[str, float]) -> ControlState:
         return self.ledger.set_weights(who, weights)
 
     async def set_shadow(self, who: str, arm: str | None, fraction: float | None, noise_floor_fraction: float | None,
-                         interleave_fraction: float | None) -> dict[str, Any]:  # fmt: skip
+                         interleave_fraction: float | None) -> ControlState:  # fmt: skip
         return self.ledger.set_shadow(who, arm, fraction, noise_floor_fraction, interleave_fraction)
 
-    async def start(self, who: str, name: str) -> dict[str, Any]:
+    async def start(self, who: str, name: str) -> ControlState:
         return self.ledger.start(who, name)
 
-    async def stop(self, who: str) -> dict[str, Any]:
+    async def stop(self, who: str) -> ControlState:
         return self.ledger.stop(who)

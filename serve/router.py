@@ -19,8 +19,8 @@ import hashlib
 import math
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
 
 from engine.errors import InputError
 
@@ -53,6 +53,29 @@ class NoiseFloorPolicy:
 class InterleavePolicy:
     arms: tuple[str, str]
     fraction: float
+
+
+@dataclass(frozen=True)
+class ControlState:
+    """What every ingress routes by, as the experiment ledger publishes it
+    (`serve.ledger.ExperimentLedger.control_state`). A replica follows a state unless it is older
+    than the one it has: a newer `version`, or any other `epoch` (a restarted ledger)."""
+
+    epoch: float
+    version: int
+    experiment: str
+    active: bool
+    weights: dict[str, float]  # routed weights now: ramp and guardrails applied
+    shadow: ShadowPolicy | None
+    noise_floor: NoiseFloorPolicy
+    interleave: InterleavePolicy | None
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain data for an HTTP answer."""
+        data = asdict(self)
+        if self.interleave:
+            data["interleave"]["arms"] = list(self.interleave.arms)
+        return data
 
 
 class ArmRouter:
@@ -89,17 +112,10 @@ class ArmRouter:
         self._salt = salt
 
     @classmethod
-    def from_control(cls, control: dict, *, rng: random.Random | None = None) -> ArmRouter:
-        """From a control state of the experiment ledger (`serve.ledger.ExperimentLedger.control_state`):
-        the live weights, shadow, noise floor and interleaving the ingress routes by."""
-        shadow, floor, inter = control["shadow"], control["noise_floor"], control["interleave"]
-        return cls(
-            control["weights"],
-            shadow=ShadowPolicy(shadow["arm"], shadow["fraction"]) if shadow else None,
-            noise_floor=NoiseFloorPolicy(floor["arm"], floor["fraction"]),
-            interleave=InterleavePolicy(tuple(inter["arms"]), inter["fraction"]) if inter else None,
-            rng=rng,
-        )
+    def from_control(cls, control: ControlState, *, rng: random.Random | None = None) -> ArmRouter:
+        """From the experiment ledger's control state: the live weights, shadow, noise floor and
+        interleaving the ingress routes by."""
+        return cls(control.weights, shadow=control.shadow, noise_floor=control.noise_floor, interleave=control.interleave, rng=rng)
 
     def route(
         self,

@@ -19,6 +19,7 @@ from serve.config import FleetConfig
 from serve.experiment_page import render as render_experiment
 from serve.experiments import ArmTally, Tally
 from serve.ledger import AlreadyRecorded, ExperimentLedger, Shown, UnknownRequest
+from serve.router import ShadowPolicy
 from serve.statistics import LatencyHistogram, Moments, mean_difference_ci, quantile_ratio_ci, samples_needed, sign_test_p, wilson
 from ranking.metrics import click_ndcg, rank_biased_overlap, reciprocal_rank, team_draft_interleave
 
@@ -203,14 +204,14 @@ def test_ledger_merges_replicas_exactly_and_judges_equivalence_against_the_floor
 def test_guardrail_takes_a_disagreeing_arm_out_and_logs_it():
     ledger = ExperimentLedger(fleet(guardrails={"min_agreement": 0.9, "min_requests": 20}))
     control = send(ledger, tally_with({"ref": 30, "cand": 30}, agreement=0.5, n_agree=25))
-    assert control["weights"]["cand"] == 0.0 and control["weights"]["ref"] == 1.0
-    assert control["shadow"] == {"arm": "cand", "fraction": 0.5}  # shadow continues
+    assert control.weights["cand"] == 0.0 and control.weights["ref"] == 1.0
+    assert control.shadow == ShadowPolicy("cand", 0.5)  # shadow continues
     res = ledger.results()
     assert "cand" in res["control"]["tripped"] and res["changes"][-1]["who"] == "guardrail"
     assert res["arms"]["cand"]["versus_reference"]["verdict"].startswith("guardrail tripped")
     # An operator puts it back explicitly; the change names who.
     ledger.set_weights("alice", {"cand": 1})
-    assert ledger.control_state()["weights"]["cand"] == 1.0 and ledger.results()["changes"][-1]["who"] == "alice"
+    assert ledger.control_state().weights["cand"] == 1.0 and ledger.results()["changes"][-1]["who"] == "alice"
 
 
 def test_guardrail_needs_significant_evidence():
@@ -238,16 +239,16 @@ def test_error_rate_and_p95_guardrails():
 
 def test_ramp_advances_while_guardrails_hold_and_halts_when_one_trips():
     ledger = ExperimentLedger(fleet(ramp={"arm": "cand", "steps": [0.01, 0.05, 0.25], "min_requests": 10}))
-    assert ledger.control_state()["weights"]["cand"] == pytest.approx(0.01)
+    assert ledger.control_state().weights["cand"] == pytest.approx(0.01)
     send(ledger, tally_with({"cand": 10}))
-    assert ledger.control_state()["weights"]["cand"] == pytest.approx(0.05)
+    assert ledger.control_state().weights["cand"] == pytest.approx(0.05)
     send(ledger, tally_with({"cand": 10}))
-    assert ledger.control_state()["weights"]["cand"] == pytest.approx(0.25)
+    assert ledger.control_state().weights["cand"] == pytest.approx(0.25)
     send(ledger, tally_with({"cand": 10}))
     assert ledger.results()["control"]["ramp"]["state"] == "holding"
     bad = ExperimentLedger(fleet(ramp={"arm": "cand", "min_requests": 10}, guardrails={"min_requests": 20}))
     send(bad, tally_with({"ref": 30, "cand": 5}, agreement=0.3, n_agree=25))
-    assert bad.results()["control"]["ramp"]["state"] == "halted" and bad.control_state()["weights"]["cand"] == 0.0
+    assert bad.results()["control"]["ramp"]["state"] == "halted" and bad.control_state().weights["cand"] == 0.0
 
 
 def test_feedback_joins_the_arm_and_refuses_bad_input():
@@ -288,16 +289,16 @@ def test_admin_changes_validate_and_start_archives():
     assert e.value.field == "weights.nope"
     with pytest.raises(InputError):
         ledger.set_weights("bob", {"ref": 0, "cand": 0})
-    v = ledger.control_state()["version"]
+    v = ledger.control_state().version
     ledger.set_shadow("bob", None, None, 0.2)
-    assert ledger.control_state()["shadow"] is None and ledger.control_state()["version"] > v
+    assert ledger.control_state().shadow is None and ledger.control_state().version > v
     send(ledger, tally_with({"ref": 3}))
     ledger.start("bob", "second")
     res = ledger.results()
     assert res["experiment"] == "second" and res["arms"]["ref"]["requests"] == 0 and ledger.past[0]["arms"]["ref"]["requests"] == 3
     ledger.stop("bob")
     send(ledger, tally_with({"ref": 3}))  # a stopped experiment counts nothing more
-    assert ledger.results()["arms"]["ref"]["requests"] == 0 and ledger.control_state()["active"] is False
+    assert ledger.results()["arms"]["ref"]["requests"] == 0 and ledger.control_state().active is False
 
 
 def test_a_batch_counts_once_and_only_in_its_own_experiment():
@@ -320,12 +321,12 @@ def test_an_operator_override_holds_and_a_tripped_arm_is_never_interleaved():
     })  # fmt: skip
     ledger = ExperimentLedger(f)
     send(ledger, tally_with({"ref": 20, "cand": 20}, agreement=0.3, n_agree=20))
-    assert ledger.control_state()["interleave"] is None and ledger.control_state()["weights"]["cand"] == 0
+    assert ledger.control_state().interleave is None and ledger.control_state().weights["cand"] == 0
     ledger.start("ops", "again")  # a new experiment does not put a broken arm back
-    assert ledger.control_state()["weights"]["cand"] == 0
+    assert ledger.control_state().weights["cand"] == 0
     ledger.set_weights("ops", {"cand": 1})
     send(ledger, tally_with({"ref": 20, "cand": 20}, agreement=0.3, n_agree=40))
-    assert ledger.control_state()["weights"]["cand"] > 0 and ledger.control_state()["interleave"]["fraction"] == 0.5
+    assert ledger.control_state().weights["cand"] > 0 and ledger.control_state().interleave.fraction == 0.5
 
 
 def test_feedback_after_stop_is_refused():
@@ -387,7 +388,7 @@ def test_ledger_link_delivers_each_batch_once_through_failures():
         assert await link.flush() is None  # merged by the ledger, but the reply was lost
         link.tally.record_answer("ref", "weighted", 0.01, result("ref"))
         control = await link.flush()  # resends batch 1 (ignored) and sends batch 2
-        assert control is not None and control["experiment"] == ledger.name
+        assert control is not None and control.experiment == ledger.name
 
     asyncio.run(go())
     assert ledger.results()["arms"]["ref"]["requests"] == 4

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 
@@ -113,10 +114,16 @@ def test_from_the_ledgers_control_state_and_bad_weights():
         {"arms": [{"name": "fp32", "precision": "fp32", "weight": 2}, {"name": "nf4", "precision": "nf4", "weight": 1}],
          "router": {"shadow": {"arm": "nf4", "fraction": 0.5}}}
     )  # fmt: skip
-    router = ArmRouter.from_control(ExperimentLedger(fleet).control_state())  # what an ingress starts with
+    control = ExperimentLedger(fleet).control_state()
+    router = ArmRouter.from_control(control)  # what an ingress starts with
     assert router.shares == pytest.approx({"fp32": 2 / 3, "nf4": 1 / 3})
     assert router.shadow == ShadowPolicy("nf4", 0.5)
     assert router.noise_floor == NoiseFloorPolicy("fp32", 0.05)
+    # The admin endpoints answer it as JSON.
+    answer = json.loads(json.dumps(control.to_json()))
+    assert answer == {"epoch": control.epoch, "version": control.version, "experiment": "default", "active": True,
+                      "weights": {"fp32": 2, "nf4": 1}, "shadow": {"arm": "nf4", "fraction": 0.5},
+                      "noise_floor": {"arm": "fp32", "fraction": 0.05}, "interleave": None}  # fmt: skip
     with pytest.raises(ValueError):
         ArmRouter({"a": 0})
     with pytest.raises(ValueError):
