@@ -61,15 +61,18 @@ class SecretRef(_Strict):
         return value
 
 
-class ModelConfig(ModelSettings):
-    """The model: where its weights come from, its served name, and the engine's `ModelSettings`."""
-
+class _ModelSource(_Strict):
     source: str = Field(
         "tiny",
         description="'tiny' for the project's trained offline model, a local folder, or a hub id "
         "such as Qwen/Qwen3-VL-Reranker-8B or vec-ai/lychee-rerank-mm.",
     )
     served_name: str | None = Field(None, description="Model id reported in responses; default: the source.")
+
+
+# pydantic orders fields from the last base: source and served_name come first, as they always have.
+class ModelConfig(ModelSettings, _ModelSource):
+    """The model: where its weights come from, its served name, and the engine's `ModelSettings`."""
 
     @property
     def name(self) -> str:
