@@ -64,7 +64,7 @@ def engine_alone(source: str, case_names: list[str], repeats: int) -> dict[str, 
     loop = asyncio.new_event_loop()
 
     async def all_pairs(requests):
-        return await asyncio.gather(*(vllm.score(r) for r in requests))
+        return await asyncio.gather(*(vllm.score_request(r) for r in requests))
 
     rows = []
     for name in case_names:

@@ -24,7 +24,7 @@ from engine.features import FeatureSpec, ImageFeatures
 from engine.forward import Forward, RequestScores
 from engine.inputs import ImageInput, RerankItem, ScoreRequest
 from engine.model import LoadedModel, chat_template_of, checkpoint_folder, load_model
-from engine.prepare import VIDEO, PreparedRequest, Preparer
+from engine.prepare import PreparedRequest, Preparer
 from engine.vision import VisionParams, VisionPreprocessor
 from engine.vision_tower import VisionTower
 
@@ -143,29 +143,3 @@ class RerankEngine:
     def render_prompt(self, query: RerankItem, document: RerankItem, instruction: str | None = None) -> str:
         """The chat-templated text of a pair, one placeholder per image/video (before expansion)."""
         return self.preparer.render_pair(query, document, instruction)
-
-    @torch.inference_mode()
-    def reference_scores(self, request: ScoreRequest) -> list[float]:
-        """For tests: each pair through the model's own fused forward from pixel values, one at a
-        time, left-padding free, no precomputed features, no shared prefix."""
-        prepared = self.preparer.prepare(request)
-        out = []
-        for row in prepared.rows:
-            batch = {
-                "input_ids": row.ids[None].to(self.device),
-                "attention_mask": torch.ones((1, len(row)), dtype=torch.long, device=self.device),
-                "mm_token_type_ids": self.preparer.mm_types(row.ids)[None].to(self.device),
-            }
-            images = [prepared.patches[k] for k, kind in zip(row.visuals, row.kinds) if kind != VIDEO]
-            videos = [prepared.patches[k] for k, kind in zip(row.visuals, row.kinds) if kind == VIDEO]
-            dtype = self.forwarder.vision_dtype
-            if images:
-                batch["pixel_values"] = torch.cat([p.pixel_values for p in images]).to(self.device, dtype)
-                batch["image_grid_thw"] = torch.tensor([p.grid_thw for p in images], device=self.device)
-            if videos:
-                batch["pixel_values_videos"] = torch.cat([p.pixel_values for p in videos]).to(self.device, dtype)
-                batch["video_grid_thw"] = torch.tensor([p.grid_thw for p in videos], device=self.device)
-            logits = self.model(**batch, use_cache=False, logits_to_keep=1).logits[:, -1].float()
-            out.append(float(torch.sigmoid(logits[0, self.yes_id] - logits[0, self.no_id])))
-        return out
-

@@ -43,3 +43,8 @@ class PrecisionUnsupported(ConfigError):
 
 class ModelLoadError(RerankError):
     """The checkpoint is missing, unreadable or of an unsupported architecture."""
+
+
+class DeadlineExceeded(RerankError):
+    """The request's deadline passed before its work could start (it waited in a queue): the
+    caller has given up on it, and running it would only delay the requests queued behind it."""

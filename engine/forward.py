@@ -35,6 +35,7 @@ class RequestScores:
     scores: list[float]
     new_features: list[ImageFeatures]  # images (not videos) this batch encoded, for the feature cache
     tokens: int  # tokens the decoder ran for this request (its shared prefix once)
+    batch_requests: int = 1  # requests scored in the same device call as this one
 
 
 @dataclass
@@ -72,7 +73,7 @@ class Forward:
             for group in self._groups(requests):
                 self._score_group(group, requests, features, scores)
         return [
-            RequestScores(s, [new[k] for k in r.digests if k in new], sum(len(row) - r.shared for row in r.rows) + r.shared)
+            RequestScores(s, [new[k] for k in r.digests if k in new], sum(len(row) - r.shared for row in r.rows) + r.shared, len(requests))
             for s, r in zip(scores, requests)
         ]
 

@@ -28,6 +28,7 @@ import asyncio
 import itertools
 import os
 import threading
+import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 
@@ -35,7 +36,7 @@ import torch
 
 from engine.config import EngineConfig, VllmSettings
 from engine.engine import device_name
-from engine.errors import InputError, ModelLoadError, PrecisionUnsupported
+from engine.errors import DeadlineExceeded, InputError, ModelLoadError, PrecisionUnsupported
 from engine.features import FeatureSpec, ImageFeatures
 from engine.forward import RequestScores
 from engine.inputs import ImageInput, ScoreRequest
@@ -101,8 +102,9 @@ def vision_args(vision_encoder: str) -> dict:
 
 
 class VllmRerankEngine:
-    """Scores requests with vLLM. `await score(request)` from the replica's event loop; the CPU
-    preparation of each request runs on a small thread pool, vLLM batches across requests."""
+    """Scores requests with vLLM (an `engine.serving_engine.ServingEngine`): `await
+    score_request(request, features)` from the replica's event loop; the CPU preparation of each
+    request runs on a small thread pool, vLLM batches across requests."""
 
     def __init__(self, source: str, precision: str, *, config: EngineConfig, settings: VllmSettings, device: str = "cpu", model_id: str | None = None):
         from transformers import AutoTokenizer
@@ -234,10 +236,13 @@ class VllmRerankEngine:
             raise InputError(field, f"the pair has {expanded_len} tokens, over this arm's max_model_len of {self.max_model_len}")
         return cut
 
-    async def score(self, request: ScoreRequest, features: Mapping[str, ImageFeatures] | None = None) -> RequestScores:
+    async def score_request(self, request: ScoreRequest, features: Mapping[str, ImageFeatures] | None = None, deadline: float | None = None) -> RequestScores:
         """Scores of one request; `features` (cache key -> features) are used instead of running
         the vision tower on those images. The result carries the features computed now."""
         from vllm import PoolingParams
+
+        if deadline is not None and time.monotonic() > deadline:
+            raise DeadlineExceeded("the request's deadline passed before vLLM took it (the arm is overloaded); retry later")
 
         prompts, new = await asyncio.get_running_loop().run_in_executor(self._pool, self.prompts, request, features)
         tag = next(self._ids)

@@ -69,7 +69,7 @@ def _vllm_scores(checkpoint: str, precision: str, tasks, device: str) -> list[li
     engine = VllmRerankEngine(checkpoint, precision, config=EngineConfig(), settings=VllmSettings(enforce_eager=True), device="cuda" if device == "cuda" else "cpu")
 
     async def all_tasks():
-        scores = [(await engine.score(ScoreRequest.of(q, docs))).scores for q, docs, _ in tasks]
+        scores = [(await engine.score_request(ScoreRequest.of(q, docs))).scores for q, docs, _ in tasks]
         await engine.aclose()
         return scores
 

@@ -9,6 +9,7 @@ import pytest
 from engine.config import EngineConfig
 from engine.engine import RerankEngine
 from engine.inputs import ImageInput, RerankItem, ScoreRequest, VideoInput
+from fused_reference import reference_scores
 from workshop.tiny import Thing, draw
 
 # fp32: the same arithmetic in other shapes. Lower precisions round differently when the prefix
@@ -67,7 +68,7 @@ def test_shared_prefix_equals_the_models_own_forward(engine_for, requests, case)
     prepared = eng.prepare(req)
     assert prepared.shared > 0, "every pair of a multi-document request shares its system turn, instruction and query"
     got = eng.forward([prepared])[0].scores
-    assert max(abs(x - y) for x, y in zip(got, eng.reference_scores(req))) <= 1e-5
+    assert max(abs(x - y) for x, y in zip(got, reference_scores(eng, req))) <= 1e-5
 
 
 def test_the_prefix_holds_the_query_and_no_document(engine_for, requests):

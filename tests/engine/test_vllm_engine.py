@@ -74,7 +74,7 @@ def requests() -> dict[str, ScoreRequest]:
 
 def score_all(engine, loop) -> dict:
     async def run_all():
-        return {name: await engine.score(r) for name, r in requests().items()}
+        return {name: await engine.score_request(r) for name, r in requests().items()}
 
     return loop.run_until_complete(run_all())
 
@@ -117,11 +117,11 @@ def test_cached_features_skip_the_vision_tower_and_score_the_same(vllm_engine, e
     req = requests()["image documents"]
     hf = engine_for("fp32", max_length=MAX_LENGTH)
     cached = {f.cache_key: f for f in hf.encode_images(list({img.digest: img for img in req.images()}.values()))}
-    again = loop.run_until_complete(vllm_engine.score(req, cached))
+    again = loop.run_until_complete(vllm_engine.score_request(req, cached))
     assert again.new_features == []
     assert max(abs(a - b) for a, b in zip(again.scores, scored["project"]["image documents"].scores, strict=True)) <= 1e-6
     by_digest = replace(req, documents=tuple(replace(d, images=tuple(replace(i, data=None) for i in d.images)) for d in req.documents))
-    assert loop.run_until_complete(vllm_engine.score(by_digest, cached)).scores == again.scores
+    assert loop.run_until_complete(vllm_engine.score_request(by_digest, cached)).scores == again.scores
     with pytest.raises(InputError, match=r"image known only by its digest has no cached features; send its bytes"):
         vllm_engine.prompts(by_digest)
 
@@ -210,7 +210,7 @@ def test_a_w8a8_checkpoint_runs_on_vllms_int8_kernels_and_ranks_like_fp32(tiny_m
     try:
         ref = engine_for("fp32")
         spearmans = [
-            agreement(ref.score(q, docs), loop.run_until_complete(w8a8.score(ScoreRequest.of(q, docs))).scores)["spearman"]
+            agreement(ref.score(q, docs), loop.run_until_complete(w8a8.score_request(ScoreRequest.of(q, docs))).scores)["spearman"]
             for q, docs, _ in eval_set(seed=5, n_queries=4)
         ]
     finally:
