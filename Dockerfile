@@ -21,6 +21,7 @@ USER ray
 WORKDIR /home/ray/rerank-fleet
 COPY --chown=ray:users pyproject.toml README.md ./
 COPY --chown=ray:users engine ./engine
+COPY --chown=ray:users ranking ./ranking
 COPY --chown=ray:users serve ./serve
 COPY --chown=ray:users placement ./placement
 COPY --chown=ray:users loadtest ./loadtest

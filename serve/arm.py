@@ -1,42 +1,36 @@
-"""One precision arm: a Serve deployment (`Arm-<name>`) whose replicas run a `RerankEngine`.
+"""One precision arm: a Serve deployment (`Arm-<name>`) whose replicas score through one
+`engine.serving_engine.ServingEngine`, chosen once when the replica starts: `BatchedEngine` over the
+transformers engine, or `VllmRerankEngine`.
 
 A request flows one way through a replica:
 1. its images' features are looked up in the feature cache (in-replica LRU, then Redis); an
-   image the ingress sent by digest only (a memoised URL) that no tier has is downloaded here,
-   with the same safe fetcher the ingress uses;
-2. `@serve.batch` merges the requests that are waiting; the batch prepares each of them on the
-   CPU pool (`engine.prepare`: decode, resize, tokenize), concurrently, and a bad input fails
-   its own request only; then `engine.forward` scores the prepared ones in one call on the
-   forward thread. Two batches are in flight (`max_concurrent_batches=2`): while batch k is on
-   the forward thread, batch k+1 prepares;
+   image the ingress sent by digest only (a memoised URL) that no tier has is refused with
+   `FeaturesMissing`, and the ingress sends the request again with its bytes (media are fetched
+   in one place: the ingress);
+2. the engine scores it (batched with the requests waiting beside it);
 3. newly encoded features are stored in the cache.
 
-Errors travel one way: the engine raises, `score` raises (an input error found in a batch is
-handed to its own request's caller and raised there), Ray carries it to the ingress, and the
-ingress maps it to HTTP (`serve.errors`). A forward failure fails the requests of that batch;
-no future is ever left unresolved.
+Errors travel one way: the engine raises, `score` raises, Ray carries it to the ingress, and the
+ingress maps it to HTTP (`serve.errors`).
 """
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 
 from ray import serve
 from ray.serve import metrics
 
-from engine.errors import InputError
-from engine.inputs import ImageInput, RerankItem, ScoreRequest
+from engine.errors import DeadlineExceeded, InputError
+from engine.inputs import ScoreRequest
+from engine.serving_engine import ServingEngine
 from serve.arm_result import ArmResult
+from serve.batched_engine import BatchedEngine, check_deadline
 from serve.cache import FeatureCache, track_request_events
 from serve.config import ArmConfig, BatchingConfig, FleetConfig
-from serve.errors import DeadlineExceeded
-from serve.fetch import MediaFetcher
+from serve.errors import FeaturesMissing
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +61,6 @@ class ArmMetrics:
         self.cache.inc(n, tags={"event": event})
 
 
-def _check_deadline(deadline: float | None, where: str) -> None:
-    if deadline is not None and time.time() > deadline:
-        raise DeadlineExceeded(f"the request's deadline passed {where} (the arm is overloaded); retry later")
-
-
 def pick_device(arm: ArmConfig) -> str:
     if arm.device != "auto":
         return arm.device
@@ -86,19 +75,20 @@ def torch_threads(arm: ArmConfig) -> int:
     return max(1, int(arm.ray_actor_options.num_cpus or 1))
 
 
-def load_engine(fleet: FleetConfig, arm: ArmConfig):
-    """The arm's engine on its backend: `RerankEngine` (transformers) or `VllmRerankEngine`.
-    Heavy imports (torch, vLLM) happen here, in the replica only."""
+def load_engine(fleet: FleetConfig, arm: ArmConfig, metrics: ArmMetrics) -> ServingEngine:
+    """The arm's engine behind the one serving contract. Heavy imports (torch, vLLM) happen here,
+    in the replica only."""
     source = arm.checkpoint or fleet.model.source
     model_id = fleet.model.name if arm.checkpoint is None else arm.checkpoint
-    if arm.backend == "vllm":
+    if arm.backend == "vllm":  # vLLM batches across requests itself (continuous batching)
         from engine.vllm_engine import VllmRerankEngine, VllmSettings
 
         settings = VllmSettings(**arm.vllm.model_dump())
         return VllmRerankEngine(source, arm.precision, config=fleet.engine_config(), settings=settings, device=pick_device(arm), model_id=model_id)
     from engine.engine import RerankEngine
 
-    return RerankEngine.load(source, arm.precision, config=fleet.engine_config(), device=pick_device(arm), model_id=model_id)
+    engine = RerankEngine.load(source, arm.precision, config=fleet.engine_config(), device=pick_device(arm), model_id=model_id)
+    return BatchedEngine(engine, prepare_workers=arm.prepare_workers, name=arm.name, on_batch=metrics.batch_pairs.observe)
 
 
 @serve.deployment(name="Arm")
@@ -117,54 +107,41 @@ class ArmReplica:
             # then yields to them, and refusals and health checks stay fast under overload.
             os.nice(self.arm.cpu_nice)
         torch.set_num_threads(torch_threads(self.arm))
+        self.metrics = ArmMetrics(self.arm.name, self.arm.precision)
         try:
-            self.engine = load_engine(fleet, self.arm)
+            self.engine = load_engine(fleet, self.arm, self.metrics)
         except Exception as e:
             # The replica's start fails with the reason, naming the arm and its backend (Serve
             # shows it in the application's status; the main job prints it).
             raise RuntimeError(f"arm {self.arm.name!r} (backend {self.arm.backend}, precision {self.arm.precision}) cannot start: {e}") from None
-        self.metrics = ArmMetrics(self.arm.name, self.arm.precision)
         self.cache = FeatureCache(fleet.cache.for_mode(self.arm.feature_cache), on_event=self.metrics.cache_event)
-        self.fetcher = MediaFetcher(fleet.limits)
-        name = self.arm.name
-        self._prepare_pool = ThreadPoolExecutor(self.arm.prepare_workers, thread_name_prefix=f"prepare-{name}")
-        self._forward_thread = ThreadPoolExecutor(1, thread_name_prefix=f"forward-{name}")
         self.reconfigure(self.arm.batching.model_dump())
 
     def reconfigure(self, user_config: dict) -> None:
         batching = BatchingConfig.model_validate(user_config)
-        self._score_batch.set_max_batch_size(batching.max_batch_size)
-        self._score_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+        if isinstance(self.engine, BatchedEngine):  # vLLM's batch limits are engine arguments, fixed at start
+            self.engine.set_batching(batching.max_batch_size, batching.batch_wait_timeout_s)
 
     def describe(self) -> dict:
         import torch
 
-        return {
-            "arm": self.arm.name, **self.engine.describe(), "torch_threads": torch.get_num_threads(), "pid": os.getpid(),
-            "prepare_workers": self.arm.prepare_workers, "max_batch_size": self._score_batch._get_max_batch_size(),
-            "cache": self.cache.snapshot(),
-        }  # fmt: skip
+        return {"arm": self.arm.name, **self.engine.describe(), "torch_threads": torch.get_num_threads(), "pid": os.getpid(), "cache": self.cache.snapshot()}
 
-    async def score(self, request: ScoreRequest, deadline: float | None = None) -> ArmResult:
-        """Score one request. `deadline` (epoch seconds): work not started by then is refused
-        (`DeadlineExceeded`, a 503): the caller has given up on it, and running it would only
-        delay the requests queued behind it."""
+    async def score(self, request: ScoreRequest, budget_s: float | None = None) -> ArmResult:
+        """Score one request. `budget_s`: seconds the caller still waits; work not started within
+        them is refused (`DeadlineExceeded`, a 503). A budget, not a wall-clock time: the caller's
+        node and this one have different clocks."""
         start = time.perf_counter()
+        deadline = None if budget_s is None else time.monotonic() + budget_s
         events = track_request_events()
         try:
-            _check_deadline(deadline, "before it reached the arm")
-            request, features = await self._features(request)
-            if self.arm.backend == "vllm":  # vLLM batches across requests itself (continuous batching)
-                result, batch_requests = await self.engine.score(request, features), 1
-            else:
-                outcome = await self._score_batch((request, features, deadline))
-                if isinstance(outcome, BaseException):  # this request's own input error
-                    raise outcome
-                result, batch_requests = outcome
+            check_deadline(deadline, "before it reached the arm")
+            features = await self._features(request)
+            result = await self.engine.score_request(request, features, deadline)
             await self.cache.put_many(result.new_features)
         except Exception as e:
             self.metrics.errors.inc(tags={"kind": type(e).__name__})
-            if not isinstance(e, (InputError, DeadlineExceeded)):
+            if not isinstance(e, (InputError, DeadlineExceeded, FeaturesMissing)):
                 log.exception("arm %s: request failed", self.arm.name)
             raise
         self.metrics.requests.inc()
@@ -173,57 +150,17 @@ class ArmReplica:
         return ArmResult(
             scores=result.scores, arm=self.arm.name, precision=self.arm.precision, model=self.engine.model_id,
             cache_hits=hits, cache_misses=len({img.digest for img in request.images()}) - hits,
-            batch_requests=batch_requests, cache_events=dict(events), tokens=result.tokens,
+            batch_requests=result.batch_requests, cache_events=dict(events), tokens=result.tokens,
         )  # fmt: skip
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0, max_concurrent_batches=2)
-    async def _score_batch(self, items: list) -> list:
-        """[(request, cached features, deadline)] -> per request (RequestScores, requests
-        forwarded together) or the exception its preparation raised or its passed deadline (that
-        request's alone). A failure of the forward pass itself raises, for all."""
-        prepared = await asyncio.gather(
-            *(self._prepare(request, features, deadline) for request, features, deadline in items), return_exceptions=True
-        )
-        good = [p for p in prepared if not isinstance(p, BaseException)]
-        self.metrics.batch_pairs.observe(sum(len(p.rows) for p in good))
-        results = iter(await self._run(self._forward_thread, self.engine.forward, good) if good else [])
-        return [p if isinstance(p, BaseException) else (next(results), len(good)) for p in prepared]
-
-    async def _prepare(self, request: ScoreRequest, features: dict, deadline: float | None):
-        _check_deadline(deadline, "while it waited for a batch")
-        return await self._run(self._prepare_pool, self.engine.prepare, request, features)
-
-    async def _features(self, request: ScoreRequest) -> tuple[ScoreRequest, dict]:
-        """Cached features of the request's images; images sent by digest only that no cache tier
-        has are downloaded here (the request then carries their bytes)."""
-        spec = self.engine.feature_spec
-        if spec is None:  # an engine whose image features never leave it (vLLM's own vision tower)
-            return await self._with_bytes(request, set()), {}
-        keys = {img.digest: spec.cache_key(img.digest) for img in request.images()}
-        features = await self.cache.get_many(list(dict.fromkeys(keys.values())))
-        known = {digest for digest, key in keys.items() if key in features}
-        return await self._with_bytes(request, known), features
-
-    async def _with_bytes(self, request: ScoreRequest, known: set[str]) -> ScoreRequest:
-        """The request with the bytes of every image sent by digest only (a memoised URL) whose
-        digest is not in `known`, downloaded here with the ingress's safe fetcher."""
-        lacking: dict[str, ImageInput] = {}
-        for img in request.images():
-            if img.data is None and img.url and img.digest not in known:
-                lacking.setdefault(img.url, img)
-        if not lacking:
-            return request
-        fetched = await asyncio.gather(*(self.fetcher.download_image(url, img.field) for url, img in lacking.items()))
-        by_url = {img.url: img for img in fetched}
-
-        def swap(item: RerankItem) -> RerankItem:
-            if not any(img.data is None and img.url in by_url for img in item.images):
-                return item
-            # Each reference keeps its own JSON path, for its error messages.
-            images = tuple(replace(by_url[img.url], field=img.field) if img.data is None and img.url in by_url else img for img in item.images)
-            return replace(item, images=images)
-
-        return replace(request, query=swap(request.query), documents=tuple(map(swap, request.documents)))
-
-    async def _run(self, pool: ThreadPoolExecutor, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args))
+    async def _features(self, request: ScoreRequest) -> dict:
+        """Cached features of the request's images (cache key -> features). An image sent by digest
+        only that no tier has raises `FeaturesMissing`: the ingress resends it with its bytes."""
+        spec = self.engine.feature_spec  # None: image features never leave the backend
+        digests = {img.digest for img in request.images()}
+        keys = {} if spec is None else {d: spec.cache_key(d) for d in digests}
+        features = await self.cache.get_many(list(keys.values())) if keys else {}
+        missing = sorted({img.digest for img in request.images() if img.data is None and keys.get(img.digest) not in features})
+        if missing:
+            raise FeaturesMissing(missing)
+        return features

@@ -19,6 +19,8 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 
+from serve.deploy_options import arm_deployment_name
+
 log = logging.getLogger(__name__)
 
 WAIT_LOG_INTERVAL_S = 30.0
@@ -68,7 +70,7 @@ def unplaced_arms(deployments: Mapping[str, tuple[int, str, str]], arms: list[st
     (running replicas, status, Serve's message)); arms with a running replica are left out."""
     out = {}
     for arm in arms:
-        running, status, message = deployments.get(f"Arm-{arm}", (0, "absent", ""))
+        running, status, message = deployments.get(arm_deployment_name(arm), (0, "absent", ""))
         if running == 0:
             out[arm] = f"no replica running (Serve: {status}{': ' + message if message else ''})"
     return out

@@ -107,7 +107,7 @@ class AutoscalingConfig(_Strict):
 class BatchingConfig(_Strict):
     max_batch_size: int = Field(32, ge=1, description="Most requests merged into one engine call by @serve.batch.")
     # 0: a request alone starts at once; under load the requests that arrive while a batch runs
-    # form the next one (one batch runs at a time), so batching costs no idle wait.
+    # form the next one (two batches in flight: one prepares while one runs), so batching costs no idle wait.
     batch_wait_timeout_s: float = Field(0.0, ge=0, description="How long the first request waits for others to join.")
 
 
@@ -189,7 +189,7 @@ class RouterConfig(_Strict):
 
 class GuardrailsConfig(_Strict):
     """Limits that take an arm out of routed traffic (weight 0; pins and shadow still reach it).
-    Each trips only on significant evidence: the 95 % interval lies past the limit."""
+    Each trips only on significant evidence: the 99 % interval lies past the limit (they look again every flush; results report 95 %)."""
 
     min_agreement: float | None = Field(0.9, ge=-1, le=1, description="Agreement with the reference arm (the metric below) an arm must keep; None: no limit.")
     # Not NDCG by default: with the reference's ranks as graded gains it is lenient (a random-weight

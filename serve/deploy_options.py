@@ -23,6 +23,12 @@ BACKPRESSURE = {"status_code": 503, "retry_after_s": RETRY_AFTER_S}
 LEDGER_OPTIONS = {"name": "Ledger", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0}, "max_ongoing_requests": 1000}
 # The autoscaling policy of an arm on an elastic cluster (serve/arm_scaling.py says why).
 PLANNED_REPLICAS_POLICY = "serve.arm_scaling:PlannedReplicas"
+ARM_PREFIX = "Arm-"
+
+
+def arm_deployment_name(arm: str) -> str:
+    """The Serve deployment of an arm (its replicas' actor names and Serve's status use it)."""
+    return f"{ARM_PREFIX}{arm}"
 
 
 def ledger_options(fleet: FleetConfig) -> dict[str, Any]:
@@ -52,7 +58,7 @@ def arm_options(arm: ArmConfig, drain_grace_s: float, *, elastic: bool = False) 
     in-flight requests: Serve's own graceful shutdown. On an `elastic` cluster the arm asks for its
     replicas after the application runs (`deferred_autoscaling`)."""
     opts: dict[str, Any] = {
-        "name": f"Arm-{arm.name}",
+        "name": arm_deployment_name(arm.name),
         "ray_actor_options": arm.ray_actor_options.to_ray(),
         "max_ongoing_requests": arm.max_ongoing_requests,
         "max_queued_requests": arm.max_queued_requests,

@@ -16,7 +16,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError,
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.errors import ImageDecodeError, ImageTooLarge, InputError, RerankError
+from engine.errors import DeadlineExceeded, ImageDecodeError, ImageTooLarge, InputError, RerankError
 from serve.config import RETRY_AFTER_S
 from serve.ledger import AdminForbidden, AlreadyRecorded, ExperimentStopped, UnknownRequest
 from serve.protocol import CONTENT_PART_TAGS, ErrorDetail, ErrorResponse
@@ -48,8 +48,17 @@ class ArmDown(RerankError):
     """A pinned arm is out of routed traffic (its replica died or its calls keep failing)."""
 
 
-class DeadlineExceeded(RerankError):
-    """The request's deadline passed before its work could start (it waited in a queue)."""
+class FeaturesMissing(RerankError):
+    """An arm has no cached features for images the ingress sent by digest only (a memoised URL
+    whose features were evicted): the ingress downloads them and sends the request again. Never
+    reaches a client (if it did, it would be a 500: the two sides disagree)."""
+
+    def __init__(self, digests: list[str]):
+        self.digests = digests
+        super().__init__(f"no cached features for {len(digests)} image(s) sent by digest")
+
+    def __reduce__(self):
+        return (type(self), (self.digests,))
 
 
 class Draining(RerankError):

@@ -19,7 +19,8 @@ Errors name the JSON field: `ForbiddenURL`, `FetchError`, `ImageTooLarge`. Each 
 here, once, as it enters (`ImageInput.of`), and its digest travels with it to the engine.
 A URL -> content-digest memo (kept in the feature-cache tiers) lets a repeated image URL
 skip its download: the item then carries an `ImageInput` with its digest and URL but no bytes;
-an arm that has no features for it downloads it with this same fetcher.
+an arm that has no features for it says so (`FeaturesMissing`) and the ingress fetches it here
+(`with_bytes`). This module is the only place media are fetched.
 """
 
 from __future__ import annotations
@@ -33,15 +34,16 @@ import ipaddress
 import re
 import socket
 import urllib.parse
+from dataclasses import replace
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import httpx
 
 from engine.errors import ImageTooLarge, InputError
-from engine.inputs import ImageInput, RerankItem, VideoInput
+from engine.inputs import ImageInput, RerankItem, ScoreRequest, VideoInput
 from serve.errors import FetchError, ForbiddenURL
-from serve.protocol import ItemSpec, MediaRef, VideoSpec
+from serve.protocol import ItemSpec, MediaRef, RerankRequest, VideoSpec
 
 if TYPE_CHECKING:
     from serve.cache import FeatureCache
@@ -167,8 +169,8 @@ def _cap(n: int, field: str, max_bytes: int) -> None:
 
 # --------------------------------------------------------------------------------- fetcher
 
-# The download slots of the request being resolved (set by `resolve_items`; the tasks it gathers
-# inherit it). Unset (an arm re-fetching a memoised URL): only the replica-wide slots apply.
+# The download slots of the request being resolved (set by `resolve_request`; the tasks it gathers
+# inherit it). Unset (`with_bytes`, one retry's few images): only the replica-wide slots apply.
 _REQUEST_DOWNLOADS: contextvars.ContextVar[asyncio.Semaphore | None] = contextvars.ContextVar("request_downloads", default=None)
 
 
@@ -199,19 +201,36 @@ class MediaFetcher:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    async def resolve_items(self, specs: list[ItemSpec], *, use_memo: bool = True) -> list[RerankItem]:
-        """All media of all items of one request, fetched concurrently within the request's share:
-        at most `max_downloads_per_request` downloads at a time (so one request with many slow URLs
-        cannot hold every slot of the replica) and `download_deadline_s` for all of them. The first
-        failure (in field order) is raised."""
+    async def resolve_request(self, req: RerankRequest) -> ScoreRequest:
+        """The engine's request: every media reference of the query and documents fetched or
+        decoded (each image hashed once, here), concurrently within the request's share: at most
+        `max_downloads_per_request` downloads at a time (so one request with many slow URLs cannot
+        hold every slot of the replica) and `download_deadline_s` for all of them. The first
+        failure (in field order) is raised. A memoised image URL becomes a digest-only image."""
+        query, *documents = await self._resolve_items([req.query, *req.documents], req.documents_field)
+        return ScoreRequest(query, tuple(documents), req.instruction, req.max_tokens_per_doc)
+
+    async def with_bytes(self, request: ScoreRequest, digests: set[str]) -> ScoreRequest:
+        """The request with the bytes of each digest-only image among `digests` (an arm had no
+        features for them) downloaded, once per URL; every reference keeps its own field."""
+        urls = {img.url: img.field for img in request.images() if img.data is None and img.digest in digests and img.url}
+        async with asyncio.timeout(self.limits.download_deadline_s):
+            fetched = dict(zip(urls, await asyncio.gather(*(self.download_image(url, field) for url, field in urls.items()))))
+
+        def swap(item: RerankItem) -> RerankItem:
+            images = tuple(replace(fetched[img.url], field=img.field) if img.data is None and img.url in fetched else img for img in item.images)
+            return item if images == item.images else replace(item, images=images)
+
+        return replace(request, query=swap(request.query), documents=tuple(map(swap, request.documents)))
+
+    async def _resolve_items(self, specs: list[ItemSpec], documents_field: str) -> list[RerankItem]:
         limits = self.limits
         token = _REQUEST_DOWNLOADS.set(asyncio.Semaphore(limits.max_downloads_per_request))
         try:
             async with asyncio.timeout(limits.download_deadline_s):
-                results = await asyncio.gather(*(self.resolve_item(s, use_memo=use_memo) for s in specs), return_exceptions=True)
+                results = await asyncio.gather(*(self.resolve_item(s) for s in specs), return_exceptions=True)
         except TimeoutError:
-            field = specs[-1].field.split(".")[0]  # the documents' field: "documents", or "texts" (TEI)
-            raise FetchError(field, f"the request's media downloads took longer than {limits.download_deadline_s:g}s together") from None
+            raise FetchError(documents_field, f"the request's media downloads took longer than {limits.download_deadline_s:g}s together") from None
         finally:
             _REQUEST_DOWNLOADS.reset(token)
         for r in results:

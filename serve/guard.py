@@ -25,15 +25,17 @@ RERANK_PATHS = ("/v2/rerank", "/v1/rerank", "/rerank")  # the scoring endpoints:
 
 
 class GuardMiddleware:
-    """API-key check and request-body cap, before any body is parsed (pure ASGI)."""
+    """API-key check and request-body cap, before any body is parsed (pure ASGI). `guard_of()`
+    gives the settings of the replica it runs in (the ingress's `Guard`)."""
 
-    def __init__(self, app):
+    def __init__(self, app, guard_of: Callable[[], Guard]):
         self.app = app
+        self.guard_of = guard_of
 
     async def __call__(self, scope, receive, send):
-        guard: Guard | None = getattr(scope.get("app").state, "guard", None) if scope.get("app") else None
-        if scope["type"] != "http" or guard is None:
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        guard = self.guard_of()
         path = scope.get("path", "")
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         if ADMIN_PATH in path and scope.get("method") != "GET":

@@ -201,7 +201,6 @@ class RerankRequest(BaseModel):
     """The one internal request every API shape converts to."""
 
     api: Literal["cohere", "jina", "tei"] = Field(..., description="Which public shape the request came in.")
-    model: str | None = Field(None, description="Model the client asked for (informational).")
     query: ItemSpec = Field(..., description="The parsed query.")
     documents: list[ItemSpec] = Field(..., description="The parsed documents, in request order.")
     documents_echo: list[Any] = Field(..., description="Documents as given, returned when asked to.")
@@ -212,14 +211,16 @@ class RerankRequest(BaseModel):
     user: str | None = Field(None, description="Sticky A/B key from the body field `user`.")
     raw_scores: StrictBool = Field(False, description="Return logits instead of probabilities (TEI).")
     max_tokens_per_doc: int | None = Field(None, description="Per-document token limit (Cohere).")
-    truncate: StrictBool = Field(True, description="Truncate over-long inputs instead of rejecting them (TEI).")
-    truncation_direction: Literal["left", "right"] = Field("right", description="Which end truncation removes (TEI).")
+
+    @property
+    def documents_field(self) -> str:
+        """The JSON field holding the documents in this request's shape."""
+        return "texts" if self.api == "tei" else "documents"
 
     def check_limits(self, limits: LimitsConfig) -> None:
         """Raise `InputError` naming the first field over a configured limit."""
-        docs_field = "texts" if self.api == "tei" else "documents"
         if len(self.documents) > limits.max_documents:
-            raise InputError(docs_field, f"{len(self.documents)} documents, over the limit of {limits.max_documents}")
+            raise InputError(self.documents_field, f"{len(self.documents)} documents, over the limit of {limits.max_documents}")
         for item in [self.query, *self.documents]:
             if item.text is not None and len(item.text) > limits.max_text_chars:
                 raise InputError(item.field, f"text has {len(item.text)} characters, over the limit of {limits.max_text_chars}")
@@ -264,7 +265,7 @@ class CohereRerankRequest(_Extensions):
     def to_internal(self) -> RerankRequest:
         query, docs, echo = _parse_items(self.query, self.documents, "documents")
         return RerankRequest(
-            api="cohere", model=self.model, query=query, documents=docs, documents_echo=echo, top_n=self.top_n,
+            api="cohere", query=query, documents=docs, documents_echo=echo, top_n=self.top_n,
             return_documents=self.return_documents, instruction=self.instruction, arm=self.arm, user=self.user,
             max_tokens_per_doc=self.max_tokens_per_doc,
         )  # fmt: skip
@@ -282,7 +283,7 @@ class JinaRerankRequest(_Extensions):
     def to_internal(self) -> RerankRequest:
         query, docs, echo = _parse_items(self.query, self.documents, "documents")
         return RerankRequest(
-            api="jina", model=self.model, query=query, documents=docs, documents_echo=echo, top_n=self.top_n,
+            api="jina", query=query, documents=docs, documents_echo=echo, top_n=self.top_n,
             return_documents=self.return_documents, instruction=self.instruction, arm=self.arm, user=self.user,
         )  # fmt: skip
 
@@ -308,7 +309,6 @@ class TEIRerankRequest(_Extensions):
         return RerankRequest(
             api="tei", query=query, documents=docs, documents_echo=echo, return_documents=self.return_text,
             instruction=self.instruction, arm=self.arm, user=self.user, raw_scores=self.raw_scores,
-            truncate=self.truncate, truncation_direction=self.truncation_direction.lower(),  # type: ignore[arg-type]
         )  # fmt: skip
 
 

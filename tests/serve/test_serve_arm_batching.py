@@ -22,6 +22,7 @@ from engine.errors import ImageDecodeError, InputError
 from engine.inputs import ImageInput, RerankItem, ScoreRequest
 from serve.arm import ArmReplica
 from serve.arm_result import ArmResult
+from serve.errors import FeaturesMissing
 
 pytestmark = pytest.mark.ray
 
@@ -127,18 +128,21 @@ def test_cache_hit_gives_identical_scores(replica):
     assert second.cache_events.get("hit_local") == 2 and first.cache_events.get("miss") == 2
 
 
-def test_an_image_sent_by_digest_is_scored_from_cache_or_fetched_by_the_arm(replica, media_server):
+def test_an_image_sent_by_digest_is_scored_from_cache_or_named_back(replica, media_server):
+    """An image sent by digest only (the ingress memoised its URL) is scored from the arm's cache;
+    one the arm has no features for is named back (`FeaturesMissing`: the ingress fetches media,
+    the arm never does) and nothing is downloaded here."""
     url = media_server.url("/img.png")
     data = media_server.images["/img.png"]
-    digest_only = ScoreRequest.of("a red circle", [RerankItem(images=(ImageInput(ImageInput.of(data).digest, None, "documents.0.image", url),))])
-    hits_before = media_server.hits["/img.png"]
-    fetched = run_concurrently(replica, digest_only)[0]
-    assert isinstance(fetched, ArmResult) and fetched.cache_misses == 1
-    assert media_server.hits["/img.png"] == hits_before + 1  # the arm downloaded it: no round trip to the ingress
+    digest = ImageInput.of(data).digest
+    digest_only = ScoreRequest.of("a red circle", [RerankItem(images=(ImageInput(digest, None, "documents.0.image", url),))])
+    hits_before = media_server.hits.get("/img.png", 0)
+    (missing,) = run_concurrently(replica, digest_only)
+    assert isinstance(missing, FeaturesMissing) and missing.digests == [digest], repr(missing)
+    with_bytes = run_concurrently(replica, image_request(data))[0]  # its features enter the cache
     again = run_concurrently(replica, digest_only)[0]
-    assert again.cache_hits == 1 and media_server.hits["/img.png"] == hits_before + 1
-    with_bytes = run_concurrently(replica, image_request(data))[0]
-    assert again.scores == fetched.scores == with_bytes.scores
+    assert isinstance(again, ArmResult) and again.cache_hits == 1 and again.scores == with_bytes.scores
+    assert media_server.hits.get("/img.png", 0) == hits_before
 
 
 def test_batch_size_follows_reconfigure(replica):

@@ -177,7 +177,7 @@ def test_item_resolution_and_url_memo(media_server):
     assert media_server.hits["/other.png"] == before + 4
 
 
-def test_resolve_items_keeps_order_and_fields_and_raises_the_first_failure(media_server):
+def test_resolve_request_keeps_order_and_fields_and_raises_the_first_failure(media_server):
     png = media_server.images["/img.png"]
     b64 = base64.b64encode(png).decode()
     req = JinaRerankRequest.model_validate({
@@ -192,10 +192,10 @@ def test_resolve_items_keeps_order_and_fields_and_raises_the_first_failure(media
     async def go():
         fetcher = MediaFetcher(LimitsConfig(allow_private_urls=True))
         try:
-            items = await fetcher.resolve_items([req.query, *req.documents])
+            job = await fetcher.resolve_request(req)
             with pytest.raises(FetchError) as e:
-                await fetcher.resolve_items([bad.query, *bad.documents])
-            return items, e.value
+                await fetcher.resolve_request(bad)
+            return [job.query, *job.documents], e.value
         finally:
             await fetcher.aclose()
 

@@ -1,7 +1,7 @@
 """The one exception -> HTTP mapping (`serve.errors`), the API-key / body-size guard
 (`serve.guard`, in-process ASGI) and the
-request -> engine request glue (`serve.ingress.score_request`, the arm's digest-only image
-download). No Ray cluster needed."""
+request -> engine request glue (`MediaFetcher.resolve_request`; an arm that lacks the features of
+an image sent by digest only says so, and the fetcher downloads it). No Ray cluster needed."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from serve.errors import (
     BodyTimeout,
     DeadlineExceeded,
     Draining,
+    FeaturesMissing,
     FetchError,
     ForbiddenURL,
     RequestTooLarge,
@@ -41,7 +42,6 @@ from serve.errors import (
 )
 from serve.fetch import MediaFetcher
 from serve.guard import Guard, GuardMiddleware
-from serve.ingress import score_request
 from serve.protocol import CohereRerankRequest, JinaRerankRequest
 
 
@@ -135,8 +135,8 @@ def test_validation_errors_name_the_field():
 
 def _guarded_app(keys=("k1", "k2"), max_bytes=100, admin_keys=()) -> FastAPI:
     app = FastAPI()
-    app.add_middleware(GuardMiddleware)
-    app.state.guard = Guard(api_keys=keys, max_request_bytes=max_bytes, admin_keys=admin_keys)
+    guard = Guard(api_keys=keys, max_request_bytes=max_bytes, admin_keys=admin_keys)
+    app.add_middleware(GuardMiddleware, guard_of=lambda: guard)
 
     @app.get("/v1/experiments")
     async def results():
@@ -207,14 +207,15 @@ def test_score_request_keeps_the_query_documents_instruction_and_each_images_fie
         {"query": {"text": "q", "image": b64}, "documents": ["a", {"text": "b", "image": b64}], "instruction": "find"}
     ).to_internal()
 
-    async def go():
+    async def go(*reqs):
         fetcher = MediaFetcher(LimitsConfig())
         try:
-            return await fetcher.resolve_items([req.query, *req.documents])
+            return [await fetcher.resolve_request(r) for r in reqs]
         finally:
             await fetcher.aclose()
 
-    job = score_request(req, asyncio.run(go()))
+    jina = JinaRerankRequest.model_validate({"query": "q", "documents": ["a"]}).to_internal()
+    job, plain = asyncio.run(go(req, jina))
     assert isinstance(job, ScoreRequest)
     assert (job.query.text, job.query.field) == ("q", "query")
     assert [(d.text, d.field) for d in job.documents] == [("a", "documents.0"), ("b", "documents.1")]
@@ -222,8 +223,6 @@ def test_score_request_keeps_the_query_documents_instruction_and_each_images_fie
     # The same image in two places is hashed to one digest but keeps the field it was given at each.
     assert list(job.images()) == [ImageInput.of(img, "query.image"), ImageInput.of(img, "documents.1.image")]
     assert {i.digest for i in job.images()} == {sha256_hex(img)}
-    jina = JinaRerankRequest.model_validate({"query": "q", "documents": ["a"]}).to_internal()
-    plain = score_request(jina, [RerankItem(text="q", field="query"), RerankItem(text="a", field="documents.0")])
     assert plain == ScoreRequest.of("q", ["a"]) and plain.max_tokens_per_doc is None and plain.instruction is None
 
 
@@ -231,28 +230,36 @@ def _digest_only(data: bytes, field: str, url: str) -> ImageInput:
     return ImageInput(sha256_hex(data), None, field, url)
 
 
-def _arm_features(engine, request: ScoreRequest, cached: list[ImageInput]):
-    """The arm replica's own `_features` (cache lookup, then download of digest-only images no tier
-    has), on a real in-process cache and fetcher, without Ray or a second model load."""
+def _arm_features(engine, request: ScoreRequest, cached: list[ImageInput]) -> dict:
+    """The arm replica's own `_features` (cache lookup; digest-only images no tier has are
+    refused), on a real in-process cache, without Ray or a second model load."""
     from serve.arm import ArmReplica
 
     arm = object.__new__(ArmReplica.func_or_class)
-    arm.engine, arm.fetcher = engine, MediaFetcher(LimitsConfig(allow_private_urls=True))
-    arm.cache = FeatureCache(CacheConfig())
+    arm.engine, arm.cache = engine, FeatureCache(CacheConfig())
 
     async def go():
-        try:
-            await arm.cache.put_many(engine.encode_images(cached))
-            return await arm._features(request)
-        finally:
-            await arm.fetcher.aclose()
+        await arm.cache.put_many(engine.encode_images(cached))
+        return await arm._features(request)
 
     return asyncio.run(go())
 
 
-def test_the_arm_downloads_only_digest_only_images_it_has_no_features_for(media_server, engine_for):
+def _with_bytes(request: ScoreRequest, digests: set[str]) -> ScoreRequest:
+    async def go():
+        fetcher = MediaFetcher(LimitsConfig(allow_private_urls=True))
+        try:
+            return await fetcher.with_bytes(request, digests)
+        finally:
+            await fetcher.aclose()
+
+    return asyncio.run(go())
+
+
+def test_digest_only_images_an_arm_lacks_are_named_and_fetched_once_per_url_by_the_ingress(media_server, engine_for):
     """An image the ingress sent by digest (a memoised URL) is scored from cached features when the
-    arm has them, and downloaded by the arm (once per URL) when it has not; images with bytes stay."""
+    arm has them; when it has not, the arm names it (`FeaturesMissing`) and the ingress's fetcher
+    downloads it (once per URL) and nothing else; images with bytes stay."""
     engine = engine_for("fp32")
     lacking_url, cached_url = media_server.url("/img.png"), media_server.url("/other.png")
     lacking_data, cached_data = media_server.images["/img.png"], media_server.images["/other.png"]
@@ -263,17 +270,22 @@ def test_the_arm_downloads_only_digest_only_images_it_has_no_features_for(media_
          RerankItem(images=(_digest_only(cached_data, "documents.1.image", cached_url),)),
          RerankItem(images=(inline,))],
     )  # fmt: skip
+    cached = [ImageInput.of(cached_data, "documents.1.image")]
+    with pytest.raises(FeaturesMissing) as missing:
+        _arm_features(engine, request, cached)
+    assert missing.value.digests == [sha256_hex(lacking_data)]
     hits = dict(media_server.hits)
-    fixed, features = _arm_features(engine, request, [ImageInput.of(cached_data, "documents.1.image")])
+    fixed = _with_bytes(request, set(missing.value.digests))
     assert media_server.hits["/img.png"] == hits.get("/img.png", 0) + 1  # two references, one download
-    assert media_server.hits["/other.png"] == hits.get("/other.png", 0)  # its features were cached
+    assert media_server.hits.get("/other.png", 0) == hits.get("/other.png", 0)  # not named: not fetched
     downloaded = ImageInput.of(lacking_data, "documents.0.image", lacking_url)
     assert fixed.documents[0].images == (downloaded,)
     (query_image,) = fixed.query.images
-    assert (query_image.digest, query_image.data, query_image.url) == (downloaded.digest, lacking_data, lacking_url)
+    assert (query_image.digest, query_image.data, query_image.url, query_image.field) == (downloaded.digest, lacking_data, lacking_url, "query.image")
     assert fixed.documents[1].images == request.documents[1].images  # still digest-only
     assert fixed.documents[2].images == (inline,)
     assert (fixed.query.text, [d.field for d in fixed.documents]) == ("a red circle", ["documents.0", "documents.1", "documents.2"])
+    features = _arm_features(engine, fixed, cached)
     assert list(features) == [engine.feature_spec.cache_key(sha256_hex(cached_data))]
     # The fixed request scores as if every image had been sent with its bytes.
     with_bytes = ScoreRequest.of(
@@ -282,24 +294,14 @@ def test_the_arm_downloads_only_digest_only_images_it_has_no_features_for(media_
     )
     scores = engine.forward([engine.prepare(fixed, features)])[0].scores
     assert scores == pytest.approx(engine.forward([engine.prepare(with_bytes)])[0].scores, abs=1e-5)
-    # Nothing cached and nothing to download: the request comes back as it was.
-    assert _arm_features(engine, ScoreRequest.of("q", [RerankItem(images=(inline,))]), []) == (ScoreRequest.of("q", [RerankItem(images=(inline,))]), {})
-
-
-def test_an_image_the_arm_downloads_keeps_the_field_of_each_reference(media_server, engine_for):
-    url, data = media_server.url("/img.png"), media_server.images["/img.png"]
-    request = ScoreRequest.of(
-        RerankItem(text="q", images=(_digest_only(data, "query.image", url),)),
-        [RerankItem(images=(_digest_only(data, "documents.0.image", url),))],
-    )
-    fixed, _ = _arm_features(engine_for("fp32"), request, [])
-    assert [i.field for i in fixed.images()] == ["query.image", "documents.0.image"]
+    # Nothing digest-only: nothing to look up, nothing missing.
+    assert _arm_features(engine, ScoreRequest.of("q", [RerankItem(images=(inline,))]), []) == {}
 
 
 def test_metric_definitions_are_accepted_by_ray():
     """Ray validates names, tags and bucket boundaries when a metric is created; do it here, not in a replica."""
     from serve.arm import ArmMetrics
-    from serve.ingress import IngressMetrics
+    from serve.ingress_metrics import IngressMetrics
 
     arm = ArmMetrics("fp32", "fp32")
     arm.requests.inc()

@@ -78,6 +78,13 @@ def test_a_clients_deadline_is_kept_and_a_bad_one_is_named(rel_app):
     assert r.status_code == 504 or r.headers.get("retry-after") == "1", r.headers
     ok = rel_app.client.post("/v2/rerank", json={"query": "q", "documents": ["d"]}, headers={"x-rerank-timeout-ms": "20000"})
     assert ok.status_code == 200
+    # Clients' own short deadlines, missed again and again, never take an arm out of service.
+    arm = ok.headers["x-rerank-arm"]
+    for _ in range(4):
+        rel_app.client.post("/v2/rerank", json={"query": "q", "documents": ["d"] * 40, "arm": arm}, headers={"x-rerank-timeout-ms": "1"})
+    assert rel_app.client.get("/health").json()["arm_state"][arm] == "up"
+    pinned = rel_app.client.post("/v2/rerank", json={"query": "q", "documents": ["d"], "arm": arm})
+    assert pinned.status_code == 200, pinned.text
 
 
 def test_slow_senders_get_408_and_hold_no_request_slot(rel_app):

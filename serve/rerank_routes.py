@@ -1,0 +1,74 @@
+"""The ingress's public routes: the three rerank shapes, liveness, readiness and the model list.
+Thin: each hands its work to the serving objects of the replica's `Ingress` (`service`,
+`calls`, `experiment`), which the `this_ingress` dependency passes in."""
+
+import asyncio
+
+from fastapi import Request, Response
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from serve.http_app import ERRORS, app, documented, this_ingress
+from serve.protocol import (
+    ArmCard,
+    CohereRerankRequest,
+    CohereRerankResponse,
+    JinaRerankRequest,
+    JinaRerankResponse,
+    ModelCard,
+    ModelList,
+    TEIRerankRequest,
+    TEIRerankResponse,
+)
+
+
+@app.post("/v2/rerank", response_model=CohereRerankResponse, response_model_exclude_none=True, responses=ERRORS)
+async def rerank_cohere(body: CohereRerankRequest, request: Request, response: Response, ingress=this_ingress):
+    """Cohere v2 rerank."""
+    return await ingress.service.rerank(body, CohereRerankResponse, request.headers, response.headers)
+
+
+@app.post("/v1/rerank", response_model=JinaRerankResponse, response_model_exclude_none=True, responses=ERRORS)
+async def rerank_jina(body: JinaRerankRequest, request: Request, response: Response, ingress=this_ingress):
+    """Jina rerank."""
+    return await ingress.service.rerank(body, JinaRerankResponse, request.headers, response.headers)
+
+
+@app.post("/rerank", response_model=TEIRerankResponse, response_model_exclude_none=True, responses=ERRORS)
+async def rerank_tei(body: TEIRerankRequest, request: Request, response: Response, ingress=this_ingress):
+    """Text Embeddings Inference rerank (bare list; arm and precision in x-rerank-* headers)."""
+    return await ingress.service.rerank(body, TEIRerankResponse, request.headers, response.headers)
+
+
+@app.get("/health")
+async def health(ingress=this_ingress) -> dict:
+    """Liveness: the ingress answers (with its rerank requests in flight, whether it is
+    draining, and each arm's state as this replica routes). Whether arms can score is `/ready`."""
+    admission = ingress.service.admission
+    return {"status": "ok", "arms": ingress.calls.arms, "in_flight": admission.in_flight,
+            "admission": {"limit": admission.limit, "refused": admission.refused}, "draining": ingress.service.draining,
+            "arm_state": {a: v["state"] for a, v in ingress.calls.health.snapshot().items()},
+            "replica": serve.get_replica_context().replica_id.unique_id}  # fmt: skip
+
+
+@app.get("/ready", responses=documented(503))
+async def ready(ingress=this_ingress) -> JSONResponse:
+    """Readiness: the fleet answers reranks, i.e. an arm that takes routed traffic scores a
+    one-pair request within its probe time. Each arm's state is listed ("ok", or why not:
+    down and its reason, e.g. no replica placed yet) and the others are `degraded`; 503 with
+    Retry-After when no routed arm scores, and while draining."""
+    routed = [a for a in ingress.calls.arms if ingress.experiment.router.shares.get(a, 0) > 0]
+    scores, arms = await ingress.calls.readiness(routed)
+    ok = scores and not ingress.service.draining
+    body = {"ready": ok, "draining": ingress.service.draining, "arms": arms, "degraded": sorted(a for a, state in arms.items() if state != "ok")}
+    return JSONResponse(body, status_code=200 if ok else 503, headers={} if ok else {"retry-after": "1"})
+
+
+@app.get("/v1/models", response_model=ModelList)
+async def models(ingress=this_ingress) -> ModelList:
+    described = await asyncio.gather(*(ingress.calls.describe(a.name) for a in ingress.fleet.arms))
+    live = await ingress.calls.live_replicas()
+    shares = ingress.experiment.router.shares
+    arms = [ArmCard(name=a.name, precision=a.precision, weight=shares[a.name], device=d.get("device_name"), replicas=live.get(a.name))
+            for a, d in zip(ingress.fleet.arms, described)]  # fmt: skip
+    return ModelList(data=[ModelCard(id=described[0].get("model", ingress.fleet.model.source), arms=arms)])
