@@ -7,21 +7,22 @@
 #   bash scripts/gpu-check.sh --fetch-wheels          here: download what the GPU machine lacks into .whl/
 #
 # It runs on the machine's own python3 (torch, transformers, PIL, numpy, safetensors, psutil) with
-# nothing installed; wheels carried in .whl/ (bitsandbytes 0.50.2, 41 MiB: int8 and nf4) are
-# installed into a scratch folder first. Further arguments go to cli/gpu_check.py (--help).
+# nothing installed; wheels carried in .whl/ (bitsandbytes 0.50.2, 41 MiB: int8 and nf4; pydantic,
+# ~2 MiB with its core: the engine's settings are pydantic models) are installed into a scratch
+# folder first. Further arguments go to cli/gpu_check.py (--help).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--fetch-wheels" ]; then
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_24_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
-    -d .whl "bitsandbytes==0.50.2"
+    -d .whl "bitsandbytes==0.50.2" "pydantic==2.14.4" "pydantic-core==2.50.5" "annotated-types==0.8.0" "typing-inspection==0.4.5"
   ls -la .whl
   exit 0
 fi
 if [ -z "${PYTHON:-}" ]; then
   if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
-if compgen -G ".whl/*.whl" >/dev/null && ! "$PYTHON" -c "import bitsandbytes" 2>/dev/null; then
+if compgen -G ".whl/*.whl" >/dev/null && ! "$PYTHON" -c "import bitsandbytes, pydantic" 2>/dev/null; then
   echo "[gpu-check] installing the carried wheels: $(cd .whl && echo *.whl)" >&2
   SITE="${TMPDIR:-/tmp}/rerank-fleet-gpu-check-site"
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
