@@ -22,10 +22,15 @@ fi
 if [ -z "${PYTHON:-}" ]; then
   if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
-if compgen -G ".whl/*.whl" >/dev/null && ! "$PYTHON" -c "import bitsandbytes, pydantic" 2>/dev/null; then
-  echo "[gpu-check] installing the carried wheels: $(cd .whl && echo *.whl)" >&2
+# What this Python lacks, from the carried wheels (only those: a wheel for another Python is left).
+MISSING=""
+"$PYTHON" -c "import bitsandbytes" 2>/dev/null || MISSING="bitsandbytes"
+"$PYTHON" -c "import pydantic" 2>/dev/null || MISSING="$MISSING pydantic pydantic-core annotated-types typing-inspection"
+if compgen -G ".whl/*.whl" >/dev/null && [ -n "$MISSING" ]; then
+  echo "[gpu-check] installing from the carried wheels:$MISSING" >&2
   SITE="${TMPDIR:-/tmp}/rerank-fleet-gpu-check-site"
-  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
+  # shellcheck disable=SC2086
+  "$PYTHON" -m pip install -q --no-index --find-links .whl --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" $MISSING
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
