@@ -25,7 +25,7 @@ PROBE = textwrap.dedent(
 
     sys.meta_path.insert(0, Block())
     package = importlib.import_module(sys.argv[1])
-    names = [m.name for m in pkgutil.walk_packages(package.__path__, package.__name__ + ".")]
+    names = [m.name for m in pkgutil.walk_packages(package.__path__, package.__name__ + ".")] if hasattr(package, "__path__") else []
     for name in names:
         importlib.import_module(name)
     print(len(names) + 1, "modules")
@@ -43,7 +43,17 @@ LAYERS = {
     "engine.engine,engine.forward,engine.prepare,engine.vision,engine.model,workshop",
     # The serving layer never reaches up: the benchmarks, the planner, the load test and the command line use it.
     "serve": "placement,loadtest,cli,bench",
+    # Ranking metrics are a leaf: the serving layer and the tools both import them.
+    "ranking": "engine,serve,workshop,placement,loadtest,bench,cli,torch,ray,fastapi,redis,httpx,pydantic",
 }
+# The serving layer's pure cores: decisions and bookkeeping with no Ray, HTTP, Redis or model
+# code, so they test in milliseconds.
+PURE_CORE = "ray,torch,transformers,PIL,fastapi,starlette,uvicorn,redis,httpx,engine.engine,engine.forward,engine.vision"
+LAYERS.update(dict.fromkeys(
+    ["serve.router", "serve.health", "serve.arm_arrival", "serve.experiments", "serve.statistics", "serve.ledger",
+     "serve.experiment_page", "serve.deploy_options", "serve.config", "serve.arm_result"],
+    PURE_CORE,
+))  # fmt: skip
 
 
 @pytest.mark.parametrize("package", sorted(LAYERS))
@@ -59,3 +69,22 @@ def test_the_probe_does_block():
     """The check can fail: a layer that needs a blocked module is refused."""
     out = subprocess.run([sys.executable, "-c", PROBE, "engine", "torch"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "blocked in this layer: torch" in out.stderr
+
+
+def _readme_modules(folder: str) -> list[str]:
+    """The modules the README's layout block lists under `folder/`, one line a module."""
+    lines = (REPO / "README.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"{folder}/ "))
+    names = []
+    for line in lines[start + 1:]:
+        if not line.startswith("  ") or line.startswith("   "):
+            break
+        names.append(line.split()[0])
+    return names
+
+
+@pytest.mark.parametrize("folder", ["engine", "serve", "workshop", "bench"])
+def test_the_readme_lists_each_module_once_and_only_modules_that_exist(folder):
+    listed = _readme_modules(folder)
+    present = sorted(p.name for p in (REPO / folder).glob("*.py") if p.name != "__init__.py")
+    assert sorted(listed) == present, (sorted(set(present) - set(listed)), sorted(set(listed) - set(present)))
