@@ -81,7 +81,8 @@ def test_main_job_serves_default_config_and_stops_on_ctrl_c(tiny_model, tmp_path
         assert [ip for ip, p in listening_addresses(proc.pid) if p == port] == ["127.0.0.1"]
 
         # Ctrl-C with requests in flight: every one of them is answered before the job stops.
-        docs = [f"document number {i} about a red circle" for i in range(48)]
+        # Long enough (about a second each on two cores) that the five overlap wherever they start.
+        docs = [f"document number {i} about a red circle, " + "with a few more words about shapes and colours " * 6 for i in range(48)]
         in_flight: list[int] = []
 
         def one_request():
