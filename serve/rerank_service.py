@@ -14,9 +14,10 @@ import time
 import uuid
 from collections.abc import Mapping, MutableMapping
 
+from engine.errors import DeadlineExceeded
 from serve.arm_calls import DEADLINE_HEADER, ArmCalls
 from serve.config import FleetConfig
-from serve.errors import ArmDown, Draining, error_response, log_if_internal
+from serve.errors import ArmDown, Draining, error_response, log_if_internal, unwrap
 from serve.experiment_traffic import ExperimentTraffic
 from serve.fetch import MediaFetcher
 from serve.guard import Admission
@@ -53,6 +54,8 @@ class RerankService:
     async def _answer(self, body, shape, headers: Mapping[str, str], response_headers: MutableMapping[str, str], request_id: str):
         started = time.perf_counter()
         deadline = self.calls.deadline(headers.get(DEADLINE_HEADER))
+        # A client that set itself a deadline shorter than the service's: its passing is the client's choice.
+        own_deadline = deadline - time.monotonic() < self.fleet.limits.request_timeout_s - 0.5
         req = body.to_internal()
         req.check_limits(self.fleet.limits)
         router_cfg, router, health = self.fleet.router, self.experiment.router, self.calls.health
@@ -69,7 +72,8 @@ class RerankService:
             try:
                 result, decision = await self.calls.call_with_failover(decision, job, deadline, router)
             except Exception as e:
-                self.experiment.failed(decision.arm, e)
+                if not (own_deadline and isinstance(unwrap(e), (TimeoutError, DeadlineExceeded))):
+                    self.experiment.failed(decision.arm, e)  # the arm's error rate: what guardrails judge
                 raise
             outcome = self.experiment.answered(decision, result, time.perf_counter() - started, job, request_id, req.top_n)
         meta = outcome.meta
