@@ -67,9 +67,6 @@ class ArmCalls:
         self.health = ArmHealth(self.arms, failure_threshold=router.failure_threshold, probe_interval_s=router.probe_interval_s)
         self._gone: dict[str, asyncio.Event] = {}  # set when an arm leaves routed traffic: its waiting calls fail over
 
-    def deadline(self, header: str | None) -> float:
-        return time.monotonic() + time_budget(header, self.fleet.limits.request_timeout_s)
-
     async def await_arms(self) -> None:
         """Elastic clusters: wait until every arm answers, or `cluster.arm_grace_s` after the first
         did; the others start out of routed traffic (`serve.arm_arrival`)."""

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Mapping, MutableMapping
 
 from engine.errors import DeadlineExceeded
-from serve.arm_calls import DEADLINE_HEADER, ArmCalls
+from serve.arm_calls import DEADLINE_HEADER, ArmCalls, time_budget
 from serve.config import FleetConfig
 from serve.errors import ArmDown, Draining, error_response, log_if_internal, unwrap
 from serve.experiment_traffic import ExperimentTraffic
@@ -53,9 +53,11 @@ class RerankService:
 
     async def _answer(self, body, shape, headers: Mapping[str, str], response_headers: MutableMapping[str, str], request_id: str):
         started = time.perf_counter()
-        deadline = self.calls.deadline(headers.get(DEADLINE_HEADER))
+        limit = self.fleet.limits.request_timeout_s
+        budget = time_budget(headers.get(DEADLINE_HEADER), limit)
+        deadline = time.monotonic() + budget
         # A client that set itself a deadline shorter than the service's: its passing is the client's choice.
-        own_deadline = deadline - time.monotonic() < self.fleet.limits.request_timeout_s - 0.5
+        own_deadline = budget < limit
         req = body.to_internal()
         req.check_limits(self.fleet.limits)
         router_cfg, router, health = self.fleet.router, self.experiment.router, self.calls.health
