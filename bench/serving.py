@@ -8,9 +8,14 @@
    resize, ViT) vs repeated (hit: features from the in-replica LRU).
 4. Shared prefix: a ~400-token query against 100 documents vs a short query against the same
    documents, through the served API (the prefix runs once per request, so length costs little).
+5. Fleet vs echo app: the fleet and a Serve app of the same shape that does no work
+   (bench/echo_app.py), on the same Serve instance: p50 at 1 and `in_flight` requests in flight
+   and CPU ms per request per role (bench/serve_cpu.py), with the issue's goals as verdicts.
 
-The fleet is one fp32 arm of the configured model without shadowing, so every figure is the
-primary path alone. `run_serving_bench` prints a table and writes JSON; the CLI wraps it.
+Everything runs under one Serve mode (`serve_mode`: serve/request_path.py, default the main
+job's), set before Ray starts. The fleet is one fp32 arm of the configured model without
+shadowing, so every figure is the primary path alone. `run_serving_bench` prints a table and
+writes JSON; the CLI wraps it.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import os
 import platform
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -95,6 +101,10 @@ def score_request(body: dict):
     return ScoreRequest.of(item(body["query"]), [item(d) for d in body["documents"]])
 
 
+def note(text: str) -> None:
+    print(f"[bench serving] {text}", file=sys.stderr, flush=True)
+
+
 def run_serving_bench(
     *,
     out: str | Path = "out/bench-serving.json",
@@ -109,7 +119,16 @@ def run_serving_bench(
     port: int = 8765,
     redis_url: str | None = None,
     num_cpus: float = 1,
+    serve_mode: str | None = None,
+    in_flight: int = 16,
+    compare_requests: int = 96,
 ) -> dict[str, Any]:
+    from bench.fleet_vs_echo import fleet_vs_echo, goal_verdicts, set_serve_mode
+    from bench.serve_cpu import closed_loop
+    from serve.request_path import DEFAULT_SERVE_MODE
+
+    serve_mode = serve_mode or DEFAULT_SERVE_MODE
+    serve_env = set_serve_mode(serve_mode)  # before Ray starts and before ray.serve is imported
     import httpx
     import torch
     from ray import serve
@@ -123,8 +142,13 @@ def run_serving_bench(
     burst = text_requests(requests * 3, docs_per_request, seed=1)
     results: dict[str, Any] = {}
     load_before = os.getloadavg()[0]
-    with embedded_serve(fleet, num_cpus=num_cpus + 1) as base, httpx.Client(base_url=base, timeout=300) as client:
-        arm_info = serve.get_deployment_handle("Arm-fp32", app_name="rerank").describe.remote().result()
+    note(f"starting Ray and the fleet (serve mode {serve_mode}: {serve_env})")
+    # Logical CPUs: the fleet's arm and ingress, the echo app's (the same reservations), one for Serve.
+    ray_cpus = 2 * num_cpus + 1
+    with embedded_serve(fleet, num_cpus=ray_cpus, serve_mode=serve_mode) as base, httpx.Client(base_url=base, timeout=300) as client:
+        arm = serve.get_deployment_handle("Arm-fp32", app_name="rerank")
+        arm._init(_run_router_in_separate_loop=True)  # a handle called from sync code, whatever the Serve mode's default
+        arm_info = arm.describe.remote().result()
         # The direct engine gets the replica's thread count, so the comparison is like for like.
         torch.set_num_threads(int(arm_info["torch_threads"]))
         engine = RerankEngine.load(resolve_source(model_source), "fp32", config=fleet.engine_config(), device="cpu")
@@ -146,6 +170,7 @@ def run_serving_bench(
             direct(body)
 
         # 1. Same load, one request at a time: Serve vs direct, interleaved so drift hits both alike.
+        note(f"1/5 overhead: {len(load)} requests through Serve and into the engine alone, one at a time")
         serve_s, direct_s = [], []
         for body in load:
             serve_s.append(via_serve(body))
@@ -167,25 +192,14 @@ def run_serving_bench(
         }
 
         # 2. Dynamic batching: throughput at concurrency 1 vs `concurrency`.
-        async def closed_loop(bodies: list[dict], in_flight: int) -> float:
-            sem = asyncio.Semaphore(in_flight)
-            async with httpx.AsyncClient(base_url=base, timeout=300, limits=httpx.Limits(max_connections=in_flight)) as c:
-
-                async def one(b):
-                    async with sem:
-                        (await c.post("/v2/rerank", json=b)).raise_for_status()
-
-                t = time.perf_counter()
-                await asyncio.gather(*(one(b) for b in bodies))
-                return time.perf_counter() - t
-
         def batch_totals() -> tuple[int, float]:
             arm = client.get("/v1/experiments").json()["arms"]["fp32"]
             return arm["requests"], (arm["mean_batch_requests"] or 0) * arm["requests"]
 
-        wall_1 = asyncio.run(closed_loop(burst[: len(load)], 1))
+        note(f"2/5 batching: {len(load)} requests at 1 in flight, {len(burst)} at {concurrency}")
+        _, wall_1 = asyncio.run(closed_loop(f"{base}/v2/rerank", burst[: len(load)], 1))
         n0, merged0 = batch_totals()
-        wall_n = asyncio.run(closed_loop(burst, concurrency))
+        _, wall_n = asyncio.run(closed_loop(f"{base}/v2/rerank", burst, concurrency))
         n1, merged1 = batch_totals()
         rps_1, rps_n = len(load) / wall_1, len(burst) / wall_n
         results["batching"] = {
@@ -207,6 +221,7 @@ def run_serving_bench(
             engine.forward([engine.prepare(request, features)])
             return time.perf_counter() - t
 
+        note(f"3/5 image cache: {image_requests} requests of {images_per_request} new images, each sent twice")
         miss_s, hit_s, direct_img_s, direct_feat_s = [], [], [], []
         for i in range(image_requests):
             body = image_request([1_000_000 + i * images_per_request + j for j in range(images_per_request)], image_side)
@@ -232,6 +247,7 @@ def run_serving_bench(
         documents = [rng.choice(captions) for _ in range(100)]
         long_query = " and ".join(f"find {rng.choice(captions)}" for _ in range(LONG_QUERY_PHRASES))
         short_s, long_s = [], []
+        note(f"4/5 shared prefix: {prefix_requests + 1} short and long queries x {len(documents)} documents")
         for i in range(prefix_requests + 1):
             short_body = {"query": rng.choice(captions), "documents": documents}
             long_body = {"query": long_query + f" {i}", "documents": documents}
@@ -251,11 +267,16 @@ def run_serving_bench(
         }
         results["engine"] = {k: v for k, v in arm_info.items() if k != "cache"}
 
+        # 5. The fleet against the echo app, same Serve instance and settings, one after the other.
+        results["fleet_vs_echo"] = fleet_vs_echo(fleet, base, load, text_requests(compare_requests, docs_per_request, seed=2), in_flight, serve_mode, serve_env)
+        results["goals"] = goal_verdicts(results)
+
     results["setup"] = {
         "date": dt.date.today().isoformat(),
         "machine": f"{platform.machine()} {os.cpu_count()}-core CPU VM, no GPU ({platform.platform()})",
         "fleet": "one fp32 arm, 1 replica, no shadow, in-process feature cache" + (f" + Redis {redis_url}" if redis_url else ""),
-        "ray_num_cpus": num_cpus + 1,
+        "ray_num_cpus": ray_cpus,
+        "serve_mode": serve_mode,
         "load_average_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "torch_threads": int(arm_info["torch_threads"]),
         "model": model_source,
@@ -291,7 +312,12 @@ def format_table(r: dict[str, Any]) -> str:
         ("long / short query (p50)", f"{p['long_over_short_p50']}x"),
     ]
     width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    if "fleet_vs_echo" in r:
+        from bench.fleet_vs_echo import format_fleet_vs_echo
+
+        lines += ["", *format_fleet_vs_echo(r)]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

