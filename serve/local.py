@@ -1,17 +1,18 @@
 """The main job: the whole fleet on one machine, on embedded Ray, until Ctrl-C.
 
-`run_local` starts a private Ray instance (token auth off, a small CPU budget, no dashboard;
-Ray picks a free GCS port, never Redis's 6379), starts Serve's HTTP proxy on the configured
-host (127.0.0.1 by default), deploys `build_app`, waits until `/ready` says every arm scores, prints the URL and a sample request, and
+`run_local` starts a private Ray instance (token auth on, with a token made for this instance; a
+small CPU budget, no dashboard; Ray picks a free GCS port, never Redis's 6379) on Serve's fast
+request path (serve/request_path.py: HAProxy and throughput mode), serves HTTP on the configured
+host (127.0.0.1 by default: HAProxy and the ingress replicas it forwards to listen there only), deploys `build_app`, waits until `/ready` says every arm scores, prints the URL and a sample request, and
 on SIGINT/SIGTERM drains (new requests get 503, in-flight ones finish within
 `http.drain_grace_s`) before it shuts Serve and Ray down.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
-import os
 import signal
 import sys
 import threading
@@ -20,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from serve.config import FleetConfig
+from serve.request_path import DEFAULT_SERVE_MODE, set_local_ray_environment
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "local.yaml"
 READY_TIMEOUT_S = 900.0  # a first start may compile (vLLM) or build the offline model first
@@ -44,10 +46,11 @@ def ray_cpus_for(fleet: FleetConfig) -> float:
 
 
 @contextlib.contextmanager
-def embedded_serve(fleet: FleetConfig, *, num_cpus: float | None = None) -> Iterator[str]:
-    """Embedded Ray + Serve running `fleet`; yields the base URL; shuts both down on exit.
-    The model is made ready first (the offline one is built here, with progress, if needed)."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private, loopback-only instance
+def embedded_serve(fleet: FleetConfig, *, num_cpus: float | None = None, serve_mode: str = DEFAULT_SERVE_MODE) -> Iterator[str]:
+    """Embedded Ray + Serve running `fleet` in `serve_mode` (serve/request_path.py); yields the
+    base URL; shuts both down on exit. The model is made ready first (the offline one is built
+    here, with progress, if needed)."""
+    set_local_ray_environment(serve_mode)  # before Ray starts: every Ray process inherits it
     import ray
     from ray import serve
 
@@ -68,26 +71,28 @@ def embedded_serve(fleet: FleetConfig, *, num_cpus: float | None = None) -> Iter
         yield f"http://{fleet.http.host}:{fleet.http.port}{fleet.http.route_prefix.rstrip('/')}"
     finally:
         try:
-            drain(APP_NAME, fleet.http.drain_grace_s)
-            serve.shutdown()
+            # One event loop for the drain and the shutdown: in throughput mode a handle routes in
+            # the loop it is used from, and Serve's shutdown closes that router there.
+            asyncio.run(drain_and_shut_down(APP_NAME, fleet.http.drain_grace_s))
         finally:
             ray.shutdown()
 
 
-def drain(app_name: str, grace_s: float) -> int:
+async def drain_and_shut_down(app_name: str, grace_s: float) -> int:
     """Ask the app's ingress to refuse new requests and wait for its in-flight ones (up to
-    `grace_s`); returns how many were still in flight (0: none dropped). Best effort: an app that
-    never came up has nothing to drain."""
+    `grace_s`), then shut Serve down; returns how many were still in flight (0: none dropped).
+    The drain is best effort: an app that never came up has nothing to drain."""
     from ray import serve
 
+    left = -1
     try:
         handle = serve.get_app_handle(app_name).options(method_name="drain")
-        left = handle.remote(grace_s).result(timeout_s=grace_s + 10)
+        left = await asyncio.wait_for(handle.remote(grace_s), grace_s + 10)
     except Exception as e:  # noqa: BLE001 - shutting down anyway
-        print(f"drain skipped ({type(e).__name__})", file=sys.stderr, flush=True)
-        return -1
-    if left:
+        print(f"drain skipped ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
+    if left > 0:
         print(f"drain: {left} requests still in flight after {grace_s:g}s; stopping anyway", file=sys.stderr, flush=True)
+    await serve.shutdown_async()
     return left
 
 

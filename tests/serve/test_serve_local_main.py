@@ -1,9 +1,11 @@
-"""The main job: `run_local` with the default config says when it is ready, serves HTTP on
-127.0.0.1 only, and on Ctrl-C drains: requests in flight finish (none
-dropped), then it stops cleanly."""
+"""The main job, as a user runs it (no RAY_* settings): `run_local` with the default config says
+when it is ready, serves HTTP on 127.0.0.1 only through Serve's fast path (HAProxy, throughput
+mode), lets nobody on the network into its Ray cluster without the token it made, and on Ctrl-C
+drains: requests in flight finish (none dropped), then it stops cleanly."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import signal
@@ -15,8 +17,10 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import yaml
+from listener_probe import exposed, listeners, node_address
 from serving_testkit import free_port
 
 from serve.local import DEFAULT_CONFIG
@@ -24,21 +28,6 @@ from serve.local import DEFAULT_CONFIG
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def listening_addresses(pid: int) -> list[tuple[str, int]]:
-    """(ip, port) of every listening TCP socket of a process and its descendants (Ray's GCS,
-    raylet, workers, agents, the Serve proxy)."""
-    import psutil
-
-    root = psutil.Process(pid)
-    found = []
-    for p in [root, *root.children(recursive=True)]:
-        try:
-            found += [(c.laddr.ip, c.laddr.port) for c in p.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN]
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return found
 
 
 def test_main_job_serves_default_config_and_stops_on_ctrl_c(tiny_model, tmp_path):
@@ -49,7 +38,8 @@ def test_main_job_serves_default_config_and_stops_on_ctrl_c(tiny_model, tmp_path
     config_path = tmp_path / "local.yaml"
     config_path.write_text(yaml.safe_dump(config))
     port = free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    # As a user runs it: none of the test suite's Ray settings (auth off) reach the job.
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_")}, "PYTHONUNBUFFERED": "1"}
     code = f"import sys; from serve.local import run_local; sys.exit(run_local({str(config_path)!r}, None, {port}))"
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
@@ -76,9 +66,25 @@ def test_main_job_serves_default_config_and_stops_on_ctrl_c(tiny_model, tmp_path
             assert r.status_code == 200 and r.json()["meta"]["arm"] in {"fp32", "nf4"}
             arms = c.get("/v1/models").json()["data"][0]["arms"]
             assert [(a["name"], a["precision"]) for a in arms] == [("fp32", "fp32"), ("nf4", "nf4")]
-        # The HTTP proxy listens on loopback only (Ray 2.60's own gRPC servers bind every
-        # interface whatever the node address: see README "Security").
-        assert [ip for ip, p in listening_addresses(proc.pid) if p == port] == ["127.0.0.1"]
+        # Serve's HTTP (HAProxy's frontend, the ingress replicas it forwards to) is on loopback only.
+        found = listeners(proc.pid)
+        assert [ip for _, ip, p, _ in found if p == port] == ["127.0.0.1"], found
+        assert any(name == "haproxy" for name, *_ in found), found  # the fast path is the one serving
+        token = next(psutil.Process(pid).environ()["RAY_AUTH_TOKEN"] for name, _, _, pid in found if name == "gcs_server")
+        # Ray's gRPC servers bind every interface whatever the node address (Ray resolves loopback
+        # to a reachable address): each must refuse a caller without the token, and let the token
+        # in (the control). What else is reachable is read-only metrics (README "Security").
+        probed = exposed(proc.pid, token)
+        assert {v.verdict for v in probed} <= {"token required", "metrics page"}, [v for v in probed if v.verdict not in ("token required", "metrics page")]
+        assert any(v.process == "gcs_server" and v.verdict == "token required" for v in probed), probed
+        # A Ray client on the network, as an attacker would start one: refused without the token.
+        gcs = next(p for name, _, p, _ in found if name == "gcs_server")
+        join = f"import ray; ray.init(address='{node_address()}:{gcs}'); print('joined')"
+        stranger = {**env, "HOME": str(tmp_path)}  # no ~/.ray/auth_token either
+        refused = subprocess.run([sys.executable, "-c", join], env=stranger, capture_output=True, text=True, timeout=180)
+        assert refused.returncode != 0 and "joined" not in refused.stdout, refused.stdout + refused.stderr
+        allowed = subprocess.run([sys.executable, "-c", join], env={**stranger, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}, capture_output=True, text=True, timeout=180)
+        assert allowed.returncode == 0 and "joined" in allowed.stdout, allowed.stdout + allowed.stderr  # the control
 
         # Ctrl-C with requests in flight: every one of them is answered before the job stops.
         # Long enough (about a second each on two cores) that the five overlap wherever they start.
@@ -117,6 +123,9 @@ def test_main_job_serves_default_config_and_stops_on_ctrl_c(tiny_model, tmp_path
         with socket.socket() as s:  # the HTTP proxy is gone with the cluster
             assert s.connect_ex(("127.0.0.1", port)) != 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        if proc.poll() is None:  # the test failed: stop the job and all it started (HAProxy would outlive a killed actor)
+            tree = [proc.pid, *(p.pid for p in psutil.Process(proc.pid).children(recursive=True))]
+            for pid in reversed(tree):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             proc.wait()
