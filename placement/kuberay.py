@@ -20,6 +20,7 @@ from placement.pod_fit import PodFitError, check_pods_fit
 from placement.render import INGRESS_RESOURCE, SERVE_HTTP_PORT, Rendered, RenderError, ServeTarget, serve_application
 from placement.weights import copy_command, disk_gib, weights_env
 from placement.weights_jobs import wait_container
+from serve.request_path import FAST_PATH_ENV
 from serve.yaml_io import dump_yaml
 
 SCRATCH_GIB = 10  # logs, Ray's session folder and spilled objects, besides any weights copy
@@ -70,6 +71,8 @@ def _pod(report: PlacementReport, container: dict, memory_gib: int, *, node: Nod
     shm_gib = max(1, math.ceil(memory_gib * SHM_FRACTION))
     container = {
         **container,
+        # Serve's fast request path, in every Ray process of the pod from its start (serve/request_path.py).
+        "env": [*({"name": k, "value": v} for k, v in FAST_PATH_ENV.items()), *container.get("env", [])],
         "image": deployment.image,
         "imagePullPolicy": "Always",
         "securityContext": k8s.container_security(read_only_root=False),

@@ -14,6 +14,7 @@ from placement.planner import PlacementReport
 from placement.render import INGRESS_RESOURCE, RAY_UP_SECRETS_DIR, Rendered, RenderError, check_weights
 from placement.weights import copy_command, hf_home, weights_env
 from placement.weights_jobs import checkpoints_on, fill_command, mark_command, quantize_command, wait_command
+from serve.request_path import FAST_PATH_ENV
 
 # The image's CUDA 13 build needs an NVIDIA driver >= 580 (cli/driver_check.py): Google's Deep Learning VM
 # family with the R580 driver (the cu124 families ship 550).
@@ -206,7 +207,8 @@ def render_ray_up(report: PlacementReport, cloud: str) -> Rendered:
             "image": deployment.image,
             "container_name": "ray_container",
             "pull_before_run": True,
-            "run_options": ["--ulimit nofile=65536:65536"],
+            # Serve's fast request path, in every Ray process of every node (serve/request_path.py).
+            "run_options": ["--ulimit nofile=65536:65536", *(f"-e {k}={v}" for k, v in FAST_PATH_ENV.items())],
         },
         "available_node_types": node_types,
         "head_node_type": "head",

@@ -453,3 +453,27 @@ def test_the_rendered_redis_command_really_configures_redis(job, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+# ---- Serve's fast request path ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("inventory", INVENTORIES)
+def test_every_ray_pod_and_node_starts_on_serves_fast_path(inventory):
+    # Serve reads these when Ray's processes start: they must be in every pod's and node's
+    # environment from the start, not set by the app. Written out here, not imported: the test
+    # holds the values the issue asked for (HAProxy ingress, throughput mode).
+    wanted = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+    report = report_for(inventory)
+    cluster = render_rayservice(report).data["spec"]["rayClusterConfig"]
+    templates = [cluster["headGroupSpec"]["template"], *(g["template"] for g in cluster["workerGroupSpecs"])]
+    for template in templates:
+        for container in template["spec"]["containers"]:
+            if container["name"] == "autoscaler":  # KubeRay's sidecar runs no Serve process
+                continue
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            assert {k: env.get(k) for k in wanted} == wanted, container["name"]
+    for cloud in ("aws", "gcp"):
+        rendered = render_ray_up(report_for(INVENTORIES[0]), cloud).data
+        options = rendered["docker"]["run_options"]
+        assert all(f"-e {k}={v}" in options for k, v in wanted.items()), options
