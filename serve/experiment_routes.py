@@ -13,14 +13,16 @@ from serve.protocol import ExperimentStart, FeedbackRequest, FeedbackResponse, S
 @app.get("/v1/experiments")
 async def experiments(ingress=this_ingress) -> dict:
     """The running experiment, fleet-wide (every ingress replica's records, merged in the
-    ledger; this replica's are sent first): per arm requests, errors, latency, cache use and
-    agreement, each candidate against the reference arm with 95 % intervals and a verdict,
-    the noise floor, click feedback, interleaving credit, the control state and its change
-    log. `this_replica` holds what only this ingress replica knows (arm health, URL memo)."""
+    ledger; every answer given before the read counts, whichever replica gave it, unless
+    `unreported_sources` names replicas that did not report in time): per arm requests, errors,
+    latency, cache use and agreement, each candidate against the reference arm with 95 %
+    intervals and a verdict, the noise floor, click feedback, interleaving credit, the control
+    state and its change log. `this_replica` holds what only this ingress replica knows (its
+    source id in the ledger, arm health, URL memo)."""
     return {
         **await ingress.experiment.results(),
         "router": {"sticky_header": ingress.fleet.router.sticky_header, "pin_header": ingress.fleet.router.pin_header},
-        "this_replica": {"url_memo_cache": ingress.fetcher.memo.snapshot(), "health": ingress.calls.health.snapshot()},
+        "this_replica": {"source": ingress.experiment.link.source, "url_memo_cache": ingress.fetcher.memo.snapshot(), "health": ingress.calls.health.snapshot()},
     }
 
 

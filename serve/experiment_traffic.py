@@ -84,9 +84,11 @@ class ExperimentTraffic:
             self.apply_control(control)
 
     async def flush_loop(self) -> None:
+        # The first flush at start tells the ledger this replica exists (reads wait for it).
         while True:
-            await asyncio.sleep(self.fleet.experiment.flush_interval_s)
             await self.flush()
+            if not self.link.read_waiting:  # a waiting read gets this replica's next batch at once
+                await asyncio.sleep(self.fleet.experiment.flush_interval_s)
 
     async def admin(self, call) -> dict:
         """An admin change made in the ledger; this replica follows it at once. The new control
@@ -96,8 +98,8 @@ class ExperimentTraffic:
         return control.to_json()
 
     async def results(self) -> dict:
-        """The experiment fleet-wide, this replica's records sent first."""
-        await self.flush()
+        """The experiment fleet-wide, every answer given before the read counted, whichever
+        ingress replica gave it (the ledger waits for their batches: `LedgerReplica.results`)."""
         return await self._ledger.results.remote()
 
     async def feedback(self, request_id: str, clicked: list[int], purchased: list[int] | None) -> dict:

@@ -6,6 +6,8 @@ every ingress replica talks to it through a handle:
   flush and the rankings it showed (for feedback), and gets back the control state (arm weights,
   shadow, interleaving) with its version; so a weight change reaches every replica within one
   interval, without a redeploy;
+- a read of the results is read-your-writes: it waits (bounded) until every live ingress replica
+  has sent a batch sealed after the read began, so it counts every answer given before it;
 - admin calls change the control state; each change is logged (who, when, what);
 - after each flush the guardrails judge every candidate arm and a canary ramp may advance.
 
@@ -34,6 +36,8 @@ from ranking.metrics import click_ndcg, reciprocal_rank
 CHANGE_LOG = 500  # most recent control changes kept
 GUARDRAIL_LEVEL = 0.99  # guardrails look repeatedly: a stricter interval than the 95 % reported
 PAST_EXPERIMENTS = 5
+READ_WAIT_FLUSHES = 4  # a read waits at most this many flush intervals for the ingress replicas' batches
+SILENT_SOURCE_FLUSHES = 10  # an ingress replica not heard from for this many flush intervals is gone
 
 
 class UnknownRequest(InputError):
@@ -64,6 +68,24 @@ class Shown:
     n_documents: int = 0
 
 
+@dataclass(frozen=True)
+class FlushReply:
+    """The ledger's answer to a flush: the control state, and the number of the newest fleet-wide
+    read (an ingress replica that sealed its batch before that read began flushes again at once)."""
+
+    control: ControlState
+    latest_read: int
+
+
+@dataclass
+class Source:
+    """An ingress replica as the ledger hears it: when it last flushed, and the newest read that
+    had begun when it sealed its latest batch."""
+
+    heard_at: float
+    sealed_after_read: int
+
+
 @dataclass
 class Control:
     """The ledger's own, changing settings; `version` grows with each change. Ingress replicas get
@@ -92,6 +114,8 @@ class ExperimentLedger:
         self._now = now
         self.epoch = now()  # a restarted ledger is a new epoch: ingress replicas follow it whatever its version
         self._seen_seq: dict[str, int] = {}  # ingress replica -> last batch merged
+        self._sources: dict[str, Source] = {}  # the live ingress replicas, by `LedgerLink.source`
+        self._reads = 0  # fleet-wide reads begun
         shadow, inter = fleet.router.shadow, fleet.router.interleave
         ramp = fleet.experiment.ramp
         self.control = Control(
@@ -160,10 +184,16 @@ class ExperimentLedger:
 
     # ----------------------------------------------------------------- from the ingress replicas
 
-    def flush(self, source: str, seq: int, experiment: str, tally: dict | None, shown: list[Shown]) -> ControlState:
-        """Batch `seq` of an ingress replica's records (`serve.ledger_link`); returns the control
-        state. A batch merged before (its reply was lost) or recorded in another experiment is
-        ignored."""
+    def flush(self, source: str, seq: int, experiment: str, tally: dict | None, shown: list[Shown], sealed_after_read: int) -> FlushReply:
+        """Batch `seq` of an ingress replica's records (`serve.ledger_link`), sealed when read
+        `sealed_after_read` had begun. A batch merged before (its reply was lost) or recorded in
+        another experiment is ignored; every batch, empty or not, is the replica's heartbeat."""
+        heard = self._sources.setdefault(source, Source(0.0, 0))
+        heard.heard_at = self._now()
+        # A replica sends its batches in order, each once the one before was merged, so this
+        # batch completes its records up to its sealing. max: a late copy of an older batch
+        # (its call timed out and was sent again) must not take the read back.
+        heard.sealed_after_read = max(heard.sealed_after_read, sealed_after_read)
         if seq > self._seen_seq.get(source, 0):
             self._seen_seq[source] = seq
             if self.control.active and experiment == self.name:
@@ -171,7 +201,7 @@ class ExperimentLedger:
                     self.tally.merge(Tally.from_dict(tally))
                 self._remember(shown)
                 self._judge()
-        return self.control_state()
+        return FlushReply(self.control_state(), self._reads)
 
     def _remember(self, shown: list[Shown]) -> None:
         for s in shown:
@@ -331,7 +361,21 @@ class ExperimentLedger:
 
     # ----------------------------------------------------------------- results
 
-    def results(self) -> dict[str, Any]:
+    def begin_read(self) -> int:
+        """A fleet-wide read begins: its number, which every flush reply carries from now on."""
+        self._reads += 1
+        return self._reads
+
+    def unreported(self, read: int) -> list[str]:
+        """The live ingress replicas that have not yet sent a batch sealed after `read` began (their
+        answers given before it may be missing). One silent for SILENT_SOURCE_FLUSHES flush
+        intervals is forgotten: a dead replica must not hold up reads."""
+        silent_since = self._now() - SILENT_SOURCE_FLUSHES * self.fleet.experiment.flush_interval_s
+        self._sources = {s: h for s, h in self._sources.items() if h.heard_at >= silent_since}
+        return sorted(s for s, h in self._sources.items() if h.sealed_after_read < read)
+
+    def results(self, unreported: list[str] | None = None) -> dict[str, Any]:
+        """The experiment's numbers; `unreported`: the ingress replicas a read gave up waiting for."""
         exp = self.fleet.experiment
         now = self.stopped_at or self._now()
         elapsed = max(1e-9, now - self.started_at)
@@ -355,6 +399,7 @@ class ExperimentLedger:
             "experiment": self.name, "active": self.control.active, "reference": self.reference,
             "started_at": self.started_at, "stopped_at": self.stopped_at, "elapsed_s": round(elapsed, 3),
             "scope": "fleet: every ingress replica, merged in the ledger",
+            "unreported_sources": unreported or [],  # their answers since their last flush are missing
             "control": {**self.control_state().to_json(), "base_weights": self.control.base_weights, "tripped": self.control.tripped,
                         "ramp": self._ramp_view()},  # fmt: skip
             "arms": arms,

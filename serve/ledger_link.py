@@ -2,11 +2,15 @@
 the delivery of it to the `Ledger` deployment exactly once.
 
 Records go into a `Tally` and a list of shown rankings; a flush seals them into a numbered batch
-and sends every batch not yet acknowledged, oldest first, one flush at a time. A batch whose call
-failed, timed out or was cancelled stays and is sent again with the same number; the ledger
-ignores a number it has merged already, so a lost reply never double-counts. Each batch names the
-experiment it was recorded in, so records from before an experiment (re)start never reach the
-new one. While the ledger cannot be reached, unsent batches are kept up to a bound.
+(an empty one too: it is the replica's heartbeat) and sends every batch not yet acknowledged,
+oldest first, one flush at a time. A batch whose call failed, timed out or was cancelled stays and
+is sent again with the same number; the ledger ignores a number it has merged already, so a lost
+reply never double-counts. Each batch names the experiment it was recorded in, so records from
+before an experiment (re)start never reach the new one. While the ledger cannot be reached,
+unsent batches are kept up to a bound.
+
+Each batch also names the newest fleet-wide read of the results the replica knew of when it
+sealed it: a read waits for a batch from every replica sealed after it began (`serve.ledger`).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import uuid
 from dataclasses import dataclass
 
 from serve.experiments import Tally
-from serve.ledger import Shown
+from serve.ledger import FlushReply, Shown
 from serve.router import ControlState
 
 log = logging.getLogger(__name__)
@@ -32,6 +36,7 @@ SHOWN_DEPTH = 100  # positions of a shown ranking kept for joining feedback (cli
 class Batch:
     seq: int
     experiment: str
+    sealed_after_read: int  # the newest fleet-wide read begun when it was sealed
     tally: Tally
     shown: list[Shown]
 
@@ -43,6 +48,8 @@ class LedgerLink:
         self.tally = Tally(arms)
         self.shown: list[Shown] = []
         self.experiment = experiment
+        self.latest_read = 0  # the newest fleet-wide read the ledger has told of
+        self._sealed_after_read = 0  # latest_read when the latest batch was sealed
         self._handle = handle
         self._seq = 0
         self._pending: list[Batch] = []
@@ -51,11 +58,15 @@ class LedgerLink:
     def record_shown(self, request_id: str, arms: tuple[str, ...], order: list[int], teams: list[int], n: int) -> None:
         self.shown.append(Shown(request_id, arms, tuple(order[:SHOWN_DEPTH]), tuple(teams[:SHOWN_DEPTH]), n))
 
+    @property
+    def read_waiting(self) -> bool:
+        """A fleet-wide read began after the latest batch was sealed: it waits for the next one."""
+        return self._sealed_after_read < self.latest_read
+
     def _seal(self) -> None:
-        if self.tally.empty() and not self.shown:
-            return
         self._seq += 1
-        self._pending.append(Batch(self._seq, self.experiment, self.tally, self.shown))
+        self._sealed_after_read = self.latest_read
+        self._pending.append(Batch(self._seq, self.experiment, self.latest_read, self.tally, self.shown))
         self.tally, self.shown = Tally(self.arms), []
         if len(self._pending) > MAX_PENDING_BATCHES:  # the ledger has been away a while
             old, keep = self._pending[:-1], self._pending[-1]
@@ -63,7 +74,7 @@ class LedgerLink:
             for b in [*old, keep]:
                 merged.merge(b.tally)
             shown = [s for b in [*old, keep] for s in b.shown][-MAX_PENDING_SHOWN:]
-            self._pending = [Batch(keep.seq, keep.experiment, merged, shown)]
+            self._pending = [Batch(keep.seq, keep.experiment, keep.sealed_after_read, merged, shown)]
 
     async def flush(self) -> ControlState | None:
         """Send what is unsent; the ledger's control state, or None if it could not be reached."""
@@ -71,16 +82,14 @@ class LedgerLink:
             self._seal()
             try:
                 async with asyncio.timeout(LEDGER_TIMEOUT_S):
-                    control = None
                     while self._pending:
                         b = self._pending[0]
                         tally = None if b.tally.empty() else b.tally.to_dict()
-                        control = await self._handle.flush.remote(self.source, b.seq, b.experiment, tally, b.shown)
+                        reply: FlushReply = await self._handle.flush.remote(self.source, b.seq, b.experiment, tally, b.shown, b.sealed_after_read)
                         self._pending.pop(0)
-                    if control is None:
-                        control = await self._handle.control.remote()
             except Exception as e:  # noqa: BLE001 - the experiment must never break serving
                 log.warning("cannot reach the experiment ledger (%s); %d batches wait", type(e).__name__, len(self._pending))
                 return None
-            self.experiment = control.experiment
-            return control
+            self.experiment = reply.control.experiment
+            self.latest_read = reply.latest_read
+            return reply.control

@@ -19,7 +19,7 @@ from serve.config import FleetConfig
 from serve.experiment_page import render as render_experiment
 from serve.experiments import ArmTally, Tally
 from serve.ledger import AlreadyRecorded, ExperimentLedger, Shown, UnknownRequest
-from serve.router import ShadowPolicy
+from serve.router import ControlState, ShadowPolicy
 from serve.statistics import LatencyHistogram, Moments, mean_difference_ci, quantile_ratio_ci, samples_needed, sign_test_p, wilson
 from ranking.metrics import click_ndcg, rank_biased_overlap, reciprocal_rank, team_draft_interleave
 
@@ -140,9 +140,9 @@ def fleet(**experiment) -> FleetConfig:
 _seq = iter(range(1, 10**9))
 
 
-def send(ledger: ExperimentLedger, tally: Tally | None, shown=(), source: str = "ingress-1") -> dict:
+def send(ledger: ExperimentLedger, tally: Tally | None, shown=(), source: str = "ingress-1") -> ControlState:
     """One batch from an ingress replica, numbered as `serve.ledger_link` numbers them."""
-    return ledger.flush(source, next(_seq), ledger.name, None if tally is None else tally.to_dict(), list(shown))
+    return ledger.flush(source, next(_seq), ledger.name, None if tally is None else tally.to_dict(), list(shown), 0).control
 
 
 def result(arm: str) -> ArmResult:
@@ -304,12 +304,12 @@ def test_admin_changes_validate_and_start_archives():
 def test_a_batch_counts_once_and_only_in_its_own_experiment():
     ledger = ExperimentLedger(fleet())
     batch = tally_with({"ref": 5}).to_dict()
-    ledger.flush("i1", 1, ledger.name, batch, [])
-    ledger.flush("i1", 1, ledger.name, batch, [])  # sent again after a lost reply
-    ledger.flush("i2", 1, ledger.name, batch, [])  # another replica's first batch
+    ledger.flush("i1", 1, ledger.name, batch, [], 0)
+    ledger.flush("i1", 1, ledger.name, batch, [], 0)  # sent again after a lost reply
+    ledger.flush("i2", 1, ledger.name, batch, [], 0)  # another replica's first batch
     assert ledger.results()["arms"]["ref"]["requests"] == 10
     ledger.start("ops", "next")
-    ledger.flush("i1", 2, "default", batch, [])  # recorded before the restart: not the new experiment's
+    ledger.flush("i1", 2, "default", batch, [], 0)  # recorded before the restart: not the new experiment's
     assert ledger.results()["arms"]["ref"]["requests"] == 0
 
 
@@ -379,7 +379,6 @@ def test_ledger_link_delivers_each_batch_once_through_failures():
 
     class Handle:
         flush = Call(ledger.flush, lose_reply=True)
-        control = Call(ledger.control_state)
 
     async def go():
         link = LedgerLink(["ref", "cand"], Handle(), ledger.name)
@@ -389,9 +388,76 @@ def test_ledger_link_delivers_each_batch_once_through_failures():
         link.tally.record_answer("ref", "weighted", 0.01, result("ref"))
         control = await link.flush()  # resends batch 1 (ignored) and sends batch 2
         assert control is not None and control.experiment == ledger.name
+        # A read begins: the next reply tells the replica, which then owes it one more batch.
+        link.tally.record_answer("ref", "weighted", 0.01, result("ref"))
+        read = ledger.begin_read()
+        assert ledger.unreported(read) == [link.source]
+        await link.flush()
+        assert link.read_waiting and ledger.unreported(read) == [link.source]  # sealed before it knew
+        await link.flush()  # empty: a heartbeat sealed after the read began
+        assert not link.read_waiting and ledger.unreported(read) == []
 
     asyncio.run(go())
-    assert ledger.results()["arms"]["ref"]["requests"] == 4
+    assert ledger.results()["arms"]["ref"]["requests"] == 5
+
+
+def test_a_read_waits_for_a_batch_sealed_after_it_from_every_live_ingress_replica():
+    clock = [1000.0]
+    ledger = ExperimentLedger(fleet(flush_interval_s=0.25), now=lambda: clock[0])
+    one = tally_with({"ref": 1}).to_dict()
+    ledger.flush("i1", 1, ledger.name, one, [], 0)
+    ledger.flush("i2", 1, ledger.name, one, [], 0)
+    read = ledger.begin_read()
+    assert ledger.unreported(read) == ["i1", "i2"]
+    reply = ledger.flush("i1", 2, ledger.name, one, [], 0)  # in flight when the read began
+    assert reply.latest_read == read and ledger.unreported(read) == ["i1", "i2"]
+    ledger.flush("i1", 3, ledger.name, None, [], reply.latest_read)
+    assert ledger.unreported(read) == ["i2"]
+    ledger.flush("i1", 2, ledger.name, one, [], 0)  # a late copy of an older batch: counted once, the read stays answered
+    assert ledger.unreported(read) == ["i2"]
+    # i2 falls silent; after ten flush intervals it is forgotten, and reads stop waiting for it.
+    clock[0] += 2.0
+    ledger.flush("i1", 4, ledger.name, None, [], reply.latest_read)
+    assert ledger.unreported(read) == ["i2"]
+    clock[0] += 0.6
+    assert ledger.unreported(read) == []
+    res = ledger.results(["i2"])
+    assert res["arms"]["ref"]["requests"] == 3 and res["unreported_sources"] == ["i2"]
+
+
+def test_the_ledger_replica_answers_a_read_once_every_replica_has_reported_or_the_wait_runs_out():
+    """`LedgerReplica.results` in-process (its class without Serve): it returns once both ingress
+    replicas sent a batch sealed after the read began; when one is silent, after
+    READ_WAIT_FLUSHES flush intervals, naming it."""
+    import asyncio
+    import time
+
+    from serve.ledger import READ_WAIT_FLUSHES
+    from serve.ledger_replica import LedgerReplica
+
+    interval = 0.05
+    replica = LedgerReplica.func_or_class(fleet(flush_interval_s=interval).model_dump(mode="json"))
+    name = replica.ledger.name
+    one = tally_with({"ref": 1}).to_dict()
+
+    async def read_while(*flushes) -> tuple[dict, float]:
+        started = time.monotonic()
+        reading = asyncio.create_task(replica.results())
+        await asyncio.sleep(0)  # the read begins
+        for source, seq, tally in flushes:
+            reply = await replica.flush(source, seq, name, tally, [], 0)  # sealed before the read began
+            await replica.flush(source, seq + 1, name, None, [], reply.latest_read)
+        return await reading, time.monotonic() - started
+
+    async def go():
+        await replica.flush("i1", 1, name, one, [], 0)
+        await replica.flush("i2", 1, name, None, [], 0)
+        res, took = await read_while(("i1", 2, one), ("i2", 2, one))
+        assert res["arms"]["ref"]["requests"] == 3 and res["unreported_sources"] == [] and took < READ_WAIT_FLUSHES * interval
+        res, took = await read_while(("i1", 4, None))
+        assert res["unreported_sources"] == ["i2"] and READ_WAIT_FLUSHES * interval <= took < 1.0
+
+    asyncio.run(go())
 
 
 def test_the_exact_quantile_resampling_matches_a_plain_bootstrap():
