@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import math
 import signal
+import socket
 import sys
 import threading
 import time
@@ -37,6 +38,13 @@ def local_fleet(config_path: str | None, redis_url: str | None, port: int | None
     return FleetConfig.from_dict(data, source=str(config_path or DEFAULT_CONFIG))
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now (the OS's pick)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def ray_cpus_for(fleet: FleetConfig) -> float:
     """Logical CPUs for the embedded Ray: what every replica reserves (`required_resources`) plus
     one for Serve's own actors, in whole numbers as Ray counts them."""
@@ -50,7 +58,7 @@ def embedded_serve(fleet: FleetConfig, *, num_cpus: float | None = None, serve_m
     """Embedded Ray + Serve running `fleet` in `serve_mode` (serve/request_path.py); yields the
     base URL; shuts both down on exit. The model is made ready first (the offline one is built
     here, with progress, if needed)."""
-    set_local_ray_environment(serve_mode)  # before Ray starts: every Ray process inherits it
+    set_local_ray_environment(serve_mode, free_port=free_port)  # before Ray starts: every Ray process inherits it
     import ray
     from ray import serve
 

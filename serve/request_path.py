@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 
 FAST_PATH_ENV: Mapping[str, str] = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
@@ -34,6 +34,7 @@ DEFAULT_SERVE_MODE = "both"
 # Serve's default 30 s while remote load balancers learn it is going (the main job drains its
 # requests itself first), so Ctrl-C stops the job in seconds.
 LOCAL_ENV: Mapping[str, str] = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
+HAPROXY_PAGE_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
 
 
 def serve_mode_env(mode: str) -> dict[str, str]:
@@ -63,10 +64,17 @@ def local_cluster_auth(environ: MutableMapping[str, str]) -> str:
     return "token"
 
 
-def set_local_ray_environment(mode: str = DEFAULT_SERVE_MODE, environ: MutableMapping[str, str] | None = None) -> str:
-    """Everything a local main job sets before Ray starts: the Serve mode and the cluster's auth."""
+def set_local_ray_environment(
+    mode: str = DEFAULT_SERVE_MODE, environ: MutableMapping[str, str] | None = None, free_port: Callable[[], int] | None = None
+) -> str:
+    """Everything a local main job sets before Ray starts: the Serve mode, the cluster's auth and,
+    given `free_port`, free ports for HAProxy's stats and metrics pages (HAProxy's fixed 8404 and
+    9101 would clash with a second local job, or anything else on the machine holding them)."""
     environ = os.environ if environ is None else environ
     apply_serve_mode(environ, mode)
     for key, value in LOCAL_ENV.items():
         environ.setdefault(key, value)
+    if free_port is not None and environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
+        for key in HAPROXY_PAGE_PORTS:
+            environ.setdefault(key, str(free_port()))
     return local_cluster_auth(environ)

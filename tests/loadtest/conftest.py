@@ -4,11 +4,12 @@ for `@pytest.mark.ray` tests, the real Serve app with two tiny-model arms."""
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
 from standin_endpoint import StandinEndpoint
+
+from serve.local import free_port
 
 
 @pytest.fixture
@@ -17,12 +18,6 @@ def standin():
     endpoint = StandinEndpoint({"fp32": 0.5, "nf4": 0.5}, shadow="nf4", shadow_fraction=0.5, fail_every={"nf4": 5})
     yield endpoint
     endpoint.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

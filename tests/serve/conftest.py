@@ -241,8 +241,14 @@ def _delete_keys(url: str, pattern: str) -> None:
 
 @pytest.fixture(scope="session")
 def ray_serve():
-    """One embedded Ray instance with Serve's proxy on a free loopback port, for the session."""
+    """One embedded Ray instance serving HTTP on a free loopback port, for the session, on the
+    main job's request path (HAProxy and throughput mode: serve/request_path.py), so the tests hold
+    the behaviours there. Token auth is off: a test cluster (the main job's test keeps it on)."""
+    from serve.request_path import set_local_ray_environment
+
+    saved = dict(os.environ)
     os.environ["RAY_AUTH_MODE"] = "disabled"
+    set_local_ray_environment(free_port=free_port)  # before Ray starts: its processes inherit it
     import ray
     from ray import serve
 
@@ -254,6 +260,8 @@ def ray_serve():
     finally:
         serve.shutdown()
         ray.shutdown()
+        os.environ.clear()
+        os.environ.update(saved)  # later clusters (other test folders) choose their own mode
 
 
 def _deploy(base: str, name: str, prefix: str, fleet: dict, redis_url: str | None) -> RunningApp:

@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 import io
-import socket
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from serve.local import free_port  # noqa: F401 - the tests' port picker is the main job's
 
 
 def png_bytes(colour=(200, 30, 30), side: int = 96, seed: int = 0) -> bytes:
