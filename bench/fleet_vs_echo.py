@@ -29,6 +29,7 @@ def set_serve_mode(mode: str) -> dict[str, str]:
     rest of what the main job sets before Ray starts (its cluster auth) is set here too: Ray reads
     that when it is imported."""
     from engine.errors import ConfigError
+    from serve.local import free_port
     from serve.request_path import serve_mode_env, set_local_ray_environment
 
     env = serve_mode_env(mode)
@@ -45,10 +46,7 @@ def set_serve_mode(mode: str) -> dict[str, str]:
     if constants is not None and (constants.RAY_SERVE_THROUGHPUT_OPTIMIZED, constants.RAY_SERVE_ENABLE_HA_PROXY) != (throughput, haproxy):
         raise ConfigError(f"serve mode {mode!r}: this process imported ray.serve under other settings; run the bench in a fresh process")
     os.environ.update(env)
-    # Direct ingress (both fast modes) keeps a stopping ingress replica 30 s for load balancers to
-    # notice; the bench's teardown needs none of that (it changes nothing on the request path).
-    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
-    set_local_ray_environment(mode)  # keeps the values above
+    set_local_ray_environment(mode, free_port=free_port)  # keeps the values above; the main job's short drain at stop
     return env
 
 
