@@ -1,5 +1,5 @@
-"""Reliability scenarios against a running local app: overload, a killed arm replica, drain and
-slow clients. Loopback only, bounded in requests and time; each scenario returns one row of
+"""Reliability scenarios against a running local app: overload, bursts to one arm, a killed arm
+replica, drain and slow clients. Loopback only, bounded in requests and time; each scenario returns one row of
 figures (requests sent; 200 / 4xx / 503 / other / hung; p50/p99 of the answered; stall and
 recovery). `rerank-fleet bench reliability` runs them all on an embedded app and prints the table;
 the tests run short versions of the same functions against the test apps.
@@ -165,7 +165,8 @@ async def open_loop(base_url: str, rate: float, duration_s: float, bodies: list[
     return result
 
 
-async def closed_loop_capacity(base_url: str, concurrency: int, duration_s: float, bodies: list[dict]) -> tuple[float, LoadResult]:
+async def closed_loop_capacity(base_url: str, concurrency: int, duration_s: float, bodies: list[dict],
+                               headers: dict | None = None) -> tuple[float, LoadResult]:  # fmt: skip
     """Requests per second answered with `concurrency` clients sending back to back."""
     result = LoadResult()
     async with _session(base_url) as session:
@@ -174,13 +175,29 @@ async def closed_loop_capacity(base_url: str, concurrency: int, duration_s: floa
         async def worker(w: int) -> None:
             i = w
             while time.perf_counter() < stop:
-                result.outcomes.append(await _post(session, time.perf_counter(), bodies[i % len(bodies)]))
+                result.outcomes.append(await _post(session, time.perf_counter(), bodies[i % len(bodies)], headers))
                 i += concurrency
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(w) for w in range(concurrency)))
         wall = time.perf_counter() - t0
     return result.answered / wall, result
+
+
+BURST_SIZE, BURSTS = 12, 5  # a modest spike: twelve requests at once, five times
+
+
+async def bursts(base_url: str, bodies: list[dict], *, size: int = BURST_SIZE, count: int = BURSTS, headers: dict | None = None,
+                 gap_s: float = 0.5) -> LoadResult:  # fmt: skip
+    """`count` bursts of `size` requests sent at once, each once the previous one is answered and
+    `gap_s` has passed: a spike an arm should absorb (its queue budget), not refuse."""
+    result = LoadResult()
+    async with _session(base_url) as session:
+        for b in range(count):
+            sent_at = time.perf_counter()
+            result.outcomes += await asyncio.gather(*(_post(session, sent_at, bodies[(b * size + i) % len(bodies)], headers) for i in range(size)))
+            await asyncio.sleep(gap_s)
+    return result
 
 
 async def health_latency(base_url: str) -> float:
@@ -261,16 +278,24 @@ async def replica_kill(base_url: str, arm: str, rate: float, duration_s: float, 
     return load.row(f"replica of arm {arm} killed", stall_s=load.stall_s(), recovery_s=round(recovery, 2) if recovery else None)
 
 
-async def drain_under_load(base_url: str, rate: float, duration_s: float, bodies: list[dict], grace_s: float, app_name: str) -> dict[str, Any]:
+async def drain_under_load(base_url: str, rate: float, duration_s: float, bodies: list[dict], grace_s: float, app_name: str,
+                           ingress: str) -> dict[str, Any]:  # fmt: skip
     """Load, then the ingress is told to drain mid-way: requests accepted before must all be
     answered (0 dropped); later ones are refused with 503."""
-    from serve.local import drain
+    from ray.serve.handle import DeploymentHandle
 
     left: dict[str, int] = {}
 
     async def during(start: float) -> None:
         await asyncio.sleep(duration_s / 2)
-        left["in_flight_after_grace"] = await asyncio.get_running_loop().run_in_executor(None, drain, app_name, grace_s)
+        # A handle of its own, shut down in this loop: on Serve's fast path a handle routes in the
+        # loop it is used from, and a cached one (serve.get_app_handle) would be shut down when the
+        # app stops, from another loop, this one closed by then.
+        handle = DeploymentHandle(ingress, app_name).options(method_name="drain")
+        try:
+            left["in_flight_after_grace"] = await handle.remote(grace_s)
+        finally:
+            await handle.shutdown_async()
 
     load = await open_loop(base_url, rate, duration_s, bodies, during=during)
     return load.row("drain under load", in_flight_after_grace=left.get("in_flight_after_grace"))
@@ -317,7 +342,7 @@ async def redis_kill(base_url: str, redis: PrivateRedis, rate: float, duration_s
     return load.row("Redis killed under image traffic", stall_s=load.stall_s())
 
 
-SCENARIOS = ("overload", "replica-kill", "slow-clients", "redis-kill", "drain")
+SCENARIOS = ("overload", "replica-kill", "slow-clients", "redis-kill", "drain", "bursts")
 
 
 def check_scenarios(names: list[str] | tuple[str, ...]) -> list[str]:
@@ -333,7 +358,7 @@ def run_reliability_bench(*, config: str | None = None, duration_s: float = 20.0
                           scenarios: list[str] | tuple[str, ...] = SCENARIOS) -> dict[str, Any]:  # fmt: skip
     """The scenarios against one embedded local app (the main job's config), one after another,
     after a closed-loop capacity run whose rate the others' open loops are set from."""
-    from serve.deploy_options import APP_NAME
+    from serve.deploy_options import APP_NAME, ingress_options
     from serve.local import embedded_serve, local_fleet
 
     scenarios = check_scenarios(scenarios)
@@ -352,6 +377,10 @@ def run_reliability_bench(*, config: str | None = None, duration_s: float = 20.0
             overload = asyncio.run(open_loop(base, 2 * capacity, duration_s, bodies))
             rows.append(overload.row(f"2x capacity (open loop, {2 * capacity:.0f} req/s)", answered_req_per_s=round(overload.answered / duration_s, 1),
                                      answered_of_capacity=round(overload.answered / duration_s / capacity, 2), cpu_cores=cpu.cores()))  # fmt: skip
+        if "bursts" in scenarios:
+            arm = fleet.arms[0].name
+            spikes = asyncio.run(bursts(base, bodies, headers={fleet.router.pin_header: arm}))
+            rows.append(spikes.row(f"bursts of {BURST_SIZE} at once x {BURSTS} to arm {arm} (pinned)", queue_budget_s=fleet.arms[0].queue_budget_s))
         if "replica-kill" in scenarios:
             rows.append(asyncio.run(replica_kill(base, fleet.arms[0].name, 0.5 * capacity, duration_s, bodies)))
         if "slow-clients" in scenarios:
@@ -359,7 +388,8 @@ def run_reliability_bench(*, config: str | None = None, duration_s: float = 20.0
         if "redis-kill" in scenarios:
             rows.append(asyncio.run(redis_kill(base, redis, 0.5 * capacity, duration_s, images)))
         if "drain" in scenarios:
-            rows.append(asyncio.run(drain_under_load(base, 0.5 * capacity, 6.0, bodies, fleet.http.drain_grace_s, APP_NAME)))
+            ingress = ingress_options(fleet)["name"]
+            rows.append(asyncio.run(drain_under_load(base, 0.5 * capacity, 6.0, bodies, fleet.http.drain_grace_s, APP_NAME, ingress)))
     report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
               "config": config or "configs/local.yaml", "capacity_req_per_s": capacity, "rows": rows}  # fmt: skip
     print(format_table(report))

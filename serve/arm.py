@@ -3,6 +3,9 @@
 transformers engine, or `VllmRerankEngine`.
 
 A request flows one way through a replica:
+0. it is admitted while the work queued ahead of it stays within the arm's `queue_budget_s` at the
+   replica's measured pairs/s (`serve.admission.QueueBudget`), or refused at once
+   (`ServiceUnavailable`, a 503 with Retry-After) before any work is done;
 1. its images' features are looked up in the feature cache (in-replica LRU, then Redis); an
    image the ingress sent by digest only (a memoised URL) that no tier has is refused with
    `FeaturesMissing`, and the ingress sends the request again with its bytes (media are fetched
@@ -26,16 +29,21 @@ from ray.serve import metrics
 from engine.errors import DeadlineExceeded, InputError
 from engine.inputs import ScoreRequest
 from engine.serving_engine import ServingEngine
+from serve.admission import QueueBudget
 from serve.arm_result import ArmResult
 from serve.batched_engine import BatchedEngine, check_deadline
 from serve.cache import FeatureCache, track_request_events
 from serve.config import ArmConfig, BatchingConfig, FleetConfig
-from serve.errors import FeaturesMissing
+from serve.errors import FeaturesMissing, ServiceUnavailable
 
 log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
 PAIR_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+# Scored when a replica starts, before it takes traffic: its pairs/s are the queue budget's first
+# measurement (text of a typical request's size; the images a request may carry cost more, and
+# the measured rate follows within a few busy seconds).
+CALIBRATION = ScoreRequest.of("calibration query", [f"calibration document {i}" for i in range(8)])
 
 
 class ArmMetrics:
@@ -95,7 +103,7 @@ def load_engine(fleet: FleetConfig, arm: ArmConfig, metrics: ArmMetrics) -> Serv
 class ArmReplica:
     """Serve replica of one arm. `build_app` names it `Arm-<arm>` and sets resources and batching."""
 
-    def __init__(self, config: dict, arm_name: str):
+    async def __init__(self, config: dict, arm_name: str):
         import torch
 
         fleet = FleetConfig.from_dict(config).resolve_secrets()
@@ -110,12 +118,14 @@ class ArmReplica:
         self.metrics = ArmMetrics(self.arm.name, self.arm.precision)
         try:
             self.engine = load_engine(fleet, self.arm, self.metrics)
+            self.reconfigure(self.arm.batching.model_dump())
+            self.admission = QueueBudget(self.arm.queue_budget_s, await self._calibrate())
         except Exception as e:
-            # The replica's start fails with the reason, naming the arm and its backend (Serve
-            # shows it in the application's status; the main job prints it).
+            # The replica's start fails with the reason (loading, or scoring its first request),
+            # naming the arm and its backend (Serve shows it in the application's status; the
+            # main job prints it).
             raise RuntimeError(f"arm {self.arm.name!r} (backend {self.arm.backend}, precision {self.arm.precision}) cannot start: {e}") from None
         self.cache = FeatureCache(fleet.cache.for_mode(self.arm.feature_cache), on_event=self.metrics.cache_event)
-        self.reconfigure(self.arm.batching.model_dump())
 
     def reconfigure(self, user_config: dict) -> None:
         batching = BatchingConfig.model_validate(user_config)
@@ -134,14 +144,21 @@ class ArmReplica:
         start = time.perf_counter()
         deadline = None if budget_s is None else time.monotonic() + budget_s
         events = track_request_events()
+        pairs = len(request.documents)
         try:
             check_deadline(deadline, "before it reached the arm")
-            features = await self._features(request)
-            result = await self.engine.score_request(request, features, deadline)
+            self._admit(pairs)
+            try:
+                features = await self._features(request)
+                result = await self.engine.score_request(request, features, deadline)
+            except BaseException:  # also a caller's cancellation: the pairs leave the queue all the same
+                self.admission.finished(pairs, scored=False)
+                raise
+            self.admission.finished(pairs, scored=True)
             await self.cache.put_many(result.new_features)
         except Exception as e:
             self.metrics.errors.inc(tags={"kind": type(e).__name__})
-            if not isinstance(e, (InputError, DeadlineExceeded, FeaturesMissing)):
+            if not isinstance(e, (InputError, DeadlineExceeded, FeaturesMissing, ServiceUnavailable)):
                 log.exception("arm %s: request failed", self.arm.name)
             raise
         self.metrics.requests.inc()
@@ -152,6 +169,29 @@ class ArmReplica:
             cache_hits=hits, cache_misses=len({img.digest for img in request.images()}) - hits,
             batch_requests=result.batch_requests, cache_events=dict(events), tokens=result.tokens,
         )  # fmt: skip
+
+    def _admit(self, pairs: int) -> None:
+        """Refuse at once, before any work, when the wait ahead is over the budget: a burst within
+        it is served, sustained overload is refused fast (and counts as refused, not as the arm's
+        failure)."""
+        budget = self.admission
+        if not budget.admit(pairs):
+            raise ServiceUnavailable(
+                f"overloaded: arm {self.arm.name!r} has about {budget.wait_s():.2f} s of work queued ({budget.queued} pairs at "
+                f"{budget.rate:.0f} pairs/s), over its queue_budget_s of {budget.budget_s:g} s; retry later"
+            )
+
+    async def _calibrate(self) -> tuple[int, float]:
+        """(pairs, seconds) of `CALIBRATION` scored alone, after one warm-up run (first calls pay
+        lazy initialisation): the queue budget's start, the replica's own rate before traffic
+        measures it. Conservative where it matters, the work: a request alone gets no batching
+        gain. It leaves out what a call through Serve adds (a few ms, which only the smallest
+        models notice), and it weighs only its own seconds: the first busy second of real
+        traffic outweighs it."""
+        await self.engine.score_request(CALIBRATION, {}, None)
+        start = time.perf_counter()
+        await self.engine.score_request(CALIBRATION, {}, None)
+        return len(CALIBRATION.documents), time.perf_counter() - start
 
     async def _features(self, request: ScoreRequest) -> dict:
         """Cached features of the request's images (cache key -> features). An image sent by digest

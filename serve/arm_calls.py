@@ -80,7 +80,10 @@ class ArmCalls:
 
     async def call_with_failover(self, decision: RouteDecision, job: ScoreRequest, deadline: float, router: ArmRouter) -> tuple[ArmResult, RouteDecision]:
         """Call the routed arm; if its replica is gone, the arm leaves routed traffic and (unless
-        the request was pinned) the request is retried once on another arm: scoring is idempotent."""
+        the request was pinned) the request is retried once on another arm: scoring is idempotent.
+        A refusal by the arm's queue budget is answered (503 + Retry-After), not retried elsewhere:
+        moving an overloaded arm's traffic to the others would skew the experiment's split and hide
+        the arm's latency, and under fleet-wide overload would double every refusal's cost."""
         try:
             return await self.call(decision.arm, job, deadline), decision
         except Exception as e:

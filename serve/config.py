@@ -125,9 +125,15 @@ class ArmConfig(_Strict):
     weight: float = Field(1.0, ge=0, description="Share of routed traffic (relative to the other arms).")
     num_replicas: int = Field(1, ge=1, description="Fixed replica count, unless autoscaling is set.")
     autoscaling: AutoscalingConfig | None = Field(None, description="Autoscaling bounds; overrides num_replicas.")
+    queue_budget_s: float = Field(
+        1.0, gt=0, allow_inf_nan=False, description="Seconds of work a request may find queued ahead of it in a replica (the pairs "
+        "admitted and not finished, over the replica's measured pairs per second); past that it is refused at once with 503 + "
+        "Retry-After, before any work is done. Bursts within it are served; sustained overload is refused fast.",
+    )
     max_ongoing_requests: int = Field(
-        32, ge=1, description="Requests one replica holds (batching draws from them). With max_queued_requests it bounds the wait: "
-        "keep (max_ongoing_requests + max_queued_requests) / the replica's requests per second within the latency budget.",
+        32, ge=1, description="Requests one replica holds (batching draws from them): Serve's outer bound. Keep it above what "
+        "queue_budget_s admits (the budget x the replica's pairs/s, over the documents per request), so the time bound decides: "
+        "requests Serve holds back wait unseen by the budget.",
     )
     max_queued_requests: Annotated[int, Field(ge=1)] | Literal[-1] = Field(
         32, description="Requests queued per ingress handle beyond those (at least 1, as Serve requires); more are refused at once "
@@ -240,9 +246,10 @@ class IngressConfig(_Strict):
     )
     max_in_flight: Annotated[int, Field(ge=1)] | Literal["auto", "off"] = Field(
         "auto", description="Rerank requests one ingress replica works on at once; more are refused with 503 + Retry-After before "
-        "their body is read or parsed (the cheapest refusal there is). auto: what the arms hold and queue at their largest "
+        "their body is read or parsed (the cheapest refusal there is). A safety bound on count: each arm's queue_budget_s "
+        "decides admission in time. auto: what the arms' Serve bounds hold and queue at their largest "
         "(max_ongoing_requests + max_queued_requests per replica), split over the ingress replicas; off: no gate (each arm's "
-        "own max_queued_requests still refuses).",
+        "budget and Serve bounds still refuse).",
     )
 
     def in_flight_limit(self, arms: list[ArmConfig]) -> int | None:

@@ -1,12 +1,14 @@
 """The ASGI guard in front of the app: API-key check (admin keys for the experiment admin
 endpoints), request-body cap and the admission gate, before any body is parsed.
 
-The admission gate is the cheapest refusal there is: when this ingress replica already works on
-as many rerank requests as the arms can hold and queue, a new one is answered 503 + Retry-After
-before its body is read, parsed, routed or handed to Serve. Each arm's own Serve bound
-(`max_queued_requests`) stays the exact per-arm limit behind it; the gate spares a refusal the
-body read, validation, routing and Serve handle call it would otherwise wait for (under overload
-a malformed request may thus get 503 rather than its 4xx: it was not read)."""
+The admission gate is a safety bound on count, and the cheapest refusal there is: when this
+ingress replica already works on as many rerank requests as the arms' Serve bounds hold and
+queue, a new one is answered 503 + Retry-After before its body is read, parsed, routed or handed
+to Serve (under overload a malformed request may thus get 503 rather than its 4xx: it was not
+read). What decides admission is each arm's queue budget, in time (`serve.admission`): only the
+arm replica knows its queue and its pairs/s, and which arm a request goes to is known only once
+its body is routed. The gate, derived from Serve's bounds set far above what the budgets admit,
+stops a flood the budgets cannot see (requests still being read and parsed)."""
 
 from __future__ import annotations
 

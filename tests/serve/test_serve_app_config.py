@@ -82,6 +82,16 @@ def test_the_ingress_admission_limit_is_what_the_arms_hold_and_queue_split_over_
         FleetConfig.from_dict({**FLEET, "ingress": {"max_in_flight": "many"}})
 
 
+def test_admission_is_bounded_in_time_and_serves_counts_are_the_outer_bound():
+    assert FleetConfig.from_dict({"arms": [{"name": "a", "precision": "fp32"}]}).arms[0].queue_budget_s == 1.0
+    local = FleetConfig.from_yaml(DEFAULT_CONFIG)
+    for arm in local.arms:
+        # Every request of a spike reaches the replica, whose queue budget decides; Serve's counts
+        # (and the ingress's gate derived from them) stay far above what the budget admits on 2 cores.
+        assert arm.queue_budget_s == 1.0 and arm.max_ongoing_requests >= 48 and arm.max_queued_requests >= 1
+    assert local.ingress.in_flight_limit(local.arms) == 2 * (64 + 32)
+
+
 def test_deploy_options_need_no_ray():
     """The placement renderer imports the deployment options where Ray may not be installed."""
     code = "import sys, serve.deploy_options; print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))"
@@ -181,6 +191,8 @@ def test_settings_given_in_yaml_reach_the_engine(tmp_path):
         (lambda d: d.update(model={"min_pixels": 4096, "max_pixels": 1024}), "min_pixels"),
         (lambda d: d["arms"][0].update(vllm={"vision_encoder": "vit"}), "arms.0.vllm.vision_encoder"),
         (lambda d: d["arms"][0].update(max_queued_requests=0), "arms.0.max_queued_requests"),  # Serve takes -1 or >= 1
+        (lambda d: d["arms"][0].update(queue_budget_s=0), "arms.0.queue_budget_s"),
+        (lambda d: d["arms"][0].update(queue_budget_s=float("inf")), "arms.0.queue_budget_s"),
         (lambda d: d.update(ingress={"max_in_flight": 0}), "ingress.max_in_flight"),
     ],
 )

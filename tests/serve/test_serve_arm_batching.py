@@ -38,7 +38,9 @@ def deploy_arm(tiny_model, max_batch_size: int, **limits):
 
     config = {
         "model": {"source": str(tiny_model)},
-        "arms": [{"name": "fp32", "precision": "fp32", "ray_actor_options": {"num_cpus": 0.5}}],
+        # A batch wait of 1 s makes the replica's measured pairs/s low: a queue budget that never
+        # binds keeps these tests about batching (admission has its own, tests/serve/test_admission.py).
+        "arms": [{"name": "fp32", "precision": "fp32", "ray_actor_options": {"num_cpus": 0.5}, "queue_budget_s": 600}],
         "limits": {"allow_private_urls": True, **limits},
     }  # fmt: skip
     fleet = FleetConfig.from_dict(config)

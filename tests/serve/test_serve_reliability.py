@@ -1,6 +1,7 @@
 """Overload, faults and hostile clients against a real Serve app over real HTTP (fast versions of
-`rerank-fleet bench reliability`): excess load is refused at once with Retry-After (by the
-ingress's admission gate before the body is read, by an arm's Serve bound, and by Serve's proxy), a killed arm
+`rerank-fleet bench reliability`): bursts within an arm's queue budget are served, sustained
+overload is refused at once with Retry-After (by the arm's queue budget, the ingress's admission
+gate before the body is read, an arm's Serve bound, and Serve's proxy), a killed arm
 replica costs no request, a client's deadline is kept, slow senders get 408 without starving
 `/health`, and one request with many slow URLs cannot hold every download slot."""
 
@@ -10,13 +11,17 @@ import asyncio
 import socket
 import threading
 import time
+from collections import Counter
+from statistics import median
 
 import httpx
 import pytest
 from conftest import _arm, _deployed, _fleet
 
 from bench.serving import text_requests
-from bench.reliability import replica_kill
+from bench.reliability import BURST_SIZE, BURSTS, bursts, closed_loop_capacity, open_loop, replica_kill
+from serve.config import FleetConfig
+from serve.local import DEFAULT_CONFIG
 
 pytestmark = pytest.mark.ray
 
@@ -34,6 +39,52 @@ def rel_app(ray_serve, tiny_model):
     fleet["limits"].update(body_read_timeout_s=1.0, max_downloads=6, max_downloads_per_request=2, download_deadline_s=30)
     with _deployed(ray_serve, "rel", "/rel", fleet) as app:
         yield app
+
+
+@pytest.fixture(scope="module")
+def local_arm_app(ray_serve, tiny_model):
+    """One arm exactly as configs/local.yaml sets its first one (queue budget, Serve's bounds,
+    batching, CPU share and niceness), no cache."""
+    arm = FleetConfig.from_yaml(DEFAULT_CONFIG).arms[0].model_dump(mode="json")
+    with _deployed(ray_serve, "local-arm", "/local-arm", _fleet(tiny_model, [arm], None)) as app:
+        yield app
+
+
+def test_bursts_to_one_arm_within_its_queue_budget_are_all_served(local_arm_app):
+    """Twelve requests of 8 documents at once, five times, all pinned to one arm: a spike within the
+    arm's queue budget is absorbed (the former count bounds of 4 + 2 requests refused about half)."""
+    pin = {"x-rerank-arm": FleetConfig.from_yaml(DEFAULT_CONFIG).arms[0].name}
+    row = asyncio.run(bursts(local_arm_app.base_url, text_requests(64, 8, seed=3), headers=pin)).row("bursts")
+    assert row["sent"] == BURST_SIZE * BURSTS and row["200"] == row["sent"], row
+
+
+def test_sustained_overload_of_one_arm_is_refused_fast_by_its_queue_budget_and_is_not_its_failure(local_arm_app):
+    """Requests of 16 documents pinned to one arm at twice the rate it answers them, for three
+    seconds (some 40 to 50 in flight): past the queue budget the arm refuses at once, before any
+    work, with Retry-After; the refusals are capacity, not the arm's errors: it stays in service."""
+    arm = FleetConfig.from_yaml(DEFAULT_CONFIG).arms[0].name
+    pin, bodies, client = {"x-rerank-arm": arm}, text_requests(64, 16, seed=5), local_arm_app.client
+    capacity, _ = asyncio.run(closed_loop_capacity(local_arm_app.base_url, 8, 2.0, bodies, headers=pin))
+    gate_before = client.get("/health").json()["admission"]["refused"]
+    errors_before = client.get("/v1/experiments").json()["arms"][arm]["errors"]
+    load = asyncio.run(open_loop(local_arm_app.base_url, 2 * capacity, 3.0, bodies, headers=pin))
+    statuses = Counter(o.status for o in load.outcomes)
+    assert set(statuses) <= {200, 503} and statuses[200] > 0 and statuses[503] > 0, load.row("sustained")
+    assert all(o.retry_after for o in load.outcomes if o.status == 503)
+    refused = [o.latency_s for o in load.outcomes if o.status == 503]
+    answered = [o.latency_s for o in load.outcomes if o.status == 200]
+    # Refused at once: far faster than an answer that waited its turn within the budget.
+    assert median(refused) < 0.1 and median(refused) < median(answered) / 2, load.row("sustained")
+    # The arm's budget refused them (the ingress's gate and Serve's bounds are far above this)...
+    assert client.get("/health").json()["admission"]["refused"] == gate_before
+    for _ in range(50):  # the ingress's tally reaches /v1/experiments at its next flush
+        errors = client.get("/v1/experiments").json()["arms"][arm]["errors"]
+        if errors["refused_503"] - errors_before["refused_503"] == statuses[503]:
+            break
+        time.sleep(0.1)
+    # ...counted as refused, never as the arm's server errors, and the arm stays in routed traffic.
+    assert errors["refused_503"] - errors_before["refused_503"] == statuses[503] and errors["server"] == errors_before["server"], errors
+    assert client.get("/health").json()["arm_state"][arm] == "up"
 
 
 def test_overload_is_refused_at_once_with_retry_after_and_the_rest_is_answered(rel_app):
@@ -56,9 +107,10 @@ def test_overload_is_refused_at_once_with_retry_after_and_the_rest_is_answered(r
     assert set(statuses) <= {200, 503} and statuses.count(503) > 0 and statuses.count(200) >= 4, statuses
     refusals = [(ra, msg) for s, ra, msg in results if s == 503]
     assert all(ra == "1" for ra, _ in refusals)
-    # Refused at once: by a bound (the ingress's gate, or an arm's Serve queue bound), never by a
-    # deadline that passed while the request waited behind the work ahead of it.
-    assert all("ingress.max_in_flight" in msg or "no replica can take this request now" in msg for _, msg in refusals), refusals
+    # Refused at once: by a bound (the ingress's gate, an arm's queue budget or its Serve queue
+    # bound), never by a deadline that passed while the request waited behind the work ahead of it.
+    bounds = ("ingress.max_in_flight", "queue_budget_s", "no replica can take this request now")
+    assert all(any(b in msg for b in bounds) for _, msg in refusals), refusals
     # The ingress's admission gate (auto: 2 arms x (2 + 2)) refused the excess before reading it,
     # naming its setting; the arms' own Serve bound stays behind it.
     at_gate = [msg for _, msg in refusals if "ingress.max_in_flight" in msg]
