@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("reliability", help="overload, replica kill, slow clients, drain: a table of outcomes (loopback only)")
     p.add_argument("--config", default=None, help="fleet config (default: configs/local.yaml)")
     p.add_argument("--duration", type=float, default=20.0, help="seconds per load scenario")
-    p.add_argument("--scenarios", default=None, type=_scenarios, help="comma-separated subset of overload,replica-kill,slow-clients,redis-kill,drain "
+    p.add_argument("--scenarios", default=None, type=_scenarios, help="comma-separated subset of overload,bursts,replica-kill,slow-clients,redis-kill,drain "
                    "(default: all; the capacity run always comes first: the others' rates follow it)")
     p.add_argument("--out", default="out/bench-reliability.json")
     p.set_defaults(func=cmd_bench_reliability)
