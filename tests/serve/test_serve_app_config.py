@@ -88,7 +88,7 @@ def test_admission_is_bounded_in_time_and_serves_counts_are_the_outer_bound():
     for arm in local.arms:
         # Every request of a spike reaches the replica, whose queue budget decides; Serve's counts
         # (and the ingress's gate derived from them) stay far above what the budget admits on 2 cores.
-        assert arm.queue_budget_s == 1.0 and arm.max_ongoing_requests >= 48 and arm.max_queued_requests >= 1
+        assert 0 < arm.queue_budget_s <= 1.0 and arm.max_ongoing_requests >= 48 and arm.max_queued_requests >= 1  # at most a second waits
     assert local.ingress.in_flight_limit(local.arms) == 2 * (64 + 32)
 
 
