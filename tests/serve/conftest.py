@@ -252,7 +252,13 @@ def ray_serve():
     import ray
     from ray import serve
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False, namespace="rerank-tests")
+    try:
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False, namespace="rerank-tests")
+    finally:
+        # Ray's processes have it now. Jobs the later tests start (the main job, the benches, in
+        # subprocesses) choose their own, and must not inherit this instance's HAProxy ports.
+        os.environ.clear()
+        os.environ.update(saved)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
@@ -260,8 +266,6 @@ def ray_serve():
     finally:
         serve.shutdown()
         ray.shutdown()
-        os.environ.clear()
-        os.environ.update(saved)  # later clusters (other test folders) choose their own mode
 
 
 def _deploy(base: str, name: str, prefix: str, fleet: dict, redis_url: str | None) -> RunningApp:
