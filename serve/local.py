@@ -86,16 +86,31 @@ def embedded_serve(fleet: FleetConfig, *, num_cpus: float | None = None, serve_m
             ray.shutdown()
 
 
-async def drain_and_shut_down(app_name: str, grace_s: float) -> int:
+async def drain(app_name: str, grace_s: float) -> int:
     """Ask the app's ingress to refuse new requests and wait for its in-flight ones (up to
-    `grace_s`), then shut Serve down; returns how many were still in flight (0: none dropped).
-    The drain is best effort: an app that never came up has nothing to drain."""
+    `grace_s`); returns how many were still in flight (0: none dropped). The handle is this call's
+    own, shut down in the calling loop: in throughput mode a handle routes in the loop it is used
+    from, and a cached one (`serve.get_app_handle`) would be shut down later, with the app, from
+    another loop, this one closed by then."""
+    from ray.serve.handle import DeploymentHandle
+
+    from serve.deploy_options import INGRESS_NAME
+
+    handle = DeploymentHandle(INGRESS_NAME, app_name).options(method_name="drain")
+    try:
+        return await asyncio.wait_for(handle.remote(grace_s), grace_s + 10)
+    finally:
+        await handle.shutdown_async()
+
+
+async def drain_and_shut_down(app_name: str, grace_s: float) -> int:
+    """`drain`, then shut Serve down; returns how many were still in flight (-1: the drain could
+    not be asked). The drain is best effort: an app that never came up has nothing to drain."""
     from ray import serve
 
     left = -1
     try:
-        handle = serve.get_app_handle(app_name).options(method_name="drain")
-        left = await asyncio.wait_for(handle.remote(grace_s), grace_s + 10)
+        left = await drain(app_name, grace_s)
     except Exception as e:  # noqa: BLE001 - shutting down anyway
         print(f"drain skipped ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
     if left > 0:
