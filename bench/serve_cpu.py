@@ -171,9 +171,29 @@ def measure_app(cpu: ServeCpu, app: str, url: str, bodies_1: list[dict], bodies_
         before = cpu.sample()
         latencies, wall = asyncio.run(closed_loop(url, bodies, n))
         after = cpu.sample()
-        ms = sorted(1000 * s for s in latencies)
-        out[f"in_flight_{n}"] = {
-            "requests": len(ms), "p50_ms": round(ms[len(ms) // 2], 2), "p95_ms": round(ms[min(len(ms) - 1, int(0.95 * len(ms)))], 2),
-            "req_per_s": round(len(ms) / wall, 2), **cpu.per_request(app, before, after, len(ms)),
-        }  # fmt: skip
+        out[f"in_flight_{n}"] = {**_latency_row(latencies, wall), **cpu.per_request(app, before, after, len(latencies))}
     return out
+
+
+def measure_at_rate(cpu: ServeCpu, app: str, base_url: str, bodies: list[dict], rate: float) -> dict[str, Any]:
+    """CPU per request by role with `len(bodies)` requests arriving at `rate` per second (open
+    loop): two apps measured at the same rate carry the same background work (controller, health
+    probes, metrics pushes) per request, whatever their capacity. Every answer must be a 200."""
+    from bench.reliability import open_loop
+
+    before = cpu.sample()
+    start = time.perf_counter()
+    result = asyncio.run(open_loop(base_url, rate, len(bodies) / rate, bodies))
+    wall = time.perf_counter() - start
+    after = cpu.sample()
+    statuses = Counter(o.status for o in result.outcomes)
+    if set(statuses) != {200}:
+        raise RuntimeError(f"{base_url} at {rate:.1f} req/s answered {dict(statuses)}: lower the rate")
+    latencies = [o.latency_s for o in result.outcomes]
+    return {"rate_req_per_s": round(rate, 1), **_latency_row(latencies, wall), **cpu.per_request(app, before, after, len(latencies))}
+
+
+def _latency_row(latencies: list[float], wall: float) -> dict[str, Any]:
+    ms = sorted(1000 * s for s in latencies)
+    return {"requests": len(ms), "p50_ms": round(ms[len(ms) // 2], 2), "p95_ms": round(ms[min(len(ms) - 1, int(0.95 * len(ms)))], 2),
+            "req_per_s": round(len(ms) / wall, 2)}  # fmt: skip

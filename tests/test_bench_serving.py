@@ -30,7 +30,7 @@ def results(fleet_cpu: float, echo_cpu: float, fleet_p50_1: float, engine_p50: f
     def app(cpu: float, p50_1: float) -> dict:
         row = {"requests": 96, "p50_ms": p50_1, "p95_ms": p50_1, "req_per_s": 1.0, "serve_path_cpu_ms": cpu, "not_counted_ms": {},
                "cpu_ms_per_request": {"proxy": cpu / 2, "ingress": cpu / 2, "arm machinery": 0.0, "engine": 0.0, "ledger": 0.0, "controller": 0.0}}  # fmt: skip
-        return {"in_flight_1": row, "in_flight_16": copy.deepcopy(row)}
+        return {"in_flight_1": row, "in_flight_16": copy.deepcopy(row), "equal_rate": {**copy.deepcopy(row), "rate_req_per_s": 40.0}}
 
     r = {
         "overhead": {"direct_ms": {"p50": engine_p50}},
@@ -48,8 +48,8 @@ def test_the_goals_are_judged_from_the_runs_figures():
     missed = results(fleet_cpu=30.0, echo_cpu=5.0, fleet_p50_1=20.0, engine_p50=8.0, rps_1=10.0, rps_32=12.0)
     assert [(g["value"], g["pass"]) for g in missed["goals"]] == [(6.0, False), (12.0, False), (1.2, False)]
     text = "\n".join(format_fleet_vs_echo(missed))
-    assert "FAIL  fleet's CPU outside the engine <= 2x the echo app's" in text and "6.0 (limit 2; 30.0 vs 5.0 ms)" in text
-    assert "| CPU ms/request, 16 in flight: proxy | 15.0 | 2.5 |" in text
+    assert "FAIL  fleet's CPU outside the engine <= 2x the echo app's (per request, both at 40.0 req/s): 6.0 (limit 2; 30.0 vs 5.0 ms" in text
+    assert "| CPU ms/request, both at 40.0 req/s: proxy | 15.0 | 2.5 |" in text
 
 
 def test_haproxy_mode_without_a_binary_fails_naming_what_is_missing(monkeypatch, tmp_path):
@@ -77,8 +77,9 @@ def test_bench_serving_measures_the_fleet_and_the_echo_app_per_role(tiny_model_d
     assert "fleet vs echo app, serve mode" in done.stdout and "[bench serving] 5/5" in done.stderr
     r = json.loads(out.read_text())
     fe = r["fleet_vs_echo"]
-    fleet, echo = fe["fleet"]["in_flight_4"], fe["echo"]["in_flight_4"]
-    for row in (fleet, echo):
+    fleet, echo = fe["fleet"]["equal_rate"], fe["echo"]["equal_rate"]
+    assert fleet["rate_req_per_s"] == echo["rate_req_per_s"] > 0 and fleet["requests"] == echo["requests"] == 48
+    for row in (fleet, echo, fe["fleet"]["in_flight_4"], fe["echo"]["in_flight_4"]):
         assert row["cpu_ms_per_request"]["ingress"] > 0 and row["cpu_ms_per_request"]["arm machinery"] > 0 and row["p50_ms"] > 0
         assert row["serve_path_cpu_ms"] == pytest.approx(sum(v for k, v in row["cpu_ms_per_request"].items() if k != "engine"), abs=0.05)
     assert fleet["cpu_ms_per_request"]["engine"] > 0 and echo["cpu_ms_per_request"]["engine"] == 0
