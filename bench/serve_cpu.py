@@ -17,6 +17,8 @@ production.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -48,6 +50,7 @@ class ServeProcess:
     role: str  # proxy, ingress, arm, ledger, controller
     app: str | None  # None: shared by every application
     actor: tuple[str, str] | None = None  # (name, namespace) of an arm replica, for its engine threads
+    node_id: str | None = None  # the Ray node it runs on (a haproxy process: its manager actor's)
 
 
 @dataclass
@@ -83,9 +86,55 @@ def serve_processes() -> list[ServeProcess]:
         role = _role(a["ActorClassName"])
         if role is not None and a["Pid"]:
             actor = (a["Name"], "serve") if role[0] == "arm" and a["Name"] else None
-            found.append(ServeProcess(a["Pid"], role[0], role[1], actor))
-    found += [ServeProcess(p.pid, "proxy", None) for p in psutil.process_iter(["name"]) if p.info["name"] == "haproxy"]
+            found.append(ServeProcess(a["Pid"], role[0], role[1], actor, a["Address"]["NodeID"]))
+    for manager in [p for p in found if p.role == "proxy"]:
+        # HAProxy runs in the foreground, a child of its manager actor (and no other instance's).
+        with contextlib.suppress(psutil.NoSuchProcess):
+            haproxy = [c.pid for c in psutil.Process(manager.pid).children() if c.name() == "haproxy"]
+            found += [ServeProcess(pid, "proxy", None, node_id=manager.node_id) for pid in haproxy]
     return found
+
+
+def placement() -> list[dict[str, Any]]:
+    """Where the Serve processes, Ray's daemons and this process (the load generator) run: role,
+    Ray node (head or worker) and the CPUs the kernel lets each run on (its affinity, as
+    /proc/<pid>/status Cpus_allowed_list writes it), with the pids that share that row."""
+    import psutil
+    import ray
+
+    heads = {n["NodeID"] for n in ray.nodes() if n["Alive"] and "node:__internal_head__" in n["Resources"]}
+    session = os.path.basename(ray._private.worker._global_node.get_session_dir_path())  # this cluster's daemons, no other's
+    rows: dict[tuple[str, str, str], list[int]] = {}
+    others = [(os.getpid(), "load generator", None)]
+    for p in psutil.process_iter(["name", "cmdline"]):
+        # A raylet names its node; the GCS runs on the head.
+        if p.info["name"] in RAY_DAEMONS and session in " ".join(p.info["cmdline"] or []):
+            named = [a.split("=", 1)[1] for a in p.info["cmdline"] if a.startswith("--node_id=")]
+            others.append((p.pid, p.info["name"], named[0] if named else next(iter(heads), None)))
+    for pid, role, node_id in [(p.pid, p.role, p.node_id) for p in serve_processes()] + others:
+        try:
+            cpus = _cpu_list(os.sched_getaffinity(pid))
+        except ProcessLookupError:  # ended since it was listed
+            continue
+        node = "" if node_id is None else "head" if node_id in heads else "worker"
+        rows.setdefault((role, node, cpus), []).append(pid)
+    return [{"role": r, "node": n, "cpus": c, "pids": sorted(pids)} for (r, n, c), pids in sorted(rows.items())]
+
+
+def format_placement(rows: list[dict[str, Any]]) -> str:
+    """`placement()` on one line: role on node, CPUs (how many processes)."""
+    return "; ".join(f"{r['role']}{' on ' + r['node'] if r['node'] else ''} CPU {r['cpus']} ({len(r['pids'])})" for r in rows)
+
+
+def _cpu_list(cpus: set[int]) -> str:
+    """CPU numbers as the kernel writes a Cpus_allowed_list (0-3,6)."""
+    runs: list[list[int]] = []
+    for c in sorted(cpus):
+        if runs and c == runs[-1][1] + 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
 
 
 class ServeCpu:
@@ -97,8 +146,6 @@ class ServeCpu:
         self.processes: dict[int, ServeProcess] = {}  # every one seen
 
     def sample(self) -> CpuSample:
-        import os
-
         import psutil
         import ray
 

@@ -6,6 +6,22 @@ request path (serve/request_path.py: HAProxy and throughput mode), serves HTTP o
 host (127.0.0.1 by default: HAProxy and the ingress replicas it forwards to listen there only), deploys `build_app`, waits until `/ready` says every arm scores, prints the URL and a sample request, and
 on SIGINT/SIGTERM drains (new requests get 503, in-flight ones finish within
 `http.drain_grace_s`) before it shuts Serve and Ray down.
+
+`embedded_serve`, the one place the main job and the benches start Ray and Serve, lays the
+processes out on this machine's CPUs in one of two layouts (`LAYOUTS`):
+
+- `shared`: one embedded Ray node on every core; the HTTP path (HAProxy, the ingress) and the arms
+  compete for the same CPUs. The main job's layout.
+- `split`: production's layout on one machine, for the benches: a simulated two-node Ray cluster.
+  The head node (GCS, Serve's controller, HAProxy, the ingress and the ledger) runs on the first
+  CPU this process may use, an arm node (the arm replicas) on the others, as a fleet puts its HTTP
+  path on head/CPU nodes and its arms on GPU nodes. The driver (a bench's load generator) stays on
+  the head's CPU, beside the HTTP path it loads.
+
+CPU affinity is inherited across fork and exec: each node's processes (GCS, raylet, the workers
+the raylet starts, HAProxy started by its manager actor) keep the CPUs the driver had when it
+started that node. Custom resources steer Serve's replicas to their node (`place`); Serve's
+controller and its one proxy (`proxy_location="HeadOnly"`, in both layouts) go to the head.
 """
 
 from __future__ import annotations
@@ -13,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
 import signal
 import socket
 import sys
@@ -21,11 +38,18 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from engine.errors import ConfigError
 from serve.config import FleetConfig
 from serve.request_path import DEFAULT_SERVE_MODE, set_local_ray_environment
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "local.yaml"
 READY_TIMEOUT_S = 900.0  # a first start may compile (vLLM) or build the offline model first
+LAYOUTS = ("shared", "split")
+DEFAULT_LAYOUT = "shared"
+HTTP_RESOURCE = "fleet_http"  # the head node's: the ingress and the ledger ask for one unit
+ARMS_RESOURCE = "fleet_arms"  # the arm node's: each arm replica asks for one unit
+# Each node holds as many units as any fleet here could ask for: the resources steer, they never limit.
+STEERING_UNITS = 1000.0
 
 
 def local_fleet(config_path: str | None, redis_url: str | None, port: int | None) -> FleetConfig:
@@ -53,37 +77,96 @@ def ray_cpus_for(fleet: FleetConfig) -> float:
     return float(max(2, math.ceil(required_resources(fleet)["CPU"] + 1.0)))
 
 
+def check_layout(layout: str) -> str:
+    if layout not in LAYOUTS:
+        raise ConfigError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    return layout
+
+
+def place(fleet: FleetConfig, layout: str) -> FleetConfig:
+    """The fleet with each deployment asking for its node's resource in `layout` (unchanged when
+    shared). Idempotent: a bench that deploys more apps beside the fleet (its echo app) builds them
+    from the placed fleet too."""
+    if check_layout(layout) == "shared":
+        return fleet
+    data = fleet.to_dict()
+    data["ingress"]["resources"] = {**data["ingress"]["resources"], HTTP_RESOURCE: 1.0}  # the ledger follows the ingress
+    for arm in data["arms"]:
+        arm["ray_actor_options"]["resources"] = {**arm["ray_actor_options"]["resources"], ARMS_RESOURCE: 1.0}
+    return FleetConfig.from_dict(data, source=f"layout {layout}")
+
+
+def split_cpus() -> tuple[set[int], set[int]]:
+    """(head CPUs, arm CPUs): the first CPU this process may use, and the rest."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        raise ConfigError(f"the split layout needs two CPUs or more; this process may use {allowed}")
+    return {allowed[0]}, set(allowed[1:])
+
+
 @contextlib.contextmanager
-def embedded_serve(fleet: FleetConfig, *, num_cpus: float | None = None, serve_mode: str = DEFAULT_SERVE_MODE) -> Iterator[str]:
-    """Embedded Ray + Serve running `fleet` in `serve_mode` (serve/request_path.py); yields the
-    base URL; shuts both down on exit. The model is made ready first (the offline one is built
-    here, with progress, if needed)."""
-    set_local_ray_environment(serve_mode, free_port=free_port)  # before Ray starts: every Ray process inherits it
+def local_ray(layout: str, num_cpus: float) -> Iterator[None]:
+    """A fresh local Ray instance in `layout`, the driver connected, for the block. `num_cpus` is
+    the logical CPUs the fleet reserves; in the split layout each node declares them all (the
+    custom resources decide which node takes a replica, never a shortage of logical CPUs)."""
     import ray
+
+    driver = {"log_to_driver": False, "configure_logging": False}
+    if check_layout(layout) == "shared":
+        # address="local": always a fresh embedded instance, never an existing cluster (RAY_ADDRESS).
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **driver)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+        return
+    from ray.cluster_utils import Cluster
+
+    head_cpus, arm_cpus = split_cpus()
+    before, cluster = os.sched_getaffinity(0), None
+    try:
+        os.sched_setaffinity(0, head_cpus)
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": num_cpus, "resources": {HTTP_RESOURCE: STEERING_UNITS},
+                                                                 "include_dashboard": False})  # fmt: skip
+        os.sched_setaffinity(0, arm_cpus)
+        cluster.add_node(num_cpus=num_cpus, resources={ARMS_RESOURCE: STEERING_UNITS})
+        os.sched_setaffinity(0, head_cpus)  # the driver's threads start from here: the load generator's CPU is the head's
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, **driver)
+        yield
+    finally:
+        try:
+            ray.shutdown()
+            if cluster is not None:
+                cluster.shutdown()
+        finally:
+            os.sched_setaffinity(0, before)
+
+
+@contextlib.contextmanager
+def embedded_serve(
+    fleet: FleetConfig, *, num_cpus: float | None = None, serve_mode: str = DEFAULT_SERVE_MODE, layout: str = DEFAULT_LAYOUT
+) -> Iterator[str]:
+    """Embedded Ray + Serve running `fleet` in `serve_mode` (serve/request_path.py) and `layout`
+    (`LAYOUTS`: shared cores, or the HTTP path and the arms on CPUs of their own);
+    yields the base URL; shuts both down on exit. The model is made ready first (the offline one
+    is built here, with progress, if needed)."""
+    set_local_ray_environment(serve_mode, free_port=free_port)  # before Ray starts: every Ray process inherits it
     from ray import serve
 
     from serve.app import APP_NAME, build_app, resolve_model
 
-    fleet = resolve_model(fleet)
-
-    ray.init(
-        address="local",  # always a fresh embedded instance, never an existing cluster (RAY_ADDRESS)
-        num_cpus=num_cpus or ray_cpus_for(fleet),
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=False,
-    )
-    try:
-        serve.start(http_options={"host": fleet.http.host, "port": fleet.http.port})
-        serve.run(build_app({"config": fleet.to_dict()}), name=APP_NAME, route_prefix=fleet.http.route_prefix)
-        yield f"http://{fleet.http.host}:{fleet.http.port}{fleet.http.route_prefix.rstrip('/')}"
-    finally:
+    fleet = place(resolve_model(fleet), layout)
+    with local_ray(layout, num_cpus or ray_cpus_for(fleet)):
         try:
+            # One proxy, on the head: a second HAProxy on this machine would fight for the port.
+            serve.start(proxy_location="HeadOnly", http_options={"host": fleet.http.host, "port": fleet.http.port})
+            serve.run(build_app({"config": fleet.to_dict()}), name=APP_NAME, route_prefix=fleet.http.route_prefix)
+            yield f"http://{fleet.http.host}:{fleet.http.port}{fleet.http.route_prefix.rstrip('/')}"
+        finally:
             # One event loop for the drain and the shutdown: in throughput mode a handle routes in
             # the loop it is used from, and Serve's shutdown closes that router there.
             asyncio.run(drain_and_shut_down(APP_NAME, fleet.http.drain_grace_s))
-        finally:
-            ray.shutdown()
 
 
 async def drain(app_name: str, grace_s: float) -> int:
