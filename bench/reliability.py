@@ -20,8 +20,9 @@ from typing import Any
 import aiohttp
 import httpx
 
-from bench.serve_cpu import PROXY_CLASSES
+from bench.serve_cpu import PROXY_CLASSES, format_placement
 from bench.serving import image_request, text_requests
+from serve.local import DEFAULT_LAYOUT
 
 HUNG_S = 30.0  # a request not answered within this is counted "hung" (and abandoned)
 
@@ -88,10 +89,14 @@ CPU_ROLES = (("Arm-", "arms"), (":Ingress", "ingress"), *((c, "proxy") for c in 
 class CpuUse:
     """Cores each role of the local app used over a span (process CPU time / wall time): arm
     replicas, the ingress, Serve's HTTP proxy, the rest of Ray, and this process (the load
-    generator). Shows where a 2-core machine's CPU goes when the HTTP path competes with the arms."""
+    generator); and how busy each CPU was. Shows where a 2-core machine's CPU goes when the HTTP
+    path competes with the arms, and in the split layout whether the HTTP path's CPU ran out."""
 
     def __init__(self):
+        import psutil
+
         self._start = self._sample()
+        self._cpus = psutil.cpu_times(percpu=True)
         self._t0 = time.perf_counter()
 
     @staticmethod
@@ -113,6 +118,20 @@ class CpuUse:
         for pid, (role, cpu) in self._sample().items():
             used[role] += cpu - self._start.get(pid, (role, 0.0))[1]
         return {role: round(v / wall, 2) for role, v in used.most_common()}
+
+    def busy(self) -> dict[str, float]:
+        """CPU number -> the share of the span it was busy (not idle or waiting on I/O)."""
+        import psutil
+
+        out = {}
+        for cpu, (a, b) in enumerate(zip(self._cpus, psutil.cpu_times(percpu=True))):
+            total = sum(b) - sum(a)
+            out[str(cpu)] = round(1 - (b.idle + b.iowait - a.idle - a.iowait) / total, 2) if total > 0 else 0.0
+        return out
+
+    def figures(self) -> dict[str, dict[str, float]]:
+        """A report row's CPU figures: cores per role, busy share per CPU."""
+        return {"cpu_cores": self.cores(), "cpu_busy": self.busy()}
 
 
 def check_loopback(base_url: str) -> None:
@@ -351,9 +370,11 @@ def check_scenarios(names: list[str] | tuple[str, ...]) -> list[str]:
 
 
 def run_reliability_bench(*, config: str | None = None, duration_s: float = 20.0, out: str | Path = "out/bench-reliability.json",
-                          scenarios: list[str] | tuple[str, ...] = SCENARIOS) -> dict[str, Any]:  # fmt: skip
-    """The scenarios against one embedded local app (the main job's config), one after another,
-    after a closed-loop capacity run whose rate the others' open loops are set from."""
+                          scenarios: list[str] | tuple[str, ...] = SCENARIOS, layout: str = DEFAULT_LAYOUT) -> dict[str, Any]:  # fmt: skip
+    """The scenarios against one embedded local app (the main job's config) in `layout`
+    (serve/local.py), one after another, after a closed-loop capacity run whose rate the
+    others' open loops are set from."""
+    from bench.serve_cpu import placement
     from serve.deploy_options import APP_NAME
     from serve.local import embedded_serve, local_fleet
 
@@ -363,16 +384,17 @@ def run_reliability_bench(*, config: str | None = None, duration_s: float = 20.0
     bodies = text_requests(256, 8, seed=3)
     images = [image_request([i % 12, 100 + i % 7], 160) for i in range(64)]  # repeats: cache hits while Redis lives
     rows: list[dict[str, Any]] = []
-    with embedded_serve(fleet) as base:
+    with embedded_serve(fleet, layout=layout) as base:
+        where = placement()
         asyncio.run(closed_loop_capacity(base, 8, 3.0, bodies))  # warm-up
         cpu = CpuUse()
         capacity, at_capacity = asyncio.run(closed_loop_capacity(base, 8, duration_s, bodies))
-        rows.append(at_capacity.row("capacity (closed loop, 8 clients)", req_per_s=round(capacity, 1), cpu_cores=cpu.cores()))
+        rows.append(at_capacity.row("capacity (closed loop, 8 clients)", req_per_s=round(capacity, 1), **cpu.figures()))
         if "overload" in scenarios:
             cpu = CpuUse()
             overload = asyncio.run(open_loop(base, 2 * capacity, duration_s, bodies))
             rows.append(overload.row(f"2x capacity (open loop, {2 * capacity:.0f} req/s)", answered_req_per_s=round(overload.answered / duration_s, 1),
-                                     answered_of_capacity=round(overload.answered / duration_s / capacity, 2), cpu_cores=cpu.cores()))  # fmt: skip
+                                     answered_of_capacity=round(overload.answered / duration_s / capacity, 2), **cpu.figures()))  # fmt: skip
         if "bursts" in scenarios:
             arm = fleet.arms[0].name
             spikes = asyncio.run(bursts(base, bodies, headers={fleet.router.pin_header: arm}))
@@ -385,8 +407,8 @@ def run_reliability_bench(*, config: str | None = None, duration_s: float = 20.0
             rows.append(asyncio.run(redis_kill(base, redis, 0.5 * capacity, duration_s, images)))
         if "drain" in scenarios:
             rows.append(asyncio.run(drain_under_load(base, 0.5 * capacity, 6.0, bodies, fleet.http.drain_grace_s, APP_NAME)))
-    report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-              "config": config or "configs/local.yaml", "capacity_req_per_s": capacity, "rows": rows}  # fmt: skip
+    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+              "config": config or "configs/local.yaml", "layout": layout, "placement": where, "capacity_req_per_s": capacity, "rows": rows}  # fmt: skip
     print(format_table(report))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(report, indent=2))
@@ -395,7 +417,8 @@ def run_reliability_bench(*, config: str | None = None, duration_s: float = 20.0
 
 def format_table(report: dict[str, Any]) -> str:
     cols = ["sent", "200", "4xx", "503", "other", "hung", "p50_ms", "p99_ms", "refusal_p99_ms", "max_ms"]
-    lines = [f"reliability, {report['machine']}, {report['config']}, capacity {report['capacity_req_per_s']:.1f} req/s",
+    lines = [f"reliability, {report['machine']}, {report['config']}, layout {report['layout']}, capacity {report['capacity_req_per_s']:.1f} req/s",
+             f"placement: {format_placement(report['placement'])}",
              "| scenario | " + " | ".join(cols) + " | notes |", "|---|" + "--:|" * len(cols) + "---|"]  # fmt: skip
     for r in report["rows"]:
         notes = {k: v for k, v in r.items() if k not in cols and k != "scenario"}

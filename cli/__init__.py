@@ -31,6 +31,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-pixels", type=int, default=None)
 
 
+def _add_layout_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--layout", default="shared", choices=["shared", "split"],
+                   help="shared: every process on every core (the main job's); split: production's layout on this machine, the HTTP "
+                   "path (head node: HAProxy, ingress, ledger, controller, and the load generator) on the first CPU and the arm "
+                   "replicas (a second Ray node) on the others (serve/local.py)")  # fmt: skip
+
+
 def _engine_config(args):
     from engine.config import EngineConfig
 
@@ -119,7 +126,7 @@ def cmd_bench_engine(args) -> int:
 def cmd_bench_serving(args) -> int:
     from bench.serving import run_serving_bench
 
-    run_serving_bench(out=args.out, serve_mode=args.serve_mode, in_flight=args.in_flight, compare_requests=args.compare_requests)
+    run_serving_bench(out=args.out, serve_mode=args.serve_mode, in_flight=args.in_flight, compare_requests=args.compare_requests, layout=args.layout)
     return 0
 
 
@@ -135,7 +142,7 @@ def _scenarios(text: str) -> list[str]:
 def cmd_bench_reliability(args) -> int:
     from bench.reliability import SCENARIOS, run_reliability_bench
 
-    run_reliability_bench(config=args.config, duration_s=args.duration, out=args.out, scenarios=args.scenarios or SCENARIOS)
+    run_reliability_bench(config=args.config, duration_s=args.duration, out=args.out, scenarios=args.scenarios or SCENARIOS, layout=args.layout)
     return 0
 
 
@@ -242,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Ray Serve's request path for the fleet and the echo app alike (serve/request_path.py; default: the main job's)")
     p.add_argument("--in-flight", type=int, default=16, help="requests in flight for the fleet-vs-echo CPU and p50 figures")
     p.add_argument("--compare-requests", type=int, default=96, help="requests per app at --in-flight")
+    _add_layout_arg(p)
     p.set_defaults(func=cmd_bench_serving)
     p = bench.add_parser("backends", help="vLLM backend vs transformers engine, alone and through Serve (vLLM environment)")
     p.add_argument("--model", default="tiny")
@@ -256,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scenarios", default=None, type=_scenarios, help="comma-separated subset of overload,bursts,replica-kill,slow-clients,redis-kill,drain "
                    "(default: all; the capacity run always comes first: the others' rates follow it)")
     p.add_argument("--out", default="out/bench-reliability.json")
+    _add_layout_arg(p)
     p.set_defaults(func=cmd_bench_reliability)
 
     p = sub.add_parser("eval", help="ranking fidelity against a reference precision")

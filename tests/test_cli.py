@@ -57,6 +57,20 @@ def test_bench_reliability_prints_its_table_and_where_the_cpu_went(tiny_model_di
     assert overload["max_ms"] >= overload["p99_ms"] and 0 < overload["answered_of_capacity"]
     for row in (capacity, overload):
         assert row["cpu_cores"]["arms"] > 0.1 and row["cpu_cores"]["load generator"] > 0 and row["cpu_cores"]["ingress"] > 0
+        assert row["cpu_busy"] and all(0 <= v <= 1 for v in row["cpu_busy"].values())
+    assert report["layout"] == "shared" and {"arm", "ingress", "proxy", "load generator"} <= {r["role"] for r in report["placement"]}
+    assert "layout shared" in done.stdout and "placement: " in done.stdout
+
+
+def test_the_benches_take_a_layout_and_refuse_an_unknown_one(capsys):
+    from cli import build_parser
+
+    for bench in ("reliability", "serving"):
+        assert build_parser().parse_args(["bench", bench]).layout == "shared"
+        assert build_parser().parse_args(["bench", bench, "--layout", "split"]).layout == "split"
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "reliability", "--layout", "spread"])
+    assert e.value.code == 2 and "argument --layout: invalid choice: 'spread'" in capsys.readouterr().err
 
 
 def test_an_unknown_reliability_scenario_is_a_one_line_usage_error(capsys):
