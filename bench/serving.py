@@ -122,9 +122,10 @@ def run_serving_bench(
     serve_mode: str | None = None,
     in_flight: int = 16,
     compare_requests: int = 96,
+    layout: str = "shared",
 ) -> dict[str, Any]:
     from bench.fleet_vs_echo import fleet_vs_echo, goal_verdicts, set_serve_mode
-    from bench.serve_cpu import closed_loop
+    from bench.serve_cpu import closed_loop, format_placement, placement
     from serve.request_path import DEFAULT_SERVE_MODE
 
     serve_mode = serve_mode or DEFAULT_SERVE_MODE
@@ -134,10 +135,11 @@ def run_serving_bench(
     from ray import serve
 
     from engine.engine import RerankEngine
-    from serve.local import embedded_serve
+    from serve.local import embedded_serve, place
     from workshop.tiny import resolve_source
 
-    fleet = bench_fleet(model_source, port, redis_url, max_batch_size=concurrency, num_cpus=num_cpus)
+    # Placed here too (serve/local.py), so the echo app built from it goes where the fleet's deployments go.
+    fleet = place(bench_fleet(model_source, port, redis_url, max_batch_size=concurrency, num_cpus=num_cpus), layout)
     load = text_requests(requests, docs_per_request)
     burst = text_requests(requests * 3, docs_per_request, seed=1)
     results: dict[str, Any] = {}
@@ -145,7 +147,7 @@ def run_serving_bench(
     note(f"starting Ray and the fleet (serve mode {serve_mode}: {serve_env})")
     # Logical CPUs: the fleet's arm and ingress, the echo app's (the same reservations), one for Serve.
     ray_cpus = 2 * num_cpus + 1
-    with embedded_serve(fleet, num_cpus=ray_cpus, serve_mode=serve_mode) as base, httpx.Client(base_url=base, timeout=300) as client:
+    with embedded_serve(fleet, num_cpus=ray_cpus, serve_mode=serve_mode, layout=layout) as base, httpx.Client(base_url=base, timeout=300) as client:
         arm = serve.get_deployment_handle("Arm-fp32", app_name="rerank")
         arm._init(_run_router_in_separate_loop=True)  # a handle called from sync code, whatever the Serve mode's default
         arm_info = arm.describe.remote().result()
@@ -270,6 +272,7 @@ def run_serving_bench(
         # 5. The fleet against the echo app, same Serve instance and settings, one after the other.
         results["fleet_vs_echo"] = fleet_vs_echo(fleet, base, load, text_requests(compare_requests, docs_per_request, seed=2), in_flight, serve_mode, serve_env)
         results["goals"] = goal_verdicts(results)
+        where = placement()
 
     results["setup"] = {
         "date": dt.date.today().isoformat(),
@@ -277,6 +280,8 @@ def run_serving_bench(
         "fleet": "one fp32 arm, 1 replica, no shadow, in-process feature cache" + (f" + Redis {redis_url}" if redis_url else ""),
         "ray_num_cpus": ray_cpus,
         "serve_mode": serve_mode,
+        "layout": layout,
+        "placement": where,
         "load_average_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "torch_threads": int(arm_info["torch_threads"]),
         "model": model_source,
@@ -285,6 +290,7 @@ def run_serving_bench(
     out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_text(json.dumps(results, indent=2))
     print(format_table(results))
+    print(f"layout {layout}: {format_placement(where)}")
     print(f"written {out_file}")
     return results
 
