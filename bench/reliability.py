@@ -341,8 +341,14 @@ class PrivateRedis:
         raise RuntimeError("the private redis-server did not start")
 
     def kill(self) -> None:
-        self.proc.kill()
+        self.proc.kill()  # a no-op once it is gone
         self.proc.wait()
+
+    def __enter__(self) -> PrivateRedis:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()  # whether or not a scenario killed it: a bench never leaves a redis-server behind
 
 
 async def redis_kill(base_url: str, redis: PrivateRedis, rate: float, duration_s: float, bodies: list[dict]) -> dict[str, Any]:
@@ -384,7 +390,7 @@ def run_reliability_bench(*, config: str | None = None, duration_s: float = 20.0
     bodies = text_requests(256, 8, seed=3)
     images = [image_request([i % 12, 100 + i % 7], 160) for i in range(64)]  # repeats: cache hits while Redis lives
     rows: list[dict[str, Any]] = []
-    with embedded_serve(fleet, layout=layout) as base:
+    with redis, embedded_serve(fleet, layout=layout) as base:
         where = placement()
         asyncio.run(closed_loop_capacity(base, 8, 3.0, bodies))  # warm-up
         cpu = CpuUse()
