@@ -6,6 +6,14 @@ refused at once, before any work is done (the arm raises, the ingress answers 50
 Retry-After). Work is counted in pairs (query x document): a request of 100 documents is not a
 request of 1. An idle replica admits any request: nothing waits ahead of it.
 
+The same gate runs twice: in the arm replica (its own queue, the authority) and in each ingress
+replica (`serve.arm_calls`), over the pairs that ingress has in flight to the arm and the rate at
+which the arm answers them, measured the same way. One ingress's share of the arm's queue over
+its share of the arm's throughput is the arm's wait, so the ingress refuses what the arm would
+(slightly sooner: its count includes calls still in transit), and an arm under sustained overload
+spends no CPU on refusals (each cost the arm ~1.8 ms of its core through Serve's call path). The
+ingress's gate has no rate until its first answer comes back (`start=None`): until then it admits.
+
 The service rate is measured while the replica is busy: pairs finished over the busy seconds they
 took (from work reaching an idle replica, or from the previous finish, to this finish),
 exponentially weighted over the last `window_s` busy seconds. Idle time counts for nothing, and
@@ -27,11 +35,12 @@ RATE_WINDOW_S = 2.0  # busy seconds the rate looks back over: several batches, s
 
 
 class QueueBudget:
-    def __init__(self, budget_s: float, start: tuple[int, float], *, window_s: float = RATE_WINDOW_S,
+    def __init__(self, budget_s: float, start: tuple[int, float] | None, *, window_s: float = RATE_WINDOW_S,
                  clock: Callable[[], float] = time.monotonic):  # fmt: skip
-        """`start`: (pairs, seconds) of a request scored before any traffic, the first measurement."""
-        pairs, seconds = start
-        if not (budget_s > 0 and window_s > 0 and pairs > 0 and seconds > 0):
+        """`start`: (pairs, seconds) of a request scored before any traffic, the first measurement;
+        None: no measurement yet, every request is admitted until the first scored finish."""
+        pairs, seconds = start or (0, 0.0)
+        if not (budget_s > 0 and window_s > 0 and (start is None or (pairs > 0 and seconds > 0))):
             raise ValueError(f"budget_s, window_s and the start's pairs and seconds must be positive, got {budget_s}, {window_s}, {start}")
         self.budget_s = budget_s
         self.queued = 0  # pairs admitted and not finished
@@ -43,12 +52,17 @@ class QueueBudget:
 
     @property
     def rate(self) -> float:
-        """Pairs per busy second."""
-        return self._pairs / self._seconds
+        """Pairs per busy second (infinite before the first measurement)."""
+        return self._pairs / self._seconds if self._seconds > 0 else math.inf
 
     def wait_s(self) -> float:
         """Expected seconds before a request admitted now starts: the work queued ahead of it."""
         return self.queued / self.rate
+
+    def refusal(self, arm: str) -> str:
+        """What a refused client is told (the arm's replica and the ingress say the same)."""
+        return (f"overloaded: arm {arm!r} has about {self.wait_s():.2f} s of work queued ({self.queued} pairs at {self.rate:.0f} pairs/s), "
+                f"over its queue_budget_s of {self.budget_s:g} s; retry later")  # fmt: skip
 
     def admit(self, pairs: int) -> bool:
         """Take `pairs` into the queue if the wait ahead of them is within the budget; a refusal

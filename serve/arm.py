@@ -174,12 +174,8 @@ class ArmReplica:
         """Refuse at once, before any work, when the wait ahead is over the budget: a burst within
         it is served, sustained overload is refused fast (and counts as refused, not as the arm's
         failure)."""
-        budget = self.admission
-        if not budget.admit(pairs):
-            raise ServiceUnavailable(
-                f"overloaded: arm {self.arm.name!r} has about {budget.wait_s():.2f} s of work queued ({budget.queued} pairs at "
-                f"{budget.rate:.0f} pairs/s), over its queue_budget_s of {budget.budget_s:g} s; retry later"
-            )
+        if not self.admission.admit(pairs):
+            raise ServiceUnavailable(self.admission.refusal(self.arm.name))
 
     async def _calibrate(self) -> tuple[int, float]:
         """(pairs, seconds) of `CALIBRATION` scored alone, after one warm-up run (first calls pay

@@ -22,9 +22,10 @@ from ray.serve.handle import DeploymentHandle
 from engine.errors import InputError
 from engine.inputs import ScoreRequest
 from serve.arm_arrival import await_arms, deployment_states, unplaced_arms
+from serve.admission import QueueBudget
 from serve.arm_result import ArmResult
 from serve.config import FleetConfig
-from serve.errors import ArmDown, FeaturesMissing, classify, unwrap
+from serve.errors import ArmDown, FeaturesMissing, ServiceUnavailable, classify, unwrap
 from serve.fetch import MediaFetcher
 from serve.health import ArmHealth
 from serve.replica_table import live_replicas
@@ -66,6 +67,9 @@ class ArmCalls:
         router = fleet.router
         self.health = ArmHealth(self.arms, failure_threshold=router.failure_threshold, probe_interval_s=router.probe_interval_s)
         self._gone: dict[str, asyncio.Event] = {}  # set when an arm leaves routed traffic: its waiting calls fail over
+        # Each arm's queue budget as this ingress sees it (serve/admission.py): work the arm would
+        # refuse is refused here, before it costs the arm's CPU.
+        self.queues = {a.name: QueueBudget(a.queue_budget_s, None) for a in fleet.arms}
 
     async def await_arms(self) -> None:
         """Elastic clusters: wait until every arm answers, or `cluster.arm_grace_s` after the first
@@ -111,6 +115,18 @@ class ArmCalls:
             return await self._call(arm, await self.fetcher.with_bytes(job, set(missing.digests)), deadline)
 
     async def _call(self, arm: str, job: ScoreRequest, deadline: float) -> ArmResult:
+        queue, pairs = self.queues[arm], len(job.documents)
+        if not queue.admit(pairs):
+            raise ServiceUnavailable(queue.refusal(arm))
+        scored = False
+        try:
+            result = await self._call_admitted(arm, job, deadline)
+            scored = True
+            return result
+        finally:
+            queue.finished(pairs, scored=scored)
+
+    async def _call_admitted(self, arm: str, job: ScoreRequest, deadline: float) -> ArmResult:
         budget = max(0.0, deadline - time.monotonic())
         response = self._score[arm].remote(job, budget)
         call = asyncio.ensure_future(_awaited(response))

@@ -95,3 +95,18 @@ def test_the_start_is_the_first_measurement_and_must_be_one():
             QueueBudget(1.0, bad)
     with pytest.raises(ValueError):
         QueueBudget(0.0, (8, 0.02))
+
+
+def test_a_gate_without_a_measurement_admits_until_the_first_scored_finish_then_judges():
+    """The ingress's copy of an arm's gate starts with no rate: it admits everything (the arm's own
+    gate decides) until an answer measures the rate, then refuses past the budget like the arm."""
+    clock = Clock()
+    q = QueueBudget(0.5, None, clock=clock)
+    assert q.rate == float("inf") and all(q.admit(100) for _ in range(5))  # 500 pairs in flight, nothing known
+    clock.now += 1.0
+    q.finished(100, scored=True)  # 100 pairs in the first busy second: 100 pairs/s
+    assert q.rate == pytest.approx(100)
+    assert not q.admit(8)  # 400 pairs ahead, 4 s: refused
+    assert "overloaded: arm 'nf4' has about 4.00 s of work queued (400 pairs at 100 pairs/s), over its queue_budget_s of 0.5 s" in q.refusal("nf4")
+    with pytest.raises(ValueError):
+        QueueBudget(0.5, (0, 1.0))
