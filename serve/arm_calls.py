@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
 
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
@@ -56,7 +57,8 @@ def time_budget(header: str | None, limit_s: float) -> float:
 
 
 class ArmCalls:
-    def __init__(self, fleet: FleetConfig, handles: dict[str, DeploymentHandle], app_name: str, fetcher: MediaFetcher):
+    def __init__(self, fleet: FleetConfig, handles: dict[str, DeploymentHandle], app_name: str, fetcher: MediaFetcher,
+                 on_refusal: Callable[[str], None] = lambda arm: None):  # fmt: skip
         self.fleet = fleet
         self.fetcher = fetcher
         self.arms = list(handles)
@@ -70,6 +72,7 @@ class ArmCalls:
         # Each arm's queue budget as this ingress sees it (serve/admission.py): work the arm would
         # refuse is refused here, before it costs the arm's CPU.
         self.queues = {a.name: QueueBudget(a.queue_budget_s, None) for a in fleet.arms}
+        self._on_refusal = on_refusal  # a metric: the arm's refusals made here
 
     async def await_arms(self) -> None:
         """Elastic clusters: wait until every arm answers, or `cluster.arm_grace_s` after the first
@@ -117,6 +120,7 @@ class ArmCalls:
     async def _call(self, arm: str, job: ScoreRequest, deadline: float) -> ArmResult:
         queue, pairs = self.queues[arm], len(job.documents)
         if not queue.admit(pairs):
+            self._on_refusal(arm)
             raise ServiceUnavailable(queue.refusal(arm))
         scored = False
         try:

@@ -36,7 +36,10 @@ class Ingress:
         self.metrics = metrics = IngressMetrics()
         memo = FeatureCache(fleet.cache, key_prefix="rerank:", on_event=lambda e, n: metrics.memo_events.inc(n, tags={"event": e}))
         self.fetcher = MediaFetcher(fleet.limits, memo=memo)
-        self.calls = ArmCalls(fleet, arms, serve.get_replica_context().app_name, self.fetcher)
+        self.calls = ArmCalls(
+            fleet, arms, serve.get_replica_context().app_name, self.fetcher,
+            on_refusal=lambda arm: metrics.refusals.inc(tags={"arm": arm, "reason": "queue_budget"}),
+        )  # fmt: skip
         self.experiment = ExperimentTraffic(fleet, ledger, self.calls, metrics)
         admission = Admission(
             fleet.ingress.in_flight_limit(fleet.arms),

@@ -19,4 +19,8 @@ class IngressMetrics:
             [0.1, 0.5, 0.8, 0.9, 0.95, 0.99, 1.0], ("arm", "metric"),
         )  # fmt: skip
         self.shadow_failures = metrics.Counter("rerank_shadow_failures", "Shadow calls failed or dropped.", ("arm", "reason"))
+        self.refusals = metrics.Counter(
+            "rerank_ingress_refusals", "Arm calls the ingress refused before making them, by arm and reason "
+            "(queue_budget: over the arm's queue_budget_s as this ingress sees it; serve/admission.py).", ("arm", "reason"),
+        )  # fmt: skip
         self.memo_events = metrics.Counter("rerank_url_memo_events", "URL-memo cache events of the ingress.", ("event",))
