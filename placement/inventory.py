@@ -362,6 +362,10 @@ class DeploymentSpec(_Strict):
         "kuberay-system", pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", description="Namespace of the KubeRay operator: "
         "the Ray pods' NetworkPolicy admits it to the dashboard (Serve config, health) and nobody else outside the fleet.",
     )
+    monitoring_namespace: str = Field(
+        "monitoring", pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", description="Namespace of Prometheus (kube-prometheus-stack): "
+        "the Ray pods' NetworkPolicy admits it to each pod's metrics port (8080), which the rendered PodMonitor scrapes.",
+    )
     gcs_storage_gib: int = Field(2, ge=1, description="Persistent volume of the GCS fault-tolerance Redis (k8s).")
     redis_image: str = Field(
         "docker.io/library/redis:7.4.2-alpine", pattern=IMAGE_PATTERN, description="Redis image of both k8s Redis servers (pin a digest where your registry mirrors it).",

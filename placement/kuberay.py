@@ -13,6 +13,7 @@ import json
 import math
 
 from placement import feature_cache, k8s
+from placement.grafana import RAY_METRICS_PORT
 from placement.inventory import Inventory, NodeType
 from placement.planner import PlacementReport
 from placement.machines import cloud_node, gpu_machine
@@ -322,11 +323,13 @@ def render_rayservice(report: PlacementReport) -> Rendered:
 
 def render_network_policy(report: PlacementReport) -> dict:
     """The Ray pods' NetworkPolicy: each other on every port; the KubeRay operator on the dashboard
-    and agent ports (Serve config, health); anyone on the Serve HTTP port (clients come through the
-    Service or a load balancer). Nothing else reaches the dashboard, whose job API runs code."""
+    and agent ports (Serve config, health); Prometheus on the metrics agents' port (read-only
+    metrics: `placement.grafana`); anyone on the Serve HTTP port (clients come through the Service
+    or a load balancer). Nothing else reaches the dashboard, whose job API runs code."""
     deployment = report.inventory.deployment
     ray_pods = k8s.ray_pod_label(deployment)
     operator = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": deployment.kuberay_namespace}}}
+    prometheus = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": deployment.monitoring_namespace}}}
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -337,6 +340,7 @@ def render_network_policy(report: PlacementReport) -> dict:
             "ingress": [
                 {"from": [{"podSelector": {"matchLabels": ray_pods}}]},
                 {"from": [operator], "ports": [{"protocol": "TCP", "port": 8265}, {"protocol": "TCP", "port": 52365}]},
+                {"from": [prometheus], "ports": [{"protocol": "TCP", "port": RAY_METRICS_PORT}]},
                 {"ports": [{"protocol": "TCP", "port": SERVE_HTTP_PORT}]},
             ],
         },

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from placement.cloud_setup import render_eksctl, render_gke_script
+from placement.grafana import dashboard_json, render_dashboard_configmap, render_pod_monitor
 from placement.inventory import Inventory
 from placement.kuberay import render_ingress_budget, render_network_policy, render_rayservice
 from placement.planner import PlacementReport, plan_placement
@@ -21,7 +22,8 @@ EXAMPLE_INVENTORY = "configs/placement-example.yaml"
 OUTPUT_FILES = {
     "serve": "serve.yaml", "aws": "aws.yaml", "gcp": "gcp.yaml", "rayservice": "rayservice.yaml", "redis": "redis.yaml",
     "network": "network-policy.yaml", "disruption": "disruption-budgets.yaml", "weights": "weights.yaml",
-    "eksctl": "eksctl.yaml", "gke": "gke.sh",
+    "eksctl": "eksctl.yaml", "gke": "gke.sh", "dashboard": "grafana-dashboard.yaml", "dashboard_json": "grafana-dashboard.json",
+    "monitor": "pod-monitor.yaml",
 }  # fmt: skip
 EXAMPLE_FILES = {
     "serve": "configs/serve-example.yaml",
@@ -33,6 +35,9 @@ EXAMPLE_FILES = {
     "disruption": "k8s/disruption-budgets.yaml",
     "weights": "k8s/weights.yaml",
     "eksctl": "k8s/eksctl-example.yaml",
+    "dashboard": "k8s/grafana-dashboard.yaml",
+    "dashboard_json": "k8s/grafana-dashboard.json",
+    "monitor": "k8s/pod-monitor.yaml",
 }
 
 
@@ -70,6 +75,13 @@ def render_outputs(report: PlacementReport, source: str) -> dict[str, str]:
         outputs["disruption"] = _header(source, "PodDisruptionBudget of the ingress pods (the Redis servers have theirs in redis.yaml).") + dump_yaml(
             render_ingress_budget(report)
         )
+        outputs["dashboard"] = _header(
+            source, "The fleet's Grafana dashboard for Grafana's dashboard sidecar (kube-prometheus-stack; README, Dashboard).",
+        ) + dump_yaml(render_dashboard_configmap(report))
+        outputs["dashboard_json"] = dashboard_json()  # the same dashboard, to import in Grafana's UI
+        outputs["monitor"] = _header(
+            source, "PodMonitor (prometheus-operator): Prometheus scrapes the metrics agent of every Ray pod of the fleet.",
+        ) + dump_yaml(render_pod_monitor(report))
         platform = report.inventory.deployment.k8s_platform
         if platform == "eks":
             outputs["eksctl"] = _header(source, "EKS cluster and node groups for this plan (eksctl create cluster -f eksctl.yaml; docs/DEPLOY.md).") + dump_yaml(

@@ -232,7 +232,8 @@ def test_cli_prints_the_table_and_writes_every_file(tmp_path, capsys):
     assert "bf16 on t4: bf16 needs compute capability >= 8.0" in out
     assert "bf16-l4: off (no image traffic)" in out  # the small inventory is text only: no arm caches features
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "aws.yaml", "disruption-budgets.yaml", "gcp.yaml", "gke.sh", "network-policy.yaml", "rayservice.yaml", "redis.yaml", "serve.yaml"]  # gke: its script; no filled volume: no weights.yaml
+        "aws.yaml", "disruption-budgets.yaml", "gcp.yaml", "gke.sh", "grafana-dashboard.json", "grafana-dashboard.yaml", "network-policy.yaml",
+        "pod-monitor.yaml", "rayservice.yaml", "redis.yaml", "serve.yaml"]  # gke: its script; no filled volume: no weights.yaml
 
 
 def test_cli_image_replaces_the_inventorys_and_is_validated(tmp_path, capsys):
