@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
@@ -85,14 +85,14 @@ class ArmCalls:
 
     # ------------------------------------------------------------------ calls
 
-    async def call_with_failover(self, decision: RouteDecision, job: ScoreRequest, deadline: float, router: ArmRouter) -> tuple[ArmResult, RouteDecision]:
+    async def call_with_failover(self, decision: RouteDecision, jobs: Sequence[ScoreRequest], deadline: float, router: ArmRouter) -> tuple[ArmResult, RouteDecision]:
         """Call the routed arm; if its replica is gone, the arm leaves routed traffic and (unless
         the request was pinned) the request is retried once on another arm: scoring is idempotent.
         A refusal by the arm's queue budget is answered (503 + Retry-After), not retried elsewhere:
         moving an overloaded arm's traffic to the others would skew the experiment's split and hide
         the arm's latency, and under fleet-wide overload would double every refusal's cost."""
         try:
-            return await self.call(decision.arm, job, deadline), decision
+            return await self.call_all(decision.arm, jobs, deadline), decision
         except Exception as e:
             if not isinstance(unwrap(e), ARM_GONE) or decision.reason == "pinned":
                 raise
@@ -101,7 +101,20 @@ class ArmCalls:
                 raise
             log.warning("arm %s is gone (%s); retrying the request on arm %s", decision.arm, type(unwrap(e)).__name__, other)
             decision = replace(decision, arm=other, reason="failover", shadow_arm=None)
-            return await self.call(other, job, deadline), decision
+            return await self.call_all(other, jobs, deadline), decision
+
+    async def call_all(self, arm: str, jobs: Sequence[ScoreRequest], deadline: float) -> ArmResult:
+        """One request's engine requests (several only for a score request's N:N pairs) on one
+        arm at once: one result, the scores in request order. The first failure cancels the rest."""
+        if len(jobs) == 1:
+            return await self.call(arm, jobs[0], deadline)
+        calls = [asyncio.ensure_future(self.call(arm, job, deadline)) for job in jobs]
+        try:
+            return ArmResult.concat(await asyncio.gather(*calls))
+        except BaseException:
+            for c in calls:
+                c.cancel()
+            raise
 
     async def call(self, arm: str, job: ScoreRequest, deadline: float | None = None) -> ArmResult:
         """Call an arm within the request's deadline (the arm refuses work not started within the

@@ -17,3 +17,17 @@ class ArmResult:
     # Cache events (hit_local, redis_error, bypass, ...) of this request's lookups and stores.
     cache_events: dict[str, int] = field(default_factory=dict)
     tokens: int = 0  # tokens the decoder ran for this request (a shared prefix counted once)
+
+    @classmethod
+    def concat(cls, results: list[ArmResult]) -> ArmResult:
+        """One arm's results for the parts of one request as one result: scores in order, counts summed."""
+        first = results[0]
+        events: dict[str, int] = {}
+        for r in results:
+            for name, n in r.cache_events.items():
+                events[name] = events.get(name, 0) + n
+        return cls(
+            scores=[s for r in results for s in r.scores], arm=first.arm, precision=first.precision, model=first.model,
+            cache_hits=sum(r.cache_hits for r in results), cache_misses=sum(r.cache_misses for r in results),
+            batch_requests=max(r.batch_requests for r in results), cache_events=events, tokens=sum(r.tokens for r in results),
+        )  # fmt: skip

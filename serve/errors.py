@@ -20,6 +20,7 @@ from engine.errors import DeadlineExceeded, ImageDecodeError, ImageTooLarge, Inp
 from serve.config import RETRY_AFTER_S
 from serve.ledger import AdminForbidden, AlreadyRecorded, ExperimentStopped, UnknownRequest
 from serve.protocol import CONTENT_PART_TAGS, ErrorDetail, ErrorResponse
+from serve.protocol_vllm import BODY_SHAPE_TAGS
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +159,8 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, str]:
     )  # fmt: skip
     loc = [str(p) for p in raw]
     if loc and loc[0] == "body":
+        loc = loc[1:]
+    if loc and loc[0] in BODY_SHAPE_TAGS:  # the shape a route's body union chose (/rerank, /score): not a field
         loc = loc[1:]
     fld = ".".join(loc) or "body"
     msg = str(first.get("msg", "invalid")).removeprefix("Value error, ")

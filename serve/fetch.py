@@ -207,8 +207,18 @@ class MediaFetcher:
         `max_downloads_per_request` downloads at a time (so one request with many slow URLs cannot
         hold every slot of the replica) and `download_deadline_s` for all of them. The first
         failure (in field order) is raised. A memoised image URL becomes a digest-only image."""
-        query, *documents = await self._resolve_items([req.query, *req.documents], req.documents_field)
-        return ScoreRequest(query, tuple(documents), req.instruction, req.max_tokens_per_doc)
+        return (await self.resolve_requests([req]))[0]
+
+    async def resolve_requests(self, parts: list[RerankRequest]) -> list[ScoreRequest]:
+        """The engine requests of one request's parts (`RerankRequest.parts`), resolved as one
+        request: they share its download slots and deadline."""
+        items = await self._resolve_items([spec for p in parts for spec in (p.query, *p.documents)], parts[0].documents_field)
+        jobs, start = [], 0
+        for p in parts:
+            query, *documents = items[start : start + 1 + len(p.documents)]
+            start += 1 + len(p.documents)
+            jobs.append(ScoreRequest(query, tuple(documents), p.instruction, p.max_tokens_per_doc))
+        return jobs
 
     async def with_bytes(self, request: ScoreRequest, digests: set[str]) -> ScoreRequest:
         """The request with the bytes of each digest-only image among `digests` (an arm had no

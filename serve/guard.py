@@ -23,7 +23,7 @@ from serve.ledger import AdminForbidden
 PUBLIC_PATHS = frozenset({"/health", "/ready", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 ADMIN_PATH = "/v1/experiments/"  # POST below it changes the live experiment: admin keys only
 EXPERIMENTS_PATH = "/v1/experiments"
-RERANK_PATHS = ("/v2/rerank", "/v1/rerank", "/rerank")  # the scoring endpoints: the only ones the gate counts
+RERANK_PATHS = ("/v2/rerank", "/v1/rerank", "/rerank", "/score", "/v1/score")  # the scoring endpoints: the only ones the gate counts
 
 
 class GuardMiddleware:

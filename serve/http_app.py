@@ -21,7 +21,8 @@ app = FastAPI(
     title="rerank-fleet",
     version="1",
     description="Multimodal reranking (Qwen3-VL-Reranker, lychee-rerank-mm) across precision arms. "
-    "Cohere v2 (`/v2/rerank`), Jina (`/v1/rerank`) and TEI (`/rerank`) request shapes.",
+    "Cohere v2 (`/v2/rerank`), Jina, Cohere v1 and vLLM (`/v1/rerank`), TEI or vLLM/infinity (`/rerank`, by the body) "
+    "request shapes, and vLLM's score API (`/score`, `/v1/score`).",
 )
 
 

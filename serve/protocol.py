@@ -1,26 +1,31 @@
 """HTTP request and response models of the rerank API, apart from any serving logic.
 
-Three public shapes share one internal request:
+The public shapes share one internal request (`RerankRequest`):
 
 * Cohere v2 (`POST /v2/rerank`): `model`, `query`, `documents`, `top_n`, `return_documents`,
   `max_tokens_per_doc`; results carry `relevance_score`.
-* Jina (`POST /v1/rerank`): `model`, `query`, `documents`, `top_n`, `return_documents`.
-* TEI (`POST /rerank`): `query`, `texts`, `raw_scores`, `return_text`, `truncate`,
+* Jina, Cohere v1 and vLLM's `/v1/rerank` (`POST /v1/rerank`): `model`, `query`, `documents`,
+  `top_n`, `return_documents`; the answer carries `id` and `usage`.
+* TEI (`POST /rerank` with `texts`): `query`, `texts`, `raw_scores`, `return_text`, `truncate`,
   `truncation_direction`; the response is a bare list with `score`.
+* vLLM's and infinity's `/rerank` (with `documents`) and vLLM's `/score`: `serve.protocol_vllm`.
 
 Every shape also takes the extensions `instruction`, `arm` (pin to a precision arm) and `user`
-(sticky A/B key). A query or document is a plain string, an object with `text` / `image` /
-`video`, or vLLM-style content parts. Each converts to `RerankRequest`, whose items are
-structurally parsed (`ItemSpec`) but whose media are still references (URL, data URI, base64):
-turning references into bytes is `serve.fetch`'s job.
+(sticky A/B key). Fields a peer server accepts but this fleet does not use are accepted and
+ignored, each declared (and described) on the shape that takes it, so a drop-in client never
+breaks and a misspelt field is still refused by name. A query or document is a plain string, an
+object with `text` / `image` / `video`, or vLLM-style content parts. Each converts to
+`RerankRequest`, whose items are structurally parsed (`ItemSpec`) but whose media are still
+references (URL, data URI, base64): turning references into bytes is `serve.fetch`'s job.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, RootModel, StrictBool, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, RootModel, StrictBool, model_validator
 
 from engine.errors import InputError
 
@@ -36,11 +41,33 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _json_integer(value: Any) -> Any:
+    if isinstance(value, (bool, str)):
+        raise ValueError("Input should be a valid integer")
+    return value
+
+
+def _json_int(*constraints: Any) -> Any:
+    """An integer as JSON (and the schema) says: 3 and 3.0, never true or "3" (which pydantic's lax
+    int takes); constraints before the check, so the schema carries them as `minimum`."""
+    return Annotated[int, *constraints, BeforeValidator(_json_integer)]
+
+
+JsonInt = _json_int()
+Count = _json_int(Field(ge=0))
+
+
 # ---------------------------------------------------------------------------- item shapes
 
 
 class URLRef(_Body):
     url: str = Field(..., description="http(s) URL, data URI, or raw base64 of the media.")
+
+
+class ImageURLRef(URLRef):
+    detail: Literal["auto", "low", "high"] | None = Field(
+        None, description="OpenAI's image detail level: accepted and ignored (an image is sized as the model's own processor sizes it)."
+    )
 
 
 FrameList = Annotated[list[str], Field(min_length=1)]
@@ -53,7 +80,7 @@ class TextPart(_Body):
 
 class ImageUrlPart(_Body):
     type: Literal["image_url"] = Field(..., description="An image given as {url} or a string.")
-    image_url: URLRef | str = Field(..., description="Image (URL, data URI or base64), as {url} or a string.")
+    image_url: ImageURLRef | str = Field(..., description="Image (URL, data URI or base64), as {url[, detail]} or a string.")
 
 
 class ImagePart(_Body):
@@ -117,7 +144,11 @@ class InputItem(_Body):
         return self
 
     def echo(self) -> dict[str, Any]:
-        """The item as the client gave it (for return_documents), without unset fields."""
+        """The item as the client gave it (for return_documents), without unset fields; content
+        parts as vLLM returns them (`{"multi_modal": [parts]}`, its null `text` left out as every
+        null is)."""
+        if self.content is not None:
+            return {"multi_modal": [part.model_dump(exclude_none=True, mode="json") for part in self.content]}
         return self.model_dump(exclude_none=True, mode="json")
 
     def parse(self, field: str) -> ItemSpec:
@@ -196,32 +227,58 @@ class ItemSpec(BaseModel):
     videos: list[VideoSpec] = Field(default_factory=list, description="Video references in order.")
     field: str = Field(..., description="Dotted JSON path of the item (query, documents.3, texts.0).")
 
+    def content(self) -> tuple:
+        """What the item says, apart from where it says it (equal queries of different pairs are equal here)."""
+        videos = tuple((v.source.ref if v.source else None, tuple(f.ref for f in v.frames)) for v in self.videos)
+        return self.text, tuple(m.ref for m in self.images), videos
+
 
 class RerankRequest(BaseModel):
     """The one internal request every API shape converts to."""
 
-    api: Literal["cohere", "jina", "tei"] = Field(..., description="Which public shape the request came in.")
-    query: ItemSpec = Field(..., description="The parsed query.")
+    api: Literal["cohere", "jina", "tei", "vllm", "score"] = Field(..., description="Which public shape the request came in.")
+    query: ItemSpec = Field(..., description="The parsed query (the score API's N:N form: the first pair's).")
     documents: list[ItemSpec] = Field(..., description="The parsed documents, in request order.")
     documents_echo: list[Any] = Field(..., description="Documents as given, returned when asked to.")
+    documents_field: str = Field("documents", description="The JSON field holding the documents in this request's shape (documents, texts, items, data_2, text_2).")
+    pair_queries: list[ItemSpec] | None = Field(
+        None, description="The score API's N:N form: documents[i] is scored against pair_queries[i]; None: every document against `query`."
+    )
     top_n: int | None = Field(None, description="How many results to return; all when None.")
     return_documents: StrictBool = Field(False, description="Include each document in its result.")
+    documents_as_text: StrictBool = Field(False, description="A document given as a plain string is returned as that string (infinity), not as {text}.")
     instruction: str | None = Field(None, description="Task instruction; the model's default when None.")
     arm: str | None = Field(None, description="Arm pinned by the body field `arm`.")
     user: str | None = Field(None, description="Sticky A/B key from the body field `user`.")
-    raw_scores: StrictBool = Field(False, description="Return logits instead of probabilities (TEI).")
-    max_tokens_per_doc: int | None = Field(None, description="Per-document token limit (Cohere).")
+    raw_scores: StrictBool = Field(False, description="Return logits instead of probabilities (TEI's and infinity's raw_scores, vLLM's use_activation false).")
+    max_tokens_per_doc: int | None = Field(None, description="Per-document token limit (Cohere's, vLLM's).")
 
-    @property
-    def documents_field(self) -> str:
-        """The JSON field holding the documents in this request's shape."""
-        return "texts" if self.api == "tei" else "documents"
+    def served(self, score: float) -> float:
+        """A score as this request asks for it: the probability, or its logit for raw scores."""
+        return logit(score) if self.raw_scores else score
+
+    def parts(self) -> list[RerankRequest]:
+        """The engine requests this request is scored as, their documents in request order:
+        itself, or (the score API's N:N form) one per run of consecutive pairs with the same query."""
+        if self.pair_queries is None:
+            return [self]
+        runs: list[tuple[ItemSpec, list[int]]] = []
+        for i, query in enumerate(self.pair_queries):
+            if runs and runs[-1][0].content() == query.content():
+                runs[-1][1].append(i)
+            else:
+                runs.append((query, [i]))
+        return [
+            self.model_copy(update={"query": query, "pair_queries": None, "documents": [self.documents[i] for i in run],
+                                    "documents_echo": [self.documents_echo[i] for i in run]})
+            for query, run in runs
+        ]  # fmt: skip
 
     def check_limits(self, limits: LimitsConfig) -> None:
         """Raise `InputError` naming the first field over a configured limit."""
         if len(self.documents) > limits.max_documents:
             raise InputError(self.documents_field, f"{len(self.documents)} documents, over the limit of {limits.max_documents}")
-        for item in [self.query, *self.documents]:
+        for item in [self.query, *(self.pair_queries or ()), *self.documents]:
             if item.text is not None and len(item.text) > limits.max_text_chars:
                 raise InputError(item.field, f"text has {len(item.text)} characters, over the limit of {limits.max_text_chars}")
             if len(item.images) > limits.max_images_per_item:
@@ -238,78 +295,131 @@ class RerankRequest(BaseModel):
 
 class _Extensions(_Body):
     instruction: str | None = Field(
-        None, min_length=1, description="Task instruction for the reranker; the model's default when omitted."
+        None, min_length=1, description="Task instruction for the reranker (vLLM's field of that name); the model's default when omitted."
     )
     arm: str | None = Field(None, description="Pin this request to a named precision arm (same as the pin header).")
     user: str | None = Field(None, min_length=1, description="Sticky A/B key: the same value stays on the same arm.")
 
 
-def _parse_items(query: InputItem, documents: list[InputItem], docs_field: str) -> tuple[ItemSpec, list[ItemSpec], list[Any]]:
-    return (
-        query.parse("query"),
-        [d.parse(f"{docs_field}.{i}") for i, d in enumerate(documents)],
-        [d.echo() for d in documents],
+class _OneOrList:
+    """A list that may also be given as one item alone: its JSON schema says so."""
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema, handler):
+        schema = handler(core_schema)
+        return {"anyOf": [schema, schema["items"]]}
+
+
+def _listed(value: Any) -> Any:
+    return value if isinstance(value, list) or value is None else [value]
+
+
+# Documents (or a side of a score request): a list, or one item alone, which is one document, as
+# vLLM takes it (`ScoreInput | list[ScoreInput]`; `{"content": [...]}` alone is one document).
+ItemList = Annotated[list[InputItem], BeforeValidator(_listed), Field(min_length=1), _OneOrList]
+
+TOP_N = "Return only the n best results; 0 or null: all of them (vLLM's 0; infinity's and Xinference's null)."
+
+
+class VllmFields(_Body):
+    """The fields vLLM's rerank and score requests declare (one vLLM handler serves `/rerank`,
+    `/v1/rerank`, `/v2/rerank`, `/score` and `/v1/score`), so its bodies are taken on each of them."""
+
+    model: str | None = Field(None, description="Model name: accepted and ignored (the fleet serves one model; /v1/models names it).")
+    use_activation: StrictBool | None = Field(
+        None, description="vLLM: false returns raw scores (the logit log(s/(1-s)), within +-30) instead of the probability s; null or true: s."
     )
+    max_tokens_per_doc: Count | None = Field(None, description="vLLM: documents longer than this many tokens are cut to it; null or 0: no cut.")
+    truncate_prompt_tokens: _json_int(Field(ge=-1)) | None = Field(
+        None, description="vLLM: accepted and ignored. Every pair is truncated as the official reranker truncates it, at the "
+        "model's max_length (10240 tokens of body plus the final 5 by default), whatever this says.",
+    )  # fmt: skip
+    max_tokens_per_query: Count | None = Field(None, description="vLLM: accepted and ignored (no cut of the query; the pair's truncation applies).")
+    truncation_side: Literal["left", "right"] | None = Field(None, description="vLLM: accepted and ignored (see truncate_prompt_tokens).")
+    padding: Literal["max_length", "do_not_pad"] | None = Field(None, description="vLLM: accepted and ignored.")
+    request_id: str | None = Field(None, description="vLLM: accepted and ignored (the answer's id is the x-request-id header's, else a new one).")
+    priority: JsonInt | None = Field(None, description="vLLM and Cohere v2: accepted and ignored (no priority scheduling).")
+    mm_processor_kwargs: dict[str, Any] | None = Field(None, description="vLLM: accepted and ignored (media are processed as the official reranker does).")
+    cache_salt: str | None = Field(None, min_length=1, max_length=1024, description="vLLM: accepted and ignored.")
+    chat_template_kwargs: dict[str, Any] | None = Field(None, description="vLLM: accepted and ignored (the official template is rendered as it is).")
+
+    def vllm_settings(self) -> dict[str, Any]:
+        """The internal request's fields these set: the per-document cut (0: none) and raw scores."""
+        return {"max_tokens_per_doc": self.max_tokens_per_doc or None, "raw_scores": self.use_activation is False}
 
 
-class CohereRerankRequest(_Extensions):
-    """Cohere v2 `/v2/rerank` request."""
+def rerank_request(
+    body: _Extensions, api: str, query: InputItem, documents: list[InputItem], docs_field: str = "documents", query_field: str = "query", **fields
+) -> RerankRequest:
+    """The internal request of a body: its items parsed, the extensions carried over."""
+    return RerankRequest(
+        api=api, query=query.parse(query_field), documents=[d.parse(f"{docs_field}.{i}") for i, d in enumerate(documents)],
+        documents_echo=[d.echo() for d in documents], documents_field=docs_field, instruction=body.instruction, arm=body.arm,
+        user=body.user, **fields,
+    )  # fmt: skip
 
-    model: str | None = Field(None, description="Model name (informational; the fleet serves one model).")
+
+class DocumentsRerankRequest(_Extensions, VllmFields):
+    """What every rerank body with `query` and `documents` has (Cohere v2, `/v1/rerank`, vLLM's `/rerank`)."""
+
     query: InputItem = Field(..., description="The search query: a string or a multimodal item.")
-    documents: list[InputItem] = Field(..., min_length=1, description="Documents to rank: strings or multimodal items.")
-    top_n: int | None = Field(None, ge=1, description="Return only the n best results.")
-    return_documents: StrictBool = Field(False, description="Include each document in its result.")
-    max_tokens_per_doc: int = Field(4096, ge=1, description="Documents longer than this many tokens are truncated.")
+    documents: ItemList = Field(..., description="Documents to rank: strings or multimodal items (one alone is one document).")
+    top_n: Count | None = Field(None, description=TOP_N)
+
+    def _internal(self, api: str, **fields) -> RerankRequest:
+        return rerank_request(self, api, self.query, self.documents, **{"top_n": self.top_n or None, **self.vllm_settings(), **fields})
+
+
+class CohereRerankRequest(DocumentsRerankRequest):
+    """Cohere v2 `/v2/rerank` request (and vLLM's rerank body: vLLM serves `/v2/rerank` with its rerank handler)."""
+
+    return_documents: StrictBool | None = Field(None, description="Include each document in its result; null: false (Cohere's default).")
+    max_tokens_per_doc: Count | None = Field(
+        None, description="Documents longer than this many tokens are cut to it (before the pair's own truncation); "
+        "null: 4096 (Cohere's default; LangChain sends null), 0: no cut (vLLM's 0).",
+    )  # fmt: skip
+    rank_fields: list[str] | None = Field(None, description="Cohere (older SDKs): accepted and ignored (a document is ranked by its text and media).")
+    max_chunks_per_doc: JsonInt | None = Field(None, description="Cohere (older SDKs): accepted and ignored (a document is never chunked).")
+    relevant_spans: dict[str, Any] | None = Field(None, description="Cohere (SDK 7.3): accepted and ignored; no spans are returned.")
 
     def to_internal(self) -> RerankRequest:
-        query, docs, echo = _parse_items(self.query, self.documents, "documents")
-        return RerankRequest(
-            api="cohere", query=query, documents=docs, documents_echo=echo, top_n=self.top_n,
-            return_documents=self.return_documents, instruction=self.instruction, arm=self.arm, user=self.user,
-            max_tokens_per_doc=self.max_tokens_per_doc,
-        )  # fmt: skip
+        cut = 4096 if self.max_tokens_per_doc is None else (self.max_tokens_per_doc or None)
+        return self._internal("cohere", return_documents=bool(self.return_documents), max_tokens_per_doc=cut)
 
 
-class JinaRerankRequest(_Extensions):
-    """Jina `/v1/rerank` request."""
+class JinaRerankRequest(DocumentsRerankRequest):
+    """`/v1/rerank` request: Jina's, the Cohere v1 SDK's, Xinference's client's, and vLLM's rerank body."""
 
-    model: str | None = Field(None, description="Model name (informational; the fleet serves one model).")
-    query: InputItem = Field(..., description="The search query: a string or a multimodal item.")
-    documents: list[InputItem] = Field(..., min_length=1, description="Documents to rank: strings or multimodal items.")
-    top_n: int | None = Field(None, ge=1, description="Return only the n best results.")
-    return_documents: StrictBool = Field(True, description="Include each document in its result.")
+    return_documents: StrictBool | None = Field(None, description="Include each document in its result; null: true (Jina's default; vLLM always returns them).")
+    rank_fields: list[str] | None = Field(None, description="Cohere v1: accepted and ignored (a document is ranked by its text and media).")
+    max_chunks_per_doc: JsonInt | None = Field(None, description="Cohere v1, Xinference: accepted and ignored (a document is never chunked).")
+    return_len: StrictBool | None = Field(None, description="Xinference: accepted and ignored (token counts are always in `usage`).")
+    kwargs: str | None = Field(None, description="Xinference's client (its extra arguments as a JSON string): accepted and ignored.")
 
     def to_internal(self) -> RerankRequest:
-        query, docs, echo = _parse_items(self.query, self.documents, "documents")
-        return RerankRequest(
-            api="jina", query=query, documents=docs, documents_echo=echo, top_n=self.top_n,
-            return_documents=self.return_documents, instruction=self.instruction, arm=self.arm, user=self.user,
-        )  # fmt: skip
+        return self._internal("jina", return_documents=self.return_documents is not False)
 
 
 class TEIRerankRequest(_Extensions):
-    """Text Embeddings Inference `/rerank` request."""
+    """Text Embeddings Inference `/rerank` request (a body with `texts`)."""
 
     query: InputItem = Field(..., description="The search query: a string or a multimodal item.")
     texts: list[InputItem] = Field(..., min_length=1, description="Documents to rank: strings or multimodal items.")
     raw_scores: StrictBool = Field(False, description="Return the logit log(s/(1-s)) instead of the probability s.")
     return_text: StrictBool = Field(False, description="Include each text in its result.")
-    truncate: StrictBool = Field(
-        False,
-        description="Accepted for compatibility: inputs over the model's max_length are always truncated "
-        "(keeping the final tokens), so this flag does not change results.",
+    truncate: StrictBool | None = Field(
+        None,
+        description="Accepted for compatibility (null too, as TEI's schema allows): inputs over the model's max_length are always "
+        "truncated (keeping the final tokens), so this flag does not change results.",
     )
     truncation_direction: Literal["Left", "Right", "left", "right"] = Field(
         "Right", description="Accepted for compatibility (see truncate)."
     )
+    model: str | None = Field(None, description="Accepted and ignored, as TEI does (rerankers' TEI provider sends it).")
+    top_n: JsonInt | None = Field(None, description="Accepted and ignored, as TEI does: every text is answered (rerankers' TEI provider sends the text count).")
 
     def to_internal(self) -> RerankRequest:
-        query, docs, echo = _parse_items(self.query, self.texts, "texts")
-        return RerankRequest(
-            api="tei", query=query, documents=docs, documents_echo=echo, return_documents=self.return_text,
-            instruction=self.instruction, arm=self.arm, user=self.user, raw_scores=self.raw_scores,
-        )  # fmt: skip
+        return rerank_request(self, "tei", self.query, self.texts, "texts", return_documents=self.return_text, raw_scores=self.raw_scores)
 
 
 # -------------------------------------------------------------------------------- results
@@ -352,8 +462,20 @@ def logit(p: float) -> float:
 
 class RankedDocument(BaseModel):
     index: int = Field(..., description="Position of the document in the request.")
-    relevance_score: float = Field(..., description="Probability that the document answers the query (0..1).")
-    document: dict[str, Any] | None = Field(None, description="The document as given, when return_documents is set.")
+    relevance_score: float = Field(..., description="Probability that the document answers the query (0..1), or its logit when raw scores were asked for.")
+    document: dict[str, Any] | str | None = Field(
+        None, description="The document, when asked for: as given ({text} for a string, {multi_modal: [parts]} for content parts), "
+        "or a text document's string alone (infinity's return_documents).",
+    )  # fmt: skip
+
+
+class RerankUsage(BaseModel):
+    prompt_tokens: int = Field(0, description="Tokens the decoder ran for this request (its shared prefix once).")
+    total_tokens: int = Field(0, description="The same count: nothing is generated.")
+
+    @classmethod
+    def of(cls, outcome: RerankOutcome) -> RerankUsage:
+        return cls(prompt_tokens=outcome.tokens, total_tokens=outcome.tokens)
 
 
 class CohereApiVersion(BaseModel):
@@ -371,29 +493,32 @@ class CohereMeta(ServingMeta):
 
 class CohereRerankResponse(BaseModel):
     id: str = Field(..., description="Request id.")
+    model: str = Field(..., description="Model that ranked (vLLM's field; Cohere clients ignore it).")
+    usage: RerankUsage = Field(default_factory=RerankUsage, description="Token usage (vLLM's field; Cohere clients ignore it).")
     results: list[RankedDocument] = Field(..., description="Results, best first.")
     meta: CohereMeta = Field(..., description="Serving metadata: arm, precision, model.")
 
     @classmethod
     def build(cls, req: RerankRequest, outcome: RerankOutcome, request_id: str) -> CohereRerankResponse:
-        return cls(id=request_id, results=_ranked_documents(req, outcome), meta=CohereMeta(**outcome.meta.model_dump()))
-
-
-class JinaUsage(BaseModel):
-    total_tokens: int = Field(0, description="Tokens the decoder ran for this request (its shared prefix once).")
+        return cls(id=request_id, model=outcome.meta.model, usage=RerankUsage.of(outcome), results=_ranked_documents(req, outcome),
+                   meta=CohereMeta(**outcome.meta.model_dump()))  # fmt: skip
 
 
 class JinaRerankResponse(BaseModel):
+    """The answer of `/v1/rerank`: Jina's and vLLM's fields (id, model, usage, results), infinity's `object` and `created`."""
+
+    id: str = Field(..., description="Request id.")
+    object: Literal["rerank"] = Field("rerank", description="Object type (infinity's).")
+    created: int = Field(..., description="Unix time of the answer (infinity's).")
     model: str = Field(..., description="Model that ranked.")
-    usage: JinaUsage = Field(default_factory=JinaUsage, description="Token usage.")
+    usage: RerankUsage = Field(default_factory=RerankUsage, description="Token usage.")
     results: list[RankedDocument] = Field(..., description="Results, best first.")
     meta: ServingMeta = Field(..., description="Serving metadata: arm, precision, model.")
 
     @classmethod
-    def build(cls, req: RerankRequest, outcome: RerankOutcome, request_id: str) -> JinaRerankResponse:
-        return cls(
-            model=outcome.meta.model, usage=JinaUsage(total_tokens=outcome.tokens), results=_ranked_documents(req, outcome), meta=outcome.meta
-        )
+    def build(cls, req: RerankRequest, outcome: RerankOutcome, request_id: str):
+        return cls(id=request_id, created=int(time.time()), model=outcome.meta.model, usage=RerankUsage.of(outcome),
+                   results=_ranked_documents(req, outcome), meta=outcome.meta)  # fmt: skip
 
 
 class TEIRank(BaseModel):
@@ -403,27 +528,26 @@ class TEIRank(BaseModel):
 
 
 class TEIRerankResponse(RootModel[list[TEIRank]]):
-    """TEI answers with a bare list, best first; arm and precision travel in headers."""
+    """TEI answers with a bare list, best first, every text (TEI has no top_n); arm and precision travel in headers."""
 
     @classmethod
     def build(cls, req: RerankRequest, outcome: RerankOutcome, request_id: str) -> TEIRerankResponse:
         ranks = []
         for i in outcome.ranked(req.top_n):
-            s = outcome.scores[i]
             text = req.documents[i].text if req.return_documents else None
-            ranks.append(TEIRank(index=i, score=logit(s) if req.raw_scores else s, text=text))
+            ranks.append(TEIRank(index=i, score=req.served(outcome.scores[i]), text=text))
         return cls(ranks)
 
 
 def _ranked_documents(req: RerankRequest, outcome: RerankOutcome) -> list[RankedDocument]:
-    return [
-        RankedDocument(
-            index=i,
-            relevance_score=outcome.scores[i],
-            document=req.documents_echo[i] if req.return_documents else None,
-        )
-        for i in outcome.ranked(req.top_n)
-    ]
+    return [RankedDocument(index=i, relevance_score=req.served(outcome.scores[i]), document=_document(req, i)) for i in outcome.ranked(req.top_n)]
+
+
+def _document(req: RerankRequest, i: int) -> dict[str, Any] | str | None:
+    if not req.return_documents:
+        return None
+    echo = req.documents_echo[i]
+    return echo["text"] if req.documents_as_text and set(echo) == {"text"} else echo
 
 
 # ----------------------------------------------------------------------- other endpoints

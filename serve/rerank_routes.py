@@ -1,8 +1,10 @@
-"""The ingress's public routes: the three rerank shapes, liveness, readiness and the model list.
+"""The ingress's public routes: the rerank shapes (Cohere v2, Jina/vLLM v1, TEI or vLLM on `/rerank`
+as the body says), vLLM's score, liveness, readiness and the model list.
 Thin: each hands its work to the serving objects of the replica's `Ingress` (`service`,
 `calls`, `experiment`), which the `this_ingress` dependency passes in."""
 
 import asyncio
+from typing import Union
 
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
@@ -20,24 +22,34 @@ from serve.protocol import (
     TEIRerankRequest,
     TEIRerankResponse,
 )
+from serve.protocol_vllm import RerankBody, ScoreBody, ScoreResponse, VllmRerankResponse
 
 
 @app.post("/v2/rerank", response_model=CohereRerankResponse, response_model_exclude_none=True, responses=ERRORS)
 async def rerank_cohere(body: CohereRerankRequest, request: Request, response: Response, ingress=this_ingress):
-    """Cohere v2 rerank."""
+    """Cohere v2 rerank; also vLLM's `/v2/rerank` (its rerank body)."""
     return await ingress.service.rerank(body, CohereRerankResponse, request.headers, response.headers)
 
 
 @app.post("/v1/rerank", response_model=JinaRerankResponse, response_model_exclude_none=True, responses=ERRORS)
 async def rerank_jina(body: JinaRerankRequest, request: Request, response: Response, ingress=this_ingress):
-    """Jina rerank."""
+    """Jina rerank; also the Cohere v1 SDK's, Xinference's and vLLM's `/v1/rerank`."""
     return await ingress.service.rerank(body, JinaRerankResponse, request.headers, response.headers)
 
 
-@app.post("/rerank", response_model=TEIRerankResponse, response_model_exclude_none=True, responses=ERRORS)
-async def rerank_tei(body: TEIRerankRequest, request: Request, response: Response, ingress=this_ingress):
-    """Text Embeddings Inference rerank (bare list; arm and precision in x-rerank-* headers)."""
-    return await ingress.service.rerank(body, TEIRerankResponse, request.headers, response.headers)
+@app.post("/rerank", response_model=Union[TEIRerankResponse, VllmRerankResponse], response_model_exclude_none=True, responses=ERRORS)
+async def rerank_tei_or_vllm(body: RerankBody, request: Request, response: Response, ingress=this_ingress):
+    """The body decides: with `texts`, Text Embeddings Inference rerank (a bare list; arm and
+    precision in x-rerank-* headers); with `documents`, vLLM's (and infinity's) rerank."""
+    shape = TEIRerankResponse if isinstance(body, TEIRerankRequest) else VllmRerankResponse
+    return await ingress.service.rerank(body, shape, request.headers, response.headers)
+
+
+@app.post("/score", response_model=ScoreResponse, response_model_exclude_none=True, responses=ERRORS)
+@app.post("/v1/score", response_model=ScoreResponse, response_model_exclude_none=True, responses=ERRORS)
+async def score(body: ScoreBody, request: Request, response: Response, ingress=this_ingress):
+    """vLLM's score API (`/v1/score` its older path): one score per pair, in pair order (1:1, 1:N or N:N)."""
+    return await ingress.service.rerank(body, ScoreResponse, request.headers, response.headers)
 
 
 @app.get("/health")

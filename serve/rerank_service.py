@@ -4,6 +4,10 @@
     hashed once) -> ScoreRequest -> arm call (`ArmCalls`: deadline, failover, health) -> records
     (`ExperimentTraffic`) -> the client's response shape
 
+A score request pairing several queries (vLLM's N:N form) is one ScoreRequest per run of pairs
+with the same query, all scored by the one routed arm and recorded as one answer; it is never
+mirrored nor interleaved (those compare one query's ranking).
+
 Every failure becomes a typed HTTP answer here (`serve.errors.error_response`), counted by status.
 """
 
@@ -13,6 +17,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Mapping, MutableMapping
+from dataclasses import replace
 
 from engine.errors import DeadlineExceeded
 from serve.arm_calls import DEADLINE_HEADER, ArmCalls, time_budget
@@ -67,17 +72,19 @@ class RerankService:
             why = health.snapshot()[decision.arm]["reason"]
             raise ArmDown(f"arm {decision.arm!r} is out of service ({why}); retry later, or send the request unpinned")
 
-        job = await self.fetcher.resolve_request(req)
+        jobs = await self.fetcher.resolve_requests(req.parts())
+        if len(jobs) > 1:
+            decision = replace(decision, shadow_arm=None, interleave_with=None, reason="weighted" if decision.reason == "interleaved" else decision.reason)
         if decision.interleave_with is not None:
-            outcome = await self.experiment.interleave(decision, job, deadline, started, request_id)
+            outcome = await self.experiment.interleave(decision, jobs[0], deadline, started, request_id)
         else:
             try:
-                result, decision = await self.calls.call_with_failover(decision, job, deadline, router)
+                result, decision = await self.calls.call_with_failover(decision, jobs, deadline, router)
             except Exception as e:
                 if not (own_deadline and isinstance(unwrap(e), (TimeoutError, DeadlineExceeded))):
                     self.experiment.failed(decision.arm, e)  # the arm's error rate: what guardrails judge
                 raise
-            outcome = self.experiment.answered(decision, result, time.perf_counter() - started, job, request_id, req.top_n)
+            outcome = self.experiment.answered(decision, result, time.perf_counter() - started, jobs[0], request_id, req.top_n)
         meta = outcome.meta
         response_headers.update({"x-rerank-arm": meta.arm, "x-rerank-precision": meta.precision, "x-rerank-routed-by": meta.routed_by})
         return shape.build(req, outcome, request_id)

@@ -77,7 +77,7 @@ def test_jina_multimodal_roundtrip(serve_app, media_server):
     assert scores == sorted(scores, reverse=True)
     assert body["results"][0]["document"] is not None  # Jina returns documents by default
     by_index = {x["index"]: x["document"] for x in body["results"]}
-    assert by_index[3]["content"][1] == {"type": "text", "text": "a red square"}
+    assert by_index[3]["multi_modal"][1] == {"type": "text", "text": "a red square"}  # content parts come back as vLLM returns them
     assert body["meta"]["image_cache"]["hits"] + body["meta"]["image_cache"]["misses"] == 3
     assert body["usage"]["total_tokens"] > 0  # the tokens the decoder ran, counted by the arm
 
@@ -236,7 +236,9 @@ def _bad_cases(media_server):
     return [
         ("/v2/rerank", {"documents": ["d"]}, 422, "query"),
         ("/v2/rerank", {"query": "q", "documents": []}, 422, "documents"),
-        ("/v2/rerank", {"query": "q", "documents": ["d"], "top_n": 0}, 422, "top_n"),
+        ("/v2/rerank", {"query": "q", "documents": ["d"], "top_n": -1}, 422, "top_n"),  # 0 and null: every document (README)
+        ("/rerank", {"query": "q", "documents": ["d"], "max_tokens_per_doc": True}, 422, "max_tokens_per_doc"),  # vLLM's shape, by the body
+        ("/score", {"queries": ["q", "r"], "items": ["a", "b", "c"]}, 400, "items"),
         ("/v2/rerank", {"query": "q", "documents": ["d"], "colour": 1}, 422, "colour"),
         ("/v1/rerank", {"query": "q", "documents": [{"content": [{"type": "image_url"}]}]}, 422, "documents.0.content.0.image_url"),
         ("/rerank", {"query": "q", "texts": ["d"] * 51}, 400, "texts"),

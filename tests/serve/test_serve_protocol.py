@@ -95,7 +95,7 @@ def test_content_and_fields_together_rejected():
 
 def test_unknown_top_level_field_and_bad_top_n():
     with pytest.raises(ValidationError) as e:
-        CohereRerankRequest.model_validate({"query": "q", "documents": ["a"], "top_k": 3, "top_n": 0})
+        CohereRerankRequest.model_validate({"query": "q", "documents": ["a"], "top_k": 3, "top_n": -1})
     assert {"top_k", "top_n"} <= set(locs(e.value))
 
 
@@ -139,8 +139,8 @@ def test_cohere_and_jina_responses_sorted_with_meta():
     jreq = JinaRerankRequest.model_validate({"query": "q", "documents": ["a", "b", "c"], "return_documents": False})
     jresp = JinaRerankResponse.build(jreq.to_internal(), outcome, "rid").model_dump(exclude_none=True)
     assert [r["index"] for r in jresp["results"]] == [1, 2, 0] and "document" not in jresp["results"][0]
-    assert jresp["model"] == "tiny" and jresp["meta"]["precision"] == "fp32"
-    assert jresp["usage"] == {"total_tokens": 57}  # the tokens the decoder ran for this request
+    assert jresp["model"] == "tiny" and jresp["meta"]["precision"] == "fp32" and jresp["id"] == "rid"
+    assert jresp["usage"] == {"prompt_tokens": 57, "total_tokens": 57}  # the tokens the decoder ran for this request
 
 
 def test_tei_raw_scores_are_logits_and_text_returned():
@@ -155,6 +155,8 @@ def test_tei_raw_scores_are_logits_and_text_returned():
 
 
 def test_every_request_field_is_described():
-    for model in (CohereRerankRequest, JinaRerankRequest, TEIRerankRequest):
+    from serve.protocol_vllm import SCORE_SHAPES, VllmRerankRequest
+
+    for model in (CohereRerankRequest, JinaRerankRequest, TEIRerankRequest, VllmRerankRequest, *SCORE_SHAPES.values()):
         undocumented = [name for name, f in model.model_fields.items() if not f.description]
         assert undocumented == [], (model.__name__, undocumented)
