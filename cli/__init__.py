@@ -47,52 +47,68 @@ def _engine_config(args):
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
 
 
-def _named_media(item):
-    """A query or document argument (a text item named by `ScoreRequest.of`) that names an image
-    becomes that image: a URL is fetched with the service's safe fetcher and its limits, a path is
-    read (by extension: a missing file is an error, never text); anything else stays text.
-    Problems raise `InputError` naming the argument (one line from `main`)."""
-    from dataclasses import replace
+def _item_argument(value: str, field: str):
+    """A query or document argument as the API takes an item: a JSON object is the API's item
+    itself (`{"text", "image", "video"}` or `{"content": [parts]}`, media as URLs, data URIs or
+    base64); a URL is that image, a path ending in an image suffix that image file (a missing
+    file is an error, never text); anything else is text."""
+    import base64
+    import json
 
     from engine.errors import InputError
-    from engine.inputs import ImageInput
 
-    value, field = item.text, item.field
+    if value.lstrip().startswith("{"):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as e:
+            raise InputError(field, f"not valid JSON ({e.msg})") from None
     lower = value.lower()
     if lower.startswith(("http://", "https://")):
-        import asyncio
-
-        from serve.config import LimitsConfig
-        from serve.fetch import MediaFetcher
-
-        async def fetch() -> ImageInput:
-            fetcher = MediaFetcher(LimitsConfig())
-            try:
-                return await fetcher.download_image(value, field)
-            finally:
-                await fetcher.aclose()
-
-        image = asyncio.run(fetch())
-    elif lower.endswith(IMAGE_SUFFIXES):
+        return {"image": value}
+    if lower.endswith(IMAGE_SUFFIXES):
         path = Path(value)
         if not path.is_file():
             raise InputError(field, f"no such image file: {value}")
-        image = ImageInput.of(path.read_bytes(), field)
-    else:
-        return item
-    return replace(item, text=None, images=(image,))
+        return {"image": base64.b64encode(path.read_bytes()).decode()}
+    return value
+
+
+def _score_request(args):
+    """The engine's request for `score`'s arguments: parsed by the API's own item parser and
+    resolved by its fetcher (URLs fetched safely, within the service's limits). Problems raise
+    `InputError` naming the argument as the API names the field (one line from `main`)."""
+    import asyncio
+
+    from pydantic import ValidationError
+
+    from serve.config import LimitsConfig
+    from serve.errors import input_error
+    from serve.fetch import MediaFetcher
+    from serve.protocol_vllm import VllmRerankRequest
+
+    body = {"query": _item_argument(args.query, "query"), "documents": [_item_argument(d, f"documents.{i}") for i, d in enumerate(args.documents)]}
+    if args.instruction is not None:
+        body["instruction"] = args.instruction
+    try:
+        req = VllmRerankRequest.model_validate(body).to_internal()
+    except ValidationError as e:
+        raise input_error(e) from None
+
+    async def resolve():
+        fetcher = MediaFetcher(LimitsConfig())
+        try:
+            return await fetcher.resolve_request(req)
+        finally:
+            await fetcher.aclose()
+
+    return asyncio.run(resolve())
 
 
 def cmd_score(args) -> int:
-    from dataclasses import replace
-
     from engine.engine import RerankEngine
-    from engine.inputs import ScoreRequest
     from workshop.tiny import resolve_source
 
-    request = ScoreRequest.of(args.query, args.documents, args.instruction)
-    # Bad arguments fail before the model loads.
-    request = replace(request, query=_named_media(request.query), documents=tuple(map(_named_media, request.documents)))
+    request = _score_request(args)  # bad arguments fail before the model loads
     engine = RerankEngine.load(resolve_source(args.model), args.precision, config=_engine_config(args), device=args.device)
     scores = engine.score_requests([request])[0].scores
     order = sorted(range(len(scores)), key=lambda i: -scores[i])
@@ -228,8 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--precision", default="fp32")
     p.add_argument("--instruction", default=None)
-    p.add_argument("query")
-    p.add_argument("documents", nargs="+", help="texts, image paths or image URLs")
+    p.add_argument("query", help="text, an image path or URL, or an item as the API takes it (JSON)")
+    p.add_argument("documents", nargs="+", help="texts, image paths or image URLs, or an item as the API takes it (JSON: "
+                   '{"text", "image", "video"} or {"content": [parts]})')
     p.set_defaults(func=cmd_score)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)

@@ -12,6 +12,7 @@ import logging
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -143,6 +144,13 @@ def log_if_internal(resp: JSONResponse, exc: BaseException, request_id: str | No
     if resp.status_code == 500:
         log.error("internal error (request %s)", request_id, exc_info=(type(exc), exc, exc.__traceback__))
     return resp
+
+
+def input_error(exc: ValidationError) -> InputError:
+    """A body validated outside FastAPI (the command line's items): its first problem as the
+    `InputError` naming the field, as the API would name it."""
+    fld, message = _describe_validation(RequestValidationError(exc.errors()))
+    return InputError(fld, message.removeprefix(f"{fld}: "))
 
 
 def _describe_validation(exc: RequestValidationError) -> tuple[str, str]:

@@ -1,5 +1,6 @@
-"""The command line's own behaviour: `score` ranks texts and image files, and a bad argument is a
-one-line error naming it (exit 2), never a traceback and never scored as text."""
+"""The command line's own behaviour: `score` ranks texts and image files, and the items the API
+takes (parsed by the API's own parser); a bad argument is a one-line error naming it as the API
+names the field (exit 2), never a traceback and never scored as text."""
 
 from __future__ import annotations
 
@@ -18,12 +19,33 @@ def test_score_ranks_texts_and_image_files(tiny_model_dir, tmp_path, capsys):
     assert {line.split()[2] for line in out[2:]} == {"0", "1", "2"}
 
 
+def test_score_takes_the_items_the_api_takes(tiny_model_dir, tmp_path, capsys):
+    """The API's item forms as arguments: content parts (an OpenAI image part with `detail`
+    included) and {text, image}; content parts of a text score as that text, as in the API."""
+    import base64
+    import json
+
+    data_uri = "data:image/png;base64," + base64.b64encode(png(picture(64, 48, 1))).decode()
+    items = [
+        "a red circle",
+        json.dumps({"content": [{"type": "text", "text": "a red circle"}]}),
+        json.dumps({"content": [{"type": "image_url", "image_url": {"url": data_uri, "detail": "low"}}, {"type": "text", "text": "red"}]}),
+        json.dumps({"text": "a picture", "image": data_uri}),
+    ]
+    assert main(["score", "--model", str(tiny_model_dir), json.dumps({"text": "a red circle"}), *items]) == 0
+    rows = {int(line.split()[2]): line.split()[1] for line in capsys.readouterr().out.splitlines()[2:]}
+    assert sorted(rows) == [0, 1, 2, 3] and rows[0] == rows[1]
+
+
 @pytest.mark.parametrize(
     "argument, message",
     [
         ("no/such/picture.png", "error: documents.1: no such image file: no/such/picture.png"),
-        ("http://127.0.0.1:9/x.png", "error: documents.1: "),  # loopback: refused by the safe fetcher, as in the service
-        ("http://unreachable.invalid/x.png", "error: documents.1: "),
+        ("http://127.0.0.1:9/x.png", "error: documents.1.image: "),  # loopback: refused by the safe fetcher, as in the service
+        ("http://unreachable.invalid/x.png", "error: documents.1.image: "),
+        ('{"content": [{"type": "audio_url", "audio_url": "x"}]}', "error: documents.1.content.0: "),  # as the API names it
+        ('{"text": "a", "image": "not base64!"}', "error: documents.1.image: "),
+        ('{"text": ', "error: documents.1: not valid JSON"),
     ],
 )
 def test_a_bad_document_argument_is_a_one_line_error_naming_it(tiny_model_dir, capsys, argument, message):
