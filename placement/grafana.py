@@ -112,14 +112,14 @@ ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
     ("Refusals and errors", (
         Panel(
             "Refusals (503) by reason",
-            "Admission gate: the ingress refused before reading the body (ingress.max_in_flight). Queue budget, in the arm: an arm "
-            "replica refused at once, its queued work over queue_budget_s (serve/admission.py); the ingress keeps a copy of each "
-            "arm's budget and refuses most such requests itself, before the call: those are in the last line. Deadline: the "
-            "request's deadline passed while it waited for the arm. The arms' lines count shadow calls too. The last line is every "
-            "503 the ingress gave after routing, whatever the reason (the queue budgets, deadlines, Serve's max_queued_requests, an "
-            "arm down, a drain): its counter carries a status, not a reason.",
+            "Admission gate: the ingress refused before reading the body (ingress.max_in_flight). Queue budget: the arm's queued "
+            "work was over its queue_budget_s (serve/admission.py), refused by the ingress before the call (its copy of each arm's "
+            "budget refuses most) or by the arm replica itself. Deadline: the request's deadline passed while it waited for the "
+            "arm. Lines per arm count shadow calls too. The last line is every 503 the ingress gave after routing, whatever the "
+            "reason (the lines above, Serve's max_queued_requests, an arm down, a drain): its counter carries a status, not a reason.",
             "reqps",
             (Query(_rate(f'ray_rerank_requests_total{{{APP}, api="admission", status="503"}}'), "ingress: admission gate"),
+             Query(_rate(f"ray_rerank_ingress_refusals_total{{{APP}, {ARM}}}", "arm, reason"), "{{arm}}: {{reason}}, at the ingress"),
              Query(_rate(f'ray_rerank_arm_errors_total{{{APP}, {ARM}, kind="ServiceUnavailable"}}', "arm"), "{{arm}}: queue budget, in the arm"),
              Query(_rate(f'ray_rerank_arm_errors_total{{{APP}, {ARM}, kind="DeadlineExceeded"}}', "arm"), "{{arm}}: deadline passed before work"),
              Query(_rate(f'ray_rerank_requests_total{{{APP}, api!="admission", status="503"}}'), "ingress: every 503 after routing")),
