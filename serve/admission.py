@@ -7,12 +7,13 @@ Retry-After). Work is counted in pairs (query x document): a request of 100 docu
 request of 1. An idle replica admits any request: nothing waits ahead of it.
 
 The same gate runs twice: in the arm replica (its own queue, the authority) and in each ingress
-replica (`serve.arm_calls`), over the pairs that ingress has in flight to the arm and the rate at
-which the arm answers them, measured the same way. One ingress's share of the arm's queue over
-its share of the arm's throughput is the arm's wait, so the ingress refuses what the arm would
-(slightly sooner: its count includes calls still in transit), and an arm under sustained overload
-spends no CPU on refusals (each cost the arm ~1.8 ms of its core through Serve's call path). The
-ingress's gate has no rate until its first answer comes back (`start=None`): until then it admits.
+replica (`ReportedQueue`, used by `serve.arm_calls`), over the pairs that ingress has in flight to
+the arm and the rate the arm's replicas report with each answer (their own measurement, times the
+arm's live replicas). With one ingress that is the arm's wait (a little more: its count includes
+calls in transit), so the ingress refuses what the arm would, and an arm under sustained overload
+spends no CPU on refusals (each cost the arm ~1.8 ms of its core through Serve's call path); with
+several, each counts only its own share and leaves the rest to the arm. Until the first answer
+reports a rate, the ingress admits.
 
 The service rate is measured while the replica is busy: pairs finished over the busy seconds they
 took (from work reaching an idle replica, or from the previous finish, to this finish),
@@ -35,12 +36,11 @@ RATE_WINDOW_S = 2.0  # busy seconds the rate looks back over: several batches, s
 
 
 class QueueBudget:
-    def __init__(self, budget_s: float, start: tuple[int, float] | None, *, window_s: float = RATE_WINDOW_S,
+    def __init__(self, budget_s: float, start: tuple[int, float], *, window_s: float = RATE_WINDOW_S,
                  clock: Callable[[], float] = time.monotonic):  # fmt: skip
-        """`start`: (pairs, seconds) of a request scored before any traffic, the first measurement;
-        None: no measurement yet, every request is admitted until the first scored finish."""
-        pairs, seconds = start or (0, 0.0)
-        if not (budget_s > 0 and window_s > 0 and (start is None or (pairs > 0 and seconds > 0))):
+        """`start`: (pairs, seconds) of a request scored before any traffic, the first measurement."""
+        pairs, seconds = start
+        if not (budget_s > 0 and window_s > 0 and pairs > 0 and seconds > 0):
             raise ValueError(f"budget_s, window_s and the start's pairs and seconds must be positive, got {budget_s}, {window_s}, {start}")
         self.budget_s = budget_s
         self.queued = 0  # pairs admitted and not finished
@@ -52,8 +52,8 @@ class QueueBudget:
 
     @property
     def rate(self) -> float:
-        """Pairs per busy second (infinite before the first measurement)."""
-        return self._pairs / self._seconds if self._seconds > 0 else math.inf
+        """Pairs per busy second."""
+        return self._pairs / self._seconds
 
     def wait_s(self) -> float:
         """Expected seconds before a request admitted now starts: the work queued ahead of it."""
@@ -85,3 +85,23 @@ class QueueBudget:
         keep = math.exp(-seconds / self._window_s)  # older measurements fade with busy time, not with count
         self._pairs = self._pairs * keep + pairs
         self._seconds = self._seconds * keep + seconds
+
+
+class ReportedQueue(QueueBudget):
+    """An arm's queue as one ingress sees it: the pairs it has in flight to the arm, judged at the
+    rate the arm reports (its replica's `QueueBudget.rate` with each answer, times the arm's live
+    replicas). No rate yet: it admits."""
+
+    def __init__(self, budget_s: float):
+        super().__init__(budget_s, (1, 1.0))
+        self.replica_rate = math.inf  # pairs per busy second of one replica, as the last answer reported it
+        self.replicas = 1  # the arm's live replicas (the ingress's probe loop counts them)
+
+    @property
+    def rate(self) -> float:
+        return self.replica_rate * self.replicas
+
+    def finished(self, pairs: int, *, scored: bool, replica_rate: float | None = None) -> None:
+        self.queued -= pairs
+        if scored and replica_rate:
+            self.replica_rate = replica_rate

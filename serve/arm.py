@@ -167,7 +167,7 @@ class ArmReplica:
         return ArmResult(
             scores=result.scores, arm=self.arm.name, precision=self.arm.precision, model=self.engine.model_id,
             cache_hits=hits, cache_misses=len({img.digest for img in request.images()}) - hits,
-            batch_requests=result.batch_requests, cache_events=dict(events), tokens=result.tokens,
+            batch_requests=result.batch_requests, cache_events=dict(events), tokens=result.tokens, replica_rate=self.admission.rate,
         )  # fmt: skip
 
     def _admit(self, pairs: int) -> None:

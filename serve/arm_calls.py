@@ -23,7 +23,7 @@ from ray.serve.handle import DeploymentHandle
 from engine.errors import InputError
 from engine.inputs import ScoreRequest
 from serve.arm_arrival import await_arms, deployment_states, unplaced_arms
-from serve.admission import QueueBudget
+from serve.admission import ReportedQueue
 from serve.arm_result import ArmResult
 from serve.config import FleetConfig
 from serve.errors import ArmDown, FeaturesMissing, ServiceUnavailable, classify, unwrap
@@ -71,7 +71,7 @@ class ArmCalls:
         self._gone: dict[str, asyncio.Event] = {}  # set when an arm leaves routed traffic: its waiting calls fail over
         # Each arm's queue budget as this ingress sees it (serve/admission.py): work the arm would
         # refuse is refused here, before it costs the arm's CPU.
-        self.queues = {a.name: QueueBudget(a.queue_budget_s, None) for a in fleet.arms}
+        self.queues = {a.name: ReportedQueue(a.queue_budget_s) for a in fleet.arms}
         self._on_refusal = on_refusal  # a metric: the arm's refusals made here
 
     async def await_arms(self) -> None:
@@ -135,13 +135,13 @@ class ArmCalls:
         if not queue.admit(pairs):
             self._on_refusal(arm)
             raise ServiceUnavailable(queue.refusal(arm))
-        scored = False
         try:
             result = await self._call_admitted(arm, job, deadline)
-            scored = True
-            return result
-        finally:
-            queue.finished(pairs, scored=scored)
+        except BaseException:
+            queue.finished(pairs, scored=False)
+            raise
+        queue.finished(pairs, scored=True, replica_rate=result.replica_rate)
+        return result
 
     async def _call_admitted(self, arm: str, job: ScoreRequest, deadline: float) -> ArmResult:
         budget = max(0.0, deadline - time.monotonic())
@@ -195,6 +195,7 @@ class ArmCalls:
         while True:
             await asyncio.sleep(interval / 2)
             for arm, n in (await self.live_replicas()).items():
+                self.queues[arm].replicas = max(1, n)
                 if n == 0:
                     self.gone(arm, "no live replica")
             if self.fleet.cluster.elastic and time.monotonic() - placement_checked >= PLACEMENT_CHECK_S:

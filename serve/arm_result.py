@@ -17,6 +17,7 @@ class ArmResult:
     # Cache events (hit_local, redis_error, bypass, ...) of this request's lookups and stores.
     cache_events: dict[str, int] = field(default_factory=dict)
     tokens: int = 0  # tokens the decoder ran for this request (a shared prefix counted once)
+    replica_rate: float | None = None  # the answering replica's pairs per busy second (its queue budget's rate)
 
     @classmethod
     def concat(cls, results: list[ArmResult]) -> ArmResult:
@@ -30,4 +31,5 @@ class ArmResult:
             scores=[s for r in results for s in r.scores], arm=first.arm, precision=first.precision, model=first.model,
             cache_hits=sum(r.cache_hits for r in results), cache_misses=sum(r.cache_misses for r in results),
             batch_requests=max(r.batch_requests for r in results), cache_events=events, tokens=sum(r.tokens for r in results),
+            replica_rate=results[-1].replica_rate,
         )  # fmt: skip

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from serve.admission import QueueBudget
+from serve.admission import QueueBudget, ReportedQueue
 
 
 class Clock:
@@ -97,16 +97,16 @@ def test_the_start_is_the_first_measurement_and_must_be_one():
         QueueBudget(0.0, (8, 0.02))
 
 
-def test_a_gate_without_a_measurement_admits_until_the_first_scored_finish_then_judges():
-    """The ingress's copy of an arm's gate starts with no rate: it admits everything (the arm's own
-    gate decides) until an answer measures the rate, then refuses past the budget like the arm."""
-    clock = Clock()
-    q = QueueBudget(0.5, None, clock=clock)
-    assert q.rate == float("inf") and all(q.admit(100) for _ in range(5))  # 500 pairs in flight, nothing known
-    clock.now += 1.0
-    q.finished(100, scored=True)  # 100 pairs in the first busy second: 100 pairs/s
-    assert q.rate == pytest.approx(100)
-    assert not q.admit(8)  # 400 pairs ahead, 4 s: refused
-    assert "overloaded: arm 'nf4' has about 4.00 s of work queued (400 pairs at 100 pairs/s), over its queue_budget_s of 0.5 s" in q.refusal("nf4")
-    with pytest.raises(ValueError):
-        QueueBudget(0.5, (0, 1.0))
+def test_the_ingress_view_admits_until_a_rate_is_reported_then_judges_at_the_arms_rate():
+    """The ingress's copy of an arm's gate counts its own pairs in flight and takes the rate the
+    arm's replicas report with their answers (times the live replicas); before any report it
+    admits everything (the arm's own gate decides)."""
+    q = ReportedQueue(0.5)
+    assert q.rate == float("inf") and all(q.admit(100) for _ in range(5))  # 500 pairs in flight, no rate known
+    q.finished(100, scored=False, replica_rate=999.0)  # a failed call reports nothing
+    assert q.rate == float("inf") and q.queued == 400
+    q.finished(100, scored=True, replica_rate=100.0)  # the replica scores 100 pairs per busy second
+    assert not q.admit(8)  # 300 pairs ahead, 3 s: refused
+    assert "overloaded: arm 'nf4' has about 3.00 s of work queued (300 pairs at 100 pairs/s), over its queue_budget_s of 0.5 s" in q.refusal("nf4")
+    q.replicas = 6  # six replicas drain it in 0.5 s: within the budget
+    assert q.admit(8) and q.queued == 308
