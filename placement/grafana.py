@@ -154,12 +154,13 @@ ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
     ("Agreement", (
         Panel(
             "Ranking agreement of shadow calls (mean over 5 min)",
-            "A shadow arm's ranking against the arm that answered the same request (spearman, ndcg@10, top10_overlap, rbo); the "
-            "reference arm's own line is its noise floor (scored again in another batch). The fleet-wide comparison with the "
-            "reference, with intervals and verdicts, is GET /v1/experiments.",
+            "A shadow arm's ranking against the arm that answered the same request, named by `against` (the reference arm "
+            "when it answers; spearman, ndcg@10, top10_overlap, rbo); the reference arm against itself is its noise floor "
+            "(scored again in another batch). The fleet-wide comparison with the reference, with intervals and verdicts, is "
+            "GET /v1/experiments.",
             "none",
             (_ratio(f"ray_rerank_shadow_agreement_sum{{{APP}, {ARM}}}", f"ray_rerank_shadow_agreement_count{{{APP}, {ARM}}}",
-                    "arm, metric", "{{arm}}: {{metric}}", AGREEMENT_WINDOW),),
+                    "arm, against, metric", "{{arm}} vs {{against}}: {{metric}}", AGREEMENT_WINDOW),),
             min=None,  # Spearman may be negative
         ),
         Panel(
@@ -167,7 +168,8 @@ ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
             "The guardrails' default floor is Spearman 0.9 (experiment.guardrails.min_agreement): the share of comparisons at or below it.",
             "percentunit",
             (_ratio(f'ray_rerank_shadow_agreement_bucket{{{APP}, {ARM}, metric="spearman", le="0.9"}}',
-                    f'ray_rerank_shadow_agreement_count{{{APP}, {ARM}, metric="spearman"}}', "arm", "{{arm}}", AGREEMENT_WINDOW),),
+                    f'ray_rerank_shadow_agreement_count{{{APP}, {ARM}, metric="spearman"}}', "arm, against", "{{arm}} vs {{against}}",
+                    AGREEMENT_WINDOW),),
         ),
         Panel(
             "Shadow calls failed or dropped",

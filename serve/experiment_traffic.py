@@ -180,7 +180,7 @@ class ExperimentTraffic:
             scores = agreement(primary_scores, result.scores, self.shadow_settings.top_k)
             self.link.tally.record_shadow(arm, primary, scores, result)
             for name, value in scores.items():
-                self.metrics.shadow_agreement.observe(value, tags={"arm": arm, "metric": name})
+                self.metrics.shadow_agreement.observe(value, tags={"arm": arm, "against": primary, "metric": name})
         except Exception as e:  # noqa: BLE001 - a shadow failure is counted, never surfaced
             log.warning("shadow call to arm %s failed: %s", arm, type(e).__name__)
             self.link.tally.record_shadow_failure(arm)

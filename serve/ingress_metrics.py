@@ -14,9 +14,9 @@ class IngressMetrics:
         )  # fmt: skip
         self.shadow_agreement = metrics.Histogram(
             "rerank_shadow_agreement",
-            "Ranking agreement of a shadow arm with the primary (spearman, ndcg@k, topk_overlap); "
-            "negative Spearman values fall in the lowest bucket.",
-            [0.1, 0.5, 0.8, 0.9, 0.95, 0.99, 1.0], ("arm", "metric"),
+            "Ranking agreement of a shadow arm with the arm that answered (`against`: the reference arm in a "
+            "shadow experiment; itself for the noise floor) by metric; negative Spearman values fall in the lowest bucket.",
+            [0.1, 0.5, 0.8, 0.9, 0.95, 0.99, 1.0], ("arm", "against", "metric"),
         )  # fmt: skip
         self.shadow_failures = metrics.Counter("rerank_shadow_failures", "Shadow calls failed or dropped.", ("arm", "reason"))
         self.refusals = metrics.Counter(
