@@ -24,7 +24,7 @@ import torch
 from transformers import DynamicCache
 
 from engine.features import FeatureSpec, ImageFeatures
-from engine.prefix_attention import SharedPrefixCache, use_prefix_attention
+from engine.prefix_attention import GroupLayout, SharedPrefixCache, use_prefix_attention
 from engine.prepare import PreparedRequest, PreparedRow
 from engine.vision import PixelPatches
 from engine.vision_tower import VisionTower
@@ -161,7 +161,7 @@ class Forward:
                 ]
         config = self.core.language_model.config
         if prefix_cache is not None:
-            cache = SharedPrefixCache(prefix_cache, config)
+            cache = SharedPrefixCache(prefix_cache, config, GroupLayout.of([0] * n, [start], self.device))  # one prefix, every row
             lm_kwargs["shared_prefix"] = cache
         else:
             cache = DynamicCache(config=config) if keep_cache else None
