@@ -3,22 +3,26 @@
 For a batch of `PreparedRequest`s:
 1. the vision tower runs once over every image/video no cache had (attention stays within each);
 2. rows are grouped by shared prefix (requests with the same prefix tokens and query visuals
-   join one group); each group's prefix runs through the decoder once, and micro-batches of the
-   rows' remaining tokens attend to its key/value cache, read once per layer and never copied
-   per row (`engine.prefix_attention`); their multimodal rotary positions continue from the
-   prefix (they were computed on the whole pair in prepare);
+   join one group); the groups' prefixes run through the decoder together, right-padded, in one
+   call (more only past the token budget, or where one prefix would pad the others too much),
+   and micro-batches of the rows' remaining tokens, mixing groups, attend each to its own group's
+   key/value cache, read once per layer and never copied per row (`engine.prefix_attention`);
+   their multimodal rotary positions continue from the prefix (they were computed on the whole
+   pair in prepare). Many requests with different queries thus take two decoder calls, not two
+   per request (per-call overhead dominated small models);
 3. rows with no shared prefix run whole, in length-sorted micro-batches;
 4. score = sigmoid(logit("yes") - logit("no")) at each row's last token, in fp32.
 
-A micro-batch stays within `max_batch_tokens`, counting a group's prefix once:
-prefix + rows x longest remainder.
+A micro-batch stays within `max_batch_tokens`, counting each group's prefix once:
+the groups' prefixes + rows x longest remainder; a batch of prefixes, prefixes x longest.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple, TypeVar
 
 import torch
 from transformers import DynamicCache
@@ -38,12 +42,29 @@ class RequestScores:
     batch_requests: int = 1  # requests scored in the same device call as this one
 
 
+class _Part(NamedTuple):
+    """What one decoder call runs of a row: its tokens from `start` on, after the prefix `group`."""
+
+    row: PreparedRow
+    start: int = 0  # tokens before it (the group's prefix, run apart)
+    skip: int = 0  # visuals inside those tokens
+    group: int = -1  # its prefix in the prefix pass (-1: none)
+    member: tuple[int, int] = (-1, -1)  # (request, row) whose score it gives
+
+    @property
+    def length(self) -> int:
+        return len(self.row) - self.start
+
+
 @dataclass
 class _Group:
-    prefix: PreparedRow | None  # None: rows run whole
-    shared: int
+    prefix: PreparedRow  # the tokens every row of its requests shares
     shared_visuals: int
     members: list[tuple[int, int]] = field(default_factory=list)  # (request, row)
+
+    @property
+    def shared(self) -> int:
+        return len(self.prefix)
 
 
 class Forward:
@@ -70,8 +91,12 @@ class Forward:
         with self.lock:
             features, new = self._vision(requests)
             scores: list[list[float]] = [[0.0] * len(r.rows) for r in requests]
-            for group in self._groups(requests):
-                self._score_group(group, requests, features, scores)
+            whole, groups = self._groups(requests)
+            self._score_parts(whole, [], None, features, scores)
+            for batch in _micro_batches(groups, lambda g: g.shared, self.max_batch_tokens, bounded_padding=True):
+                _, cache = self._decode([_Part(g.prefix) for g in batch], features, keep_cache=True)  # the prefixes, in one call
+                parts = [_Part(requests[i].rows[j], g.shared, g.shared_visuals, k, (i, j)) for k, g in enumerate(batch) for i, j in g.members]  # fmt: skip
+                self._score_parts(parts, batch, cache, features, scores)
         return [
             RequestScores(s, [new[k] for k in r.digests if k in new], sum(len(row) - r.shared for row in r.rows) + r.shared, len(requests))
             for s, r in zip(scores, requests)
@@ -96,57 +121,61 @@ class Forward:
 
     # ---- decoder ------------------------------------------------------------------------------
 
-    def _groups(self, requests: Sequence[PreparedRequest]) -> list[_Group]:
-        whole = _Group(None, 0, 0)
+    def _groups(self, requests: Sequence[PreparedRequest]) -> tuple[list[_Part], list[_Group]]:
+        """Rows that run whole, and the groups of rows that share a prefix (same tokens, same visuals)."""
+        whole: list[_Part] = []
         shared: dict[tuple, _Group] = {}
         for i, r in enumerate(requests):
             if not r.shared:
-                whole.members += [(i, j) for j in range(len(r.rows))]
+                whole += [_Part(row, member=(i, j)) for j, row in enumerate(r.rows)]
                 continue
             first = r.rows[0]
             key = (first.ids[: r.shared].numpy().tobytes(), first.visuals[: r.shared_visuals])
             if key not in shared:
                 prefix = PreparedRow(first.ids[: r.shared], first.positions[:, : r.shared], first.visuals[: r.shared_visuals], first.kinds[: r.shared_visuals])
-                shared[key] = _Group(prefix, r.shared, r.shared_visuals)
+                shared[key] = _Group(prefix, r.shared_visuals)
             shared[key].members += [(i, j) for j in range(len(r.rows))]
-        return [g for g in (whole, *shared.values()) if g.members]
+        return whole, list(shared.values())
 
-    def _score_group(self, group: _Group, requests, features, scores) -> None:
-        rows = {m: requests[m[0]].rows[m[1]] for m in group.members}
-        cache = None
-        if group.prefix is not None:
-            _, cache = self._decode([group.prefix], 0, 0, None, features, keep_cache=True)
-        order = sorted(group.members, key=lambda m: len(rows[m]))
-        batch: list[tuple[int, int]] = []
-        for m in [*order, None]:
-            if m is None or (batch and group.shared + (len(batch) + 1) * (len(rows[m]) - group.shared) > self.max_batch_tokens):
-                if batch:
-                    hidden, _ = self._decode([rows[b] for b in batch], group.shared, group.shared_visuals, cache, features)
-                    for b, s in zip(batch, self._yes_no(hidden)):
-                        scores[b[0]][b[1]] = s
-                batch = []
-            if m is not None:
-                batch.append(m)
+    def _score_parts(self, parts: list[_Part], groups: Sequence[_Group], cache: DynamicCache | None, features, scores) -> None:
+        """Micro-batches of `parts`, each part after its group's prefix in `cache` (several groups
+        per micro-batch; `groups` are the cache's, none without one)."""
+        prefix = (lambda p: (p.group, groups[p.group].shared)) if groups else None
+        for batch in _micro_batches(parts, lambda p: p.length, self.max_batch_tokens, prefix):
+            layout = None
+            if cache is not None:
+                batch.sort(key=lambda p: p.group)  # the layout's order: rows of a group together
+                layout = GroupLayout.of([p.group for p in batch], [g.shared for g in groups], self.device)
+            hidden, _ = self._decode(batch, features, cache, layout)
+            for p, s in zip(batch, self._yes_no(hidden)):
+                scores[p.member[0]][p.member[1]] = s
 
-    def _decode(self, rows: Sequence[PreparedRow], start: int, skip_visuals: int, prefix_cache: DynamicCache | None,
-                features: dict[str, ImageFeatures], keep_cache: bool = False) -> tuple[torch.Tensor, DynamicCache | None]:  # fmt: skip
-        """Decoder over rows[i][start:], after `prefix_cache` (the first `start` tokens, shared);
-        returns each row's last hidden state (and the cache when `keep_cache`). Rows are right-padded:
-        the padding sits after every real token, so no real token attends to it."""
-        n = len(rows)
-        lengths = [len(r) - start for r in rows]
+    def _decode(self, parts: Sequence[_Part], features: dict[str, ImageFeatures], prefix_cache: DynamicCache | None = None,
+                layout: GroupLayout | None = None, keep_cache: bool = False) -> tuple[torch.Tensor, DynamicCache | None]:  # fmt: skip
+        """Decoder over each part's tokens, after its group's prefix in `prefix_cache` (laid out by
+        `layout`); returns each part's last hidden state (and the cache when `keep_cache`).
+
+        Parts are right-padded: the padding sits after every real token, so causal attention alone
+        keeps it from every real token, and without a prefix no mask is passed (it would change
+        nothing: sdpa takes its causal path, as for a row alone). A padded prefix's keys and values
+        past its length are the padding's: the rows after it never see them (the mask's prefix part
+        is each row's own prefix, as the layout's lengths are)."""
+        n = len(parts)
+        lengths = [p.length for p in parts]
         width = max(lengths)
+        past = prefix_cache.get_seq_length() if prefix_cache is not None else 0
         ids = torch.full((n, width), self.pad_id, dtype=torch.long)
         positions = torch.ones((3, n, width), dtype=torch.long)
-        mask = torch.zeros((n, start + width), dtype=torch.long)
-        mask[:, :start] = 1
-        for i, (r, length) in enumerate(zip(rows, lengths)):
-            ids[i, :length] = r.ids[start:]
-            positions[:, i, :length] = r.positions[:, start:]
-            mask[i, start : start + length] = 1
-        ids, positions, mask = ids.to(self.device), positions.to(self.device), mask.to(self.device)
+        mask = torch.zeros((n, past + width), dtype=torch.long) if prefix_cache is not None else None
+        for i, (p, length) in enumerate(zip(parts, lengths)):
+            ids[i, :length] = p.row.ids[p.start :]
+            positions[:, i, :length] = p.row.positions[:, p.start :]
+            if mask is not None:
+                mask[i, : p.start] = 1
+                mask[i, past : past + length] = 1
+        ids, positions = ids.to(self.device), positions.to(self.device)
         embeds = self.core.get_input_embeddings()(ids)
-        visuals = [features[k] for r in rows for k in r.visuals[skip_visuals:]]
+        visuals = [features[k] for p in parts for k in p.row.visuals[p.skip :]]
         lm_kwargs: dict = {}
         if visuals:
             vis_mask = (ids == self.image_token_id) | (ids == self.video_token_id)
@@ -161,13 +190,14 @@ class Forward:
                 ]
         config = self.core.language_model.config
         if prefix_cache is not None:
-            cache = SharedPrefixCache(prefix_cache, config, GroupLayout.of([0] * n, [start], self.device))  # one prefix, every row
+            cache = SharedPrefixCache(prefix_cache, config, layout)
             lm_kwargs["shared_prefix"] = cache
         else:
             cache = DynamicCache(config=config) if keep_cache else None
         out = self.core.language_model(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=cache is not None, **lm_kwargs
-        )
+            inputs_embeds=embeds, attention_mask=None if mask is None else mask.to(self.device), position_ids=positions,
+            past_key_values=cache, use_cache=cache is not None, **lm_kwargs,
+        )  # fmt: skip
         last = torch.tensor(lengths, device=self.device) - 1
         hidden = out.last_hidden_state[torch.arange(n, device=self.device), last]
         return hidden, (out.past_key_values if keep_cache else None)
@@ -181,3 +211,32 @@ class Forward:
         else:  # a quantized head (only if configured): read its output, then go to fp32
             logits = head(last_hidden)[:, [self.yes_id, self.no_id]].float()
         return torch.sigmoid(logits[:, 0] - logits[:, 1]).tolist()
+
+
+T = TypeVar("T")
+PREFIX_PADDING = 2  # a batch of prefixes runs at most this many times its real tokens (padding included)
+
+
+def _micro_batches(items: Sequence[T], length: Callable[[T], int], budget: int, prefix: Callable[[T], tuple[Hashable, int]] | None = None,
+                   bounded_padding: bool = False) -> list[list[T]]:  # fmt: skip
+    """`items` sorted by `length`, in consecutive runs within `budget` tokens: items x the longest
+    (the padded batch), plus each distinct prefix's tokens once (`prefix(item)`: its key, tokens).
+    `bounded_padding` also ends a run where its padding would outweigh its real tokens
+    (`PREFIX_PADDING`): prefixes of very different lengths (one long query among short ones)
+    would otherwise pad every short one to the long one."""
+    runs: list[list[T]] = []
+    run: list[T] = []
+    seen: set[Hashable] = set()
+    fixed = real = 0
+    for item in sorted(items, key=length):
+        n = length(item)
+        key, tokens = prefix(item) if prefix else (None, 0)
+        padded = (len(run) + 1) * n
+        extra = 0 if key in seen else tokens
+        if run and (fixed + extra + padded > budget or (bounded_padding and padded > PREFIX_PADDING * (real + n))):
+            runs.append(run)
+            run, seen, fixed, real, extra = [], set(), 0, 0, tokens
+        run.append(item)
+        seen.add(key)
+        fixed, real = fixed + extra, real + n
+    return [*runs, run] if run else runs

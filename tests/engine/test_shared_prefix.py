@@ -10,7 +10,7 @@ from engine.config import EngineConfig
 from engine.engine import RerankEngine
 from engine.inputs import ImageInput, RerankItem, ScoreRequest, VideoInput
 from fused_reference import reference_scores
-from workshop.tiny import Thing, draw
+from workshop.tiny import Thing, caption, draw, query_text, random_thing
 
 # fp32: the same arithmetic in other shapes. Lower precisions round differently when the prefix
 # runs apart from the rest (bf16: 8-bit mantissa), and LLM.int8 picks its fp16 outlier columns per
@@ -83,19 +83,54 @@ def test_the_prefix_holds_the_query_and_no_document(engine_for, requests):
     assert all(len(r) > text_query.shared for r in text_query.rows)  # each row keeps its scored token
 
 
+def _count_decoder_calls(eng: RerankEngine, calls: list):
+    """Wraps the engine's decoder calls: each appends (parts, whether it follows prefixes)."""
+    real = eng.forwarder._decode
+    eng.forwarder._decode = lambda parts, features, prefix_cache=None, *a, **k: (
+        calls.append((len(parts), prefix_cache is not None)) or real(parts, features, prefix_cache, *a, **k)
+    )
+
+
 def test_requests_with_the_same_prefix_share_one_prefix_pass(engine_for, requests):
     eng = engine_for("fp32")
     calls = []
-    real = eng.forwarder._decode
-    eng.forwarder._decode = lambda rows, start, *a, **k: calls.append((len(rows), start)) or real(rows, start, *a, **k)
+    _count_decoder_calls(eng, calls)
     try:
         results = eng.forward([eng.prepare(requests["text query"]), eng.prepare(requests["same query again"])])
     finally:
         del eng.forwarder._decode
-    prefix_passes = [c for c in calls if c[1] == 0]
-    assert prefix_passes == [(1, 0)]  # one prefix, computed once for both requests
-    assert sum(n for n, start in calls if start > 0) == 6 + 4
+    # One prefix, computed once for both requests, then every row of both after it in one call.
+    assert calls == [(1, False), (6 + 4, True)]
     assert [len(r.scores) for r in results] == [6, 4]
+
+
+def _queries(n: int) -> list[ScoreRequest]:
+    rng = random.Random(5)
+    docs = [RerankItem(text=caption(random_thing(rng), rng)) for _ in range(3 * n)]
+    return [ScoreRequest.of(query_text(random_thing(rng), rng), docs[3 * i : 3 * i + 2 + i % 2]) for i in range(n)]
+
+
+def test_requests_with_different_queries_run_their_prefixes_in_one_call(engine_for):
+    """Each request its own query (prefixes of different lengths: right-padded together): all the
+    prefixes in one decoder call, all the rows in one more, each row after its own prefix; the
+    scores equal each request scored alone and the unshared path."""
+    eng = engine_for("fp32")
+    reqs = _queries(8)
+    prepared = [eng.prepare(r) for r in reqs]
+    assert len({p.shared for p in prepared}) > 1, "prefixes of several lengths (padding inside the prefix call)"
+    calls = []
+    _count_decoder_calls(eng, calls)
+    try:
+        together = eng.forward(prepared)
+    finally:
+        del eng.forwarder._decode
+    assert calls == [(8, False), (sum(len(r.documents) for r in reqs), True)]
+    alone = [eng.forward([eng.prepare(r)])[0] for r in reqs]
+    unshared = _unshared(eng).score_requests(reqs)
+    for t, a, u in zip(together, alone, unshared):
+        assert max(abs(x - y) for x, y in zip(t.scores, a.scores)) <= 1e-5
+        assert max(abs(x - y) for x, y in zip(t.scores, u.scores)) <= 1e-5
+    assert [t.tokens for t in together] == [a.tokens for a in alone]  # each request's prefix counted once, its own
 
 
 def test_token_budget_counts_the_prefix_once(engine_for, requests):
@@ -110,13 +145,12 @@ def test_token_budget_counts_the_prefix_once(engine_for, requests):
     assert budget < rows * (p + longest_rest)
     tight = engine_for("fp32", max_batch_tokens=budget)
     calls = []
-    real = tight.forwarder._decode
-    tight.forwarder._decode = lambda r, start, *a, **k: calls.append(len(r)) or real(r, start, *a, **k)
+    _count_decoder_calls(tight, calls)
     try:
         got = tight.forward([tight.prepare(req)])[0]
     finally:
         del tight.forwarder._decode
-    assert calls == [1, rows]  # the prefix, then every row in one micro-batch
+    assert calls == [(1, False), (rows, True)]  # the prefix, then every row in one micro-batch
     assert got.tokens == p + sum(len(r) - p for r in prepared.rows)
 
 
