@@ -138,6 +138,23 @@ def test_requests_with_different_queries_run_their_prefixes_in_one_call(engine_f
     assert [t.tokens for t in together] == [a.tokens for a in alone]  # each request's prefix counted once, its own
 
 
+def test_a_long_query_runs_its_prefix_apart_from_short_ones(engine_for):
+    """Padded to a ~400-token query, four short prefixes would run several times their own tokens:
+    the long one takes a prefix call of its own (and its rows a micro-batch of their own)."""
+    eng = engine_for("fp32")
+    rng = random.Random(8)
+    long_query = " and ".join(query_text(random_thing(rng), rng) for _ in range(60))
+    reqs = [*_queries(4), ScoreRequest.of(long_query, ["a red circle", "a blue square"])]
+    calls = []
+    _count_decoder_calls(eng, calls)
+    try:
+        got = eng.forward([eng.prepare(r) for r in reqs])
+    finally:
+        del eng.forwarder._decode
+    assert calls == [(4, False), (sum(len(r.documents) for r in reqs[:4]), True), (1, False), (2, True)]
+    assert _gap(got[4].scores, eng.forward([eng.prepare(reqs[4])])[0].scores) <= 1e-5
+
+
 def test_token_budget_counts_the_prefix_once(engine_for, requests):
     req = requests["long text query"]
     eng = engine_for("fp32")
