@@ -224,9 +224,13 @@ def _fleet(model_dir: Path, arms: list[dict], redis_url: str | None, **extra) ->
 
 
 def _arm(name: str, weight: float, *, max_ongoing: int = 32, max_queued: int = 256) -> dict:
+    # A wide queue budget: these apps' tests are about routing, isolation and Serve's count bounds,
+    # and a crowd of 40 requests on a loaded CI machine can hold more than the default second of
+    # work (the ingress's gate counts every call in flight). The budget has its own tests
+    # (test_admission, test_serve_reliability's local_arm_app, test_serve_dashboard).
     return {
         "name": name, "precision": name, "weight": weight, "max_ongoing_requests": max_ongoing, "max_queued_requests": max_queued,
-        "ray_actor_options": {"num_cpus": 0.5}, "batching": {"max_batch_size": 16, "batch_wait_timeout_s": 0.005},
+        "queue_budget_s": 30.0, "ray_actor_options": {"num_cpus": 0.5}, "batching": {"max_batch_size": 16, "batch_wait_timeout_s": 0.005},
     }  # fmt: skip
 
 
