@@ -308,5 +308,5 @@ def test_metric_definitions_are_accepted_by_ray():
     arm.cache_event("hit_local", 2)
     arm.latency.observe(0.02)
     ingress = IngressMetrics()
-    ingress.shadow_agreement.observe(-0.3, tags={"arm": "nf4", "metric": "spearman"})
+    ingress.shadow_agreement.observe(-0.3, tags={"arm": "nf4", "against": "fp32", "metric": "spearman"})
     ingress.requests.inc(tags={"arm": "fp32", "api": "CohereRerankResponse", "status": "200"})
