@@ -23,6 +23,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from engine.config import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, EngineConfig
 from engine.errors import ImageDecodeError, ImageTooLarge, InputError
+from engine.image_header import PixelBudget, open_image
 from engine.inputs import VideoInput
 
 
@@ -99,20 +100,6 @@ class PixelPatches:
 
     def tokens_per_frame(self, merge_size: int) -> int:
         return self.grid_thw[1] * self.grid_thw[2] // (merge_size**2)
-
-
-class PixelBudget:
-    """Decoded pixels one request may still spend (`EngineConfig.max_request_pixels`): every image
-    and video frame is charged from its header, before its pixels are decoded."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.spent = 0
-
-    def charge(self, pixels: int, field: str) -> None:
-        self.spent += pixels
-        if self.spent > self.limit:
-            raise ImageTooLarge(field, f"the request's images and frames decode to over {self.limit} pixels (max_request_pixels)")
 
 
 class VisionPreprocessor:
@@ -323,22 +310,6 @@ def decode_sampled_video(data: bytes, field: str, pre: VisionPreprocessor, budge
         kept = sorted(frames)
         wanted = [min(kept, key=lambda k: abs(k - w)) for w in sample_frame_indices(decoded, fps, p.video_fps, p.video_max_frames)]
     return [frames[i] for i in wanted], wanted, fps
-
-
-def open_image(data: bytes, *, field_name: str, max_bytes: int, max_pixels: int) -> Image.Image:
-    """Open encoded bytes (header only: no pixels decoded yet), refusing oversize input."""
-    if len(data) > max_bytes:
-        raise ImageTooLarge(field_name, f"image is {len(data)} bytes, over the limit of {max_bytes}")
-    try:
-        img = Image.open(io.BytesIO(data))
-        w, h = img.size
-    except Exception as e:  # PIL raises many types for corrupt data
-        raise ImageDecodeError(field_name, f"not a decodable image ({type(e).__name__}: {e})") from None
-    if w < 1 or h < 1:
-        raise ImageDecodeError(field_name, f"image has no pixels ({w}x{h})")
-    if w * h > max_pixels:
-        raise ImageTooLarge(field_name, f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels} (max_image_pixels)")
-    return img
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -126,6 +126,7 @@ class ArmReplica:
             # main job prints it).
             raise RuntimeError(f"arm {self.arm.name!r} (backend {self.arm.backend}, precision {self.arm.precision}) cannot start: {e}") from None
         self.cache = FeatureCache(fleet.cache.for_mode(self.arm.feature_cache), on_event=self.metrics.cache_event)
+        self.scored = {"requests": 0, "pairs": 0}  # answered by this replica (describe: which replicas did a fanned-out request's work)
 
     def reconfigure(self, user_config: dict) -> None:
         batching = BatchingConfig.model_validate(user_config)
@@ -135,7 +136,8 @@ class ArmReplica:
     def describe(self) -> dict:
         import torch
 
-        return {"arm": self.arm.name, **self.engine.describe(), "torch_threads": torch.get_num_threads(), "pid": os.getpid(), "cache": self.cache.snapshot()}
+        return {"arm": self.arm.name, **self.engine.describe(), "torch_threads": torch.get_num_threads(), "pid": os.getpid(), "cache": self.cache.snapshot(),
+                "scored": dict(self.scored)}
 
     async def score(self, request: ScoreRequest, budget_s: float | None = None) -> ArmResult:
         """Score one request. `budget_s`: seconds the caller still waits; work not started within
@@ -163,6 +165,8 @@ class ArmReplica:
             raise
         self.metrics.requests.inc()
         self.metrics.latency.observe(time.perf_counter() - start)
+        self.scored["requests"] += 1
+        self.scored["pairs"] += pairs
         hits = len(features)
         return ArmResult(
             scores=result.scores, arm=self.arm.name, precision=self.arm.precision, model=self.engine.model_id,

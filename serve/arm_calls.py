@@ -1,6 +1,7 @@
 """`ArmCalls`: everything about calling arms from the ingress, in one place: the request's time
-budget, the call itself, failover to another arm when a replica is gone, each arm's health (calls
-and a background probe) and readiness.
+budget, the call itself (a large request split over the arm's replicas when the arm fans out:
+`serve.fan_out`), failover to another arm when a replica is gone, each arm's health (calls and a
+background probe) and readiness.
 
 Deadlines are this process's `time.monotonic()`; an arm is sent the seconds left, never a
 wall-clock time (two nodes' clocks differ). An arm whose replica is gone (killed, crashed, its
@@ -11,10 +12,12 @@ back when it answers again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
@@ -22,6 +25,7 @@ from ray.serve.handle import DeploymentHandle
 
 from engine.errors import InputError
 from engine.inputs import ScoreRequest
+from serve import fan_out
 from serve.arm_arrival import await_arms, deployment_states, unplaced_arms
 from serve.admission import ReportedQueue
 from serve.arm_result import ArmResult
@@ -32,11 +36,14 @@ from serve.health import ArmHealth
 from serve.replica_table import live_replicas
 from serve.router import ArmRouter, RouteDecision
 
+if TYPE_CHECKING:  # what DeploymentHandle.choose_replica yields (its module is Serve's private one)
+    from ray.serve._private.request_router.replica_wrapper import ReplicaSelection
+
 log = logging.getLogger(__name__)
 
 DEADLINE_HEADER = "x-rerank-timeout-ms"  # a client's own deadline, at most limits.request_timeout_s
 PROBE_TIMEOUT_S = 1.0
-PLACEMENT_CHECK_S = 2.0  # elastic clusters: how often Serve's status is read for arms without a running replica
+PLACEMENT_CHECK_S = 2.0  # how often Serve's status is read while an arm has no live replica (always, on elastic clusters)
 READY_QUERY = ScoreRequest.of("readiness probe", ["readiness probe"])
 # The arm's replica is gone: scoring is idempotent, so the request is retried once on another arm,
 # and the arm leaves routed traffic until a probe answers.
@@ -72,16 +79,21 @@ class ArmCalls:
         # Each arm's queue budget as this ingress sees it (serve/admission.py): work the arm would
         # refuse is refused here, before it costs the arm's CPU.
         self.queues = {a.name: ReportedQueue(a.queue_budget_s) for a in fleet.arms}
+        self._arm_configs = {a.name: a for a in fleet.arms}  # fan-out (serve/fan_out.py) splits by the arm's settings
         self._on_refusal = on_refusal  # a metric: the arm's refusals made here
 
     async def await_arms(self) -> None:
         """Elastic clusters: wait until every arm answers, or `cluster.arm_grace_s` after the first
         did; the others start out of routed traffic (`serve.arm_arrival`)."""
         grace = self.fleet.cluster.arm_grace_s
-        answered = await await_arms({a: self._describe[a].remote for a in self.arms}, grace)
+        # An arm Serve gave up on (its replicas failed to start: a canary that disagreed, a
+        # checkpoint that does not load) is not waited for; Serve's message says why.
+        answered = await await_arms({a: self._describe[a].remote for a in self.arms}, grace,
+                                    gave_up=lambda e: isinstance(unwrap(e), DeploymentUnavailableError))  # fmt: skip
+        unplaced = await self._unplaced() if set(self.arms) - answered else {}
         for arm in self.arms:
             if arm not in answered:
-                self.health.died(arm, f"no answer within cluster.arm_grace_s ({grace:g} s) of the first arm's")
+                self.health.died(arm, unplaced.get(arm) or f"no answer within cluster.arm_grace_s ({grace:g} s) of the first arm's")
 
     # ------------------------------------------------------------------ calls
 
@@ -104,48 +116,69 @@ class ArmCalls:
             return await self.call_all(other, jobs, deadline), decision
 
     async def call_all(self, arm: str, jobs: Sequence[ScoreRequest], deadline: float) -> ArmResult:
-        """One request's engine requests (several only for a score request's N:N pairs) on one
-        arm at once: one result, the scores in request order. The first failure cancels the rest."""
-        if len(jobs) == 1:
-            return await self.call(arm, jobs[0], deadline)
-        calls = [asyncio.ensure_future(self.call(arm, job, deadline)) for job in jobs]
-        try:
-            return ArmResult.concat(await asyncio.gather(*calls))
-        except BaseException:
-            for c in calls:
-                c.cancel()
-            raise
-
-    async def call(self, arm: str, job: ScoreRequest, deadline: float | None = None) -> ArmResult:
-        """Call an arm within the request's deadline (the arm refuses work not started within the
-        budget it is sent); its errors are raised here as themselves, and its health is updated.
-        When the arm lacks the features of images sent by digest only, they are downloaded and
-        the call is made once more with their bytes."""
-        deadline = deadline if deadline is not None else time.monotonic() + self.fleet.limits.request_timeout_s
-        try:
-            return await self._call(arm, job, deadline)
-        except Exception as e:
-            missing = unwrap(e)
-            if not isinstance(missing, FeaturesMissing):
-                raise
-            return await self._call(arm, await self.fetcher.with_bytes(job, set(missing.digests)), deadline)
-
-    async def _call(self, arm: str, job: ScoreRequest, deadline: float) -> ArmResult:
-        queue, pairs = self.queues[arm], len(job.documents)
+        """One request's engine requests (several for a score request's N:N pairs), each split into
+        the arm's fan-out chunks (`serve.fan_out`), on one arm at once: one result, the scores in
+        request order. The request is admitted or refused whole, at the arm's queue budget as this
+        ingress sees it (all its pairs at once: never half run); the deadline is the whole
+        request's; the first failure cancels the rest."""
+        pieces = [chunk for job in jobs for chunk in fan_out.split(job, self._arm_configs[arm])]
+        if len(pieces) > len(jobs):  # split: the engine's decode budget is charged for the whole request here
+            for job in jobs:
+                await asyncio.to_thread(fan_out.charge_whole, job, self.fleet.limits)  # image headers: off the event loop
+        queue, pairs = self.queues[arm], sum(len(p.documents) for p in pieces)
         if not queue.admit(pairs):
             self._on_refusal(arm)
             raise ServiceUnavailable(queue.refusal(arm))
         try:
-            result = await self._call_admitted(arm, job, deadline)
+            result = await self._call_each(arm, pieces, deadline)
         except BaseException:
             queue.finished(pairs, scored=False)
             raise
         queue.finished(pairs, scored=True, replica_rate=result.replica_rate)
         return result
 
-    async def _call_admitted(self, arm: str, job: ScoreRequest, deadline: float) -> ArmResult:
+    async def call(self, arm: str, job: ScoreRequest, deadline: float | None = None) -> ArmResult:
+        """One engine request on an arm (`call_all`), within `deadline` (default: the service's
+        limit from now); its errors are raised here as themselves."""
+        deadline = deadline if deadline is not None else time.monotonic() + self.fleet.limits.request_timeout_s
+        return await self.call_all(arm, [job], deadline)
+
+    async def _call_each(self, arm: str, pieces: Sequence[ScoreRequest], deadline: float) -> ArmResult:
+        if len(pieces) == 1:
+            return await self._call_with_bytes(arm, pieces[0], deadline)
+        async with contextlib.AsyncExitStack() as held:
+            # Calls sent at once are routed on queue lengths that do not count each other yet: two
+            # chunks sent together to two idle replicas went to the same one in 9 of 12 requests.
+            # Each chunk's replica is chosen, and a slot reserved on it, before the next is chosen
+            # (Serve's power of two choices then sees the slot taken), and only then are they sent.
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                slots = [await held.enter_async_context(self._score[arm].choose_replica()) for _ in pieces]
+            calls = [asyncio.ensure_future(self._call_with_bytes(arm, piece, deadline, slot)) for piece, slot in zip(pieces, slots)]
+            try:
+                return ArmResult.concat(await asyncio.gather(*calls))
+            except BaseException:
+                for c in calls:
+                    c.cancel()
+                await asyncio.gather(*calls, return_exceptions=True)  # settled before their slots are released
+                raise
+
+    async def _call_with_bytes(self, arm: str, job: ScoreRequest, deadline: float, slot: ReplicaSelection | None = None) -> ArmResult:
+        """Call an arm within the request's deadline (the arm refuses work not started within the
+        budget it is sent), its health updated; on the replica of `slot` when one was chosen.
+        When the arm lacks the features of images sent by digest only, they are downloaded and
+        the call is made once more (on any replica) with their bytes."""
+        try:
+            return await self._call_admitted(arm, job, deadline, slot)
+        except Exception as e:
+            missing = unwrap(e)
+            if not isinstance(missing, FeaturesMissing):
+                raise
+            return await self._call_admitted(arm, await self.fetcher.with_bytes(job, set(missing.digests)), deadline)
+
+    async def _call_admitted(self, arm: str, job: ScoreRequest, deadline: float, slot: ReplicaSelection | None = None) -> ArmResult:
         budget = max(0.0, deadline - time.monotonic())
-        response = self._score[arm].remote(job, budget)
+        handle = self._score[arm]
+        response = handle.remote(job, budget) if slot is None else handle.dispatch(slot, job, budget)
         call = asyncio.ensure_future(_awaited(response))
         gone = asyncio.ensure_future(self._gone_event(arm).wait())
         try:
@@ -161,6 +194,10 @@ class ArmCalls:
                     self.health.failed(arm, "timeout")
                 raise TimeoutError
             result = call.result()
+        except asyncio.CancelledError:  # the caller gave up (a sibling chunk failed, the client left): so does the arm
+            response.cancel()
+            call.cancel()
+            raise
         except Exception as e:
             cause = unwrap(e)
             if isinstance(cause, ARM_GONE) and not isinstance(cause, ArmDown):
@@ -194,11 +231,15 @@ class ArmCalls:
         placement_checked = 0.0
         while True:
             await asyncio.sleep(interval / 2)
-            for arm, n in (await self.live_replicas()).items():
+            live = await self.live_replicas()
+            for arm, n in live.items():
                 self.queues[arm].replicas = max(1, n)
                 if n == 0:
                     self.gone(arm, "no live replica")
-            if self.fleet.cluster.elastic and time.monotonic() - placement_checked >= PLACEMENT_CHECK_S:
+            # Why an arm has no running replica is Serve's to say (its replicas wait for a node, or
+            # failed to start: a canary that disagreed, a checkpoint that does not load): read on
+            # elastic clusters, and wherever an arm has none.
+            if (self.fleet.cluster.elastic or 0 in live.values()) and time.monotonic() - placement_checked >= PLACEMENT_CHECK_S:
                 placement_checked = time.monotonic()
                 for arm, why in (await self._unplaced()).items():
                     self.gone(arm, why)

@@ -157,6 +157,22 @@ class ArmConfig(_Strict):
         "shared", description="Image-feature caching of this arm: shared (in-replica LRU, then cache.redis_url), local (the LRU only: "
         "where fetching features over the network costs about as much as the vision tower), off (neither).",
     )
+    fan_out_above: int | None = Field(
+        None, ge=1, description="A request with more documents than this is split into chunks scored at once on the arm's replicas "
+        "(each chunk a request of its own with the same query and instruction: each runs the query's shared prefix) and merged "
+        "into one answer; limits, the deadline, errors, admission and top_n apply to the whole request. Pays for large candidate "
+        "lists on idle replicas (GPU arms with spare replicas); on a loaded fleet it only adds calls and prefixes. None: off.",
+    )
+    fan_out_chunk: int | None = Field(
+        None, ge=1, description="Most documents per chunk of a fanned-out request (as few chunks as will do, of sizes within one "
+        "of each other); default: fan_out_above. A good size: a large request's documents over the arm's replicas (a chunk each).",
+    )
+
+    @model_validator(mode="after")
+    def _fan_out(self) -> ArmConfig:
+        if self.fan_out_chunk is not None and self.fan_out_above is None:
+            raise ValueError("fan_out_chunk needs fan_out_above (fan-out is off without it)")
+        return self
 
     @property
     def max_replicas(self) -> int:

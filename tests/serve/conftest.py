@@ -397,3 +397,19 @@ def exp_app(ray_serve, tiny_model, random_model):
     )  # fmt: skip
     with _deployed(ray_serve, "experiments", "/exp", fleet) as app:
         yield app
+
+
+@pytest.fixture(scope="module")
+def fan_out_app(ray_serve, tiny_model):
+    """Arms of the tiny model at fp32: `fan` on two replicas, splitting requests of over 500
+    documents (serve/fan_out.py); `whole` on one replica, without fan-out; `tight` like `fan` but
+    with a queue budget of 1 ms (no work may wait: the admission test's). Requests of up to 1000
+    documents, a decode budget of ten 64x64 images a request; no noise-floor calls (they would
+    score requests again on `fan`'s replicas)."""
+    fan = _arm("fan", 0.5) | {"precision": "fp32", "num_replicas": 2, "fan_out_above": 500}
+    whole = _arm("whole", 0.5) | {"precision": "fp32"}
+    tight = fan | {"name": "tight", "weight": 0.0, "queue_budget_s": 0.001, "ray_actor_options": {"num_cpus": 0.25}}
+    fleet = _fleet(tiny_model, [fan, whole, tight], None, experiment={"noise_floor_fraction": 0.0})
+    fleet["limits"].update(max_documents=1000, max_request_bytes=8 * 1024 * 1024, max_request_pixels=10 * 64 * 64)
+    with _deployed(ray_serve, "fanout", "/fanout", fleet) as app:
+        yield app
