@@ -15,16 +15,20 @@ score = sigmoid(logit("yes") - logit("no")) at the last token, computed in fp32.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from functools import cached_property
+from pathlib import Path
 
 import torch
 
-from engine.config import EngineConfig
+from engine.config import DecodeBudgets, EngineConfig
 from engine.errors import ModelLoadError
 from engine.features import FeatureSpec, ImageFeatures
+from engine.fingerprint import checkpoint_fingerprint
 from engine.forward import Forward, RequestScores
 from engine.inputs import ImageInput, RerankItem, ScoreRequest
 from engine.model import LoadedModel, chat_template_of, checkpoint_folder, load_model
 from engine.prepare import PreparedRequest, Preparer
+from engine.score_key import ScoreSpec
 from engine.vision import VisionParams, VisionPreprocessor
 from engine.vision_tower import VisionTower
 
@@ -33,6 +37,13 @@ VIDEO_REFUSAL = {
     "lychee": "video is not supported for lychee-rerank-mm: Qwen2.5-VL renders videos without Qwen3-VL's per-frame "
     "timestamps and needs its own temporal positions, which this engine does not implement yet; send frames as images",
 }
+
+
+def score_settings(cfg: EngineConfig, vision: VisionParams, **more: object) -> dict[str, object]:
+    """The engine settings a score depends on (`engine.score_key`): all of `cfg` but its decode
+    budgets (they refuse a request, never change a score), the image limits in force, and `more`."""
+    settings: dict[str, object] = cfg.model_dump(exclude=set(DecodeBudgets.model_fields))
+    return {**settings, "min_pixels": vision.min_pixels, "max_pixels": vision.max_pixels, **more}
 
 
 def device_name(device: torch.device) -> str:
@@ -53,7 +64,7 @@ class RerankEngine:
         image_token_id, video_token_id = int(hf_cfg.image_token_id), int(hf_cfg.video_token_id)
         self.yes_id, self.no_id = self._answer_token_ids()
         self.chat_template = chat_template_of(tokenizer, loaded.folder, loaded.source)
-        folder = loaded.folder or checkpoint_folder(loaded.source)
+        self.folder = folder = loaded.folder or checkpoint_folder(loaded.source)
         try:
             self.vision_params = VisionParams.from_checkpoint(folder, cfg, loaded.family)
         except ValueError as e:
@@ -117,7 +128,16 @@ class RerankEngine:
             "compute_dtype": str(self.loaded.compute_dtype).removeprefix("torch."),
             "vision_fingerprint": self.feature_spec.vision_fingerprint,
             "share_prefix": self.cfg.share_prefix,
+            "weights_fingerprint": self.score_spec.weights_fingerprint,
+            "scorer": self.score_spec.digest,
         }
+
+    @cached_property
+    def score_spec(self) -> ScoreSpec:
+        """What besides the pair determines a score (`engine.score_key`); the checkpoint is hashed
+        on first use (a replica does it at start)."""
+        settings = score_settings(self.cfg, self.vision_params, family=self.loaded.family, compute_dtype=str(self.loaded.compute_dtype))
+        return ScoreSpec.of(checkpoint_fingerprint(Path(self.folder)), self.precision, "transformers", settings)
 
     # ---- the two phases -----------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from typing import Protocol, runtime_checkable
 from engine.features import FeatureSpec, ImageFeatures
 from engine.forward import RequestScores
 from engine.inputs import ScoreRequest
+from engine.score_key import ScoreSpec
 
 
 @runtime_checkable
@@ -29,6 +30,7 @@ class ServingEngine(Protocol):
     model_id: str
     precision: str
     feature_spec: FeatureSpec | None  # None: image features never leave the backend (no cache key)
+    score_spec: ScoreSpec  # what besides the pair determines a score (the score cache's keys)
 
     def describe(self) -> dict:
         """What the replica reports about itself (model, precision, device, ...)."""

@@ -35,14 +35,16 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from engine.config import EngineConfig, VllmSettings
-from engine.engine import device_name
+from engine.engine import device_name, score_settings
 from engine.errors import DeadlineExceeded, InputError, ModelLoadError, PrecisionUnsupported
 from engine.features import FeatureSpec, ImageFeatures
+from engine.fingerprint import checkpoint_fingerprint
 from engine.forward import RequestScores
 from engine.inputs import ImageInput, ScoreRequest
 from engine.model import FAMILIES, chat_template_of, checkpoint_folder, compute_dtype_for, pick_device, read_model_config
 from engine.prepare import Preparer
 from engine.prompt import VisionSlot, truncate_keeping_final
+from engine.score_key import ScoreSpec
 from engine.vision import PixelBudget, VisionParams, VisionPreprocessor, resize_as_reference
 from engine.vision_tower import VisionTower
 
@@ -152,6 +154,10 @@ class VllmRerankEngine:
         self.image_token_id = image_id
         self.llm = AsyncLLM.from_engine_args(engine_args(source, top, precision, settings, self.vision_params, device))
         self.max_model_len = int(self.llm.model_config.max_model_len)
+        # What names this arm's scores in the score cache: the checkpoint as vLLM loaded it (a hub
+        # id's files are in the hub cache by now), the precision and every engine argument.
+        extra = {**settings.model_dump(), "max_model_len_in_force": self.max_model_len}
+        self.score_spec = ScoreSpec.of(checkpoint_fingerprint(checkpoint_folder(source)), precision, "vllm", score_settings(config, self.vision_params, **extra))
         self._pool = ThreadPoolExecutor(2, thread_name_prefix="vllm-prepare")
         self._ids = itertools.count()
 
@@ -160,6 +166,7 @@ class VllmRerankEngine:
             "model": self.model_id, "backend": "vllm", "precision": self.precision, "max_model_len": self.max_model_len,
             "device_name": device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
             "vision_encoder": "project" if self.tower else "vllm", "vision_fingerprint": self.preparer.feature_spec.vision_fingerprint,
+            "weights_fingerprint": self.score_spec.weights_fingerprint, "scorer": self.score_spec.digest,
         }  # fmt: skip
 
     def prompts(self, request: ScoreRequest, features: Mapping[str, ImageFeatures] | None = None) -> tuple[list[dict], list[ImageFeatures]]:

@@ -34,7 +34,7 @@ APP = 'application=~"$app"'
 ARM = 'arm=~"$arm"'
 RATE = "[$__rate_interval]"
 AGREEMENT_WINDOW = "[5m]"  # shadow comparisons are a fraction of the traffic: a longer window than the rates
-HITS, LOOKUPS = "hit_local|hit_redis", "hit_local|hit_redis|miss"  # serve/cache.py's events: a lookup is one of these
+HITS, LOOKUPS = "hit_local|hit_redis", "hit_local|hit_redis|miss"  # serve/cache.py's events (both caches): a lookup is one of these
 
 
 @dataclass(frozen=True)
@@ -134,20 +134,24 @@ ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
     )),
     ("Caches", (
         Panel(
-            "Feature-cache hit rate",
+            "Cache hit rates",
             "Share of image lookups in the arms served from the feature cache: from either tier (in-replica LRU, Redis), and "
-            "from Redis alone. The score cache, when it comes, adds its own line.",
+            "from Redis alone. Share of the pairs looked up in the ingress's score cache (per arm: its scores are the arm's) "
+            "answered from it, with no arm call: from either tier (the ingress's LRU, Redis).",
             "percentunit",
             (_hit_rate("ray_rerank_image_cache_events_total", f"{APP}, {ARM}", "arm", "{{arm}}: features, both tiers"),
-             _hit_rate("ray_rerank_image_cache_events_total", f"{APP}, {ARM}", "arm", "{{arm}}: features from Redis", hits="hit_redis")),
+             _hit_rate("ray_rerank_image_cache_events_total", f"{APP}, {ARM}", "arm", "{{arm}}: features from Redis", hits="hit_redis"),
+             _hit_rate("ray_rerank_score_cache_events_total", f"{APP}, {ARM}", "arm", "{{arm}}: scores, both tiers")),
         ),
         Panel(
-            "Feature-cache faults",
+            "Cache faults",
             "Redis unreachable or slow (redis_error; later calls bypass Redis for cache.retry_after_s: bypass), undecodable "
-            "entries (corrupt), entries over the item limit (too_large): in the arms' feature caches, and in the ingress's URL "
-            "memo (which counts only these). Each means recomputed features or a new download, never a failed request.",
+            "entries (corrupt), entries over the item limit (too_large): in the arms' feature caches, the ingress's score cache "
+            "and its URL memo (which counts only these). Each means recomputed features or scores or a new download, never a "
+            "failed request.",
             "ops",
             (Query(_rate(f'ray_rerank_image_cache_events_total{{{APP}, {ARM}, event!~"{LOOKUPS}"}}', "arm, event"), "{{arm}}: {{event}}"),
+             Query(_rate(f'ray_rerank_score_cache_events_total{{{APP}, {ARM}, event!~"{LOOKUPS}"}}', "arm, event"), "{{arm}}: scores {{event}}"),
              Query(_rate(f"ray_rerank_url_memo_events_total{{{APP}}}", "event"), "ingress URL memo: {{event}}")),
         ),
     )),
@@ -257,7 +261,7 @@ def dashboard() -> dict:
         "id": None,
         "uid": UID,
         "title": TITLE,
-        "description": "Per arm: requests/s, latency, refusals by reason, feature-cache hit rates, shadow agreement; replicas per deployment. "
+        "description": "Per arm: requests/s, latency, refusals by reason, feature- and score-cache hit rates, shadow agreement; replicas per deployment. "
         "From the metrics Ray exports (placement/grafana.py).",
         "tags": ["rerank-fleet", "ray-serve"],
         "schemaVersion": SCHEMA_VERSION,

@@ -19,6 +19,7 @@ ingress maps it to HTTP (`serve.errors`).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -126,6 +127,9 @@ class ArmReplica:
             # main job prints it).
             raise RuntimeError(f"arm {self.arm.name!r} (backend {self.arm.backend}, precision {self.arm.precision}) cannot start: {e}") from None
         self.cache = FeatureCache(fleet.cache.for_mode(self.arm.feature_cache), on_event=self.metrics.cache_event)
+        # The name of this replica's scores in the ingress's score cache (engine/score_key.py): its
+        # checkpoint hashed once, here, off the event loop.
+        self.scorer = (await asyncio.to_thread(lambda: self.engine.score_spec)).digest
         self.scored = {"requests": 0, "pairs": 0}  # answered by this replica (describe: which replicas did a fanned-out request's work)
 
     def reconfigure(self, user_config: dict) -> None:
@@ -172,6 +176,7 @@ class ArmReplica:
             scores=result.scores, arm=self.arm.name, precision=self.arm.precision, model=self.engine.model_id,
             cache_hits=hits, cache_misses=len({img.digest for img in request.images()}) - hits,
             batch_requests=result.batch_requests, cache_events=dict(events), tokens=result.tokens, replica_rate=self.admission.rate,
+            scorer=self.scorer,
         )  # fmt: skip
 
     def _admit(self, pairs: int) -> None:

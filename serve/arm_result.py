@@ -18,6 +18,10 @@ class ArmResult:
     cache_events: dict[str, int] = field(default_factory=dict)
     tokens: int = 0  # tokens the decoder ran for this request (a shared prefix counted once)
     replica_rate: float | None = None  # the answering replica's pairs per busy second (its queue budget's rate)
+    scorer: str | None = None  # the answering engine's `ScoreSpec.digest`: what the score cache keys its scores by
+    # Pairs of the request answered from the ingress's score cache, and scored by the arm (both 0: no score cache).
+    score_cache_hits: int = 0
+    score_cache_misses: int = 0
 
     @classmethod
     def concat(cls, results: list[ArmResult]) -> ArmResult:
@@ -31,5 +35,6 @@ class ArmResult:
             scores=[s for r in results for s in r.scores], arm=first.arm, precision=first.precision, model=first.model,
             cache_hits=sum(r.cache_hits for r in results), cache_misses=sum(r.cache_misses for r in results),
             batch_requests=max(r.batch_requests for r in results), cache_events=events, tokens=sum(r.tokens for r in results),
-            replica_rate=results[-1].replica_rate,
+            replica_rate=results[-1].replica_rate, scorer=first.scorer,
+            score_cache_hits=sum(r.score_cache_hits for r in results), score_cache_misses=sum(r.score_cache_misses for r in results),
         )  # fmt: skip

@@ -41,6 +41,10 @@ class BatchedEngine:
         self._prepare_pool = ThreadPoolExecutor(prepare_workers, thread_name_prefix=f"prepare-{name}")
         self._forward_thread = ThreadPoolExecutor(1, thread_name_prefix=f"forward-{name}")
 
+    @property
+    def score_spec(self):
+        return self.engine.score_spec
+
     def set_batching(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
         self._score_batch.set_max_batch_size(max_batch_size)
         self._score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)

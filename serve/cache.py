@@ -1,11 +1,13 @@
-"""Two-tier image-feature cache: a bytes-bounded in-process LRU in front of an optional Redis.
+"""Two-tier caches: a bytes-bounded in-process LRU in front of an optional Redis (`TieredCache`),
+and the image-feature cache built on it (`FeatureCache`; the ingress's score cache,
+`serve.score_cache.ScoreStore`, is the other).
 
-Keys come from `FeatureSpec.cache_key(image_digest)`, i.e. the image's content hash plus
+Feature keys come from `FeatureSpec.cache_key(image_digest)`, i.e. the image's content hash plus
 everything that changes its features (vision weights, vision precision, pixel limits); they are
 never derived from URLs or other display strings. The same tiers also hold a URL -> content
 digest memo so a repeated image URL can skip its download when its features are cached.
 
-The cache is an optimisation and must never fail a request: any Redis error, timeout or
+A cache is an optimisation and must never fail a request: any Redis error, timeout or
 undecodable entry is counted, Redis is bypassed for `retry_after_s`, and the caller recomputes.
 """
 
@@ -110,12 +112,17 @@ def url_memo_key(url: str) -> str:
     return "urlmemo:" + hashlib.sha256(url.encode("utf-8")).hexdigest()
 
 
-class FeatureCache:
-    """`get_many` / `put_many` of `ImageFeatures` by cache key, plus the URL -> digest memo.
+class TieredCache:
+    """Values by key in two tiers: the LRU (`config.local_max_bytes`, 0: none) and Redis
+    (`config.redis_url`, None: none), entries in Redis expiring after `config.ttl_s`. A subclass
+    says how its values are sized, written to bytes and read back (`_get_tiers`, `_put_tiers`).
 
     Async because the Redis tier is network I/O; the LRU tier is synchronous and thread-safe.
     The Redis client is created lazily on the running event loop (and again if the loop changes).
+    Every lookup, store and fault is counted (`counts`, `snapshot`) and reported to `on_event`.
     """
+
+    name = "cache"  # in log lines
 
     def __init__(
         self,
@@ -135,10 +142,11 @@ class FeatureCache:
         self._redis = None
         self._redis_loop: asyncio.AbstractEventLoop | None = None
 
-    # ------------------------------------------------------------------ features
-
-    async def get_many(self, keys: Sequence[str]) -> dict[str, ImageFeatures]:
-        found: dict[str, ImageFeatures] = {}
+    async def _get_tiers(self, keys: Sequence[str], decode: Callable[[str, Any], Any | None], size: Callable[[Any], int],
+                         local_ttl_s: float | None = None) -> dict[str, Any]:  # fmt: skip
+        """The values of `keys` found in either tier (each key looked up once); a Redis hit is kept
+        in the LRU too. `decode(key, raw)` reads a Redis value, None for an entry it refuses."""
+        found: dict[str, Any] = {}
         remote: list[str] = []
         for key in dict.fromkeys(keys):
             hit = self.local.get(key) if self.local is not None else None
@@ -149,26 +157,29 @@ class FeatureCache:
         self._count(HIT_LOCAL, len(found))
         if remote:
             values = await self._redis_call(lambda r: r.mget([self.key_prefix + k for k in remote]))
+            misses = 0
             for key, raw in zip(remote, values or [None] * len(remote)):
-                features = self._decode(key, raw) if raw is not None else None
-                if features is None:
-                    self._count(MISS)
+                value = decode(key, raw) if raw is not None else None
+                if value is None:
+                    misses += 1
                     continue
-                found[key] = features
+                found[key] = value
                 self._count(HIT_REDIS)
-                self._put_local(key, features)
+                self._put_local(key, value, size(value), local_ttl_s)
+            self._count(MISS, misses)
         return found
 
-    async def put_many(self, items: Iterable[ImageFeatures]) -> None:
+    async def _put_tiers(self, items: Iterable[tuple[str, Any, int]], encode: Callable[[Any], bytes], local_ttl_s: float | None = None) -> None:
+        """Store (key, value, size) items in the LRU and, written by `encode`, in Redis; an item
+        over `config.max_item_bytes` is counted (too_large) and not stored."""
         blobs: dict[str, bytes] = {}
-        for features in items:
-            key = features.cache_key
-            if features_nbytes(features) > self.config.max_item_bytes:
+        for key, value, nbytes in items:
+            if nbytes > self.config.max_item_bytes:
                 self._count(TOO_LARGE)
                 continue
-            self._put_local(key, features)
+            self._put_local(key, value, nbytes, local_ttl_s)
             if self.config.redis_url is not None:
-                blob = features.to_bytes()
+                blob = encode(value)
                 if len(blob) > self.config.max_item_bytes:
                     self._count(TOO_LARGE)
                     continue
@@ -184,31 +195,6 @@ class FeatureCache:
 
             await self._redis_call(_store)
 
-    # ------------------------------------------------------------------ URL memo
-
-    async def get_url_digest(self, url: str) -> str | None:
-        key = url_memo_key(url)
-        digest = self.local.get(key) if self.local is not None else None
-        if digest is not None:
-            return digest
-        raw = await self._redis_call(lambda r: r.get(self.key_prefix + key))
-        if raw is None:
-            return None
-        try:
-            digest = raw.decode("ascii")
-        except UnicodeDecodeError:
-            digest = ""
-        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-            self._corrupt(key)
-            return None
-        self._put_memo_local(key, digest)
-        return digest
-
-    async def put_url_digest(self, url: str, digest: str) -> None:
-        key = url_memo_key(url)
-        self._put_memo_local(key, digest)
-        await self._redis_call(lambda r: r.set(self.key_prefix + key, digest.encode("ascii"), ex=self.config.ttl_s))
-
     # ------------------------------------------------------------------ plumbing
 
     def snapshot(self) -> dict[str, int]:
@@ -222,26 +208,9 @@ class FeatureCache:
             except Exception:  # noqa: BLE001 - closing a dead connection must not raise
                 pass
 
-    def _put_local(self, key: str, features: ImageFeatures) -> None:
+    def _put_local(self, key: str, value: Any, nbytes: int, ttl_s: float | None = None) -> None:
         if self.local is not None:
-            self.local.put(key, features, features_nbytes(features))
-
-    def _put_memo_local(self, key: str, digest: str) -> None:
-        if self.local is not None:
-            self.local.put(key, digest, len(key) + len(digest), ttl_s=self.config.ttl_s)
-
-    def _decode(self, key: str, raw: Any) -> ImageFeatures | None:
-        try:
-            features = ImageFeatures.from_bytes(bytes(raw))
-        except (FeatureDecodeError, TypeError) as e:
-            log.warning("image-feature cache: undecodable entry %s (%s); recomputing", key, e)
-            self._corrupt(key)
-            return None
-        if features.cache_key != key:
-            log.warning("image-feature cache: entry %s holds features of another key; recomputing", key)
-            self._corrupt(key)
-            return None
-        return features
+            self.local.put(key, value, nbytes, ttl_s=ttl_s)
 
     def _corrupt(self, key: str) -> None:
         # A bad value is that entry's problem, not Redis's: count it and let the recomputed value
@@ -294,13 +263,68 @@ class FeatureCache:
             self._bypass_until = self._clock() + self.config.retry_after_s
             self._count(REDIS_ERROR)
             log.warning(
-                "image-feature cache: Redis failed (%s: %s); bypassing it for %.1fs",
-                type(e).__name__, e, self.config.retry_after_s,
+                "%s: Redis failed (%s: %s); bypassing it for %.1fs",
+                self.name, type(e).__name__, e, self.config.retry_after_s,
             )  # fmt: skip
             client, self._redis = self._redis, None
             if client is not None:
                 asyncio.get_running_loop().create_task(_close_quietly(client))
             return None
+
+
+class FeatureCache(TieredCache):
+    """`get_many` / `put_many` of `ImageFeatures` by cache key, plus the URL -> digest memo."""
+
+    name = "image-feature cache"
+
+    # ------------------------------------------------------------------ features
+
+    async def get_many(self, keys: Sequence[str]) -> dict[str, ImageFeatures]:
+        return await self._get_tiers(keys, self._decode, features_nbytes)
+
+    async def put_many(self, items: Iterable[ImageFeatures]) -> None:
+        await self._put_tiers(((f.cache_key, f, features_nbytes(f)) for f in items), ImageFeatures.to_bytes)
+
+    # ------------------------------------------------------------------ URL memo
+
+    async def get_url_digest(self, url: str) -> str | None:
+        key = url_memo_key(url)
+        digest = self.local.get(key) if self.local is not None else None
+        if digest is not None:
+            return digest
+        raw = await self._redis_call(lambda r: r.get(self.key_prefix + key))
+        if raw is None:
+            return None
+        try:
+            digest = raw.decode("ascii")
+        except UnicodeDecodeError:
+            digest = ""
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            self._corrupt(key)
+            return None
+        self._put_memo_local(key, digest)
+        return digest
+
+    async def put_url_digest(self, url: str, digest: str) -> None:
+        key = url_memo_key(url)
+        self._put_memo_local(key, digest)
+        await self._redis_call(lambda r: r.set(self.key_prefix + key, digest.encode("ascii"), ex=self.config.ttl_s))
+
+    def _put_memo_local(self, key: str, digest: str) -> None:
+        self._put_local(key, digest, len(key) + len(digest), self.config.ttl_s)
+
+    def _decode(self, key: str, raw: Any) -> ImageFeatures | None:
+        try:
+            features = ImageFeatures.from_bytes(bytes(raw))
+        except (FeatureDecodeError, TypeError) as e:
+            log.warning("image-feature cache: undecodable entry %s (%s); recomputing", key, e)
+            self._corrupt(key)
+            return None
+        if features.cache_key != key:
+            log.warning("image-feature cache: entry %s holds features of another key; recomputing", key)
+            self._corrupt(key)
+            return None
+        return features
 
 
 async def _close_quietly(client) -> None:

@@ -296,6 +296,27 @@ class CacheConfig(_Strict):
         return self.model_copy(update={"redis_url": None, **({"local_max_bytes": 0} if mode == "off" else {})})
 
 
+class ScoreCacheConfig(_Strict):
+    """The ingress's score cache (serve/score_cache.py): a pair scored before is answered from it
+    instead of by the arm. Its Redis tier is the cache Redis (`cache.redis_url`, with its timeout,
+    retry and password), its keys under `rerank:score:`."""
+
+    mode: Literal["shared", "local", "off"] = Field(
+        "off", description="shared: the ingress's in-process LRU, then cache.redis_url (shared by every ingress replica); local: "
+        "the LRU only; off: every pair goes to the arm. It pays for repeated pairs (head queries, the same candidate lists); "
+        "traffic of unique pairs pays a lookup (a Redis round trip) per request for nothing.",
+    )
+    ttl_s: int = Field(24 * 3600, ge=1, description="Lifetime of a cached score, in Redis and in the LRU.")
+    local_max_bytes: int = Field(
+        64 * 1024 * 1024, ge=0, description="Byte bound of the in-process LRU of one ingress replica, split evenly among the arms "
+        "(about 330 bytes per cached pair; 0 disables it).",
+    )
+
+    def tiers(self, cache: CacheConfig) -> CacheConfig:
+        """The tier settings of the score cache: the cache Redis's connection (none unless shared), its own size and lifetime."""
+        return cache.for_mode(self.mode).model_copy(update={"ttl_s": self.ttl_s, "local_max_bytes": self.local_max_bytes})
+
+
 class LimitsConfig(DecodeBudgets):
     """Request limits and URL safety; the engine's `DecodeBudgets` (image bytes and pixels, video file
     frames, a request's pixels) are among them."""
@@ -350,7 +371,8 @@ class FleetConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig, description="The reranker model.")
     arms: list[ArmConfig] = Field(..., min_length=1, description="Precision arms, one Serve deployment each.")
     router: RouterConfig = Field(default_factory=RouterConfig, description="Traffic split, pins, sticky A/B, shadow.")
-    cache: CacheConfig = Field(default_factory=CacheConfig, description="Image-feature cache.")
+    cache: CacheConfig = Field(default_factory=CacheConfig, description="Image-feature cache (and the cache Redis the score cache shares).")
+    score_cache: ScoreCacheConfig = Field(default_factory=ScoreCacheConfig, description="Scores of pairs seen before, answered by the ingress.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Request limits and URL safety.")
     http: HttpConfig = Field(default_factory=HttpConfig, description="Where the HTTP endpoint listens.")
     api_keys: list[SecretStr] = Field(default_factory=list, description="Bearer keys accepted; empty (and no api_keys_from) means no auth.")

@@ -22,6 +22,12 @@ def _ratio(x: dict) -> str:
     return f"{x['value']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
 
+def _score_cache(x: dict | None) -> str:
+    if not x or x.get("hit_rate") is None:
+        return "–"
+    return f"{x['hit_rate']:.3f} ({x['hits']} of {x['hits'] + x['misses']} pairs)"
+
+
 def _table(head: list[str], rows: list[list[Any]]) -> str:
     th = "".join(f"<th>{escape(h)}</th>" for h in head)
     body = "".join("<tr>" + "".join(f"<td>{escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
@@ -40,7 +46,7 @@ def render(results: dict[str, Any]) -> str:
             name + (" (reference)" if name == ref else ""), a["precision"], f"{a['weight']:.3f}", a["requests"],
             f"{a['latency_ms']['p50']} / {a['latency_ms']['p95']}", _ratio(v["latency"]["p95_ratio"]) if v else "–",
             _ci(v["agreement"]["arm"]) if v else _ci(floor.get(metric)) + " (noise floor)",
-            f"{a['errors']['server']} ({a['errors']['server_rate']})", "–" if cost is None else f"{cost['value']:.4f}",
+            f"{a['errors']['server']} ({a['errors']['server_rate']})", "–" if cost is None else f"{cost['value']:.4f}", _score_cache(a.get("score_cache")),
             _ci(a["clicks"]["click_ndcg@10"]), (v["verdict"] + (f"; {v['more_requests_needed']} more requests" if v["more_requests_needed"] else "")) if v else "reference",
         ])  # fmt: skip
     control = results["control"]
@@ -52,7 +58,7 @@ def render(results: dict[str, Any]) -> str:
 <h1>Experiment {escape(results['experiment'])} {'(running)' if results['active'] else '(stopped)'}</h1>
 <p>Started {started}, {results['elapsed_s']:.0f} s of traffic; reference arm <b>{escape(ref)}</b>; {escape(results['scope'])}.
 Intervals are 95 %. Agreement is {escape(metric)} of each arm's ranking with the reference's on mirrored requests; the noise floor is the reference against itself in another batch.</p>
-{_table(["arm", "precision", "weight", "requests", "p50 / p95 ms", "p95 ratio to reference", f"{metric} agreement", "5xx (rate)", "cost / 1000 req", "click NDCG@10", "verdict"], arms)}
+{_table(["arm", "precision", "weight", "requests", "p50 / p95 ms", "p95 ratio to reference", f"{metric} agreement", "5xx (rate)", "cost / 1000 req", "score cache hit rate", "click NDCG@10", "verdict"], arms)}
 <h2>Control</h2><p>weights {escape(str(control['weights']))}; shadow {escape(str(control['shadow']))}; noise floor {escape(str(control['noise_floor']))};
 interleave {escape(str(control['interleave']))}; tripped {escape(str(control['tripped']) or '–')}; ramp {escape(str(control['ramp']))}</p>
 <h2>Interleaving (clicks)</h2>{_table(["pair", "wins", "ties", "preference", "sign test p"], inter) if inter else "<p>none</p>"}

@@ -26,7 +26,7 @@ from serve.errors import classify, unwrap
 from serve.ingress_metrics import IngressMetrics
 from serve.ledger import ExperimentLedger, UnknownRequest
 from serve.ledger_link import LedgerLink
-from serve.protocol import ImageCacheUse, RerankOutcome, ServingMeta
+from serve.protocol import ImageCacheUse, RerankOutcome, ScoreCacheUse, ServingMeta
 from serve.router import ArmRouter, ControlState, RouteDecision
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,8 @@ def outcome_of(result: ArmResult, routed_by: str) -> RerankOutcome:
         meta=ServingMeta(
             arm=result.arm, precision=result.precision, model=result.model, routed_by=routed_by,
             image_cache=ImageCacheUse(hits=result.cache_hits, misses=result.cache_misses),
+            score_cache=ScoreCacheUse(hits=result.score_cache_hits, misses=result.score_cache_misses)
+            if result.score_cache_hits + result.score_cache_misses else None,
         ),
     )  # fmt: skip
 

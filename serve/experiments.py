@@ -36,6 +36,8 @@ class ArmTally:
     cache_hits: int = 0
     cache_misses: int = 0
     cache_events: Counter = field(default_factory=Counter)
+    score_cache_hits: int = 0  # pairs of answered requests served from the ingress's score cache
+    score_cache_misses: int = 0  # pairs the arm scored for them, with the score cache on
     batch_requests_sum: int = 0
     shadow_requests: int = 0
     shadow_errors: int = 0
@@ -105,6 +107,8 @@ class Tally:
         s.routed_by[reason] += 1
         s.latency.add(latency_s)
         s.batch_requests_sum += result.batch_requests
+        s.score_cache_hits += result.score_cache_hits
+        s.score_cache_misses += result.score_cache_misses
         self._record_cache(s, result)
 
     def record_error(self, arm: str, status: int) -> None:

@@ -6,7 +6,8 @@ the serving objects built here, once per replica:
 * `ArmCalls` (serve/arm_calls.py): deadlines, arm calls, failover, health, readiness;
 * `ExperimentTraffic` (serve/experiment_traffic.py): the router from the ledger's control state,
   records to the ledger, shadow and interleaved calls;
-* `MediaFetcher` (serve/fetch.py): the only place media are fetched.
+* `MediaFetcher` (serve/fetch.py): the only place media are fetched;
+* `ScoreCache` (serve/score_cache.py): scores of pairs seen before, in front of the arm calls.
 
 Background loops (arm probes, experiment flushes) start here, with the replica.
 """
@@ -26,6 +27,7 @@ from serve.guard import Admission, Guard
 from serve.http_app import app
 from serve.ingress_metrics import IngressMetrics
 from serve.rerank_service import RerankService
+from serve.score_cache import ScoreCache
 
 @serve.deployment(name="Ingress")
 @serve.ingress(app)
@@ -45,7 +47,8 @@ class Ingress:
             fleet.ingress.in_flight_limit(fleet.arms),
             on_refusal=lambda: metrics.requests.inc(tags={"arm": "", "api": "admission", "status": "503"}),
         )
-        self.service = RerankService(fleet, self.calls, self.experiment, self.fetcher, metrics, admission)
+        scores = ScoreCache(fleet, self.calls, on_event=lambda arm, e, n: metrics.score_cache_events.inc(n, tags={"arm": arm, "event": e}))
+        self.service = RerankService(fleet, self.calls, self.experiment, self.fetcher, metrics, admission, scores)
         self.guard = Guard(
             api_keys=tuple(k.get_secret_value() for k in fleet.api_keys),
             admin_keys=tuple((name, k.get_secret_value()) for name, k in fleet.admin_keys.items()),

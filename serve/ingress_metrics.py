@@ -24,3 +24,7 @@ class IngressMetrics:
             "(queue_budget: over the arm's queue_budget_s as this ingress sees it; serve/admission.py).", ("arm", "reason"),
         )  # fmt: skip
         self.memo_events = metrics.Counter("rerank_url_memo_events", "URL-memo cache events of the ingress.", ("event",))
+        self.score_cache_events = metrics.Counter(
+            "rerank_score_cache_events", "Score-cache events of the ingress by arm: hit_local, hit_redis, miss (per distinct pair "
+            "looked up), redis_error, bypass, corrupt (serve/score_cache.py).", ("arm", "event"),
+        )  # fmt: skip

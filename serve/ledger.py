@@ -464,6 +464,7 @@ class ExperimentLedger:
 
 def _arm_summary(arm: str, t: ArmTally) -> dict[str, Any]:
     looked_up = t.cache_hits + t.cache_misses
+    pairs = t.score_cache_hits + t.score_cache_misses
     answered = t.requests + t.server_errors
     return {
         "requests": t.requests,
@@ -474,6 +475,8 @@ def _arm_summary(arm: str, t: ArmTally) -> dict[str, Any]:
         "mean_batch_requests": round(t.batch_requests_sum / t.requests, 3) if t.requests else None,
         "image_cache": {"hits": t.cache_hits, "misses": t.cache_misses, "hit_rate": round(t.cache_hits / looked_up, 4) if looked_up else None,
                         "events": dict(t.cache_events)},  # fmt: skip
+        "score_cache": {"hits": t.score_cache_hits, "misses": t.score_cache_misses,
+                        "hit_rate": round(t.score_cache_hits / pairs, 4) if pairs else None},  # fmt: skip
         "shadow": {"requests": t.shadow_requests, "errors": t.shadow_errors, "dropped": t.shadow_dropped, "agreement": _pooled(t, arm)},
     }
 

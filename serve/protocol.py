@@ -430,12 +430,18 @@ class ImageCacheUse(BaseModel):
     misses: int = Field(0, description="Images of this request encoded by the vision tower.")
 
 
+class ScoreCacheUse(BaseModel):
+    hits: int = Field(0, description="Pairs of this request answered from the score cache (scored before; no arm computed them now).")
+    misses: int = Field(0, description="Pairs of this request the arm scored now.")
+
+
 class ServingMeta(BaseModel):
     arm: str = Field(..., description="Arm that answered.")
     precision: str = Field(..., description="Numeric precision of that arm.")
     model: str = Field(..., description="Model id the arm serves.")
     routed_by: str = Field(..., description="Why this arm: pinned, sticky, weighted, failover or interleaved (two arms, `arm` is a+b).")
     image_cache: ImageCacheUse = Field(default_factory=ImageCacheUse, description="Image-feature cache use.")
+    score_cache: ScoreCacheUse | None = Field(None, description="Score-cache use (absent where the fleet runs no score cache, and for interleaved answers).")
 
 
 class RerankOutcome(BaseModel):

@@ -55,11 +55,13 @@ async def score(body: ScoreBody, request: Request, response: Response, ingress=t
 @app.get("/health")
 async def health(ingress=this_ingress) -> dict:
     """Liveness: the ingress answers (with its rerank requests in flight, whether it is
-    draining, and each arm's state as this replica routes). Whether arms can score is `/ready`."""
+    draining, each arm's state as this replica routes, and its score cache's counts per arm).
+    Whether arms can score is `/ready`."""
     admission = ingress.service.admission
     return {"status": "ok", "arms": ingress.calls.arms, "in_flight": admission.in_flight,
             "admission": {"limit": admission.limit, "refused": admission.refused}, "draining": ingress.service.draining,
             "arm_state": {a: v["state"] for a, v in ingress.calls.health.snapshot().items()},
+            "score_cache": ingress.service.scores.snapshot(),
             "replica": serve.get_replica_context().replica_id.unique_id}  # fmt: skip
 
 

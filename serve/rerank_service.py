@@ -1,8 +1,9 @@
 """`RerankService`: the one rerank path, from a parsed body to the answer in the client's shape.
 
     body -> RerankRequest (limits checked) -> route -> media fetched (`MediaFetcher`, each image
-    hashed once) -> ScoreRequest -> arm call (`ArmCalls`: deadline, failover, health) -> records
-    (`ExperimentTraffic`) -> the client's response shape
+    hashed once) -> ScoreRequest -> score cache (`ScoreCache`: only the pairs it lacks go on) ->
+    arm call (`ArmCalls`: deadline, failover, health) -> records (`ExperimentTraffic`) -> the
+    client's response shape
 
 A score request pairing several queries (vLLM's N:N form) is one ScoreRequest per run of pairs
 with the same query, all scored by the one routed arm and recorded as one answer; it is never
@@ -28,14 +29,17 @@ from serve.fetch import MediaFetcher
 from serve.guard import Admission
 from serve.ingress_metrics import IngressMetrics
 from serve.router import resolve_pin
+from serve.score_cache import SCORE_CACHE_HEADER, ScoreCache, wants_cache
 
 __all__ = ["DEADLINE_HEADER", "RerankService"]
 
 
 class RerankService:
-    def __init__(self, fleet: FleetConfig, calls: ArmCalls, experiment: ExperimentTraffic, fetcher: MediaFetcher, metrics: IngressMetrics, admission: Admission):
+    def __init__(self, fleet: FleetConfig, calls: ArmCalls, experiment: ExperimentTraffic, fetcher: MediaFetcher, metrics: IngressMetrics,
+                 admission: Admission, scores: ScoreCache):  # fmt: skip
         self.fleet = fleet
         self.calls = calls
+        self.scores = scores
         self.experiment = experiment
         self.fetcher = fetcher
         self.metrics = metrics
@@ -65,6 +69,7 @@ class RerankService:
         own_deadline = budget < limit
         req = body.to_internal()
         req.check_limits(self.fleet.limits)
+        use_cache = wants_cache(headers.get(SCORE_CACHE_HEADER))
         router_cfg, router, health = self.fleet.router, self.experiment.router, self.calls.health
         pin, pin_field = resolve_pin(headers.get(router_cfg.pin_header), req.arm, router_cfg.pin_header)
         decision = router.route(pin=pin, pin_field=pin_field, sticky_key=headers.get(router_cfg.sticky_header) or req.user, down=health.down())
@@ -79,7 +84,7 @@ class RerankService:
             outcome = await self.experiment.interleave(decision, jobs[0], deadline, started, request_id)
         else:
             try:
-                result, decision = await self.calls.call_with_failover(decision, jobs, deadline, router)
+                result, decision = await self.scores.call(decision, jobs, deadline, router, use_cache)
             except Exception as e:
                 if not (own_deadline and isinstance(unwrap(e), (TimeoutError, DeadlineExceeded))):
                     self.experiment.failed(decision.arm, e)  # the arm's error rate: what guardrails judge

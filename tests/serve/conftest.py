@@ -329,6 +329,17 @@ def chaos_app(ray_serve, private_redis, tiny_model):
 
 
 @pytest.fixture(scope="module")
+def score_cache_app(ray_serve, private_redis, tiny_model):
+    """Arms fp32 (every routed request) and nf4 (pins only), the score cache on (shared: the LRU,
+    then the private redis-server, which the outage test kills); no shadow and no noise floor, so
+    every arm call is the score cache's to make."""
+    fleet = _fleet(tiny_model, [_arm("fp32", 1.0), _arm("nf4", 0.0)], private_redis.url,
+                   score_cache={"mode": "shared"}, experiment={"noise_floor_fraction": 0.0})  # fmt: skip
+    with _deployed(ray_serve, "scorecache", "/scorecache", fleet) as app:
+        yield app
+
+
+@pytest.fixture(scope="module")
 def parity_app(ray_serve, tiny_model):
     """One fp32 arm, no cache, text and body limits wide enough for the parity items (a pair of
     10k tokens, 70-frame videos sent inline)."""

@@ -49,6 +49,7 @@ def dashboard_app(ray_serve, tiny_model, media_server):
         "limits": {"allowed_hosts": ["localhost"]},
         # A Redis nobody answers: the caches count their fault events (redis_error, bypass), and still serve from memory.
         "cache": {"redis_url": f"redis://127.0.0.1:{free_port()}/0", "redis_timeout_s": 0.2, "retry_after_s": 0.5},
+        "score_cache": {"mode": "shared"},  # its hits and its faults, with the same dead Redis
     }
     serve.run(build_app({"config": fleet}), name=APP, route_prefix=f"/{APP}")
     try:
@@ -58,16 +59,16 @@ def dashboard_app(ray_serve, tiny_model, media_server):
 
 
 def _traffic(base: str, image_url: str) -> None:
-    """Both refusals, answers with shadow comparisons, image-cache and URL-memo misses then hits, an
-    error in the arm."""
+    """Both refusals, answers with shadow comparisons, image-cache, score-cache and URL-memo misses
+    then hits, an error in the arm."""
     # Long enough that the arm still scores the first when the next arrive: the ingress knows no
     # rate for an arm before its first answer and admits, so the arm's own budget refuses them;
     # from the second burst on, the ingress knows the arm's rate and refuses first.
     burst = {"query": "a red circle", "documents": [f"a red circle on a white page, document {i} " * 4 for i in range(32)]}
     with httpx.Client(base_url=base, timeout=60) as client:
 
-        def pinned(_) -> httpx.Response:
-            return client.post("/v2/rerank", json=burst, headers={"x-rerank-arm": "cand"})
+        def pinned(_) -> httpx.Response:  # bypassing the score cache: every burst is work for the arm
+            return client.post("/v2/rerank", json=burst, headers={"x-rerank-arm": "cand", "x-rerank-score-cache": "bypass"})
 
         seen: set[str] = set()
         with ThreadPoolExecutor(8) as pool:
@@ -80,7 +81,7 @@ def _traffic(base: str, image_url: str) -> None:
                     break
         assert seen == {"queue budget", "gate"}, f"a burst of 8 pinned requests met only {seen}"
         text = {"query": "a red circle", "documents": [f"a red circle, document {i}" for i in range(8)]}
-        for _ in range(3):
+        for _ in range(3):  # the second and third from the score cache
             assert client.post("/v2/rerank", json=text).status_code == 200
         for _ in range(2):  # the second finds the URL memoised and the features cached
             assert client.post("/v2/rerank", json={"query": "a blue circle", "documents": [{"image": image_url}]}).status_code == 200
