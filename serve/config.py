@@ -105,10 +105,12 @@ class AutoscalingConfig(_Strict):
 
 
 class BatchingConfig(_Strict):
-    max_batch_size: int = Field(32, ge=1, description="Most requests merged into one engine call by @serve.batch.")
-    # 0: a request alone starts at once; under load the requests that arrive while a batch runs
-    # form the next one (two batches in flight: one prepares while one runs), so batching costs no idle wait.
-    batch_wait_timeout_s: float = Field(0.0, ge=0, description="How long the first request waits for others to join.")
+    max_batch_size: int = Field(32, ge=1, description="Most requests merged into one engine call (every prepared request waiting when the engine is free, up to this).")
+    # 0: a request alone starts at once; under load the requests prepared while a batch runs form
+    # the next one, so batching costs no idle wait.
+    batch_wait_timeout_s: float = Field(
+        0.0, ge=0, description="How long a request prepared while the engine is idle waits for others to join (never under load)."
+    )
 
 
 class ArmConfig(_Strict):

@@ -4,9 +4,6 @@ forward call; a bad request fails alone and never fails its neighbours; cache hi
 give identical scores; an image sent by digest only is fetched by the arm itself; batching
 limits follow `reconfigure`.
 
-(Serve's in-process `_local_testing_mode` cannot run `@serve.batch` in Ray 2.60: the batch queue
-asks for a replica context that mode does not set.)
-
 Batches are made deterministic without timing: `max_batch_size` equals the number of requests
 that reach the batch at once and `batch_wait_timeout_s` is long, so a batch closes exactly when
 all have arrived."""
@@ -161,6 +158,33 @@ def test_batch_size_follows_reconfigure(replica):
         assert (before["max_batch_size"], after["max_batch_size"]) == (4, 1) and after["pid"] == before["pid"]
     finally:
         replica.reconfigure.remote({"max_batch_size": 4, "batch_wait_timeout_s": 1.0}).result(timeout_s=60)
+
+
+def test_requests_that_arrive_during_a_forward_pass_share_the_next_one(replica, engine):
+    """Continuous batching, with no batch wait: the requests that arrive one by one while a forward
+    pass runs are prepared meanwhile and merged into the next call. (Serve's `@serve.batch` closed
+    a batch of one for each of them: 9 calls for these 9 requests.) The pauses between submissions
+    only spread the arrivals; nothing here is timed."""
+    import time
+
+    slow = text_request(*(f"a long document about red circles and blue squares, number {i}" for i in range(256)))
+    quick = [text_request(f"doc {i}", f"other {i}", query=f"query {i}") for i in range(8)]
+    replica.reconfigure.remote({"max_batch_size": 32, "batch_wait_timeout_s": 0.0}).result(timeout_s=60)
+    try:
+        replica.score.remote(slow).result(timeout_s=300)  # warm
+        first = replica.score.remote(slow)
+        responses = []
+        for request in quick:
+            time.sleep(0.01)
+            responses.append(replica.score.remote(request))
+        out = [r.result(timeout_s=300) for r in responses]
+        results = [first.result(timeout_s=300), *out]
+    finally:
+        replica.reconfigure.remote({"max_batch_size": 4, "batch_wait_timeout_s": 1.0}).result(timeout_s=60)
+    forward_calls = sum(1 / r.batch_requests for r in results)  # each call counted once over its requests
+    assert forward_calls <= 3, [r.batch_requests for r in results]
+    for result, request in zip(out, quick):
+        assert result.scores == pytest.approx(engine.forward([engine.prepare(request)])[0].scores, abs=1e-5)
 
 
 def test_max_tokens_per_doc_truncates_document_text(replica, engine):
