@@ -3,7 +3,7 @@
 1. Overhead: the same text requests, one at a time, through the whole Serve path (HTTP ->
    proxy -> ingress -> arm replica -> engine) and straight into a `RerankEngine` in this process.
 2. Dynamic batching: Serve throughput with 1 request in flight vs `concurrency` in flight
-   (`@serve.batch` merges concurrent requests into one engine call).
+   (the arm merges the requests waiting for the engine into one call).
 3. Image-feature cache: latency of image-document requests whose images are new (miss: decode,
    resize, ViT) vs repeated (hit: features from the in-replica LRU).
 4. Shared prefix: a ~400-token query against 100 documents vs a short query against the same

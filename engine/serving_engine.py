@@ -11,7 +11,7 @@ None): work not started by then is refused with `engine.errors.DeadlineExceeded`
 
 Two implementations: `engine.vllm_engine.VllmRerankEngine` (vLLM batches across requests itself)
 and, for the transformers engine, the serving layer's `serve.batched_engine.BatchedEngine`
-(Ray Serve's `@serve.batch` merges waiting requests into one `RerankEngine.forward`).
+(every prepared request waiting when the forward thread is free goes into one `RerankEngine.forward`).
 """
 
 from __future__ import annotations
