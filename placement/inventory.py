@@ -242,6 +242,11 @@ class ArmSpec(_Strict):
         le=1,
         description="Fraction of traffic this precision must serve; leave out to let the planner decide how much.",
     )
+    fan_out_above: int | None = Field(
+        None, ge=1, description="Rendered as the arm's fan_out_above (serve/config.py): requests of more documents are split "
+        "over the arm's replicas. None: off.",
+    )
+    fan_out_chunk: int | None = Field(None, ge=1, description="Rendered as the arm's fan_out_chunk (documents per chunk; default: fan_out_above).")
 
 
 class ConstraintsSpec(_Strict):

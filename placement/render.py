@@ -124,6 +124,7 @@ def fleet_config(report: PlacementReport, target: ServeTarget):
         }
         spec = next(a for a in inventory.arms if a.precision == arm.precision)
         entry["backend"] = spec.backend
+        entry.update({k: v for k, v in (("fan_out_above", spec.fan_out_above), ("fan_out_chunk", spec.fan_out_chunk)) if v is not None})
         if spec.backend == "vllm":
             entry["vllm"] = {"gpu_memory_utilization": spec.vllm_memory_fraction}
         if arm.precision == "awq":

@@ -278,6 +278,17 @@ def test_a_vllm_arm_is_held_to_the_share_vllm_reserves_and_renders_its_backend(q
     assert rejection is not None and "vLLM's gpu_memory_utilization 0.6" in rejection
 
 
+def test_an_arm_s_fan_out_is_rendered_into_its_serve_arm(qwen3_vl_8b):
+    """fan_out_above and fan_out_chunk of an inventory arm reach every Serve arm of its precision;
+    arms without them render fan-out off."""
+    from placement.render import ServeTarget, fleet_config
+
+    arms = [{"precision": "fp16", "fan_out_above": 200, "fan_out_chunk": 100}, {"precision": "nf4"}]
+    fleet = fleet_config(plan_placement(inventory(arms=arms), qwen3_vl_8b), ServeTarget(redis_url=None, secrets_dir="/secrets"))
+    fan = {(a.precision, a.fan_out_above, a.fan_out_chunk) for a in fleet.arms}
+    assert fan <= {("fp16", 200, 100), ("nf4", None, None)} and ("fp16", 200, 100) in fan
+
+
 def test_load_tested_capacity_replaces_other_figures_for_its_gpu(qwen3_vl_8b, tmp_path):
     """A `loadtest --capacity` report (written by the load tester itself) is preferred over a
     `bench engine` figure and the roofline on the GPU it was measured on, and says so."""
