@@ -6,6 +6,7 @@
   bench serving      Serve path vs direct engine, batching gain, cache hit vs miss
   bench backends     vLLM backend vs transformers engine, alone and through Serve
   bench reliability  overload, a killed replica, slow clients and drain against a local app
+  bench fan-out      one 1000-document request on 1 replica vs fanned out over 2: latency ratio
   eval               ranking fidelity of a precision against a reference precision
   quantize           make an AWQ W4A16 (or FP8) checkpoint with llm-compressor
   build-tiny         build and train the offline tiny model (cached)
@@ -162,6 +163,13 @@ def cmd_bench_reliability(args) -> int:
     return 0
 
 
+def cmd_bench_fan_out(args) -> int:
+    from bench.fan_out import run_fan_out_bench
+
+    run_fan_out_bench(model_source=args.model, documents=args.documents, words=args.words, repeats=args.repeats, out=args.out)
+    return 0
+
+
 def cmd_bench_backends(args) -> int:
     from bench.backends import run_backend_bench
 
@@ -275,6 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--out", default="out/bench-backends.json")
     p.set_defaults(func=cmd_bench_backends)
+    p = bench.add_parser("fan-out", help="one large request on 1 replica vs fanned out over 2 (a CPU each): latency ratio")
+    p.add_argument("--model", default="tiny", help="'tiny' (offline model), a local folder or a hub id")
+    p.add_argument("--documents", type=int, default=1000, help="documents of the request")
+    p.add_argument("--words", type=int, default=12, help="words per document")
+    p.add_argument("--repeats", type=int, default=7, help="requests per arm (interleaved)")
+    p.add_argument("--out", default="out/bench-fan-out.json")
+    p.set_defaults(func=cmd_bench_fan_out)
     p = bench.add_parser("reliability", help="overload, replica kill, slow clients, drain: a table of outcomes (loopback only)")
     p.add_argument("--config", default=None, help="fleet config (default: configs/local.yaml)")
     p.add_argument("--duration", type=float, default=20.0, help="seconds per load scenario")
