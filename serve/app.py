@@ -54,13 +54,17 @@ def load_fleet(args: dict[str, Any]) -> FleetConfig:
 
 def resolve_model(fleet: FleetConfig) -> FleetConfig:
     """The fleet with `model.source: tiny` replaced by the built offline model's folder, building
-    it here (with progress) if needed: replicas only ever load a model that exists."""
+    it here (with progress) if needed, with its canary reference: replicas only ever load a model
+    that exists."""
     if fleet.model.source != "tiny":
         return fleet
+    from workshop.canary import ensure_reference
     from workshop.tiny import TINY_MODEL_NAME, ensure_tiny_model
 
+    folder = ensure_tiny_model()
+    ensure_reference(folder, recorded_by="rerank-fleet up")
     data = fleet.to_dict()
-    data["model"]["source"] = str(ensure_tiny_model())
+    data["model"]["source"] = str(folder)
     data["model"]["served_name"] = fleet.model.served_name or TINY_MODEL_NAME
     return FleetConfig.from_dict(data, source="model.source")
 

@@ -13,6 +13,9 @@ A request flows one way through a replica:
 2. the engine scores it (batched with the requests waiting beside it);
 3. newly encoded features are stored in the cache.
 
+Before its first request a replica measures its rate (`_calibrate`) and scores the canary set
+recorded with its checkpoint (`run_canary`): one that ranks it unlike the reference refuses to start.
+
 Errors travel one way: the engine raises, `score` raises, Ray carries it to the ingress, and the
 ingress maps it to HTTP (`serve.errors`).
 """
@@ -100,6 +103,38 @@ def load_engine(fleet: FleetConfig, arm: ArmConfig, metrics: ArmMetrics) -> Serv
     return BatchedEngine(engine, prepare_workers=arm.prepare_workers, name=arm.name, on_batch=metrics.batch_pairs.observe)
 
 
+async def run_canary(engine: ServingEngine, arm: ArmConfig, source: str) -> dict:
+    """Score the canary set recorded with the checkpoint (`engine/canary.py`) before the replica
+    takes traffic; raise when its ranking disagrees with the reference beyond the bound (the
+    replica does not start). Returns what `describe` reports. A checkpoint without a reference
+    starts with a warning (`canary: if_present`), or not at all (`required`)."""
+    if arm.canary == "off":
+        return {"state": "off"}
+    from engine.canary import CANARY_FILE, judge, read_reference
+    from engine.model import checkpoint_folder
+
+    try:
+        folder = await asyncio.to_thread(checkpoint_folder, source)  # a hub id: its JSON files, from the hub cache
+        reference = read_reference(folder)
+    except Exception as e:  # noqa: BLE001 - no readable reference: the mode decides
+        folder, reference = source, None
+        log.warning("arm %s: cannot read a canary reference for %s: %s", arm.name, source, e)
+    if reference is None:
+        if arm.canary == "required":
+            raise RuntimeError(f"canary: required, and {folder} has no {CANARY_FILE} (record one with `rerank-fleet eval` or `quantize`)")
+        log.warning("arm %s: %s has no %s: starting without a canary", arm.name, folder, CANARY_FILE)
+        return {"state": "no reference"}
+    start = time.perf_counter()
+    results = await asyncio.gather(*(engine.score_request(r, {}, None) for r in reference.requests()))
+    seconds = time.perf_counter() - start
+    verdict = judge(reference, [r.scores for r in results])
+    against = f"the {reference.precision} reference of {reference.model} ({folder}/{CANARY_FILE})"
+    if not verdict.passed:
+        raise RuntimeError(f"canary {verdict.explain()}, against {against}")
+    log.info("arm %s: canary passed against %s in %.3f s: %s", arm.name, against, seconds, verdict.summary())
+    return {"state": "passed", **verdict.to_dict(), "seconds": round(seconds, 4)}
+
+
 @serve.deployment(name="Arm")
 class ArmReplica:
     """Serve replica of one arm. `build_app` names it `Arm-<arm>` and sets resources and batching."""
@@ -121,10 +156,13 @@ class ArmReplica:
             self.engine = load_engine(fleet, self.arm, self.metrics)
             self.reconfigure(self.arm.batching.model_dump())
             self.admission = QueueBudget(self.arm.queue_budget_s, await self._calibrate())
+            self.canary = await run_canary(self.engine, self.arm, self.arm.checkpoint or fleet.model.source)
         except Exception as e:
-            # The replica's start fails with the reason (loading, or scoring its first request),
-            # naming the arm and its backend (Serve shows it in the application's status; the
-            # main job prints it).
+            # The replica's start fails with the reason (loading, scoring its first request, or a
+            # canary that disagrees with its reference), naming the arm and its backend (Serve
+            # shows it in the deployment's status, the ingress in /ready; the main job prints it).
+            # Serve tries a replica 3 times (min(3 x replicas, 20) for the deployment), then gives
+            # up: the arm is out, the other arms serve.
             raise RuntimeError(f"arm {self.arm.name!r} (backend {self.arm.backend}, precision {self.arm.precision}) cannot start: {e}") from None
         self.cache = FeatureCache(fleet.cache.for_mode(self.arm.feature_cache), on_event=self.metrics.cache_event)
         # The name of this replica's scores in the ingress's score cache (engine/score_key.py): its
@@ -141,7 +179,7 @@ class ArmReplica:
         import torch
 
         return {"arm": self.arm.name, **self.engine.describe(), "torch_threads": torch.get_num_threads(), "pid": os.getpid(), "cache": self.cache.snapshot(),
-                "scored": dict(self.scored)}
+                "canary": self.canary, "scored": dict(self.scored)}
 
     async def score(self, request: ScoreRequest, budget_s: float | None = None) -> ArmResult:
         """Score one request. `budget_s`: seconds the caller still waits; work not started within

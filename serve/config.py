@@ -124,6 +124,12 @@ class ArmConfig(_Strict):
     checkpoint: str | None = Field(
         None, description="Model folder or hub id for this arm (e.g. a pre-quantized AWQ checkpoint); defaults to model.source."
     )
+    canary: Literal["required", "if_present", "off"] = Field(
+        "if_present", description="Canary at start: a replica scores the canary set recorded with its checkpoint (canary.json, "
+        "written by `rerank-fleet quantize`, `eval` and `build-tiny`) before it takes traffic, and refuses to start, naming the "
+        "agreement it reached, when its ranking disagrees with the reference scores beyond the bound (engine/canary.py). "
+        "if_present: checkpoints without a canary.json start with a warning; required: they do not start; off: no canary.",
+    )
     weight: float = Field(1.0, ge=0, description="Share of routed traffic (relative to the other arms).")
     num_replicas: int = Field(1, ge=1, description="Fixed replica count, unless autoscaling is set.")
     autoscaling: AutoscalingConfig | None = Field(None, description="Autoscaling bounds; overrides num_replicas.")

@@ -3,7 +3,8 @@
 `run_local` starts a private Ray instance (token auth on, with a token made for this instance; a
 small CPU budget, no dashboard; Ray picks a free GCS port, never Redis's 6379) on Serve's fast
 request path (serve/request_path.py: HAProxy and throughput mode), serves HTTP on the configured
-host (127.0.0.1 by default: HAProxy and the ingress replicas it forwards to listen there only), deploys `build_app`, waits until `/ready` says every arm scores, prints the URL and a sample request, and
+host (127.0.0.1 by default: HAProxy and the ingress replicas it forwards to listen there only), deploys `build_app`, waits until `/ready` says every arm scores (an arm whose replicas fail to start, e.g. on its canary, is
+named and the others serve), prints the URL and a sample request, and
 on SIGINT/SIGTERM drains (new requests get 503, in-flight ones finish within
 `http.drain_grace_s`) before it shuts Serve and Ray down.
 
@@ -35,11 +36,13 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 from engine.errors import ConfigError
+from serve.arm_arrival import GAVE_UP, deployment_states, failed_arms
 from serve.config import FleetConfig
+from serve.deploy_options import arm_deployment_name
 from serve.request_path import DEFAULT_SERVE_MODE, set_local_ray_environment
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "local.yaml"
@@ -145,12 +148,15 @@ def local_ray(layout: str, num_cpus: float) -> Iterator[None]:
 
 @contextlib.contextmanager
 def embedded_serve(
-    fleet: FleetConfig, *, num_cpus: float | None = None, serve_mode: str = DEFAULT_SERVE_MODE, layout: str = DEFAULT_LAYOUT
+    fleet: FleetConfig, *, num_cpus: float | None = None, serve_mode: str = DEFAULT_SERVE_MODE, layout: str = DEFAULT_LAYOUT,
+    arms_may_fail: bool = False,
 ) -> Iterator[str]:
     """Embedded Ray + Serve running `fleet` in `serve_mode` (serve/request_path.py) and `layout`
     (`LAYOUTS`: shared cores, or the HTTP path and the arms on CPUs of their own);
     yields the base URL; shuts both down on exit. The model is made ready first (the offline one
-    is built here, with progress, if needed)."""
+    is built here, with progress, if needed). `arms_may_fail`: an arm whose replicas fail to start
+    (e.g. its canary) leaves the others serving, and is named on stderr; otherwise the deploy
+    fails with it (a bench measures every arm it asks for)."""
     set_local_ray_environment(serve_mode, free_port=free_port)  # before Ray starts: every Ray process inherits it
     from ray import serve
 
@@ -161,7 +167,13 @@ def embedded_serve(
         try:
             # One proxy, on the head: a second HAProxy on this machine would fight for the port.
             serve.start(proxy_location="HeadOnly", http_options={"host": fleet.http.host, "port": fleet.http.port})
-            serve.run(build_app({"config": fleet.to_dict()}), name=APP_NAME, route_prefix=fleet.http.route_prefix)
+            try:
+                serve.run(build_app({"config": fleet.to_dict()}), name=APP_NAME, route_prefix=fleet.http.route_prefix)
+            except RuntimeError:  # the application DEPLOY_FAILED
+                if not (arms_may_fail and only_arms_failed(fleet)):
+                    raise
+                for arm, why in arms_out(fleet).items():
+                    print(f"arm {arm} is out: {why}", file=sys.stderr, flush=True)
             yield f"http://{fleet.http.host}:{fleet.http.port}{fleet.http.route_prefix.rstrip('/')}"
         finally:
             # One event loop for the drain and the shutdown: in throughput mode a handle routes in
@@ -202,16 +214,32 @@ async def drain_and_shut_down(app_name: str, grace_s: float) -> int:
     return left
 
 
-def wait_until_ready(base: str, timeout_s: float, stop: threading.Event) -> bool:
-    """Poll `/ready` until every arm scores (True), or until `timeout_s` or `stop` (False); says
-    what it waits for every few seconds."""
+def arms_out(fleet: FleetConfig) -> dict[str, str]:
+    """The fleet's arms Serve gave up on (their replicas failed to start), and why."""
+    from serve.app import APP_NAME
+
+    return failed_arms(deployment_states(APP_NAME), [a.name for a in fleet.arms])
+
+
+def only_arms_failed(fleet: FleetConfig) -> bool:
+    """Whether the deployments Serve gave up on are arms only (the ingress and the ledger are not among them)."""
+    from serve.app import APP_NAME
+
+    arms = {arm_deployment_name(a.name) for a in fleet.arms}
+    failed = {name for name, (running, status, _) in deployment_states(APP_NAME).items() if running == 0 and status in GAVE_UP}
+    return bool(failed) and failed <= arms
+
+
+def wait_until_ready(base: str, timeout_s: float, stop: threading.Event, out: Callable[[], Collection[str]] = tuple) -> bool:
+    """Poll `/ready` until every arm scores, but those `out()` names (arms that will not start), (True),
+    or until `timeout_s` or `stop` (False); says what it waits for every few seconds."""
     import httpx
 
     deadline, last_note = time.monotonic() + timeout_s, 0.0
     while not stop.is_set() and time.monotonic() < deadline:
         try:
             r = httpx.get(f"{base}/ready", timeout=30)
-            if r.status_code == 200 and not r.json().get("degraded"):
+            if r.status_code == 200 and not set(r.json().get("degraded", ())) - set(out()):
                 return True
             state = r.json().get("arms", {})
         except (httpx.HTTPError, ValueError) as e:
@@ -228,13 +256,15 @@ def run_local(config_path: str | None = None, redis_url: str | None = None, port
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with embedded_serve(fleet) as base:
-            if not wait_until_ready(base, READY_TIMEOUT_S, stop):
+        with embedded_serve(fleet, arms_may_fail=True) as base:
+            if not wait_until_ready(base, READY_TIMEOUT_S, stop, out=lambda: arms_out(fleet)):
                 if not stop.is_set():
                     print(f"not ready after {READY_TIMEOUT_S:g}s: see {base}/ready; stopping", file=sys.stderr, flush=True)
                     return 1
                 return 0
-            arms = ", ".join(f"{a.name} ({a.precision}, weight {a.weight:g})" for a in fleet.arms)
+            failed = arms_out(fleet)
+            arms = ", ".join(f"{a.name} ({a.precision}, weight {a.weight:g})" for a in fleet.arms if a.name not in failed)
+            arms += "".join(f"\n  out (not started): {arm}: {why}" for arm, why in failed.items())
             cache = fleet.cache.redis_url or "in-process only"
             auth = ' -H "authorization: Bearer $KEY"' if fleet.api_keys else ""
             print(

@@ -14,11 +14,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny_model_dir():
-    """The trained tiny model; RERANK_TEST_MODEL_DIR names another build (e.g. while its recipe changes)."""
+    """The trained tiny model with its canary reference (every test app's arms score the canary at
+    start); RERANK_TEST_MODEL_DIR names another build (e.g. while its recipe changes)."""
+    from workshop.canary import ensure_reference
     from workshop.tiny import ensure_tiny_model
 
     override = os.environ.get("RERANK_TEST_MODEL_DIR")
-    return Path(override) if override else ensure_tiny_model()
+    folder = Path(override) if override else ensure_tiny_model()
+    ensure_reference(folder, recorded_by="tests")
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,9 @@ Calibration runs rerank pairs in the official prompt layout, text and image docu
 like real traffic, so the activation statistics AWQ protects are the ones serving will see.
 The vision tower and lm_head are excluded (kept 16-bit), as the engine's other quantized
 precisions do. The output is a compressed-tensors checkpoint that transformers, vLLM
-(awq_marlin / machete kernels) and the engine's `awq` precision load.
+(awq_marlin / machete kernels) and the engine's `awq` precision load, with the source's canary
+reference (`canary.json`, scored at full precision): a replica of the checkpoint that ranks the
+canary set unlike its source does not start.
 """
 
 from __future__ import annotations
@@ -47,11 +49,15 @@ def quantize(model: str, out: str | Path, *, scheme: str = "awq", num_samples: i
     from llmcompressor.modifiers.transform.awq import AWQModifier
 
     from engine.engine import RerankEngine
+    from workshop.canary import score_reference
     from workshop.tiny import resolve_source
 
     out = Path(out)
     engine = RerankEngine.load(resolve_source(model), "fp32" if not torch.cuda.is_available() else "bf16", device=device)
     source = Path(engine.loaded.source)
+    # The checkpoint's canary reference (workshop/canary.py): the source's own scores at full
+    # precision, taken before oneshot quantizes the model in place.
+    canary = score_reference(engine, recorded_by=f"rerank-fleet quantize --scheme {scheme} from {model}")
     if scheme == "fp8":
         recipe = [QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=IGNORE)]
         dataset, collate = None, None
@@ -81,6 +87,7 @@ def quantize(model: str, out: str | Path, *, scheme: str = "awq", num_samples: i
     for name in COPY_FILES:
         if (source / name).exists():
             shutil.copy(source / name, out / name)
+    canary.write(out)
     (out / "rerank_fleet_quantize.json").write_text(json.dumps({"base": str(model), "scheme": scheme, "ignore": IGNORE, "calibration_pairs": num_samples}, indent=2))
     return out
 

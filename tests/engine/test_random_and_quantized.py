@@ -55,3 +55,20 @@ def test_awq_precision_loads_the_checkpoint_and_ranks_like_fp32(awq_checkpoint, 
         spearmans.append(agreement(ref.score(q, docs), awq.score(q, docs))["spearman"])
     # Bound documented in docs/BENCHMARKS.md (Fidelity).
     assert min(spearmans) >= 0.8
+
+
+@pytest.mark.slow
+def test_quantize_ships_the_sources_canary_reference_and_the_awq_arm_passes_it(awq_checkpoint, engine_for):
+    """The checkpoint carries its source's canary scores at full precision (the reference a
+    replica of it is judged against at start), and the AWQ model ranks the canary set within the bound."""
+    from engine.canary import judge, read_reference
+
+    canary = read_reference(awq_checkpoint)
+    assert canary is not None and canary.precision == "fp32" and canary.recorded_by.startswith("rerank-fleet quantize --scheme awq")
+    fp32 = engine_for("fp32")
+    for group in canary.groups:
+        assert fp32.score(group.query, group.documents) == pytest.approx(list(group.scores), abs=1e-5)
+    awq = RerankEngine.load(str(awq_checkpoint), "awq", device="cpu")
+    verdict = judge(canary, [awq.score(g.query, g.documents) for g in canary.groups])
+    print(f"\ncanary awq: {verdict.explain()}")
+    assert verdict.passed, verdict.explain()

@@ -372,15 +372,52 @@ def vllm_app(ray_serve, shared_redis_url, tiny_model):
         _delete_keys(redis_url, "rerank:*")
 
 
+CANARY_BROKEN = ("zeroed", "scaled")
+
+
+@pytest.fixture(scope="module")
+def canary_app(ray_serve, tiny_model, tmp_path_factory):
+    """Three arms at fp32 of checkpoints with the tiny model's canary reference: `fp32` (the tiny
+    model) and two broken copies (tests/checkpoint_testkit.py): `zeroed` (the yes/no rows of
+    lm_head zeroed: 0.5 for every pair) and `scaled` (the decoder's MLP down-projections 100x:
+    wrong quantization scales). Serve gives up on the broken arms (the application DEPLOY_FAILED:
+    `serve.run` raises, as it does for the main job, which serves on); the app serves with fp32.
+    Yields the app and `serve.run`'s error."""
+    from checkpoint_testkit import broken_copy
+    from ray import serve
+
+    from serve.app import build_app
+    from serve.arm_arrival import deployment_states, failed_arms
+
+    folder = tmp_path_factory.mktemp("broken")
+    arms = [_arm("fp32", 1.0)] + [_arm(how, 1.0) | {"precision": "fp32", "checkpoint": str(broken_copy(tiny_model, folder / how, how))}
+                                  for how in CANARY_BROKEN]  # fmt: skip
+    for arm in arms:
+        arm["ray_actor_options"] = {"num_cpus": 0.25}
+    fleet = _fleet(tiny_model, arms, None, experiment={"noise_floor_fraction": 0.0})
+    with pytest.raises(RuntimeError) as failed:  # at the first arm Serve gave up on
+        serve.run(build_app({"config": fleet}), name="canary", route_prefix="/canary")
+    deadline = time.monotonic() + 120
+    while set(failed_arms(deployment_states("canary"), list(CANARY_BROKEN))) != set(CANARY_BROKEN) and time.monotonic() < deadline:
+        time.sleep(0.5)  # and the others
+    app = RunningApp(base_url=f"{ray_serve}/canary", client=httpx.Client(base_url=f"{ray_serve}/canary", timeout=120), redis_url=None, model=tiny_model)
+    try:
+        yield app, failed.value
+    finally:
+        app.client.close()
+        serve.delete("canary")
+
+
 @pytest.fixture(scope="module")
 def random_model(tiny_model, tmp_path_factory):
     """The tiny model's folder with every weight replaced by noise of the same shape and scale:
-    the same architecture and tokenizer, rankings unrelated to the trained model's."""
+    the same architecture and tokenizer, rankings unrelated to the trained model's (so without the
+    tiny model's canary reference, which it would fail by design)."""
     import torch
     from safetensors.torch import load_file, save_file
 
     out = tmp_path_factory.mktemp("random-model") / "model"
-    shutil.copytree(tiny_model, out)
+    shutil.copytree(tiny_model, out, ignore=shutil.ignore_patterns("canary.json"))
     gen = torch.Generator().manual_seed(7)
     for f in out.glob("*.safetensors"):
         tensors = load_file(f)

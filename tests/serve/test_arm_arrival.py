@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
-from serve.arm_arrival import await_arms, unplaced_arms
+from serve.arm_arrival import await_arms, failed_arms, serve_reason, unplaced_arms
 from serve.deploy_options import PLANNED_REPLICAS_POLICY, deferred_autoscaling
 
 
@@ -83,6 +83,61 @@ def test_a_call_that_fails_is_made_again():
         return {}
 
     assert asyncio.run(await_arms({"a": flaky}, 0, poll_s=0.001, retry_s=0.001)) == {"a"} and calls["n"] == 2
+
+
+def test_an_arm_serve_gave_up_on_is_not_waited_for():
+    """An arm whose replicas failed to start (e.g. its canary): its calls fail at once with Serve's
+    DeploymentUnavailableError, and the ingress starts without waiting out the grace."""
+
+    class GaveUp(Exception):
+        pass
+
+    async def never_starts():
+        raise GaveUp
+
+    async def scenario():
+        clock = Clock()
+        calls = {"bf16-l4": arm_call(1.0, clock, [], "bf16-l4"), "nf4-l4": never_starts}
+        task = asyncio.ensure_future(await_arms(calls, 300, clock=clock, poll_s=0.001, retry_s=0.001,
+                                                gave_up=lambda e: isinstance(e, GaveUp)))  # fmt: skip
+        while not task.done():
+            await asyncio.sleep(0.001)
+            clock.now += 0.05
+        return task.result(), clock.now
+
+    answered, at = asyncio.run(scenario())
+    assert answered == {"bf16-l4"} and 1.0 <= at < 2.0  # when the other answered, not 300 s later
+
+
+FAILED_3_TIMES = (
+    "The deployment failed to start 3 times in a row. This may be due to a problem with its constructor or initial health check "
+    "failing. See controller logs for details. Error:\n\x1b[36mray::ServeReplica:app:Arm-nf4.initialize_and_get_metadata()\x1b[39m "
+    "(pid=1, ip=10.0.0.1)\n  File \"replica.py\", line 1928, in initialize\n    raise RuntimeError(traceback.format_exc()) from None\n"
+    "RuntimeError: Traceback (most recent call last):\n  File \"serve/arm.py\", line 140, in __init__\n"
+    "RuntimeError: arm 'nf4' (backend transformers, precision nf4) cannot start: canary failed: scores are constant\n"
+)  # the shape of Serve 2.60's message (tests/serve/test_serve_canary.py sees the real one)
+
+
+def test_serves_message_is_cut_to_its_sentence_and_the_errors_last_line():
+    assert serve_reason(FAILED_3_TIMES) == (
+        "The deployment failed to start 3 times in a row: RuntimeError: arm 'nf4' (backend transformers, precision nf4) "
+        "cannot start: canary failed: scores are constant"
+    )
+    waiting = "Deployment 'Arm-fp16-t4' has 1 replicas that have taken more than 30s to be scheduled."
+    assert serve_reason(waiting) == waiting and serve_reason("") == ""
+
+
+def test_the_arms_serve_gave_up_on_are_named():
+    states = {
+        "Arm-fp32": (1, "HEALTHY", ""),
+        "Arm-nf4": (0, "DEPLOY_FAILED", FAILED_3_TIMES),  # at deploy
+        "Arm-int8": (0, "UNHEALTHY", FAILED_3_TIMES.replace("nf4", "int8")),  # scaling up from 0 (elastic clusters)
+        "Arm-bf16": (0, "UPSCALING", "waiting for resources"),  # still coming: not given up
+        "Ingress": (1, "HEALTHY", ""),
+    }
+    out = failed_arms(states, ["fp32", "nf4", "int8", "bf16"])
+    assert set(out) == {"nf4", "int8"} and "arm 'nf4'" in out["nf4"] and "canary failed" in out["int8"]
+    assert "Traceback" in FAILED_3_TIMES and "canary failed" in unplaced_arms(states, ["nf4"])["nf4"]
 
 
 def test_unplaced_arms_are_named_with_serves_reason():
