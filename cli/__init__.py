@@ -7,9 +7,9 @@
   bench backends     vLLM backend vs transformers engine, alone and through Serve
   bench reliability  overload, a killed replica, slow clients and drain against a local app
   bench fan-out      one 1000-document request on 1 replica vs fanned out over 2: latency ratio
-  eval               ranking fidelity of a precision against a reference precision
-  quantize           make an AWQ W4A16 (or FP8) checkpoint with llm-compressor
-  build-tiny         build and train the offline tiny model (cached)
+  eval               ranking fidelity of a precision against a reference precision; records the canary reference
+  quantize           make an AWQ W4A16 (or FP8) checkpoint with llm-compressor, with its canary reference
+  build-tiny         build and train the offline tiny model (cached), with its canary reference
   weights            fill the weights volume, mark a checkpoint complete, wait for what an arm reads
   check-driver       this node's NVIDIA driver against the image's CUDA build (before Ray starts)
   plan               placement planner: which precision runs on which GPU
@@ -222,11 +222,13 @@ def cmd_check_driver(args) -> int:
 
 
 def cmd_build_tiny(args) -> int:
+    from workshop.canary import ensure_reference
     from workshop.tiny import ensure_tiny_model
 
     path = ensure_tiny_model()
     print(path)
     print((path / "training_report.json").read_text())
+    print(f"canary reference: {ensure_reference(path, recorded_by='rerank-fleet build-tiny')}")
     return 0
 
 
@@ -314,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_quantize)
 
-    p = sub.add_parser("build-tiny", help="build and train the offline tiny model")
+    p = sub.add_parser("build-tiny", help="build and train the offline tiny model, with its canary reference")
     p.set_defaults(func=cmd_build_tiny)
 
     weights = sub.add_parser("weights", help="the weights volume: fill, mark complete, wait (Jobs and init steps run these)")
