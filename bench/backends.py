@@ -140,16 +140,22 @@ def through_serve(source: str, requests: int, concurrency: int, port: int) -> di
 
 def run_backend_bench(*, model_source: str = "tiny", cases: list[str] | None = None, repeats: int = 3, requests: int = 24,
                       concurrency: int = 8, port: int = 8766, out: str | Path = "out/bench-backends.json") -> dict[str, Any]:  # fmt: skip
+    from serve.local import free_port
+    from serve.request_path import set_local_ray_environment
     from workshop.tiny import resolve_source
 
+    # Before vLLM imports Ray (the engine-alone cases): Ray reads its auth mode when it is imported,
+    # and the local cluster started later for the Serve part has token auth on.
+    set_local_ray_environment(free_port=free_port)
     source = resolve_source(model_source)
     report = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores",
         "model": model_source,
         "engine_alone": engine_alone(source, cases or ["short100", "batch32x8", "long100", "imgquery", "imgdocs"], repeats),
-        "through_serve": through_serve(source, requests, concurrency, port),
     }
+    print(json.dumps(report["engine_alone"], indent=1), flush=True)  # kept if the Serve part fails
+    report["through_serve"] = through_serve(source, requests, concurrency, port)
     print(format_table(report, concurrency))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(report, indent=2))
