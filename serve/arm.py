@@ -151,6 +151,9 @@ class ArmReplica:
             # then yields to them, and refusals and health checks stay fast under overload.
             os.nice(self.arm.cpu_nice)
         torch.set_num_threads(torch_threads(self.arm))
+        # Preparation runs on `prepare_workers` threads by design; the tokenizer's own thread pool
+        # (a batch encode per request) would take the cores the forward pass was given.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.metrics = ArmMetrics(self.arm.name, self.arm.precision)
         try:
             self.engine = load_engine(fleet, self.arm, self.metrics)
