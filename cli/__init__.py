@@ -7,6 +7,7 @@
   bench backends     vLLM backend vs transformers engine, alone and through Serve
   bench reliability  overload, a killed replica, slow clients and drain against a local app
   bench fan-out      one 1000-document request on 1 replica vs fanned out over 2: latency ratio
+  bench score-cache  the score cache on vs off on Zipf-distributed queries and documents, through the fleet
   eval               ranking fidelity of a precision against a reference precision; records the canary reference
   quantize           make an AWQ W4A16 (or FP8) checkpoint with llm-compressor, with its canary reference
   build-tiny         build and train the offline tiny model (cached), with its canary reference
@@ -163,6 +164,14 @@ def cmd_bench_reliability(args) -> int:
     return 0
 
 
+def cmd_bench_score_cache(args) -> int:
+    from bench.score_cache import run_score_cache_bench
+
+    run_score_cache_bench(config=args.config, duration_s=args.duration, concurrency=args.concurrency, docs=args.docs, fresh=args.fresh,
+                          out=args.out, layout=args.layout)  # fmt: skip
+    return 0
+
+
 def cmd_bench_fan_out(args) -> int:
     from bench.fan_out import run_fan_out_bench
 
@@ -300,6 +309,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out/bench-reliability.json")
     _add_layout_arg(p)
     p.set_defaults(func=cmd_bench_reliability)
+    p = bench.add_parser("score-cache", help="score cache on vs off: Zipf queries and documents through the fleet (loopback only)")
+    p.add_argument("--config", default=None, help="fleet config (default: configs/local.yaml)")
+    p.add_argument("--duration", type=float, default=20.0, help="seconds per run (cache off, then on)")
+    p.add_argument("--concurrency", type=int, default=8, help="clients sending back to back")
+    p.add_argument("--docs", type=int, default=16, help="documents per request")
+    p.add_argument("--fresh", type=float, default=0.02, help="chance that a slot of a query's candidate list holds a fresh document (index churn)")
+    p.add_argument("--out", default="out/bench-score-cache.json")
+    _add_layout_arg(p)
+    p.set_defaults(func=cmd_bench_score_cache)
 
     p = sub.add_parser("eval", help="ranking fidelity against a reference precision")
     _add_model_args(p)

@@ -38,6 +38,7 @@ class ArmTally:
     cache_events: Counter = field(default_factory=Counter)
     score_cache_hits: int = 0  # pairs of answered requests served from the ingress's score cache
     score_cache_misses: int = 0  # pairs the arm scored for them, with the score cache on
+    score_cache_whole: int = 0  # answered requests whose every pair came from the score cache: no arm call
     batch_requests_sum: int = 0
     shadow_requests: int = 0
     shadow_errors: int = 0
@@ -109,6 +110,7 @@ class Tally:
         s.batch_requests_sum += result.batch_requests
         s.score_cache_hits += result.score_cache_hits
         s.score_cache_misses += result.score_cache_misses
+        s.score_cache_whole += result.score_cache_hits > 0 and result.score_cache_misses == 0
         self._record_cache(s, result)
 
     def record_error(self, arm: str, status: int) -> None:

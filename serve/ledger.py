@@ -476,7 +476,8 @@ def _arm_summary(arm: str, t: ArmTally) -> dict[str, Any]:
         "image_cache": {"hits": t.cache_hits, "misses": t.cache_misses, "hit_rate": round(t.cache_hits / looked_up, 4) if looked_up else None,
                         "events": dict(t.cache_events)},  # fmt: skip
         "score_cache": {"hits": t.score_cache_hits, "misses": t.score_cache_misses,
-                        "hit_rate": round(t.score_cache_hits / pairs, 4) if pairs else None},  # fmt: skip
+                        "hit_rate": round(t.score_cache_hits / pairs, 4) if pairs else None,
+                        "requests_without_arm_call": t.score_cache_whole},  # fmt: skip
         "shadow": {"requests": t.shadow_requests, "errors": t.shadow_errors, "dropped": t.shadow_dropped, "agreement": _pooled(t, arm)},
     }
 

@@ -30,16 +30,18 @@ import math
 import struct
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.errors import InputError
 from engine.inputs import ScoreRequest
 from engine.score_key import pair_keys
-from serve.arm_calls import ArmCalls
 from serve.arm_result import ArmResult
 from serve.cache import TieredCache
 from serve.config import FleetConfig
 from serve.router import ArmRouter, RouteDecision
+
+if TYPE_CHECKING:  # Ray's modules stay unimported here: a bench reads the header before Ray starts
+    from serve.arm_calls import ArmCalls
 
 SCORE_CACHE_HEADER = "x-rerank-score-cache"
 KEY_PREFIX = "rerank:score:"

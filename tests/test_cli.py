@@ -100,3 +100,24 @@ def test_an_unknown_reliability_scenario_is_a_one_line_usage_error(capsys):
         main(["bench", "reliability", "--scenarios", "overload,nope"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "argument --scenarios: unknown scenario(s) ['nope']; choose from overload," in err
+
+
+def test_bench_score_cache_traffic_is_zipf_with_stable_candidate_lists():
+    """The score-cache bench's workload (pure): Zipf queries (the head query most often, the
+    rank-1/rank-2 ratio near 2**1.1), each sent with its own candidate list, a few slots fresh."""
+    from collections import Counter
+
+    from bench.score_cache import workload
+    from cli import build_parser
+
+    bodies = workload(3000, docs=8)
+    counts = Counter(b["query"] for b in bodies)
+    (top, n1), (_, n2) = counts.most_common(2)
+    assert top.endswith("query 0") and 1.5 < n1 / n2 < 3.0 and 300 < len(counts) < 3000
+    lists = [b["documents"] for b in bodies if b["query"] == top]
+    assert all(len(docs) == len(set(docs)) == 8 for docs in lists)
+    stable = Counter(d for docs in lists for d in docs)
+    assert sum(n for _, n in stable.most_common(8)) / (8 * len(lists)) > 0.7  # mostly the query's own list
+    assert workload(50, docs=8) == workload(50, docs=8)  # both sides of the bench send the same sequence
+    args = build_parser().parse_args(["bench", "score-cache", "--duration", "5"])
+    assert (args.duration, args.concurrency, args.docs, args.layout) == (5.0, 8, 16, "shared")
