@@ -7,12 +7,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import math
-import threading
 import time
 
 import httpx
 import pytest
-from serving_testkit import png_bytes
+from serving_testkit import png_bytes, rerank_through
 
 from serve.router import ArmRouter
 
@@ -306,31 +305,20 @@ def test_redis_stopped_mid_traffic_loses_no_request(chaos_app, private_redis):
     """Image requests flow through an app whose Redis tier is a private redis-server; it is
     killed mid-traffic. Every request must still answer 200, and the cache must have counted
     Redis errors and bypasses instead."""
-    statuses: list[int] = []
-    stop = threading.Event()
-
-    def traffic():
-        i = 0
-        with httpx.Client(base_url=chaos_app.base_url, timeout=120) as c:
-            while not stop.is_set() or i < 40:
-                body = {"query": "a red circle", "documents": [{"image": b64_png(10_000 + i)}, {"image": b64_png(10_000 + i % 5)}]}
-                statuses.append(c.post("/v2/rerank", json=body).status_code)
-                i += 1
-
-    worker = threading.Thread(target=traffic)
-    worker.start()
-    deadline = time.monotonic() + 60
-    while len(statuses) < 10 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    before = experiments(chaos_app, chaos_app.client)["arms"]["fp32"]["image_cache"]["events"]
     import redis
 
-    assert redis.Redis.from_url(private_redis.url).dbsize() > 0  # the Redis tier really was in use
-    private_redis.stop()
-    assert not private_redis.running
-    stop.set()
-    worker.join(timeout=300)
-    assert not worker.is_alive()
+    def body(i: int) -> dict:
+        return {"query": "a red circle", "documents": [{"image": b64_png(10_000 + i)}, {"image": b64_png(10_000 + i % 5)}]}
+
+    before: dict = {}
+
+    def kill_redis() -> None:
+        before.update(experiments(chaos_app, chaos_app.client)["arms"]["fp32"]["image_cache"]["events"])
+        assert redis.Redis.from_url(private_redis.url).dbsize() > 0  # the Redis tier really was in use
+        private_redis.stop()
+        assert not private_redis.running
+
+    statuses = [r.status_code for r in rerank_through(chaos_app.base_url, body, kill_redis)]
     after = experiments(chaos_app, chaos_app.client)["arms"]["fp32"]["image_cache"]["events"]
     assert len(statuses) >= 40 and set(statuses) == {200}
     assert before.get("redis_error", 0) == 0 and before.get("hit_redis", 0) + before.get("miss", 0) > 0

@@ -4,15 +4,13 @@ counted at the arm: the pairs each replica scored (`describe()["scored"]`)."""
 
 from __future__ import annotations
 
-import threading
-import time
 
-import httpx
 import pytest
 import redis
 
 from serve.deploy_options import arm_deployment_name
 from serve.score_cache import KEY_PREFIX, SCORE_CACHE_HEADER
+from serving_testkit import rerank_through
 
 pytestmark = pytest.mark.ray
 
@@ -90,34 +88,22 @@ def test_redis_killed_mid_load_loses_nothing(score_cache_app, private_redis):
     request answers 200 with the scores it had before, the ingress counts Redis's faults and keeps
     answering from its LRU and the arm."""
     pool = [("white circle", [f"a white circle, copy {i}", f"a black square {i}", "a white circle"]) for i in range(5)]
-    expected = {q + str(i): rerank(score_cache_app, q, docs, headers=BYPASS)["scores"] for i, (q, docs) in enumerate(pool)}
-    outcomes: list[tuple[int, bool]] = []
-    stop = threading.Event()
+    expected = [rerank(score_cache_app, q, docs, headers=BYPASS)["scores"] for q, docs in pool]
 
-    def traffic():
-        n = 0
-        with httpx.Client(base_url=score_cache_app.base_url, timeout=120) as c:
-            while not stop.is_set() or n < 40:
-                i = n % len(pool)
-                q, docs = pool[i]
-                # Every other request a new document too: a miss that must go to the arm, with Redis alive or dead.
-                r = c.post("/v2/rerank", json={"query": q, "documents": docs + ([f"new document {n}"] if n % 2 else [])})
-                same = r.status_code == 200 and [x["relevance_score"] for x in sorted(r.json()["results"], key=lambda x: x["index"])][:3] == pytest.approx(expected[q + str(i)], abs=1e-5)
-                outcomes.append((r.status_code, same))
-                n += 1
+    def body(n: int) -> dict:  # every other request a new document too: a miss that must go to the arm, with Redis alive or dead
+        q, docs = pool[n % len(pool)]
+        return {"query": q, "documents": docs + ([f"new document {n}"] if n % 2 else [])}
 
-    worker = threading.Thread(target=traffic)
-    worker.start()
-    deadline = time.monotonic() + 60
-    while len(outcomes) < 10 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert redis.Redis.from_url(private_redis.url).keys(KEY_PREFIX + "*")  # the Redis tier was in use
-    private_redis.stop()
-    assert not private_redis.running
-    stop.set()
-    worker.join(timeout=300)
-    assert not worker.is_alive()
-    assert len(outcomes) >= 40 and {status for status, _ in outcomes} == {200} and all(same for _, same in outcomes)
+    def kill_redis() -> None:
+        assert redis.Redis.from_url(private_redis.url).keys(KEY_PREFIX + "*")  # the Redis tier was in use
+        private_redis.stop()
+        assert not private_redis.running
+
+    responses = rerank_through(score_cache_app.base_url, body, kill_redis)
+    assert len(responses) >= 40 and {r.status_code for r in responses} == {200}
+    for n, r in enumerate(responses):
+        scores = [x["relevance_score"] for x in sorted(r.json()["results"], key=lambda x: x["index"])]
+        assert scores[:3] == pytest.approx(expected[n % len(pool)], abs=1e-5)
     events = score_cache_app.client.get("/health").json()["score_cache"]["fp32"]
     assert events["redis_error"] >= 1 and events["hit_local"] > 0
     after = rerank(score_cache_app, *pool[0])
