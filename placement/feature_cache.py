@@ -1,4 +1,5 @@
-"""Whether caching image features pays, per arm, and how big the shared cache must be.
+"""Whether caching image features pays, per arm, and how big the cache Redis must be (it holds
+the shared image features and, when the ingress's score cache is shared, the scores).
 
 A cached image skips the vision tower but costs moving its features: (1 + deepstack mergers) x
 visual tokens x decoder width x 2 bytes, 32 MiB for one 1024-token image of Qwen3-VL-8B. On a
@@ -28,6 +29,7 @@ FETCH_TO_VISION_LIMIT = 0.5
 MIB = 1024**2
 MIN_CACHE_BYTES = 256 * MIB
 REDIS_OVERHEAD = 1.10  # per-key bookkeeping and allocator slack
+SCORE_PAIR_BYTES = 200  # one cached score in Redis: its key, 8 bytes, its expiry (measured ~197 with a 63-character key; ours are 45)
 
 
 def image_feature_bytes(arch: Architecture, image_tokens: int) -> int:
@@ -92,18 +94,24 @@ class CacheSizing:
         return min(1.0, self.maxmemory_bytes / self.working_set_bytes) if self.working_set_bytes else 1.0
 
 
-def size_shared_cache(inventory: Inventory, arch: Architecture) -> CacheSizing:
-    """Redis `maxmemory` for the new images of one cache window, within deployment.cache_max_memory_gib."""
+def size_shared_cache(inventory: Inventory, arch: Architecture, *, features: bool = True) -> CacheSizing:
+    """Redis `maxmemory` for the new images of one cache window (`features`: some arm shares them)
+    and, with the score cache shared, the new pairs of one score-cache window, within
+    deployment.cache_max_memory_gib."""
     traffic = inventory.traffic
-    new_images_per_s = traffic.target_qps * traffic.documents_per_request * traffic.image_share * traffic.new_image_fraction
+    new_images_per_s = traffic.target_qps * traffic.documents_per_request * traffic.image_share * traffic.new_image_fraction if features else 0.0
     working_set = int(new_images_per_s * traffic.cache_window_s * image_feature_bytes(arch, traffic.tokens_per_image) * REDIS_OVERHEAD)
+    parts = [f"{new_images_per_s:.2f} new images/s x {traffic.cache_window_s} s window x "
+             f"{image_feature_bytes(arch, traffic.tokens_per_image) / MIB:.1f} MiB = {working_set / 1024**3:.1f} GiB"] if features else []  # fmt: skip
+    if traffic.score_cache == "shared":
+        new_pairs_per_s = traffic.target_qps * traffic.documents_per_request * traffic.new_pair_fraction
+        scores = int(new_pairs_per_s * traffic.score_cache_window_s * SCORE_PAIR_BYTES)
+        working_set += scores
+        parts.append(f"scores: {new_pairs_per_s:.1f} new pairs/s x {traffic.score_cache_window_s} s window x {SCORE_PAIR_BYTES} B = {scores / 1024**3:.2f} GiB")
     cap = int(inventory.deployment.cache_max_memory_gib * 1024**3)
     maxmemory = max(MIN_CACHE_BYTES, min(cap, working_set))
     maxmemory = math.ceil(maxmemory / MIB) * MIB
-    detail = (
-        f"{new_images_per_s:.2f} new images/s x {traffic.cache_window_s} s window x "
-        f"{image_feature_bytes(arch, traffic.tokens_per_image) / MIB:.1f} MiB = {working_set / 1024**3:.1f} GiB"
-    )
+    detail = "; ".join(parts)
     if working_set > cap:
         detail += f"; capped at {cap / 1024**3:g} GiB (deployment.cache_max_memory_gib): {cap / working_set:.0%} of the window fits"
     return CacheSizing(maxmemory, working_set, detail)
@@ -120,3 +128,12 @@ def cache_choices(report: PlacementReport) -> dict[str, CacheChoice]:
 
 def uses_shared_cache(report: PlacementReport) -> bool:
     return any(c.mode == "shared" for c in cache_choices(report).values())
+
+
+def uses_cache_redis(report: PlacementReport) -> bool:
+    """Whether the fleet needs the cache Redis: an arm shares image features, or the score cache is shared."""
+    return uses_shared_cache(report) or report.inventory.traffic.score_cache == "shared"
+
+
+def cache_redis_sizing(report: PlacementReport) -> CacheSizing:
+    return size_shared_cache(report.inventory, report.architecture, features=uses_shared_cache(report))

@@ -202,6 +202,14 @@ class TrafficSpec(_Strict):
         0.5, ge=0, le=1, description="Share of image documents not seen within cache_window_s (sizes the feature cache)."
     )
     cache_window_s: int = Field(3600, ge=1, description="How long a seen image's features are worth keeping in the shared cache.")
+    score_cache: Literal["shared", "local", "off"] = Field(
+        "off", description="The ingress's score cache (the serving app's score_cache.mode): shared puts it in the cache Redis "
+        "(rendered for it, sized below), local keeps it in each ingress replica; it pays for repeated pairs (head queries).",
+    )
+    new_pair_fraction: float = Field(
+        0.5, ge=0, le=1, description="Share of (query, document) pairs not seen within score_cache_window_s (sizes the score cache)."
+    )
+    score_cache_window_s: int = Field(86400, ge=1, description="How long a scored pair is kept: the score cache's ttl_s.")
     batch_token_budget: int = Field(
         16384, ge=64, description="Token budget of one engine micro-batch; the serving app's model.max_batch_tokens."
     )

@@ -59,7 +59,7 @@ def _secret_keys(report: PlacementReport, node: NodeType | None) -> list[str]:
     keys = [k8s.ADMIN_KEYS]
     if report.inventory.deployment.api_auth:
         keys.append(k8s.API_KEYS)
-    if feature_cache.uses_shared_cache(report):
+    if feature_cache.uses_cache_redis(report):
         keys.append(k8s.REDIS_CACHE_PASSWORD)
     if node is not None and report.inventory.weights_for(node).hub_token:
         keys.append(k8s.HF_TOKEN)

@@ -2,9 +2,10 @@
 
 - `<cluster>-gcs-redis`: Ray's GCS fault-tolerance tables. A StatefulSet on a persistent volume,
   append-only file, `noeviction` (losing a key is losing the control plane's state).
-- `<cluster>-cache-redis` (only when some arm uses the shared feature cache): image features.
-  `allkeys-lru`, no persistence (no fork under a tight memory limit, nothing to lose),
-  `maxmemory` from the planner's feature-size model and traffic.
+- `<cluster>-cache-redis` (only when some arm uses the shared feature cache, or the ingress's
+  score cache is shared): image features and scores. `allkeys-lru`, no persistence (no fork
+  under a tight memory limit, nothing to lose), `maxmemory` from the planner's feature-size
+  model, the score cache's pairs and the traffic.
 
 Both need a password (read from the fleet Secret as a file into a config file, never an argument
 or environment variable) and admit connections only from this fleet's Ray pods (NetworkPolicy):
@@ -173,7 +174,7 @@ def render_gcs_redis(report: PlacementReport) -> list[dict]:
 def render_cache_redis(report: PlacementReport) -> list[dict]:
     deployment = report.inventory.deployment
     labels = _labels(report, "cache")
-    sizing = feature_cache.size_shared_cache(report.inventory, report.architecture)
+    sizing = feature_cache.cache_redis_sizing(report)
     maxmemory_mib = sizing.maxmemory_bytes // MIB
     args = f'--save "" --appendonly no --maxmemory {maxmemory_mib}mb --maxmemory-policy allkeys-lru'
     limit_mib = math.ceil(maxmemory_mib * 1.25) + 256  # allocator fragmentation and client buffers over maxmemory
@@ -197,8 +198,8 @@ def render_cache_redis(report: PlacementReport) -> list[dict]:
 
 
 def render_redis(report: PlacementReport) -> list[dict]:
-    """GCS fault-tolerance Redis, and the feature-cache Redis when an arm uses it."""
+    """GCS fault-tolerance Redis, and the cache Redis when an arm shares image features or the score cache is shared."""
     manifests = render_gcs_redis(report)
-    if feature_cache.uses_shared_cache(report):
+    if feature_cache.uses_cache_redis(report):
         manifests += render_cache_redis(report)
     return manifests

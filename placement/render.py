@@ -111,7 +111,7 @@ def fleet_config(report: PlacementReport, target: ServeTarget):
     inventory = report.inventory
     deployment = inventory.deployment
     choices = feature_cache.cache_choices(report)
-    redis_url = target.redis_url if feature_cache.uses_shared_cache(report) else None
+    redis_url = target.redis_url if feature_cache.uses_cache_redis(report) else None
     arms = []
     for arm in arm_deployments(report):
         entry: dict = {
@@ -145,10 +145,12 @@ def fleet_config(report: PlacementReport, target: ServeTarget):
     cache: dict = {"redis_url": redis_url, "max_item_bytes": feature_cache.max_item_bytes(report.architecture)}
     if redis_url:
         cache["redis_password_from"] = secret(k8s.REDIS_CACHE_PASSWORD)
+    traffic = inventory.traffic
     data = {
-        "model": {"source": inventory.model.source, "max_batch_tokens": inventory.traffic.batch_token_budget},
+        "model": {"source": inventory.model.source, "max_batch_tokens": traffic.batch_token_budget},
         "arms": arms,
         "cache": cache,
+        **({"score_cache": {"mode": traffic.score_cache, "ttl_s": traffic.score_cache_window_s}} if traffic.score_cache != "off" else {}),
         # Inside the cluster the proxy must answer the load balancer / Service, so it binds every interface.
         "http": {"host": "0.0.0.0", "port": SERVE_HTTP_PORT, "route_prefix": deployment.route_prefix},
         "ingress": {

@@ -90,8 +90,8 @@ def format_plan(report: PlacementReport) -> str:
     lines += ["", "Feature cache per arm (image features: fetch from the shared Redis vs run the vision tower)"]
     for name, choice in feature_cache.cache_choices(report).items():
         lines.append(f"  {name}: {choice.mode} ({choice.reason})")
-    if feature_cache.uses_shared_cache(report):
-        lines.append(f"  shared Redis maxmemory: {feature_cache.size_shared_cache(inventory, report.architecture).detail}")
+    if feature_cache.uses_cache_redis(report):
+        lines.append(f"  cache Redis maxmemory: {feature_cache.cache_redis_sizing(report).detail}")
     lines += ["", "Rejected options"]
     for r in plan.rejected:
         where = f"{r.precision} on {r.node_type}" if r.node_type else f"{r.precision} (every node type)"

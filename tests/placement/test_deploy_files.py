@@ -409,6 +409,38 @@ def test_the_rendered_arms_carry_their_cache_choice_and_no_cache_redis_without_a
         ("StatefulSet", "rerank-small-gcs-redis"), ("NetworkPolicy", "rerank-small-gcs-redis"), ("PodDisruptionBudget", "rerank-small-gcs-redis")]
 
 
+def test_a_shared_score_cache_brings_the_cache_redis_sized_for_its_pairs():
+    """Text only, so no arm shares image features: the shared score cache alone brings the cache
+    Redis, sized for the new pairs of its window, and the app's score cache points at it."""
+    path = REPO_ROOT / INVENTORIES[1]
+    data = yaml.safe_load(path.read_text())
+    data["deployment"] = {**data["deployment"], "image": PINNED}
+
+    def inventory_with(**traffic) -> Inventory:
+        return Inventory.from_dict({**data, "traffic": {**data["traffic"], "score_cache": "shared", **traffic}})
+
+    def report_with(**traffic):
+        inventory = inventory_with(**traffic)
+        return plan_placement(inventory, read_architecture_config(inventory, path))
+
+    report = report_with(new_pair_fraction=0.4, score_cache_window_s=3600)
+    (cache,) = [m for m in render_redis(report) if m["kind"] == "Deployment"]
+    assert cache["metadata"]["name"] == "rerank-small-cache-redis"
+    sizing = feature_cache.cache_redis_sizing(report)
+    assert sizing.working_set_bytes == int(2 * 20 * 0.4 * 3600 * feature_cache.SCORE_PAIR_BYTES)  # qps x documents x new x window x bytes
+    assert sizing.maxmemory_bytes == 256 * 1024**2 and "--maxmemory 256mb" in cache["spec"]["template"]["spec"]["containers"][0]["command"][2]
+    serve = yaml.safe_load(yaml.safe_load(render_outputs(report, "x")["rayservice"])["spec"]["serveConfigV2"])
+    fleet = FleetConfig.from_dict(serve["applications"][0]["args"]["config"])
+    assert (fleet.score_cache.mode, fleet.score_cache.ttl_s) == ("shared", 3600) and all(a.feature_cache == "off" for a in fleet.arms)
+    assert fleet.cache.redis_url == "redis://rerank-small-cache-redis:6379/0" and fleet.cache.redis_password_from is not None
+    busy = feature_cache.size_shared_cache(inventory_with(target_qps=100), report.architecture, features=False)  # a day at 100 QPS: 17.3 GB
+    assert busy.working_set_bytes == int(100 * 20 * 0.5 * 86400 * feature_cache.SCORE_PAIR_BYTES) and busy.maxmemory_bytes >= busy.working_set_bytes
+    assert "new pairs/s" in busy.detail
+    local = report_with(score_cache="local")  # in each ingress replica: no Redis
+    assert not [m for m in render_redis(local) if m["kind"] == "Deployment"]
+    assert FleetConfig.from_dict(yaml.safe_load(render_outputs(local, "x")["serve"])["applications"][0]["args"]["config"]).cache.redis_url is None
+
+
 # ---- the Redis servers as rendered, run for real ---------------------------------------------
 
 
