@@ -74,7 +74,10 @@ class ArmCalls:
         self._describe = {name: h.options(method_name="describe") for name, h in handles.items()}
         self._described: dict[str, dict] = {}
         router = fleet.router
-        self.health = ArmHealth(self.arms, failure_threshold=router.failure_threshold, probe_interval_s=router.probe_interval_s)
+        self.health = ArmHealth(self.arms, failure_threshold=router.failure_threshold, probe_interval_s=router.probe_interval_s,
+                                cascades={c.name: (c.first, c.then) for c in fleet.cascades})  # fmt: skip
+        # A failed-over request goes to a plain arm: a cascade would call the arm that just failed again.
+        self.not_failover_targets = frozenset(c.name for c in fleet.cascades)
         self._gone: dict[str, asyncio.Event] = {}  # set when an arm leaves routed traffic: its waiting calls fail over
         # Each arm's queue budget as this ingress sees it (serve/admission.py): work the arm would
         # refuse is refused here, before it costs the arm's CPU.
@@ -108,7 +111,7 @@ class ArmCalls:
         except Exception as e:
             if not isinstance(unwrap(e), ARM_GONE) or decision.reason == "pinned":
                 raise
-            other = router.failover(decision.arm, self.health.down())
+            other = router.failover(decision.arm, self.health.down() | self.not_failover_targets)
             if other == decision.arm:
                 raise
             log.warning("arm %s is gone (%s); retrying the request on arm %s", decision.arm, type(unwrap(e)).__name__, other)

@@ -6,6 +6,19 @@ from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
+class CascadeTrace:
+    """How a cascade arm's answer was made (serve/cascade.py): which stage arm scored what."""
+
+    first: str
+    then: str
+    k: int
+    then_scored: tuple[int, ...]  # pair positions (request order) whose score is the then arm's; every other is the first's
+    pairs: dict[str, int]  # pairs each stage arm scored for this answer (score-cache hits left out): what it cost each
+    order: tuple[int, ...] | None = None  # one query's answer: its documents best first (the top k by then, the rest by first)
+    degraded: str | None = None  # why the then arm did not rescore (it is down): the answer is the first arm's alone
+
+
+@dataclass(frozen=True)
 class ArmResult:
     scores: list[float]
     arm: str
@@ -22,6 +35,7 @@ class ArmResult:
     # Pairs of the request answered from the ingress's score cache, and scored by the arm (both 0: no score cache).
     score_cache_hits: int = 0
     score_cache_misses: int = 0
+    cascade: CascadeTrace | None = None  # a cascade arm's answer: how its two arms made it
 
     @classmethod
     def concat(cls, results: list[ArmResult]) -> ArmResult:

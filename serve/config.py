@@ -193,6 +193,19 @@ class ArmConfig(_Strict):
         return (self.max_ongoing_requests + max(0, self.max_queued_requests)) * self.max_replicas
 
 
+class CascadeConfig(_Strict):
+    """A cascade arm: `first` (a cheap arm) scores every document, `then` (an expensive arm) the
+    first's top `k`; the answer ranks those k by `then` above the rest in `first`'s order
+    (serve/cascade.py). It runs no replicas of its own: it calls the two arms' deployments, and
+    is routed, pinned, shadowed and judged in experiments under its own name like any arm."""
+
+    name: str = Field(..., pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$", description="Cascade name, used like an arm's in URLs, headers, pins and metrics.")
+    first: str = Field(..., description="The arm that scores every document (the cheap one, e.g. nf4); an arm of `arms`, not a cascade.")
+    then: str = Field(..., description="The arm that rescores the first's top k (the expensive one, e.g. fp32 or bf16); an arm of `arms`, not a cascade.")
+    k: int = Field(10, ge=1, description="Documents of the first arm's order the then arm rescores (a request of k or fewer: all of them).")
+    weight: float = Field(1.0, ge=0, description="Share of routed traffic (relative to the arms' and the other cascades' weights).")
+
+
 class ShadowConfig(_Strict):
     arm: str = Field(..., description="Arm that receives mirrored traffic.")
     fraction: float = Field(0.1, ge=0, le=1, description="Share of primary requests mirrored.")
@@ -378,6 +391,9 @@ class ClusterConfig(_Strict):
 class FleetConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig, description="The reranker model.")
     arms: list[ArmConfig] = Field(..., min_length=1, description="Precision arms, one Serve deployment each.")
+    cascades: list[CascadeConfig] = Field(
+        default_factory=list, description="Cascade arms: a cheap arm's order with an expensive arm's scores on its top k; no replicas of their own.",
+    )
     router: RouterConfig = Field(default_factory=RouterConfig, description="Traffic split, pins, sticky A/B, shadow.")
     cache: CacheConfig = Field(default_factory=CacheConfig, description="Image-feature cache (and the cache Redis the score cache shares).")
     score_cache: ScoreCacheConfig = Field(default_factory=ScoreCacheConfig, description="Scores of pairs seen before, answered by the ingress.")
@@ -400,11 +416,20 @@ class FleetConfig(_Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> FleetConfig:
-        names = [a.name for a in self.arms]
+        deployed = [a.name for a in self.arms]
+        for i, c in enumerate(self.cascades):
+            for stage in ("first", "then"):
+                arm = getattr(c, stage)
+                if arm not in deployed:
+                    kind = "a cascade; a cascade's stages are arms" if arm in [x.name for x in self.cascades] else "not one of the arms"
+                    raise ValueError(f"cascades.{i}.{stage}: {arm!r} is {kind} {deployed}")
+            if c.first == c.then:
+                raise ValueError(f"cascades.{i}: first and then are the same arm {c.first!r}")
+        names = self.arm_names
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise ValueError(f"arm names must be unique, repeated: {dupes}")
-        if sum(a.weight for a in self.arms) <= 0:
+            raise ValueError(f"arm names must be unique (arms and cascades together), repeated: {dupes}")
+        if sum(a.weight for a in self.arms) + sum(c.weight for c in self.cascades) <= 0:
             raise ValueError("at least one arm needs a weight > 0")
         if self.router.shadow is not None and self.router.shadow.arm not in names:
             raise ValueError(f"router.shadow.arm {self.router.shadow.arm!r} is not one of the arms {names}")
@@ -444,6 +469,20 @@ class FleetConfig(_Strict):
             cache = cache.model_copy(update={"redis_password": SecretStr(cache.redis_password_from.read("cache.redis_password_from"))})
         data = {**self.model_dump(), "api_keys": api, "admin_keys": admin, "cache": cache.model_dump()}
         return FleetConfig.from_dict(data, source="secrets")  # e.g. an admin key equal to a client key is refused
+
+    @property
+    def arm_names(self) -> list[str]:
+        """Every name routing knows: the arms (deployments), then the cascades (compositions of two arms)."""
+        return [a.name for a in self.arms] + [c.name for c in self.cascades]
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """Configured routing weight of every arm and cascade."""
+        return {a.name: a.weight for a in self.arms} | {c.name: c.weight for c in self.cascades}
+
+    def cascade(self, name: str) -> CascadeConfig | None:
+        """The cascade of that name; None for an arm (or an unknown name)."""
+        return next((c for c in self.cascades if c.name == name), None)
 
     @property
     def reference_arm(self) -> str:

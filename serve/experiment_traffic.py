@@ -19,27 +19,29 @@ from ray.serve.handle import DeploymentHandle
 
 from engine.inputs import ScoreRequest
 from ranking.metrics import agreement, ranking, team_draft_interleave
-from serve.arm_calls import ArmCalls
 from serve.arm_result import ArmResult
+from serve.cascade_calls import Cascades
 from serve.config import FleetConfig, ShadowConfig
 from serve.errors import classify, unwrap
 from serve.ingress_metrics import IngressMetrics
 from serve.ledger import ExperimentLedger, UnknownRequest
 from serve.ledger_link import LedgerLink
-from serve.protocol import ImageCacheUse, RerankOutcome, ScoreCacheUse, ServingMeta
+from serve.protocol import CascadeUse, ImageCacheUse, RerankOutcome, ScoreCacheUse, ServingMeta
 from serve.router import ArmRouter, ControlState, RouteDecision
 
 log = logging.getLogger(__name__)
 
 
 def outcome_of(result: ArmResult, routed_by: str) -> RerankOutcome:
+    c = result.cascade
     return RerankOutcome(
-        scores=result.scores, tokens=result.tokens,
+        scores=result.scores, tokens=result.tokens, order=list(c.order) if c and c.order is not None else None,
         meta=ServingMeta(
             arm=result.arm, precision=result.precision, model=result.model, routed_by=routed_by,
             image_cache=ImageCacheUse(hits=result.cache_hits, misses=result.cache_misses),
             score_cache=ScoreCacheUse(hits=result.score_cache_hits, misses=result.score_cache_misses)
             if result.score_cache_hits + result.score_cache_misses else None,
+            cascade=CascadeUse(first=c.first, then=c.then, k=c.k, then_scored=list(c.then_scored), degraded=c.degraded) if c else None,
         ),
     )  # fmt: skip
 
@@ -56,7 +58,7 @@ def interleaved(a: ArmResult, b: ArmResult, rng: random.Random) -> tuple[list[in
 
 
 class ExperimentTraffic:
-    def __init__(self, fleet: FleetConfig, ledger: DeploymentHandle, calls: ArmCalls, metrics: IngressMetrics):
+    def __init__(self, fleet: FleetConfig, ledger: DeploymentHandle, calls: Cascades, metrics: IngressMetrics):
         self.fleet = fleet
         self.calls = calls
         self.metrics = metrics
@@ -65,7 +67,7 @@ class ExperimentTraffic:
         # whatever changed since (an admin call, a guardrail, the ramp).
         self._control_key = (0.0, 0)
         self.apply_control(ExperimentLedger(fleet).control_state())
-        self.link = LedgerLink([a.name for a in fleet.arms], ledger, fleet.experiment.name)
+        self.link = LedgerLink(fleet.arm_names, ledger, fleet.experiment.name)
         self._rng = random.Random()
         self._shadow_tasks: set[asyncio.Task] = set()
 

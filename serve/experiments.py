@@ -40,6 +40,9 @@ class ArmTally:
     score_cache_misses: int = 0  # pairs the arm scored for them, with the score cache on
     score_cache_whole: int = 0  # answered requests whose every pair came from the score cache: no arm call
     batch_requests_sum: int = 0
+    pairs_scored: int = 0  # pairs this arm's engine scored: for its answers, cascades' stages and mirrored calls (score-cache hits left out)
+    stage_pairs: Counter = field(default_factory=Counter)  # a cascade: pairs each of its two arms scored for its answers
+    cascade_degraded: int = 0  # a cascade: answers in its first arm's order alone (the then arm was down)
     shadow_requests: int = 0
     shadow_errors: int = 0
     shadow_dropped: int = 0
@@ -112,6 +115,10 @@ class Tally:
         s.score_cache_misses += result.score_cache_misses
         s.score_cache_whole += result.score_cache_hits > 0 and result.score_cache_misses == 0
         self._record_cache(s, result)
+        if result.cascade is not None:
+            s.stage_pairs.update(result.cascade.pairs)
+            s.cascade_degraded += result.cascade.degraded is not None
+        self._record_pairs(result)
 
     def record_error(self, arm: str, status: int) -> None:
         if status == 503:
@@ -128,12 +135,19 @@ class Tally:
         for key, value in scores.items():
             metrics.setdefault(metric_name(key), Moments()).add(value)
         self._record_cache(s, result)
+        self._record_pairs(result)
 
     def record_shadow_failure(self, arm: str, *, dropped: bool = False) -> None:
         if dropped:
             self.arms[arm].shadow_dropped += 1
         else:
             self.arms[arm].shadow_errors += 1
+
+    def _record_pairs(self, result: ArmResult) -> None:
+        """The pairs each arm's engine scored for `result` (a cascade's: both of its arms')."""
+        scored = result.cascade.pairs if result.cascade is not None else {result.arm: len(result.scores) - result.score_cache_hits}
+        for arm, n in scored.items():
+            self.arms.setdefault(arm, ArmTally()).pairs_scored += n
 
     @staticmethod
     def _record_cache(s: ArmTally, result: ArmResult) -> None:

@@ -7,7 +7,8 @@ the serving objects built here, once per replica:
 * `ExperimentTraffic` (serve/experiment_traffic.py): the router from the ledger's control state,
   records to the ledger, shadow and interleaved calls;
 * `MediaFetcher` (serve/fetch.py): the only place media are fetched;
-* `ScoreCache` (serve/score_cache.py): scores of pairs seen before, in front of the arm calls.
+* `ScoreCache` (serve/score_cache.py): scores of pairs seen before, in front of the arm calls;
+* `Cascades` (serve/cascade.py): a cascade arm's answer composed of its two arms' calls.
 
 Background loops (arm probes, experiment flushes) start here, with the replica.
 """
@@ -19,6 +20,7 @@ from ray.serve.handle import DeploymentHandle
 
 from serve.arm_calls import ArmCalls
 from serve.cache import FeatureCache
+from serve.cascade_calls import Cascades
 from serve.config import FleetConfig
 from serve import experiment_routes, rerank_routes  # noqa: F401 - they register the routes on `app`
 from serve.experiment_traffic import ExperimentTraffic
@@ -42,13 +44,14 @@ class Ingress:
             fleet, arms, serve.get_replica_context().app_name, self.fetcher,
             on_refusal=lambda arm: metrics.refusals.inc(tags={"arm": arm, "reason": "queue_budget"}),
         )  # fmt: skip
-        self.experiment = ExperimentTraffic(fleet, ledger, self.calls, metrics)
+        scores = ScoreCache(fleet, self.calls, on_event=lambda arm, e, n: metrics.score_cache_events.inc(n, tags={"arm": arm, "event": e}))
+        cascades = Cascades(fleet, self.calls, scores)
+        self.experiment = ExperimentTraffic(fleet, ledger, cascades, metrics)
         admission = Admission(
             fleet.ingress.in_flight_limit(fleet.arms),
             on_refusal=lambda: metrics.requests.inc(tags={"arm": "", "api": "admission", "status": "503"}),
         )
-        scores = ScoreCache(fleet, self.calls, on_event=lambda arm, e, n: metrics.score_cache_events.inc(n, tags={"arm": arm, "event": e}))
-        self.service = RerankService(fleet, self.calls, self.experiment, self.fetcher, metrics, admission, scores)
+        self.service = RerankService(fleet, self.calls, self.experiment, self.fetcher, metrics, admission, scores, cascades)
         self.guard = Guard(
             api_keys=tuple(k.get_secret_value() for k in fleet.api_keys),
             admin_keys=tuple((name, k.get_secret_value()) for name, k in fleet.admin_keys.items()),

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.errors import InputError
-from serve.config import FleetConfig
+from serve.cascade import cascade_precision
+from serve.config import ArmConfig, CascadeConfig, FleetConfig
 from serve.experiments import AGREEMENT_METRICS, ArmTally, Tally
 from serve.router import ControlState, InterleavePolicy, NoiseFloorPolicy, ShadowPolicy
 from serve.statistics import Moments, mean_difference_ci, quantile_ratio_ci, samples_needed, sign_test_p, wilson
@@ -109,7 +110,7 @@ class Control:
 class ExperimentLedger:
     def __init__(self, fleet: FleetConfig, *, now=time.time):
         self.fleet = fleet
-        self.arms = [a.name for a in fleet.arms]
+        self.arms = fleet.arm_names  # the arms, then the cascades: each routed, judged and reported by name
         self.reference = fleet.reference_arm
         self._now = now
         self.epoch = now()  # a restarted ledger is a new epoch: ingress replicas follow it whatever its version
@@ -119,7 +120,7 @@ class ExperimentLedger:
         shadow, inter = fleet.router.shadow, fleet.router.interleave
         ramp = fleet.experiment.ramp
         self.control = Control(
-            version=1, base_weights={a.name: a.weight for a in fleet.arms},
+            version=1, base_weights=fleet.weights,
             shadow_arm=shadow.arm if shadow else None, shadow_fraction=shadow.fraction if shadow else 0.0,
             noise_floor_fraction=fleet.experiment.noise_floor_fraction,
             interleave=tuple(inter.arms) if inter else None, interleave_fraction=inter.fraction if inter else 0.0,
@@ -383,18 +384,28 @@ class ExperimentLedger:
         ref = self.tally.arms[self.reference]
         weights = self.weights()
         arms = {}
-        for cfg in self.fleet.arms:
-            t = self.tally.arms[cfg.name]
-            arms[cfg.name] = {
-                "precision": cfg.precision, "backend": cfg.backend, "weight": weights[cfg.name],
-                **_arm_summary(cfg.name, t),
-                "cost_per_1000_requests": _cost(cfg, t.requests, elapsed),
-                "agreement_with_reference": _agreement(t.agreement.get(self.reference, {})) if cfg.name != self.reference else None,
-                "noise_floor": _agreement(floor) if cfg.name == self.reference else None,
+        for name in self.arms:
+            t = self.tally.arms[name]
+            cascade = self.fleet.cascade(name)
+            if cascade is None:
+                cfg = self.fleet.arm(name)
+                kind = {"precision": cfg.precision, "backend": cfg.backend}
+                cost = _cost(_hourly(cfg), t.requests, elapsed, _replicas(cfg))
+            else:
+                kind = {"precision": cascade_precision(self.fleet, cascade), "backend": None}
+                cost = self._cascade_cost(cascade, t, elapsed)
+            arms[name] = {
+                **kind, "weight": weights[name],
+                **_arm_summary(name, t),
+                "cost_per_1000_requests": cost,
+                "agreement_with_reference": _agreement(t.agreement.get(self.reference, {})) if name != self.reference else None,
+                "noise_floor": _agreement(floor) if name == self.reference else None,
                 "clicks": _clicks(t),
-            }
-            if cfg.name != self.reference:
-                arms[cfg.name]["versus_reference"] = self._versus(cfg.name, t, ref, floor, exp)
+            }  # fmt: skip
+            if cascade is not None:
+                arms[name]["cascade"] = self._cascade_view(cascade, t)
+            if name != self.reference:
+                arms[name]["versus_reference"] = self._versus(name, t, ref, floor, exp)
         return {
             "experiment": self.name, "active": self.control.active, "reference": self.reference,
             "started_at": self.started_at, "stopped_at": self.stopped_at, "elapsed_s": round(elapsed, 3),
@@ -407,6 +418,39 @@ class ExperimentLedger:
             "interleaving": {pair: _interleave_view(pair, row) for pair, row in self.interleave_credit.items()},
             "changes": list(self.changes)[-50:],
         }
+
+    def _cascade_view(self, c: CascadeConfig, t: ArmTally) -> dict[str, Any]:
+        """A cascade's own figures: the pairs each of its arms scored for it, and its agreement with
+        its then arm alone, from mirrored calls: the cascade mirrored on the then arm's traffic (the
+        then arm's ranking the reference) where there are any, else the then arm mirrored on the
+        cascade's (`router.shadow.arm` the then arm: the cascade's ranking the reference)."""
+        mirrored_on_then = t.agreement.get(c.then, {})
+        if mirrored_on_then:
+            agreement, source = mirrored_on_then, f"the cascade mirrored on {c.then!r}'s requests"
+        else:
+            agreement, source = self.tally.arms[c.then].agreement.get(c.name, {}), f"{c.then!r} mirrored on the cascade's requests"
+        return {
+            "first": c.first, "then": c.then, "k": c.k, "pairs_scored": {arm: t.stage_pairs.get(arm, 0) for arm in (c.first, c.then)},
+            "then_pairs_per_request": round(t.stage_pairs.get(c.then, 0) / t.requests, 3) if t.requests else None,
+            "degraded_answers": t.cascade_degraded,
+            "agreement_with_then": {**_agreement(agreement), "source": source if agreement else None},
+        }  # fmt: skip
+
+    def _cascade_cost(self, c: CascadeConfig, t: ArmTally, elapsed_s: float) -> dict[str, Any] | None:
+        """Cost per 1000 of the cascade's requests: each of its two arms' cost over the experiment,
+        in proportion to the share of that arm's scored pairs it scored for the cascade."""
+        hourly = {arm: _hourly(self.fleet.arm(arm)) for arm in (c.first, c.then)}
+        if None in hourly.values() or t.requests == 0:
+            return None
+        spent = {}
+        for arm, per_hour in hourly.items():
+            scored = self.tally.arms[arm].pairs_scored
+            spent[arm] = per_hour * elapsed_s / 3600 * (t.stage_pairs.get(arm, 0) / scored if scored else 0.0)
+        return {
+            "value": round(1000 * sum(spent.values()) / t.requests, 6), "by_arm": {a: round(1000 * v / t.requests, 6) for a, v in spent.items()},
+            "basis": "each of its arms' replicas over the experiment, in proportion to the pairs it scored for this cascade "
+                     "(its share of that arm's scored pairs), at the load they carried (idle time included)",
+        }  # fmt: skip
 
     def _ramp_view(self) -> dict | None:
         ramp, c = self.fleet.experiment.ramp, self.control
@@ -473,6 +517,7 @@ def _arm_summary(arm: str, t: ArmTally) -> dict[str, Any]:
         "routed_by": dict(t.routed_by),
         "latency_ms": {"n": t.latency.n, **{f"p{q}": _ms(t.latency.quantile(q / 100)) for q in (50, 95, 99)}},
         "mean_batch_requests": round(t.batch_requests_sum / t.requests, 3) if t.requests else None,
+        "pairs_scored": t.pairs_scored,  # by this arm's engine: its answers', cascades' stages', mirrored calls' (not a cascade's: its arms')
         "image_cache": {"hits": t.cache_hits, "misses": t.cache_misses, "hit_rate": round(t.cache_hits / looked_up, 4) if looked_up else None,
                         "events": dict(t.cache_events)},  # fmt: skip
         "score_cache": {"hits": t.score_cache_hits, "misses": t.score_cache_misses,
@@ -513,13 +558,23 @@ def _interleave_view(pair: str, row: list[int]) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _cost(cfg, requests: int, elapsed_s: float) -> dict[str, Any] | None:
-    if cfg.cost_per_replica_hour is None or requests == 0:
+def _hourly(cfg: ArmConfig) -> float | None:
+    """What an arm's replicas cost per hour (None: no cost_per_replica_hour)."""
+    if cfg.cost_per_replica_hour is None:
         return None
-    replicas = cfg.autoscaling.min_replicas if cfg.autoscaling else cfg.num_replicas
+    return _replicas(cfg) * cfg.cost_per_replica_hour
+
+
+def _replicas(cfg: ArmConfig) -> int:
+    return cfg.autoscaling.min_replicas if cfg.autoscaling else cfg.num_replicas
+
+
+def _cost(hourly: float | None, requests: int, elapsed_s: float, replicas: int) -> dict[str, Any] | None:
+    if hourly is None or requests == 0:
+        return None
     per_second = requests / elapsed_s
     return {
-        "value": round(1000 * replicas * cfg.cost_per_replica_hour / 3600 / per_second, 6), "replicas": replicas,
+        "value": round(1000 * hourly / 3600 / per_second, 6), "replicas": replicas,
         "basis": "at the load this arm carried in the experiment (idle time included); at full load it costs less",
     }  # fmt: skip
 

@@ -435,13 +435,25 @@ class ScoreCacheUse(BaseModel):
     misses: int = Field(0, description="Pairs of this request the arm scored now.")
 
 
+class CascadeUse(BaseModel):
+    first: str = Field(..., description="The arm that scored every document (a cascade's cheap stage).")
+    then: str = Field(..., description="The arm that rescored the first arm's top k (its expensive stage).")
+    k: int = Field(..., description="How many of the first arm's best documents the then arm rescores.")
+    then_scored: list[int] = Field(
+        ..., description="Documents (indices in the request; pairs, for a score request) whose score is the then arm's; every other "
+        "score is the first arm's (scaled down by one factor where needed to sort below every then-arm score).",
+    )
+    degraded: str | None = Field(None, description="Why the then arm did not rescore (it is down): the answer is the first arm's order and scores alone.")
+
+
 class ServingMeta(BaseModel):
     arm: str = Field(..., description="Arm that answered.")
-    precision: str = Field(..., description="Numeric precision of that arm.")
+    precision: str = Field(..., description="Numeric precision of that arm (a cascade's: first>then, e.g. nf4>fp32).")
     model: str = Field(..., description="Model id the arm serves.")
     routed_by: str = Field(..., description="Why this arm: pinned, sticky, weighted, failover or interleaved (two arms, `arm` is a+b).")
     image_cache: ImageCacheUse = Field(default_factory=ImageCacheUse, description="Image-feature cache use.")
     score_cache: ScoreCacheUse | None = Field(None, description="Score-cache use (absent where the fleet runs no score cache, and for interleaved answers).")
+    cascade: CascadeUse | None = Field(None, description="A cascade arm's answer: its two arms and which documents each scored (absent for a plain arm).")
 
 
 class RerankOutcome(BaseModel):
@@ -450,7 +462,7 @@ class RerankOutcome(BaseModel):
     scores: list[float] = Field(..., description="Sigmoid score per document, in request order.")
     meta: ServingMeta = Field(..., description="Which arm answered and how.")
     tokens: int = Field(0, description="Tokens the decoder ran for this request (a shared prefix counted once).")
-    order: list[int] | None = Field(None, description="The documents best first when not by score (an interleaved answer).")
+    order: list[int] | None = Field(None, description="The documents best first when not by score alone (an interleaved answer; a cascade's, whose ties it settles).")
 
     def ranked(self, top_n: int | None) -> list[int]:
         order = self.order if self.order is not None else sorted(range(len(self.scores)), key=lambda i: -self.scores[i])
@@ -578,8 +590,8 @@ class ModelCard(BaseModel):
 
 
 class ArmCard(BaseModel):
-    name: str = Field(..., description="Arm name.")
-    precision: str = Field(..., description="Numeric precision.")
+    name: str = Field(..., description="Arm name (or a cascade's).")
+    precision: str = Field(..., description="Numeric precision (a cascade's: first>then, e.g. nf4>fp32; it has no device nor replicas of its own).")
     weight: float = Field(..., description="Normalised traffic share (live: after runtime changes, guardrails and the ramp).")
     device: str | None = Field(None, description="What the arm's replicas run on, e.g. 'NVIDIA L4' or 'cpu'.")
     replicas: int | None = Field(None, description="Live replicas of the arm now (from Ray's actor table).")

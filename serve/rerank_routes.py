@@ -10,6 +10,7 @@ from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 from ray import serve
 
+from serve.cascade import cascade_precision
 from serve.http_app import ERRORS, app, documented, this_ingress
 from serve.protocol import (
     ArmCard,
@@ -71,7 +72,9 @@ async def ready(ingress=this_ingress) -> JSONResponse:
     one-pair request within its probe time. Each arm's state is listed ("ok", or why not:
     down and its reason, e.g. no replica placed yet) and the others are `degraded`; 503 with
     Retry-After when no routed arm scores, and while draining."""
-    routed = [a for a in ingress.calls.arms if ingress.experiment.router.shares.get(a, 0) > 0]
+    shares = ingress.experiment.router.shares
+    # A routed cascade answers while its first arm scores.
+    routed = [a for a in ingress.calls.arms if shares.get(a, 0) > 0 or any(c.first == a and shares.get(c.name, 0) > 0 for c in ingress.fleet.cascades)]
     scores, arms = await ingress.calls.readiness(routed)
     ok = scores and not ingress.service.draining
     body = {"ready": ok, "draining": ingress.service.draining, "arms": arms, "degraded": sorted(a for a, state in arms.items() if state != "ok")}
@@ -85,4 +88,5 @@ async def models(ingress=this_ingress) -> ModelList:
     shares = ingress.experiment.router.shares
     arms = [ArmCard(name=a.name, precision=a.precision, weight=shares[a.name], device=d.get("device_name"), replicas=live.get(a.name))
             for a, d in zip(ingress.fleet.arms, described)]  # fmt: skip
+    arms += [ArmCard(name=c.name, precision=cascade_precision(ingress.fleet, c), weight=shares[c.name]) for c in ingress.fleet.cascades]
     return ModelList(data=[ModelCard(id=described[0].get("model", ingress.fleet.model.source), arms=arms)])

@@ -1,9 +1,9 @@
 """`RerankService`: the one rerank path, from a parsed body to the answer in the client's shape.
 
     body -> RerankRequest (limits checked) -> route -> media fetched (`MediaFetcher`, each image
-    hashed once) -> ScoreRequest -> score cache (`ScoreCache`: only the pairs it lacks go on) ->
-    arm call (`ArmCalls`: deadline, failover, health) -> records (`ExperimentTraffic`) -> the
-    client's response shape
+    hashed once) -> ScoreRequest -> a cascade's two stages (`Cascades`), each as a plain arm's
+    call -> score cache (`ScoreCache`: only the pairs it lacks go on) -> arm call (`ArmCalls`:
+    deadline, failover, health) -> records (`ExperimentTraffic`) -> the client's response shape
 
 A score request pairing several queries (vLLM's N:N form) is one ScoreRequest per run of pairs
 with the same query, all scored by the one routed arm and recorded as one answer; it is never
@@ -22,6 +22,7 @@ from dataclasses import replace
 
 from engine.errors import DeadlineExceeded
 from serve.arm_calls import DEADLINE_HEADER, ArmCalls, time_budget
+from serve.cascade_calls import Cascades
 from serve.config import FleetConfig
 from serve.errors import ArmDown, Draining, error_response, log_if_internal, unwrap
 from serve.experiment_traffic import ExperimentTraffic
@@ -36,10 +37,11 @@ __all__ = ["DEADLINE_HEADER", "RerankService"]
 
 class RerankService:
     def __init__(self, fleet: FleetConfig, calls: ArmCalls, experiment: ExperimentTraffic, fetcher: MediaFetcher, metrics: IngressMetrics,
-                 admission: Admission, scores: ScoreCache):  # fmt: skip
+                 admission: Admission, scores: ScoreCache, cascades: Cascades):  # fmt: skip
         self.fleet = fleet
         self.calls = calls
         self.scores = scores
+        self.cascades = cascades
         self.experiment = experiment
         self.fetcher = fetcher
         self.metrics = metrics
@@ -84,7 +86,7 @@ class RerankService:
             outcome = await self.experiment.interleave(decision, jobs[0], deadline, started, request_id)
         else:
             try:
-                result, decision = await self.scores.call(decision, jobs, deadline, router, use_cache)
+                result, decision = await self.cascades.answer(decision, jobs, deadline, router, use_cache)
             except Exception as e:
                 if not (own_deadline and isinstance(unwrap(e), (TimeoutError, DeadlineExceeded))):
                     self.experiment.failed(decision.arm, e)  # the arm's error rate: what guardrails judge

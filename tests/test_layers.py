@@ -51,7 +51,8 @@ LAYERS = {
 PURE_CORE = "ray,torch,transformers,PIL,fastapi,starlette,uvicorn,redis,httpx,engine.engine,engine.forward,engine.vision"
 LAYERS.update(dict.fromkeys(
     ["serve.router", "serve.health", "serve.arm_arrival", "serve.experiments", "serve.statistics", "serve.ledger",
-     "serve.experiment_page", "serve.deploy_options", "serve.config", "serve.arm_result", "serve.admission", "serve.request_path"],
+     "serve.experiment_page", "serve.deploy_options", "serve.config", "serve.arm_result", "serve.admission", "serve.request_path",
+     "serve.cascade"],
     PURE_CORE,
 ))  # fmt: skip
 

@@ -340,6 +340,20 @@ def score_cache_app(ray_serve, private_redis, tiny_model):
 
 
 @pytest.fixture(scope="module")
+def cascade_app(ray_serve, tiny_model):
+    """Arms fp32 and nf4 (pins only, with their costs) and the cascade `casc` (nf4 first, fp32 on
+    its top 3: every routed request), every cascade answer mirrored to fp32 on the full list (its
+    agreement with the expensive arm alone); the score cache in the ingress's LRU (no Redis); no
+    noise floor."""
+    arms = [_arm("fp32", 0.0) | {"cost_per_replica_hour": 4.0}, _arm("nf4", 0.0) | {"cost_per_replica_hour": 1.0}]
+    fleet = _fleet(tiny_model, arms, None, cascades=[{"name": "casc", "first": "nf4", "then": "fp32", "k": 3, "weight": 1.0}],
+                   router={"shadow": {"arm": "fp32", "fraction": 1.0}}, score_cache={"mode": "local"},
+                   experiment={"name": "cascade", "noise_floor_fraction": 0.0, "flush_interval_s": 0.2})  # fmt: skip
+    with _deployed(ray_serve, "cascade", "/cascade", fleet) as app:
+        yield app
+
+
+@pytest.fixture(scope="module")
 def parity_app(ray_serve, tiny_model):
     """One fp32 arm, no cache, text and body limits wide enough for the parity items (a pair of
     10k tokens, 70-frame videos sent inline)."""
@@ -394,7 +408,11 @@ def canary_app(ray_serve, tiny_model, tmp_path_factory):
                                   for how in CANARY_BROKEN]  # fmt: skip
     for arm in arms:
         arm["ray_actor_options"] = {"num_cpus": 0.25}
-    fleet = _fleet(tiny_model, arms, None, experiment={"noise_floor_fraction": 0.0})
+    # Cascades over a broken arm (serve/cascade.py): `then-down` answers in fp32's order, marked
+    # degraded; `first-down` is down with zeroed, and its routed share fails over to fp32.
+    cascades = [{"name": "then-down", "first": "fp32", "then": "zeroed", "k": 2, "weight": 0.0},
+                {"name": "first-down", "first": "zeroed", "then": "fp32", "k": 2, "weight": 1.0}]
+    fleet = _fleet(tiny_model, arms, None, cascades=cascades, experiment={"noise_floor_fraction": 0.0})
     with pytest.raises(RuntimeError) as failed:  # at the first arm Serve gave up on
         serve.run(build_app({"config": fleet}), name="canary", route_prefix="/canary")
     deadline = time.monotonic() + 120

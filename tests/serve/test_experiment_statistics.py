@@ -172,6 +172,7 @@ def test_an_arm_tally_travels_and_merges_every_field():
     cand = t.arms["cand"]
     cand.cache_hits, cand.cache_misses, cand.cache_events["redis_hit"] = 2, 3, 2
     cand.score_cache_hits, cand.score_cache_misses, cand.score_cache_whole = 3, 1, 1
+    cand.stage_pairs["ref"], cand.cascade_degraded = 5, 1  # a cascade's (serve/cascade.py)
     cand.clicks_ndcg.add(0.5)
     cand.clicks_rr.add(1.0)
     empty = ArmTally()

@@ -2,7 +2,8 @@
 two broken checkpoints that claim to be it, `zeroed` and `scaled`, each with the model's canary
 reference). A broken arm never becomes ready: its replicas refuse to start naming the agreement
 they reached, Serve tries each three times and gives up, the ingress takes the arm out of routing
-and `/ready` says why, and the fleet serves with the arm that passed."""
+and `/ready` says why, and the fleet serves with the arm that passed. A cascade whose expensive arm
+is broken answers in its first arm's order (marked degraded); one whose first arm is broken is down."""
 
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ def test_broken_checkpoints_never_start_and_serve_says_why(canary_app):
 
 def test_the_fleet_serves_with_the_arm_that_passed(canary_app):
     app, _ = canary_app
-    for i in range(8):  # the broken arms take a third of the weight each: calls to them fail over
+    for i in range(8):  # the broken arms and the cascade whose first arm is one take a quarter of the weight each: they fail over
         r = app.client.post("/v2/rerank", json={"query": "red circle", "documents": ["a blue square", "a red circle", f"a green cross {i}"]})
         assert r.status_code == 200 and r.headers["x-rerank-arm"] == "fp32", r.text
         assert r.json()["results"][0]["index"] == 1
@@ -67,7 +68,27 @@ def test_ready_names_each_broken_arm_and_the_agreement_it_reached(canary_app):
         assert "Traceback" not in reason and "\n" not in reason  # Serve's message, cut to its error's last line
     assert "scores are constant (0.5000 for every pair)" in body["arms"]["zeroed"]
     health = app.client.get("/health").json()
-    assert health["arm_state"] == {"fp32": "up"} | dict.fromkeys(BROKEN, "down"), health
+    assert health["arm_state"] == {"fp32": "up"} | dict.fromkeys(BROKEN, "down") | {"then-down": "degraded", "first-down": "down"}, health
+
+
+def test_a_cascade_whose_then_arm_is_down_answers_in_its_first_arm_s_order(canary_app):
+    app, _ = canary_app
+    body = {"query": "red circle", "documents": ["a blue square", "a red circle", "a green cross", "a red square"]}
+    alone = app.client.post("/v2/rerank", json=body, headers={"x-rerank-arm": "fp32"}).json()
+    deadline = time.monotonic() + 60
+    while True:
+        r = app.client.post("/v2/rerank", json=body, headers={"x-rerank-arm": "then-down"})
+        if r.status_code == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert [x["index"] for x in answer["results"]] == [x["index"] for x in alone["results"]]
+    assert max(abs(a - b) for a, b in zip((x["relevance_score"] for x in answer["results"]), (x["relevance_score"] for x in alone["results"]))) <= 1e-6
+    meta = answer["meta"]["cascade"]
+    assert meta["then_scored"] == [] and "then arm 'zeroed'" in meta["degraded"], meta
+    first_down = app.client.post("/v2/rerank", json=body, headers={"x-rerank-arm": "first-down"})
+    assert first_down.status_code == 503 and "'zeroed'" in first_down.json()["error"]["message"], first_down.text
 
 
 def test_the_arm_that_passed_reports_its_canary(canary_app):
