@@ -257,6 +257,26 @@ class ArmSpec(_Strict):
     fan_out_chunk: int | None = Field(None, ge=1, description="Rendered as the arm's fan_out_chunk (documents per chunk; default: fan_out_above).")
 
 
+class CascadeSpec(_Strict):
+    """A cascade arm (serve/cascade.py): the `first` precision's arm scores every document of its
+    requests, the `then` precision's arm that order's top `k`. It needs no GPU of its own, but its
+    traffic lands on both arms' capacity (`placement.planner.cascade_loads`), and it is rendered as
+    a cascade over their Serve arms."""
+
+    first: PlannedPrecision = Field(..., description="Precision of the arm that scores every document of the cascade's requests (the cheap one, e.g. nf4); one of the arms.")
+    then: PlannedPrecision = Field(..., description="Precision of the arm that rescores the first's top k (the expensive one, e.g. bf16); one of the arms.")
+    k: int = Field(10, ge=1, description="Documents of the first arm's order the then arm rescores per request.")
+    share: float = Field(
+        ..., gt=0, le=1, description="Fraction of requests the cascade answers: the first arm scores all their pairs, the then arm "
+        "min(k, documents_per_request) of each.",
+    )
+
+    @property
+    def name(self) -> str:
+        """Its Serve name (one cascade per first/then/k: numbered when its precisions run on several node types)."""
+        return f"cascade-{self.first}-{self.then}-k{self.k}"
+
+
 class ConstraintsSpec(_Strict):
     memory_headroom: float = Field(0.10, ge=0, lt=1, description="Fraction of each GPU's memory kept free.")
     capacity_headroom: float = Field(0.20, ge=0, description="Extra capacity over the target (0.2 plans for 120%).")
@@ -427,6 +447,9 @@ class Inventory(_Strict):
         description="Precisions that may serve traffic, each with a required share or left to the planner; "
         "default: every precision, left to the planner (awq only with model.awq_checkpoint).",
     )
+    cascades: list[CascadeSpec] = Field(
+        default_factory=list, description="Cascade arms over two of the arms' precisions, each answering a fixed share of the requests.",
+    )
     constraints: ConstraintsSpec = Field(default_factory=ConstraintsSpec, description="Headroom and fidelity floor.")
     deployment: DeploymentSpec = Field(default_factory=DeploymentSpec, description="How the plan is deployed.")
 
@@ -458,11 +481,22 @@ class Inventory(_Strict):
         repeated = sorted({p for p in precisions if precisions.count(p) > 1})
         if repeated:
             raise ValueError(f"arms: each precision once, repeated: {repeated}")
-        shares = [a.share for a in self.arms if a.share is not None]
+        for i, c in enumerate(self.cascades):
+            for stage in ("first", "then"):
+                if getattr(c, stage) not in precisions:
+                    raise ValueError(f"cascades.{i}.{stage}: {getattr(c, stage)} is not one of the arms' precisions {precisions}")
+            if c.first == c.then:
+                raise ValueError(f"cascades.{i}: first and then are the same precision {c.first}")
+        names = [c.name for c in self.cascades]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"cascades: each first/then/k once, repeated: {repeated}")
+        shares = [a.share for a in self.arms if a.share is not None] + [c.share for c in self.cascades]
+        what = "arms' and cascades'" if self.cascades else "arms:"
         if sum(shares) > 1 + 1e-9:
-            raise ValueError(f"arms: shares add up to {sum(shares):g}, more than 1")
-        if len(shares) == len(self.arms) and not math.isclose(sum(shares), 1.0, abs_tol=1e-9):
-            raise ValueError(f"arms: every arm has a share, so they must add up to 1 (got {sum(shares):g})")
+            raise ValueError(f"{what} shares add up to {sum(shares):g}, more than 1")
+        if all(a.share is not None for a in self.arms) and not math.isclose(sum(shares), 1.0, abs_tol=1e-9):
+            raise ValueError(f"{what} every arm has a share, so they must add up to 1 (got {sum(shares):g})")
         if "awq" in precisions and not self.model.awq_checkpoint:
             raise ValueError("model.awq_checkpoint: required because awq is one of the arms")
         for node in self.node_types:

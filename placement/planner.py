@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from placement.hardware import hardware_support
-from placement.inventory import Inventory, NodeType
+from placement.inventory import CascadeSpec, Inventory, NodeType
 from placement.memory import (
     GIB,
     Architecture,
@@ -184,9 +184,24 @@ def plan_placement(
             for a in inventory.arms
             if a.share is None and not inventory.constraints.below_floor(a.precision)
         ),
+        cascade_share=sum(c.share for c in inventory.cascades),
+        cascade_load=cascade_loads(inventory.cascades, inventory.traffic.documents_per_request),
     )
     plan = solve_placement(options, pools, demand, objective=objective, budget=budget, rejected=rejected)
     return PlacementReport(inventory, arch, count_parameters(arch), tuple(assessments), plan, tuple(bench))
+
+
+def cascade_loads(cascades: Sequence[CascadeSpec], documents_per_request: int) -> dict[str, float]:
+    """What cascades put on each precision's capacity, in pairs per pair of the fleet's traffic: a
+    cascade answering a share s of the requests has its first arm score all their pairs (s) and its
+    then arm min(k, documents) of each request's (s x min(k, documents) / documents). E.g. 30 % of
+    requests through nf4 then bf16 on the top 10 of 100 documents: nf4 0.3, bf16 0.03 (the other
+    70 % go to the arms alone, by their shares)."""
+    loads: dict[str, float] = {}
+    for c in cascades:
+        loads[c.first] = loads.get(c.first, 0.0) + c.share
+        loads[c.then] = loads.get(c.then, 0.0) + c.share * min(c.k, documents_per_request) / documents_per_request
+    return loads
 
 
 def _group_rejections(assessments: list[OptionAssessment], inventory: Inventory) -> tuple[Rejection, ...]:
@@ -206,6 +221,33 @@ def _group_rejections(assessments: list[OptionAssessment], inventory: Inventory)
 
 def arm_name(precision: str, node_type: str) -> str:
     return f"{precision}-{node_type}"
+
+
+@dataclass(frozen=True)
+class CascadeRoute:
+    """A cascade as rendered: over one Serve arm of each of its precisions, with its share of the traffic."""
+
+    name: str
+    first: tuple[str, str]  # (precision, node type) of its first arm
+    then: tuple[str, str]
+    k: int
+    weight: float
+
+
+def cascade_routes(inventory: Inventory, plan: Plan) -> list[CascadeRoute]:
+    """Each cascade over the Serve arms its precisions run as: one per (first arm, then arm) pair
+    when a precision runs on several node types, its share split by their capacity (as
+    `arm_weights` splits a precision's share)."""
+    routes = []
+    for c in inventory.cascades:
+        firsts = [p for p in plan.placements if p.precision == c.first]
+        thens = [p for p in plan.placements if p.precision == c.then]
+        pairs = [(f, t) for f in firsts for t in thens]
+        for i, (f, t) in enumerate(pairs):
+            weight = c.share * f.pairs_per_s / plan.capacity_of(c.first) * t.pairs_per_s / plan.capacity_of(c.then)
+            routes.append(CascadeRoute(name=c.name if len(pairs) == 1 else f"{c.name}-{i + 1}", first=(f.precision, f.node_type),
+                                       then=(t.precision, t.node_type), k=c.k, weight=round(weight, 4)))  # fmt: skip
+    return routes
 
 
 def arm_weights(plan: Plan) -> dict[tuple[str, str], float]:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from placement import feature_cache, k8s
 from placement.inventory import Inventory, NodeType
-from placement.planner import PlacementReport, arm_name, arm_weights
+from placement.planner import PlacementReport, arm_name, arm_weights, cascade_routes
 from placement.weights import WeightsPlanError, check_arm_weights
 
 SERVE_HTTP_PORT = 8000
@@ -146,9 +146,13 @@ def fleet_config(report: PlacementReport, target: ServeTarget):
     if redis_url:
         cache["redis_password_from"] = secret(k8s.REDIS_CACHE_PASSWORD)
     traffic = inventory.traffic
+    cascades = [{"name": c.name, "first": arm_name(*c.first), "then": arm_name(*c.then), "k": c.k, "weight": c.weight}
+                for c in cascade_routes(inventory, report.plan)]  # fmt: skip
     data = {
         "model": {"source": inventory.model.source, "max_batch_tokens": traffic.batch_token_budget},
         "arms": arms,
+        # A cascade composes two of the arms above (serve/cascade.py): no deployment, no GPU of its own.
+        **({"cascades": cascades} if cascades else {}),
         "cache": cache,
         **({"score_cache": {"mode": traffic.score_cache, "ttl_s": traffic.score_cache_window_s}} if traffic.score_cache != "off" else {}),
         # Inside the cluster the proxy must answer the load balancer / Service, so it binds every interface.

@@ -8,7 +8,7 @@ from pathlib import Path
 from placement import feature_cache
 from placement.hardware import PLANNED_PRECISIONS
 from placement.memory import GIB, Workload, count_parameters, read_architecture, replica_memory
-from placement.planner import PlacementReport, arm_name, arm_weights
+from placement.planner import PlacementReport, arm_name, arm_weights, cascade_routes
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
@@ -54,6 +54,15 @@ def format_plan(report: PlacementReport) -> str:
         ["arm", "precision", "node type", "GPU", "replicas", "pairs/s each", "source", "pairs/s", "weight", "memory / usable"],
         rows,
     )
+    if inventory.cascades:
+        docs = traffic.documents_per_request
+        lines += ["", "Cascades (no GPU of their own: their requests' pairs land on their arms, counted in the shares above)"]
+        for c in inventory.cascades:
+            then = c.share * min(c.k, docs) / docs
+            lines.append(f"  {c.name}: {c.share:.0%} of requests; {c.first} scores all their pairs ({c.share * plan.demand.pairs_per_s:.1f} pairs/s), "
+                         f"{c.then} the top {c.k} of each ({then * plan.demand.pairs_per_s:.1f} pairs/s)")  # fmt: skip
+        for route in cascade_routes(inventory, plan):
+            lines.append(f"  rendered {route.name}: {arm_name(*route.first)} then {arm_name(*route.then)}, weight {route.weight:.4f}")
     lines += ["", "Nodes"]
     node_rows = []
     for node in inventory.node_types:

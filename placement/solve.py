@@ -6,8 +6,15 @@ with the requested split. Constraints:
 
     sum_{o on n} x[o] <= gpus_per_node[n] * y[n]          GPUs used fit the nodes paid for
     min_nodes[n] <= y[n] <= max_nodes[n]                   inventory limits
-    sum_{o of p} rate[o] x[o] >= share[p] * Z              each fixed-share precision p
-    sum_{o of free p} rate[o] x[o] >= (1 - sum shares) * Z the rest, by precisions left to the planner
+    sum_{o of p} rate[o] x[o] >= (share[p] + load[p]) * Z  each fixed-share precision p
+    sum_{o of free p} rate[o] x[o] >= (1 - sum shares + sum_{free p} load[p]) * Z
+                                                           the rest, by precisions left to the planner
+    sum_{o of p} rate[o] x[o] >= load[p] * Z               each free precision a cascade runs on
+
+where load[p] is what cascades put on precision p, per pair of routed traffic (`Demand.cascade_load`:
+a cascade's first arm scores every pair of its share, its then arm k a request). The last two rows
+together are exactly "each free precision carries its cascade load and the free precisions share the
+rest", whatever split of the rest the solver picks.
 
 Objective "cost": Z >= demand, minimise sum cost[n] y[n]; then, at that cost, maximise Z; then
 use the fewest replicas. Objective "capacity": sum cost[n] y[n] <= budget, maximise Z; then the
@@ -54,10 +61,28 @@ class Demand:
     pairs_per_s: float
     shares: dict[str, float]  # precision -> required share of traffic
     free_precisions: frozenset[str]  # precisions the planner may use for the rest
+    cascade_share: float = 0.0  # the share of traffic cascades answer (routed to neither arm alone)
+    cascade_load: dict[str, float] = field(default_factory=dict)  # precision -> pairs cascades send it, per pair of traffic
 
     @property
     def free_share(self) -> float:
-        return max(0.0, 1.0 - sum(self.shares.values()))
+        return max(0.0, 1.0 - sum(self.shares.values()) - self.cascade_share)
+
+    def groups(self) -> list[tuple[str, frozenset[str], float]]:
+        """(label, precisions, pairs per pair of traffic they must serve together): one row of the MILP each."""
+        def plus(load: float) -> str:
+            return f" + cascades {load:g}" if load else ""
+
+        out = []
+        for p, s in self.shares.items():
+            load = self.cascade_load.get(p, 0.0)
+            out.append((f"{p} (share {s:g}{plus(load)})", frozenset({p}), s + load))
+        free_load = sum(load for p, load in self.cascade_load.items() if p in self.free_precisions)
+        if self.free_share > 1e-12 or free_load > 0:
+            label = f"{'/'.join(sorted(self.free_precisions)) or 'no precision'} (remaining share {self.free_share:g}{plus(free_load)})"
+            out.append((label, self.free_precisions, self.free_share + free_load))
+        out += [(f"{p} (cascades {load:g})", frozenset({p}), load) for p, load in self.cascade_load.items() if p not in self.shares and load > 0]
+        return out
 
 
 @dataclass(frozen=True)
@@ -196,10 +221,7 @@ def _build(options: list[Option], pools: list[NodePool], demand: Demand) -> _Mod
                 row[k] = 1.0
         row[model.y(i)] = -pool.gpus_per_node
         model.add(row, -np.inf, 0.0)
-    groups: list[tuple[set[str], float]] = [({p}, s) for p, s in demand.shares.items()]
-    if demand.free_share > 1e-12:
-        groups.append((set(demand.free_precisions), demand.free_share))
-    for precisions, share in groups:
+    for _, precisions, share in demand.groups():
         row = np.zeros(model.n_vars)
         for k, option in enumerate(options):
             if option.precision in precisions:
@@ -218,12 +240,9 @@ def _snap(values: np.ndarray, model: _Model) -> tuple[list[int], list[int], floa
 def servable_traffic(x: list[int], options: list[Option], demand: Demand) -> float:
     """Z: the most traffic these replicas serve while every precision group gets its share."""
     ratios = []
-    for precision, share in demand.shares.items():
-        capacity = sum(xi * o.pairs_per_replica for xi, o in zip(x, options) if o.precision == precision)
+    for _, precisions, share in demand.groups():
+        capacity = sum(xi * o.pairs_per_replica for xi, o in zip(x, options) if o.precision in precisions)
         ratios.append(capacity / share)
-    if demand.free_share > 1e-12:
-        capacity = sum(xi * o.pairs_per_replica for xi, o in zip(x, options) if o.precision in demand.free_precisions)
-        ratios.append(capacity / demand.free_share)
     return min(ratios) if ratios else 0.0
 
 
@@ -235,11 +254,7 @@ def _diagnose(options: list[Option], pools: list[NodePool], demand: Demand, obje
         if budget is not None and floor_cost > budget:
             reasons.append(f"budget {budget:g}/h is below the cost of the minimum node counts ({floor_cost:g}/h)")
         return reasons or ["the budget cannot buy any replica of the required precisions"]
-    groups = [(f"{p} (share {s:g})", {p}, s) for p, s in demand.shares.items()]
-    if demand.free_share > 1e-12:
-        groups.append((f"{'/'.join(sorted(demand.free_precisions)) or 'no precision'} (remaining share {demand.free_share:g})",
-                       set(demand.free_precisions), demand.free_share))
-    for label, precisions, share in groups:
+    for label, precisions, share in demand.groups():
         needed = share * demand.pairs_per_s
         group_options = [o for o in options if o.precision in precisions]
         if not group_options:

@@ -289,6 +289,55 @@ def test_an_arm_s_fan_out_is_rendered_into_its_serve_arm(qwen3_vl_8b):
     assert fan <= {("fp16", 200, 100), ("nf4", None, None)} and ("fp16", 200, 100) in fan
 
 
+def test_a_cascade_s_requests_land_on_both_of_its_arms_and_it_is_rendered_over_their_serve_arms(qwen3_vl_8b):
+    """30 % of requests through nf4 then fp16 on the top 10 of 100 documents: nf4 carries its own
+    20 % plus every pair of the cascade's, fp16 its own 50 % plus a tenth of the cascade's pairs; the
+    Serve config carries the cascade over the arms the plan runs those precisions as."""
+    from placement.planner import cascade_loads
+    from placement.render import ServeTarget, fleet_config
+
+    cascades = [{"first": "nf4", "then": "fp16", "k": 10, "share": 0.3}]
+    inv = inventory(arms=[{"precision": "fp16", "share": 0.5}, {"precision": "nf4", "share": 0.2}], cascades=cascades,
+                    traffic={"target_qps": 0.5, "documents_per_request": 100, "tokens_per_document": 256})  # fmt: skip
+    assert cascade_loads(inv.cascades, 100) == pytest.approx({"nf4": 0.3, "fp16": 0.03})
+    assert cascade_loads(inv.cascades, 4) == pytest.approx({"nf4": 0.3, "fp16": 0.3})  # k over the list: every pair
+    report = plan_placement(inv, qwen3_vl_8b)
+    plan, pairs = report.plan, report.plan.demand.pairs_per_s
+    assert plan.demand.cascade_share == 0.3 and plan.demand.free_share == pytest.approx(0, abs=1e-12)
+    assert plan.capacity_of("nf4") >= (0.2 + 0.3) * pairs - 1e-6 and plan.capacity_of("fp16") >= (0.5 + 0.03) * pairs - 1e-6
+    alone = plan_placement(inventory(arms=[{"precision": "fp16", "share": 0.5}, {"precision": "nf4", "share": 0.2}, {"precision": "bf16", "share": 0.3}],
+                                     traffic=inv.traffic.model_dump()), qwen3_vl_8b).plan  # fmt: skip
+    assert plan.capacity_of("nf4") > alone.capacity_of("nf4") - 1e-6  # the cascade's first arm takes what an arm alone would
+
+    fleet = fleet_config(report, ServeTarget(redis_url=None, secrets_dir="/secrets"))
+    arms = {a.name: a for a in fleet.arms}
+    assert fleet.cascades and all(c.k == 10 for c in fleet.cascades)
+    for c in fleet.cascades:
+        assert arms[c.first].precision == "nf4" and arms[c.then].precision == "fp16" and c.name.startswith("cascade-nf4-fp16-k10")
+    assert sum(c.weight for c in fleet.cascades) == pytest.approx(0.3, abs=1e-3)
+    assert sum(a.weight for a in fleet.arms) == pytest.approx(0.7, abs=1e-3)
+    from placement.report import format_plan
+
+    table = format_plan(report)
+    assert "cascade-nf4-fp16-k10: 30% of requests; nf4 scores all their pairs (18.0 pairs/s), fp16 the top 10 of each (1.8 pairs/s)" in table
+
+
+SHARED = [{"precision": "fp16", "share": 0.5}, {"precision": "nf4"}]
+
+
+@pytest.mark.parametrize(("arms", "cascade", "reason"), [
+    (SHARED, {"first": "awq", "then": "fp16", "share": 0.1}, "cascades.0.first: awq is not one of the arms' precisions"),
+    (SHARED, {"first": "nf4", "then": "nf4", "share": 0.1}, "cascades.0: first and then are the same precision nf4"),
+    (SHARED, {"first": "nf4", "then": "fp16", "share": 0.6}, "arms' and cascades' shares add up to 1.1, more than 1"),
+    ([{"precision": "fp16", "share": 0.5}, {"precision": "nf4", "share": 0.3}], {"first": "nf4", "then": "fp16", "share": 0.1},
+     "every arm has a share, so they must add up to 1 (got 0.9)"),
+])  # fmt: skip
+def test_a_bad_cascade_names_its_field(arms, cascade, reason):
+    with pytest.raises(InventoryError) as refused:
+        inventory(arms=arms, cascades=[cascade])
+    assert reason in str(refused.value)
+
+
 def test_load_tested_capacity_replaces_other_figures_for_its_gpu(qwen3_vl_8b, tmp_path):
     """A `loadtest --capacity` report (written by the load tester itself) is preferred over a
     `bench engine` figure and the roofline on the GPU it was measured on, and says so."""

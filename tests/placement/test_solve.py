@@ -15,11 +15,38 @@ def brute_force_z(x: tuple[int, ...], options: list[Option], demand: Demand) -> 
     caps: dict[str, float] = {}
     for xi, o in zip(x, options):
         caps[o.precision] = caps.get(o.precision, 0.0) + xi * o.pairs_per_replica
+    if demand.cascade_load:
+        return cascade_z(caps, demand)
     ratios = [caps.get(p, 0.0) / s for p, s in demand.shares.items()]
     free_share = 1.0 - sum(demand.shares.values())
     if free_share > 1e-12:
         ratios.append(sum(caps.get(p, 0.0) for p in demand.free_precisions) / free_share)
     return min(ratios)
+
+
+def cascade_z(caps: dict[str, float], demand: Demand) -> float:
+    """With cascades: the most traffic Z for which some split of the free share over the free
+    precisions leaves every precision its own share plus its cascade load (bisection on Z, each Z
+    checked by filling the free share precision by precision)."""
+    rest = 1.0 - sum(demand.shares.values()) - demand.cascade_share
+
+    def serves(z: float) -> bool:
+        for p, share in demand.shares.items():
+            if caps.get(p, 0.0) < (share + demand.cascade_load.get(p, 0.0)) * z * (1 - 1e-12):
+                return False
+        left = rest
+        for p in sorted(demand.free_precisions):
+            spare = caps.get(p, 0.0) / z - demand.cascade_load.get(p, 0.0)
+            if spare < -1e-12:
+                return False
+            left -= min(left, spare)
+        return left <= 1e-12
+
+    lo, hi = 0.0, 1e6
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if serves(mid) else (lo, mid)
+    return lo
 
 
 def brute_force(options, pools, demand, objective, budget):
@@ -80,11 +107,23 @@ def random_case(rng: random.Random):
     return options, pools, demand
 
 
+def with_cascade(demand: Demand, rng: random.Random) -> Demand:
+    """A cascade answering part of the traffic: awq scores all its pairs, bf16 its top k of 10 (the
+    arms' own shares shrunk to make room)."""
+    share, k = rng.choice([0.2, 0.4]), rng.choice([1, 3, 10])
+    shares = {p: s * (1 - share) for p, s in demand.shares.items()}
+    return Demand(demand.pairs_per_s, shares, demand.free_precisions, cascade_share=share,
+                  cascade_load={"awq": share, "bf16": share * k / 10})  # fmt: skip
+
+
+@pytest.mark.parametrize("cascade", [False, True])
 @pytest.mark.parametrize("seed", range(40))
 @pytest.mark.parametrize("objective", ["cost", "capacity"])
-def test_milp_is_optimal_against_brute_force(seed, objective):
+def test_milp_is_optimal_against_brute_force(seed, objective, cascade):
     rng = random.Random(seed * 7919 + (objective == "capacity"))
     options, pools, demand = random_case(rng)
+    if cascade:
+        demand = with_cascade(demand, rng)
     budget = round(rng.uniform(1.0, 12.0), 2) if objective == "capacity" else None
     expected = brute_force(options, pools, demand, objective, budget)
     if expected is None:
