@@ -8,6 +8,7 @@
   bench reliability  overload, a killed replica, slow clients and drain against a local app
   bench fan-out      one 1000-document request on 1 replica vs fanned out over 2: latency ratio
   bench score-cache  the score cache on vs off on Zipf-distributed queries and documents, through the fleet
+  bench cascade      a cascade (nf4, then fp32 on its top 10) vs fp32 alone on the evaluation set, through the fleet
   eval               ranking fidelity of a precision against a reference precision; records the canary reference
   quantize           make an AWQ W4A16 (or FP8) checkpoint with llm-compressor, with its canary reference
   build-tiny         build and train the offline tiny model (cached), with its canary reference
@@ -179,6 +180,13 @@ def cmd_bench_fan_out(args) -> int:
     return 0
 
 
+def cmd_bench_cascade(args) -> int:
+    from bench.cascade import run_cascade_bench
+
+    run_cascade_bench(model_source=args.model, queries=args.queries, documents=args.documents, k=args.k, repeats=args.repeats, out=args.out)
+    return 0
+
+
 def cmd_bench_backends(args) -> int:
     from bench.backends import run_backend_bench
 
@@ -301,6 +309,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=7, help="requests per arm (interleaved)")
     p.add_argument("--out", default="out/bench-fan-out.json")
     p.set_defaults(func=cmd_bench_fan_out)
+    p = bench.add_parser("cascade", help="a cascade (nf4 first, fp32 on its top k) vs fp32 alone on the offline model's evaluation set")
+    p.add_argument("--model", default="tiny", help="'tiny' (the offline model: its labelled evaluation set)")
+    p.add_argument("--queries", type=int, default=24, help="tasks of the evaluation set")
+    p.add_argument("--documents", type=int, default=20, help="documents per task (the evaluation set's 20 by default)")
+    p.add_argument("--k", type=int, default=10, help="documents of nf4's order fp32 rescores")
+    p.add_argument("--repeats", type=int, default=3, help="requests per side and task (interleaved)")
+    p.add_argument("--out", default="out/bench-cascade.json")
+    p.set_defaults(func=cmd_bench_cascade)
     p = bench.add_parser("reliability", help="overload, replica kill, slow clients, drain: a table of outcomes (loopback only)")
     p.add_argument("--config", default=None, help="fleet config (default: configs/local.yaml)")
     p.add_argument("--duration", type=float, default=20.0, help="seconds per load scenario")
