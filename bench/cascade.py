@@ -23,16 +23,15 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import json
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bench.report import finish, pinned_rerank
 from ranking.metrics import agreement, ndcg_at_k
 from serve.statistics import Moments
 
@@ -120,15 +119,7 @@ def run_cascade_bench(*, model_source: str = "tiny", queries: int = 24, document
     tasks = [{"gains": gains, "pairs": {}, "tokens": {}} for _, gains in bodies]
     latencies: dict[str, list[float]] = {s: [] for s in SIDES}
     with embedded_serve(fleet) as base, httpx.Client(base_url=base, timeout=600) as client:
-
-        def rerank(side: str, body: dict) -> tuple[float, dict]:
-            t = time.perf_counter()
-            r = client.post("/v2/rerank", json=body, headers={fleet.router.pin_header: side})
-            elapsed = time.perf_counter() - t
-            if r.status_code != 200:
-                raise RuntimeError(f"{side} answered {r.status_code}: {r.text[:300]}")
-            return elapsed, r.json()
-
+        rerank = pinned_rerank(client, fleet.router.pin_header)
         for body, _ in bodies[:2]:  # warm both replicas: first calls pay lazy initialisation
             for side in SIDES:
                 rerank(side, body)
@@ -154,11 +145,7 @@ def run_cascade_bench(*, model_source: str = "tiny", queries: int = 24, document
     fp32, casc = report["sides"]["fp32"], report["sides"]["cascade"]
     report["expensive_pairs_ratio"] = round(casc["pairs_per_request"]["fp32"] / fp32["pairs_per_request"]["fp32"], 4)
     report["latency_p50_ratio"] = round(casc["latency_ms"]["p50"] / fp32["latency_ms"]["p50"], 3)
-    print(format_table(report))
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(report, indent=2))
-    print(f"written {out}")
-    return report
+    return finish(report, format_table(report), out)
 
 
 def format_table(r: dict[str, Any]) -> str:

@@ -17,15 +17,15 @@ and the latency ratio two / one.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import platform
 import random
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
+
+from bench.report import finish, pinned_rerank
 
 ARMS = ("one", "two", "one-fanned")
 WORDS = ("red", "green", "blue", "circle", "square", "cross", "small", "large", "dark", "bright", "page", "corner", "round",
@@ -113,14 +113,7 @@ def run_fan_out_bench(*, model_source: str = "tiny", documents: int = 1000, word
         where = pin_replicas(APP_NAME)
         note("replicas: " + "; ".join(f"{r['arm']} pid {r['pid']} on CPU {r['cpus']}" for r in where))
 
-        def rerank(arm: str, body: dict) -> tuple[float, dict]:
-            t = time.perf_counter()
-            r = client.post("/v2/rerank", json=body, headers={fleet.router.pin_header: arm})
-            elapsed = time.perf_counter() - t
-            if r.status_code != 200:
-                raise RuntimeError(f"arm {arm} answered {r.status_code}: {r.text[:300]}")
-            return elapsed, r.json()
-
+        rerank = pinned_rerank(client, fleet.router.pin_header)
         for seed in (1, 2):  # warm every replica: first calls pay lazy initialisation
             for arm in ARMS:
                 rerank(arm, request_body(documents, words, seed))
@@ -149,11 +142,7 @@ def run_fan_out_bench(*, model_source: str = "tiny", documents: int = 1000, word
         "ratio_one_fanned_over_one_p50": round(rows["one-fanned"]["p50_ms"] / rows["one"]["p50_ms"], 3),
         "max_score_difference": {a: max(abs(x - y) for x, y in zip(scores["one"], scores[a])) for a in ("two", "one-fanned")},
     }  # fmt: skip
-    print(format_table(report))
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(report, indent=2))
-    print(f"written {out}")
-    return report
+    return finish(report, format_table(report), out)
 
 
 def format_table(r: dict[str, Any]) -> str:

@@ -1,0 +1,34 @@
+"""What the benches share at their ends: a timed rerank pinned to an arm through the fleet, and the
+figures printed as a table and written as JSON."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def pinned_rerank(client, pin_header: str) -> Callable[[str, dict], tuple[float, dict]]:
+    """`rerank(arm, body)`: the body sent to `/v2/rerank` pinned to `arm`, (seconds it took, the
+    answer); any status but 200 raises, naming the arm."""
+
+    def rerank(arm: str, body: dict) -> tuple[float, dict]:
+        t = time.perf_counter()
+        r = client.post("/v2/rerank", json=body, headers={pin_header: arm})
+        elapsed = time.perf_counter() - t
+        if r.status_code != 200:
+            raise RuntimeError(f"arm {arm} answered {r.status_code}: {r.text[:300]}")
+        return elapsed, r.json()
+
+    return rerank
+
+
+def finish(report: dict[str, Any], table: str, out: str | Path) -> dict[str, Any]:
+    """Print a bench's table, write its report as JSON to `out`; the report."""
+    print(table)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(report, indent=2))
+    print(f"written {out}")
+    return report
