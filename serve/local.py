@@ -264,6 +264,7 @@ def run_local(config_path: str | None = None, redis_url: str | None = None, port
                 return 0
             failed = arms_out(fleet)
             arms = ", ".join(f"{a.name} ({a.precision}, weight {a.weight:g})" for a in fleet.arms if a.name not in failed)
+            arms += "".join(f", {c.name} (cascade: {c.first}, then {c.then} on its top {c.k}, weight {c.weight:g})" for c in fleet.cascades)
             arms += "".join(f"\n  out (not started): {arm}: {why}" for arm, why in failed.items())
             cache = fleet.cache.redis_url or "in-process only"
             auth = ' -H "authorization: Bearer $KEY"' if fleet.api_keys else ""
