@@ -176,7 +176,7 @@ async def open_loop(base_url: str, rate: float, duration_s: float, bodies: list[
 
         start = time.perf_counter()
         tasks, side = [], asyncio.ensure_future(during(start)) if during else None
-        n = int(rate * duration_s)
+        n = round(rate * duration_s)  # not int(): 48 / r * r can fall a hair short of 48
         for i in range(n):
             delay = start + i / rate - time.perf_counter()
             if delay > 0:
