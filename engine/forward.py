@@ -9,7 +9,10 @@ For a batch of `PreparedRequest`s:
    key/value cache, read once per layer and never copied per row (`engine.prefix_attention`);
    their multimodal rotary positions continue from the prefix (they were computed on the whole
    pair in prepare). Many requests with different queries thus take two decoder calls, not two
-   per request (per-call overhead dominated small models);
+   per request (per-call overhead dominated small models). The head every request with the same
+   instruction shares (system turn, instruction: `PreparedRequest.common`) is not run again: its
+   keys and values are kept between batches (`KEPT_HEADS`, as vLLM's prefix caching keeps a
+   system prompt's), and the prefix pass runs only the rest of each prefix, after it;
 3. rows with no shared prefix run whole, in length-sorted micro-batches;
 4. score = sigmoid(logit("yes") - logit("no")) at each row's last token, in fp32.
 
@@ -20,6 +23,7 @@ the groups' prefixes + rows x longest remainder; a batch of prefixes, prefixes x
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, TypeVar
@@ -28,7 +32,7 @@ import torch
 from transformers import DynamicCache
 
 from engine.features import FeatureSpec, ImageFeatures
-from engine.prefix_attention import GroupLayout, SharedPrefixCache, use_prefix_attention
+from engine.prefix_attention import GroupLayout, SharedPrefixCache, cache_of_prefixes, use_prefix_attention
 from engine.prepare import PreparedRequest, PreparedRow
 from engine.vision import PixelPatches
 from engine.vision_tower import VisionTower
@@ -60,11 +64,22 @@ class _Part(NamedTuple):
 class _Group:
     prefix: PreparedRow  # the tokens every row of its requests shares
     shared_visuals: int
+    common: int = 0  # the prefix's leading tokens that are a kept head (`Forward._head`; 0: none)
     members: list[tuple[int, int]] = field(default_factory=list)  # (request, row)
 
     @property
     def shared(self) -> int:
         return len(self.prefix)
+
+    @property
+    def head_key(self) -> bytes:
+        """What the kept head's keys and values depend on: its tokens and their positions."""
+        if not self.common:
+            return b""
+        return self.prefix.ids[: self.common].numpy().tobytes() + self.prefix.positions[:, : self.common].numpy().tobytes()
+
+
+KEPT_HEADS = 8  # instruction heads whose keys/values stay on the device (a few MB each for an 8B model)
 
 
 class Forward:
@@ -82,6 +97,7 @@ class Forward:
         self.image_token_id, self.video_token_id = image_token_id, video_token_id
         self.max_batch_tokens = max_batch_tokens
         self.lock = threading.Lock()  # torch modules are not re-entrant
+        self._heads: OrderedDict[bytes, DynamicCache] = OrderedDict()  # head_key -> its keys/values, least recent first
         use_prefix_attention(self.core.language_model.config)
 
     # ---- public -------------------------------------------------------------------------------
@@ -93,8 +109,11 @@ class Forward:
             scores: list[list[float]] = [[0.0] * len(r.rows) for r in requests]
             whole, groups = self._groups(requests)
             self._score_parts(whole, [], None, features, scores)
-            for batch in _micro_batches(groups, lambda g: g.shared, self.max_batch_tokens, bounded_padding=True):
-                _, cache = self._decode([_Part(g.prefix) for g in batch], features, keep_cache=True)  # the prefixes, in one call
+            by_head: dict[bytes, list[_Group]] = {}
+            for g in groups:
+                by_head.setdefault(g.head_key, []).append(g)
+            for batch in (b for same in by_head.values() for b in _micro_batches(same, lambda g: g.shared, self.max_batch_tokens, bounded_padding=True)):
+                cache = self._prefixes(batch, features)
                 parts = [_Part(requests[i].rows[j], g.shared, g.shared_visuals, k, (i, j)) for k, g in enumerate(batch) for i, j in g.members]  # fmt: skip
                 self._score_parts(parts, batch, cache, features, scores)
         return [
@@ -122,20 +141,57 @@ class Forward:
     # ---- decoder ------------------------------------------------------------------------------
 
     def _groups(self, requests: Sequence[PreparedRequest]) -> tuple[list[_Part], list[_Group]]:
-        """Rows that run whole, and the groups of rows that share a prefix (same tokens, same visuals)."""
+        """Rows that run whole, and the groups of rows that share a prefix (same tokens, same
+        visuals). A request with no shared prefix but a kept head has its rows follow the head."""
         whole: list[_Part] = []
         shared: dict[tuple, _Group] = {}
         for i, r in enumerate(requests):
-            if not r.shared:
+            if not r.shared and not r.common:
                 whole += [_Part(row, member=(i, j)) for j, row in enumerate(r.rows)]
                 continue
             first = r.rows[0]
-            key = (first.ids[: r.shared].numpy().tobytes(), first.visuals[: r.shared_visuals])
+            n, visuals = (r.shared, r.shared_visuals) if r.shared else (r.common, 0)
+            key = (first.ids[:n].numpy().tobytes(), first.visuals[:visuals], r.common)
             if key not in shared:
-                prefix = PreparedRow(first.ids[: r.shared], first.positions[:, : r.shared], first.visuals[: r.shared_visuals], first.kinds[: r.shared_visuals])
-                shared[key] = _Group(prefix, r.shared_visuals)
+                prefix = PreparedRow(first.ids[:n], first.positions[:, :n], first.visuals[:visuals], first.kinds[:visuals])
+                shared[key] = _Group(prefix, visuals, r.common)
             shared[key].members += [(i, j) for j in range(len(r.rows))]
         return whole, list(shared.values())
+
+    def _prefixes(self, batch: Sequence[_Group], features: dict[str, ImageFeatures]) -> DynamicCache:
+        """The keys and values of each group's prefix, right-padded, in `batch` order, from one
+        decoder call. Groups with a kept head (all of `batch` or none) run only what follows it."""
+        common = batch[0].common
+        if not common:
+            return self._decode([_Part(g.prefix) for g in batch], features, keep_cache=True)[1]
+        head = self._head(batch[0], features)
+        n = len(batch)
+        rest = [k for k, g in enumerate(batch) if g.shared > common]
+        if not rest:
+            return cache_of_prefixes([(h.keys.expand(n, -1, -1, -1), h.values.expand(n, -1, -1, -1)) for h in head.layers], self.core.language_model.config)
+        layout = GroupLayout.of([0] * len(rest), [common], self.device)
+        _, after = self._decode([_Part(batch[k].prefix, common, 0, 0) for k in rest], features, head, layout, keep_cache=True)
+        layers = []
+        for h, layer in zip(head.layers, after.layers):
+            states = []
+            for kept, new in zip((h.keys, h.values), layer.new):
+                if len(rest) < n:  # groups that are the head alone: padding after it (their length masks it)
+                    new = new.new_zeros((n, *new.shape[1:])).index_copy_(0, torch.tensor(rest, device=new.device), new)
+                states.append(torch.cat([kept.expand(n, -1, -1, -1), new], dim=2))
+            layers.append((states[0], states[1]))
+        return cache_of_prefixes(layers, self.core.language_model.config)
+
+    def _head(self, group: _Group, features: dict[str, ImageFeatures]) -> DynamicCache:
+        """The kept keys and values of `group`'s head, (1, Hkv, common, D) per layer, computed on first use."""
+        key = group.head_key
+        cache = self._heads.pop(key, None)
+        if cache is None:
+            c = group.common
+            _, cache = self._decode([_Part(PreparedRow(group.prefix.ids[:c], group.prefix.positions[:, :c], (), ()))], features, keep_cache=True)
+        self._heads[key] = cache
+        while len(self._heads) > KEPT_HEADS:
+            self._heads.popitem(last=False)
+        return cache
 
     def _score_parts(self, parts: list[_Part], groups: Sequence[_Group], cache: DynamicCache | None, features, scores) -> None:
         """Micro-batches of `parts`, each part after its group's prefix in `cache` (several groups
@@ -153,7 +209,8 @@ class Forward:
     def _decode(self, parts: Sequence[_Part], features: dict[str, ImageFeatures], prefix_cache: DynamicCache | None = None,
                 layout: GroupLayout | None = None, keep_cache: bool = False) -> tuple[torch.Tensor, DynamicCache | None]:  # fmt: skip
         """Decoder over each part's tokens, after its group's prefix in `prefix_cache` (laid out by
-        `layout`); returns each part's last hidden state (and the cache when `keep_cache`).
+        `layout`); returns each part's last hidden state, and with `keep_cache` the cache: the parts'
+        keys and values (after a prefix: in each layer's `new`).
 
         Parts are right-padded: the padding sits after every real token, so causal attention alone
         keeps it from every real token, and without a prefix no mask is passed (it would change
@@ -190,7 +247,7 @@ class Forward:
                 ]
         config = self.core.language_model.config
         if prefix_cache is not None:
-            cache = SharedPrefixCache(prefix_cache, config, layout)
+            cache = SharedPrefixCache(prefix_cache, config, layout, keep_new=keep_cache)
             lm_kwargs["shared_prefix"] = cache
         else:
             cache = DynamicCache(config=config) if keep_cache else None

@@ -98,25 +98,38 @@ class GroupLayout:
 
 class _PrefixLayer(DynamicLayer):
     """One layer's prefix keys/values, (G, Hkv, P, D): every group of the prefix pass, right-padded.
-    `update` hands back the new tokens' states alone: the attention function reads the prefixes from here."""
+    `update` hands back the new tokens' states alone: the attention function reads the prefixes
+    from here. It keeps them (`new`) when asked: the new tokens are themselves prefixes."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, keep_new: bool = False):
         super().__init__()
         self.keys, self.values = keys, values
         self.dtype, self.device = keys.dtype, keys.device
         self.is_initialized = True
+        self.keep_new = keep_new
+        self.new: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.keep_new:
+            self.new = (key_states, value_states)
         return key_states, value_states
 
 
 class SharedPrefixCache(DynamicCache):
-    """The prefixes' key/value cache as the decoder sees it for the rows that follow them."""
+    """The prefixes' key/value cache as the decoder sees it for the rows that follow them.
+    `keep_new`: each layer keeps the rows' own keys and values (`_PrefixLayer.new`)."""
 
-    def __init__(self, prefix: DynamicCache, config, layout: GroupLayout):
+    def __init__(self, prefix: DynamicCache, config, layout: GroupLayout, keep_new: bool = False):
         super().__init__(config=config)
-        self.layers = [_PrefixLayer(layer.keys, layer.values) for layer in prefix.layers]
+        self.layers = [_PrefixLayer(layer.keys, layer.values, keep_new) for layer in prefix.layers]
         self.layout = layout
+
+
+def cache_of_prefixes(layers: Sequence[tuple[torch.Tensor, torch.Tensor]], config) -> DynamicCache:
+    """A cache of prefixes from each layer's (keys, values), (G, Hkv, P, D), as a prefix pass returns it."""
+    cache = DynamicCache(config=config)
+    cache.layers = [_PrefixLayer(keys, values) for keys, values in layers]
+    return cache
 
 
 QUERY_CHUNK = 1024  # queries per step: bounds the fp32 score block to B x H x 1024 x (P + S)

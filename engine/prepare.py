@@ -7,7 +7,9 @@ Nothing here touches the model's weights; `engine.forward` consumes the result.
 
 Shared prefix: every pair of a request renders the same text up to the document (system turn,
 instruction, query). `shared` is the number of leading tokens all rows have in common (cut so
-that the prefix holds only whole query images/videos), and forward runs them once.
+that the prefix holds only whole query images/videos), and forward runs them once. `common` is
+the part of them every request with the same instruction renders alike (system turn and
+instruction, before the query): forward keeps its keys and values between batches.
 """
 
 from __future__ import annotations
@@ -23,7 +25,15 @@ from engine.config import EngineConfig
 from engine.errors import InputError
 from engine.features import FeatureSpec, ImageFeatures
 from engine.inputs import ImageInput, RerankItem, ScoreRequest, VideoInput
-from engine.prompt import VisionSlot, build_messages, document_text, expand_vision_placeholders, render_around_document, truncate_keeping_final
+from engine.prompt import (
+    VisionSlot,
+    build_messages,
+    document_text,
+    expand_vision_placeholders,
+    render_around_document,
+    render_before_query,
+    truncate_keeping_final,
+)
 from engine.vision import PixelBudget, PixelPatches, VisionPreprocessor
 
 log = logging.getLogger(__name__)
@@ -50,6 +60,7 @@ class PreparedRequest:
     rows: list[PreparedRow]
     shared: int = 0  # leading tokens common to every row, computed once (0: not shared)
     shared_visuals: int = 0  # visuals inside those tokens
+    common: int = 0  # leading tokens every request with this instruction has (text only; 0: none)
     features: dict[str, ImageFeatures] = field(default_factory=dict)  # known features, by key
     patches: dict[str, PixelPatches] = field(default_factory=dict)  # visuals the ViT must run, by key
     digests: dict[str, str] = field(default_factory=dict)  # key -> digest of each image to encode, for new features
@@ -114,6 +125,7 @@ class Preparer:
         self._special_strings = [t for t in tokenizer.all_special_tokens + list(getattr(tokenizer, "added_tokens_encoder", {})) if t]
         self._user_forbidden = [t for t in tokenizer.all_special_tokens if t]
         self.splice_ok = self._check_splice()
+        self._heads: dict[str, torch.Tensor] = {}  # instruction -> its tokens before any query (`_common`)
 
     # ---- text ---------------------------------------------------------------------------------
 
@@ -220,7 +232,36 @@ class Preparer:
             out.rows.append(self._row(ids, query_visuals + visuals, grids, doc.field))
         if self.cfg.share_prefix and len(out.rows) > 1:
             out.shared, out.shared_visuals = self._shared_prefix(out.rows, len(query_visuals), grids)
+        if self.cfg.share_prefix:
+            out.common = self._common(req.instruction or self.cfg.default_instruction, out)
         return out
+
+    def _common(self, instruction: str, out: PreparedRequest) -> int:
+        """How many leading tokens of every row are `instruction`'s head (`_head_ids`): all of it
+        when every row starts with it and has a token after it, else 0."""
+        head = self._head_ids(instruction)
+        n = len(head)
+        if n < self.cfg.min_shared_tokens:
+            return 0
+        rows = out.rows[:1] if out.shared >= n else out.rows  # rows that share `shared` tokens: one says it for all
+        if all(len(r) > n and torch.equal(r.ids[:n], head) for r in rows):
+            return n
+        return 0
+
+    def _head_ids(self, instruction: str) -> torch.Tensor:
+        """Token ids of the text every request with `instruction` renders before its query, up to
+        a cut no following text changes (`head_cut`); empty if the template gives none."""
+        head = self._heads.get(instruction)
+        if head is None:
+            text = render_before_query(self.render, instruction)
+            ids = self.tokenize(text[: head_cut(self.tokenizer, text, self._special_strings)], "instruction") if text is not None else []
+            if self.image_token_id in ids or self.video_token_id in ids:
+                ids = []
+            head = torch.tensor(ids, dtype=torch.long)
+            if len(self._heads) >= 64:  # instructions are few; a client sending many new ones costs a render each
+                self._heads.clear()
+            self._heads[instruction] = head
+        return head
 
     def validated(self, req: ScoreRequest) -> ScoreRequest:
         """The request's text checked (valid Unicode, no reserved tokens), videos refused where the

@@ -89,6 +89,18 @@ def render_around_document(render, query: RerankItem, instruction: str) -> tuple
     return (pieces[0], pieces[1]) if len(pieces) == 2 else None
 
 
+QUERY_SENTINEL = "\x00rerank-query\x00"
+
+
+def render_before_query(render, instruction: str) -> str | None:
+    """The text every request with `instruction` renders before its query (system turn,
+    instruction, the query's label), for `render(messages) -> str`; None if the template does not
+    render the query's text once."""
+    text = render(_messages(RerankItem(text=QUERY_SENTINEL), [{"type": "text", "text": DOCUMENT_SENTINEL}], instruction))
+    pieces = text.split(QUERY_SENTINEL)
+    return pieces[0] if len(pieces) == 2 else None
+
+
 def document_text(document: RerankItem) -> str:
     """The document's parts as the Qwen chat templates render content parts: concatenated."""
     return "".join(part["text"] if part["type"] == "text" else _PART_TEXT[part["type"]] for part in item_content(document, DOCUMENT_PREFIX))

@@ -1,6 +1,7 @@
 """Shared-prefix scoring: the tokens every pair of a request shares run once, and the scores equal
 the unshared path (1e-5 in fp32) for text, image and video queries, across requests in one
-batch, and at every CPU precision (bitsandbytes layers included)."""
+batch, and at every CPU precision (bitsandbytes layers included). The head every request with
+the same instruction renders (system turn, instruction) runs once per engine, not per batch."""
 
 import random
 
@@ -9,6 +10,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.engine import RerankEngine
+from engine.forward import KEPT_HEADS
 from engine.inputs import ImageInput, RerankItem, ScoreRequest, VideoInput
 from fused_reference import reference_scores
 from workshop.tiny import Thing, caption, draw, query_text, random_thing
@@ -90,7 +92,9 @@ def test_the_prefix_holds_the_query_and_no_document(engine_for, requests):
 
 
 def _count_decoder_calls(eng: RerankEngine, calls: list):
-    """Wraps the engine's decoder calls: each appends (parts, whether it follows prefixes)."""
+    """Wraps the engine's decoder calls: each appends (parts, whether it follows prefixes). The
+    kept instruction heads are dropped first: the first call then computes the head."""
+    eng.forwarder._heads.clear()
     real = eng.forwarder._decode
     eng.forwarder._decode = lambda parts, features, prefix_cache=None, *a, **k: (
         calls.append((len(parts), prefix_cache is not None)) or real(parts, features, prefix_cache, *a, **k)
@@ -105,8 +109,9 @@ def test_requests_with_the_same_prefix_share_one_prefix_pass(engine_for, request
         results = eng.forward([eng.prepare(requests["text query"]), eng.prepare(requests["same query again"])])
     finally:
         del eng.forwarder._decode
-    # One prefix, computed once for both requests, then every row of both after it in one call.
-    assert calls == [(1, False), (6 + 4, True)]
+    # The instruction head, then the rest of the one prefix, once for both requests, then every
+    # row of both after it in one call.
+    assert calls == [(1, False), (1, True), (6 + 4, True)]
     assert [len(r.scores) for r in results] == [6, 4]
 
 
@@ -130,7 +135,7 @@ def test_requests_with_different_queries_run_their_prefixes_in_one_call(engine_f
         together = eng.forward(prepared)
     finally:
         del eng.forwarder._decode
-    assert calls == [(8, False), (sum(len(r.documents) for r in reqs), True)]
+    assert calls == [(1, False), (8, True), (sum(len(r.documents) for r in reqs), True)]
     alone = [eng.forward([eng.prepare(r)])[0] for r in reqs]
     unshared = _unshared(eng).score_requests(reqs)
     for t, a, u in zip(together, alone, unshared):
@@ -151,7 +156,7 @@ def test_a_long_query_runs_its_prefix_apart_from_short_ones(engine_for):
         got = eng.forward([eng.prepare(r) for r in reqs])
     finally:
         del eng.forwarder._decode
-    assert calls == [(4, False), (sum(len(r.documents) for r in reqs[:4]), True), (1, False), (2, True)]
+    assert calls == [(1, False), (4, True), (sum(len(r.documents) for r in reqs[:4]), True), (1, True), (2, True)]
     assert _gap(got[4].scores, eng.forward([eng.prepare(reqs[4])])[0].scores) <= 1e-5
 
 
@@ -172,7 +177,7 @@ def test_token_budget_counts_the_prefix_once(engine_for, requests):
         got = tight.forward([tight.prepare(req)])[0]
     finally:
         del tight.forwarder._decode
-    assert calls == [(1, False), (rows, True)]  # the prefix, then every row in one micro-batch
+    assert calls == [(1, False), (1, True), (rows, True)]  # the head, the rest of the prefix, then every row in one micro-batch
     assert got.tokens == p + sum(len(r) - p for r in prepared.rows)
 
 
@@ -181,3 +186,58 @@ def test_sharing_off_runs_every_row_whole(engine_for, requests):
     prepared = eng.prepare(requests["text query"])
     assert prepared.shared == 0
     assert eng.forward([prepared])[0].tokens == sum(len(r) for r in prepared.rows)
+
+
+def test_the_head_is_the_system_turn_and_instruction_before_the_query(engine_for, requests):
+    eng = engine_for("fp32")
+    prepared = eng.prepare(requests["text query"])
+    def text(prepared, n):  # the tiny tokenizer decodes without spaces
+        return eng.tokenizer.decode(prepared.rows[0].ids[:n]).replace(" ", "")
+
+    head = text(prepared, prepared.common)
+    assert 16 <= prepared.common < prepared.shared
+    assert "Givenasearchquery" in head and "redcircle" not in head and "redcircle" in text(prepared, prepared.shared)
+    custom = eng.prepare(requests["custom instruction"])
+    assert custom.common and "Findshapesofthesamecolour" in text(custom, custom.common)
+    one = eng.prepare(requests["one document"])
+    assert one.shared == 0 and one.common == prepared.common  # a lone pair shares nothing, but has the head
+    assert _unshared(eng).prepare(requests["text query"]).common == 0
+
+
+def test_the_head_is_computed_once_and_kept_between_batches(engine_for):
+    eng = engine_for("fp32")
+    first, second = _queries(8)[:4], _queries(8)[4:]
+    calls = []
+    _count_decoder_calls(eng, calls)
+    try:
+        eng.forward([eng.prepare(r) for r in first])
+        assert calls[0] == (1, False) and all(follows for _, follows in calls[1:])
+        del calls[:]
+        got = eng.forward([eng.prepare(r) for r in second])
+        assert all(follows for _, follows in calls), "the second batch computes no head again"
+    finally:
+        del eng.forwarder._decode
+    for g, u in zip(got, _unshared(eng).score_requests(second)):
+        assert _gap(g.scores, u.scores) <= 1e-5
+
+
+def test_one_document_requests_follow_the_kept_head_and_equal_the_models_own_forward(engine_for, requests):
+    eng = engine_for("fp32")
+    lone = [requests["one document"], ScoreRequest.of("a blue square", ["a blue square"]), ScoreRequest.of("x", [RerankItem(images=(_img(random.Random(3)),))])]
+    calls = []
+    _count_decoder_calls(eng, calls)
+    try:
+        got = eng.forward([eng.prepare(r) for r in lone])
+    finally:
+        del eng.forwarder._decode
+    assert calls == [(1, False), (3, True)]  # the head, then the three pairs after it in one call
+    for g, r in zip(got, lone):
+        assert _gap(g.scores, reference_scores(eng, r)) <= 1e-5
+
+
+def test_kept_heads_are_bounded(engine_for):
+    eng = engine_for("fp32")
+    eng.forwarder._heads.clear()
+    for i in range(KEPT_HEADS + 3):
+        eng.forward([eng.prepare(ScoreRequest.of("a red circle", ["a red circle", "a blue cross"], instruction=f"Rank shapes, rule {i}."))])
+    assert len(eng.forwarder._heads) == KEPT_HEADS
