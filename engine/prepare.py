@@ -162,9 +162,11 @@ class Preparer:
         head = expand_vision_placeholders(around[0], query_slots)
         rests = [expand_vision_placeholders(document_text(d) + around[1], s) for d, s in zip(req.documents, doc_slots)]
         cut = head_cut(self.tokenizer, head, self._special_strings)
-        head_ids = self.tokenize(head[:cut], req.query.field)
-        ids = [head_ids + tail for tail in self.tokenize_many([head[cut:] + rest for rest in rests], fields)]
-        if ids[0] != self.tokenize(head + rests[0], fields[0]):
+        # One tokenizer call: the head, the first pair whole (the check), each document after the head.
+        head_ids, first_whole, *tails = self.tokenize_many([head[:cut], head + rests[0], *(head[cut:] + rest for rest in rests)],
+                                                           [req.query.field, fields[0], *fields])  # fmt: skip
+        ids = [head_ids + tail for tail in tails]
+        if ids[0] != first_whole:
             log.warning("split tokenization differs from the whole for this request; tokenizing every pair whole")
             ids = self.tokenize_many([head + rest for rest in rests], fields)
         return ids
@@ -321,6 +323,8 @@ class Preparer:
             raise InputError(doc_field, f"images/video need more than max_length={self.cfg.max_length} tokens")
         ids = cut
         ids_t = torch.tensor(ids, dtype=torch.long)
+        if not visuals and self.image_token_id not in ids and self.video_token_id not in ids:  # text only (most rows): nothing to check
+            return PreparedRow(ids_t, torch.arange(len(ids), dtype=torch.long).expand(3, -1), (), ())
         mm = self.mm_types(ids_t)
         expected = sum(grids[k][0] * grids[k][1] * grids[k][2] // self.merge for k, _ in visuals)
         if int((mm > 0).sum()) != expected:
