@@ -187,12 +187,14 @@ class ServeCpu:
         }
 
 
-async def closed_loop(url: str, bodies: list[dict], in_flight: int) -> tuple[list[float], float]:
+async def closed_loop(url: str, bodies: list[dict], in_flight: int, finished: list[float] | None = None) -> tuple[list[float], float]:
     """Each body POSTed once, `in_flight` at a time (aiohttp: ~0.2 ms of client CPU a request);
-    returns each request's latency (s) and the wall time. Any non-200 answer raises."""
+    returns each request's latency (s) and the wall time, and appends to `finished` when each
+    answer came (s from the start, in order). Any non-200 answer raises."""
     import aiohttp
 
     latencies: list[float] = []
+    finished = [] if finished is None else finished
     queue = iter(bodies)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300), connector=aiohttp.TCPConnector(limit=in_flight)) as session:
 
@@ -204,10 +206,22 @@ async def closed_loop(url: str, bodies: list[dict], in_flight: int) -> tuple[lis
                     if r.status != 200:
                         raise RuntimeError(f"{url} answered {r.status}: {(await r.text())[:200]}")
                 latencies.append(time.perf_counter() - t0)
+                finished.append(time.perf_counter() - start)
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(in_flight)))
         return latencies, time.perf_counter() - start
+
+
+def steady_rate(finished: list[float], in_flight: int) -> float:
+    """Answers per second while `in_flight` requests were in flight: between the `in_flight`-th
+    answer and the `in_flight`-th from last. A closed loop fills up at its start (the first
+    answers wait for a batch to form) and drains at its end (the last `in_flight` requests run
+    with fewer and fewer beside them), and both ends would count fewer in flight than asked."""
+    k = in_flight
+    if len(finished) <= 2 * k + 1:
+        raise ValueError(f"{len(finished)} answers are too few to measure {in_flight} in flight: send more than {2 * k + 1}")
+    return (len(finished) - 2 * k) / (finished[-k - 1] - finished[k - 1])
 
 
 def measure_app(cpu: ServeCpu, app: str, url: str, bodies_1: list[dict], bodies_n: list[dict], in_flight: int) -> dict[str, Any]:

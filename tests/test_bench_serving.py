@@ -9,7 +9,7 @@ import copy
 import pytest
 
 from bench.fleet_vs_echo import format_fleet_vs_echo, goal_verdicts, set_serve_mode
-from bench.serve_cpu import CpuSample, ServeCpu, ServeProcess
+from bench.serve_cpu import CpuSample, ServeCpu, ServeProcess, steady_rate
 from engine.errors import ConfigError
 
 
@@ -52,6 +52,16 @@ def test_the_goals_are_judged_from_the_runs_figures():
     assert "| CPU ms/request, both at 40.0 req/s: proxy | 15.0 | 2.5 |" in text
 
 
+def test_throughput_in_flight_leaves_out_the_loops_fill_and_drain():
+    # 4 in flight: the first 4 answers come together after a slow first batch (fill), then one
+    # every 0.1 s, and the last 4 trickle out with fewer and fewer in flight (drain).
+    finished = [1.0, 1.0, 1.0, 1.0, *(1.0 + 0.1 * i for i in range(1, 21)), 5.0, 6.0, 7.0, 8.0]
+    assert steady_rate(finished, 4) == pytest.approx(20 / 2.0)  # answers 5..24 over 1.0 -> 3.0 s
+    assert len(finished) / finished[-1] == 3.5  # the whole run's figure, a third of it
+    with pytest.raises(ValueError, match="too few to measure 4 in flight"):
+        steady_rate(finished[:9], 4)
+
+
 def test_haproxy_mode_without_a_binary_fails_naming_what_is_missing(monkeypatch, tmp_path):
     monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(tmp_path / "no-haproxy"))
     with pytest.raises(ConfigError, match="serve mode 'haproxy' needs an HAProxy binary and none was found"):
@@ -88,4 +98,6 @@ def test_bench_serving_measures_the_fleet_and_the_echo_app_per_role(tiny_model_d
     assert cpu_goal["value"] == round(fleet["serve_path_cpu_ms"] / echo["serve_path_cpu_ms"], 2) and cpu_goal["pass"] == (cpu_goal["value"] <= 2)
     assert p50_goal["value"] == round(fe["fleet"]["in_flight_1"]["p50_ms"] - r["overhead"]["direct_ms"]["p50"], 2)
     assert batching_goal["value"] == r["batching"]["gain"]
+    b = r["batching"]
+    assert b["rounds"] == 3 and b["gain"] == sorted(b["gain_by_round"])[1]  # the median of the rounds' own ratios
     assert any(p.startswith("proxy") for p in fe["processes"]) and any(p.startswith("ingress of echo") for p in fe["processes"])
