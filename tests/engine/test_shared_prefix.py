@@ -91,24 +91,25 @@ def test_the_prefix_holds_the_query_and_no_document(engine_for, requests):
     assert all(len(r) > text_query.shared for r in text_query.rows)  # each row keeps its scored token
 
 
-def _count_decoder_calls(eng: RerankEngine, calls: list):
-    """Wraps the engine's decoder calls: each appends (parts, whether it follows prefixes). The
-    kept instruction heads are dropped first: the first call then computes the head."""
-    eng.forwarder._heads.clear()
+def _forward_counting_calls(eng: RerankEngine, prepared: list, keep_heads: bool = False) -> tuple[list, list]:
+    """`eng.forward(prepared)` and its decoder calls, each as (parts, whether it follows prefixes).
+    The kept instruction heads are dropped first unless `keep_heads`: the first call then computes the head."""
+    calls = []
+    if not keep_heads:
+        eng.forwarder._heads.clear()
     real = eng.forwarder._decode
     eng.forwarder._decode = lambda parts, features, prefix_cache=None, *a, **k: (
         calls.append((len(parts), prefix_cache is not None)) or real(parts, features, prefix_cache, *a, **k)
     )
+    try:
+        return eng.forward(prepared), calls
+    finally:
+        del eng.forwarder._decode
 
 
 def test_requests_with_the_same_prefix_share_one_prefix_pass(engine_for, requests):
     eng = engine_for("fp32")
-    calls = []
-    _count_decoder_calls(eng, calls)
-    try:
-        results = eng.forward([eng.prepare(requests["text query"]), eng.prepare(requests["same query again"])])
-    finally:
-        del eng.forwarder._decode
+    results, calls = _forward_counting_calls(eng, [eng.prepare(requests["text query"]), eng.prepare(requests["same query again"])])
     # The instruction head, then the rest of the one prefix, once for both requests, then every
     # row of both after it in one call.
     assert calls == [(1, False), (1, True), (6 + 4, True)]
@@ -129,12 +130,7 @@ def test_requests_with_different_queries_run_their_prefixes_in_one_call(engine_f
     reqs = _queries(8)
     prepared = [eng.prepare(r) for r in reqs]
     assert len({p.shared for p in prepared}) > 1, "prefixes of several lengths (padding inside the prefix call)"
-    calls = []
-    _count_decoder_calls(eng, calls)
-    try:
-        together = eng.forward(prepared)
-    finally:
-        del eng.forwarder._decode
+    together, calls = _forward_counting_calls(eng, prepared)
     assert calls == [(1, False), (8, True), (sum(len(r.documents) for r in reqs), True)]
     alone = [eng.forward([eng.prepare(r)])[0] for r in reqs]
     unshared = _unshared(eng).score_requests(reqs)
@@ -150,12 +146,7 @@ def test_a_long_query_runs_its_prefix_apart_from_short_ones(engine_for):
     rng = random.Random(8)
     long_query = " and ".join(query_text(random_thing(rng), rng) for _ in range(60))
     reqs = [*_queries(4), ScoreRequest.of(long_query, ["a red circle", "a blue square"])]
-    calls = []
-    _count_decoder_calls(eng, calls)
-    try:
-        got = eng.forward([eng.prepare(r) for r in reqs])
-    finally:
-        del eng.forwarder._decode
+    got, calls = _forward_counting_calls(eng, [eng.prepare(r) for r in reqs])
     assert calls == [(1, False), (4, True), (sum(len(r.documents) for r in reqs[:4]), True), (1, True), (2, True)]
     assert _gap(got[4].scores, eng.forward([eng.prepare(reqs[4])])[0].scores) <= 1e-5
 
@@ -171,12 +162,7 @@ def test_token_budget_counts_the_prefix_once(engine_for, requests):
     budget = p + rows * longest_rest
     assert budget < rows * (p + longest_rest)
     tight = engine_for("fp32", max_batch_tokens=budget)
-    calls = []
-    _count_decoder_calls(tight, calls)
-    try:
-        got = tight.forward([tight.prepare(req)])[0]
-    finally:
-        del tight.forwarder._decode
+    (got,), calls = _forward_counting_calls(tight, [tight.prepare(req)])
     assert calls == [(1, False), (1, True), (rows, True)]  # the head, the rest of the prefix, then every row in one micro-batch
     assert got.tokens == p + sum(len(r) - p for r in prepared.rows)
 
@@ -207,16 +193,10 @@ def test_the_head_is_the_system_turn_and_instruction_before_the_query(engine_for
 def test_the_head_is_computed_once_and_kept_between_batches(engine_for):
     eng = engine_for("fp32")
     first, second = _queries(8)[:4], _queries(8)[4:]
-    calls = []
-    _count_decoder_calls(eng, calls)
-    try:
-        eng.forward([eng.prepare(r) for r in first])
-        assert calls[0] == (1, False) and all(follows for _, follows in calls[1:])
-        del calls[:]
-        got = eng.forward([eng.prepare(r) for r in second])
-        assert all(follows for _, follows in calls), "the second batch computes no head again"
-    finally:
-        del eng.forwarder._decode
+    _, calls = _forward_counting_calls(eng, [eng.prepare(r) for r in first])
+    assert calls[0] == (1, False) and all(follows for _, follows in calls[1:])
+    got, calls = _forward_counting_calls(eng, [eng.prepare(r) for r in second], keep_heads=True)
+    assert all(follows for _, follows in calls), "the second batch computes no head again"
     for g, u in zip(got, _unshared(eng).score_requests(second)):
         assert _gap(g.scores, u.scores) <= 1e-5
 
@@ -224,12 +204,7 @@ def test_the_head_is_computed_once_and_kept_between_batches(engine_for):
 def test_one_document_requests_follow_the_kept_head_and_equal_the_models_own_forward(engine_for, requests):
     eng = engine_for("fp32")
     lone = [requests["one document"], ScoreRequest.of("a blue square", ["a blue square"]), ScoreRequest.of("x", [RerankItem(images=(_img(random.Random(3)),))])]
-    calls = []
-    _count_decoder_calls(eng, calls)
-    try:
-        got = eng.forward([eng.prepare(r) for r in lone])
-    finally:
-        del eng.forwarder._decode
+    got, calls = _forward_counting_calls(eng, [eng.prepare(r) for r in lone])
     assert calls == [(1, False), (3, True)]  # the head, then the three pairs after it in one call
     for g, r in zip(got, lone):
         assert _gap(g.scores, reference_scores(eng, r)) <= 1e-5
