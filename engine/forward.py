@@ -160,26 +160,33 @@ class Forward:
 
     def _prefixes(self, batch: Sequence[_Group], features: dict[str, ImageFeatures]) -> DynamicCache:
         """The keys and values of each group's prefix, right-padded, in `batch` order, from one
-        decoder call. Groups with a kept head (all of `batch` or none) run only what follows it."""
+        decoder call. Groups with a kept head (all of `batch` or none) run only what follows it,
+        continuing a cache that starts with a copy of the head per group: stock attention over
+        [head, own tokens], as for any cache (a long query keeps sdpa's kernel)."""
         common = batch[0].common
         if not common:
             return self._decode([_Part(g.prefix) for g in batch], features, keep_cache=True)[1]
+        config = self.core.language_model.config
         head = self._head(batch[0], features)
         n = len(batch)
         rest = [k for k, g in enumerate(batch) if g.shared > common]
         if not rest:
-            return cache_of_prefixes([(h.keys.expand(n, -1, -1, -1), h.values.expand(n, -1, -1, -1)) for h in head.layers], self.core.language_model.config)
-        layout = GroupLayout.of([0] * len(rest), [common], self.device)
-        _, after = self._decode([_Part(batch[k].prefix, common, 0, 0) for k in rest], features, head, layout, keep_cache=True)
+            return cache_of_prefixes([(h.keys.expand(n, -1, -1, -1), h.values.expand(n, -1, -1, -1)) for h in head.layers], config)
+        cache = DynamicCache(config=config)
+        for i, h in enumerate(head.layers):
+            cache.update(h.keys.expand(len(rest), -1, -1, -1), h.values.expand(len(rest), -1, -1, -1), i)
+        self._decode([_Part(batch[k].prefix, common, 0) for k in rest], features, cache, keep_cache=True)  # extends `cache`
+        if len(rest) == n:
+            return cache
+        # Groups that are the head alone: the head, then padding (their length masks it).
+        index = torch.tensor(rest, device=self.device)
         layers = []
-        for h, layer in zip(head.layers, after.layers):
-            states = []
-            for kept, new in zip((h.keys, h.values), layer.new):
-                if len(rest) < n:  # groups that are the head alone: padding after it (their length masks it)
-                    new = new.new_zeros((n, *new.shape[1:])).index_copy_(0, torch.tensor(rest, device=new.device), new)
-                states.append(torch.cat([kept.expand(n, -1, -1, -1), new], dim=2))
-            layers.append((states[0], states[1]))
-        return cache_of_prefixes(layers, self.core.language_model.config)
+        for h, layer in zip(head.layers, cache.layers):
+            full = [states.new_zeros((n, *states.shape[1:])).index_copy_(0, index, states) for states in (layer.keys, layer.values)]
+            for states, kept in zip(full, (h.keys, h.values)):
+                states[:, :, :common] = kept
+            layers.append((full[0], full[1]))
+        return cache_of_prefixes(layers, config)
 
     def _head(self, group: _Group, features: dict[str, ImageFeatures]) -> DynamicCache:
         """The kept keys and values of `group`'s head, (1, Hkv, common, D) per layer, computed on first use."""
@@ -209,8 +216,8 @@ class Forward:
     def _decode(self, parts: Sequence[_Part], features: dict[str, ImageFeatures], prefix_cache: DynamicCache | None = None,
                 layout: GroupLayout | None = None, keep_cache: bool = False) -> tuple[torch.Tensor, DynamicCache | None]:  # fmt: skip
         """Decoder over each part's tokens, after its group's prefix in `prefix_cache` (laid out by
-        `layout`); returns each part's last hidden state, and with `keep_cache` the cache: the parts'
-        keys and values (after a prefix: in each layer's `new`).
+        `layout`; without a layout, one prefix per part, and the parts' keys and values are added
+        to `prefix_cache`); returns each part's last hidden state (and the cache when `keep_cache`).
 
         Parts are right-padded: the padding sits after every real token, so causal attention alone
         keeps it from every real token, and without a prefix no mask is passed (it would change
@@ -246,9 +253,11 @@ class Forward:
                     torch.cat([v.deepstack[layer] for v in visuals]).to(embeds.device, embeds.dtype) for layer in range(len(visuals[0].deepstack))
                 ]
         config = self.core.language_model.config
-        if prefix_cache is not None:
-            cache = SharedPrefixCache(prefix_cache, config, layout, keep_new=keep_cache)
+        if layout is not None:
+            cache = SharedPrefixCache(prefix_cache, config, layout)
             lm_kwargs["shared_prefix"] = cache
+        elif prefix_cache is not None:
+            cache = prefix_cache
         else:
             cache = DynamicCache(config=config) if keep_cache else None
         out = self.core.language_model(

@@ -98,30 +98,24 @@ class GroupLayout:
 
 class _PrefixLayer(DynamicLayer):
     """One layer's prefix keys/values, (G, Hkv, P, D): every group of the prefix pass, right-padded.
-    `update` hands back the new tokens' states alone: the attention function reads the prefixes
-    from here. It keeps them (`new`) when asked: the new tokens are themselves prefixes."""
+    `update` hands back the new tokens' states alone: the attention function reads the prefixes from here."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, keep_new: bool = False):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
         super().__init__()
         self.keys, self.values = keys, values
         self.dtype, self.device = keys.dtype, keys.device
         self.is_initialized = True
-        self.keep_new = keep_new
-        self.new: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if self.keep_new:
-            self.new = (key_states, value_states)
         return key_states, value_states
 
 
 class SharedPrefixCache(DynamicCache):
-    """The prefixes' key/value cache as the decoder sees it for the rows that follow them.
-    `keep_new`: each layer keeps the rows' own keys and values (`_PrefixLayer.new`)."""
+    """The prefixes' key/value cache as the decoder sees it for the rows that follow them."""
 
-    def __init__(self, prefix: DynamicCache, config, layout: GroupLayout, keep_new: bool = False):
+    def __init__(self, prefix: DynamicCache, config, layout: GroupLayout):
         super().__init__(config=config)
-        self.layers = [_PrefixLayer(layer.keys, layer.values, keep_new) for layer in prefix.layers]
+        self.layers = [_PrefixLayer(layer.keys, layer.values) for layer in prefix.layers]
         self.layout = layout
 
 
