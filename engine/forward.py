@@ -14,7 +14,8 @@ For a batch of `PreparedRequest`s:
    keys and values are kept between batches (`KEPT_HEADS`, as vLLM's prefix caching keeps a
    system prompt's), and the prefix pass runs only the rest of each prefix, after it;
 3. rows with no shared prefix run whole, in length-sorted micro-batches;
-4. score = sigmoid(logit("yes") - logit("no")) at each row's last token, in fp32.
+4. score = sigmoid(logit("yes") - logit("no")) at each row's last token, in fp32; the last decoder
+   layer runs its feed-forward for that token only (`engine.scored_token`).
 
 A micro-batch stays within `max_batch_tokens`, counting each group's prefix once:
 the groups' prefixes + rows x longest remainder; a batch of prefixes, prefixes x longest.
@@ -34,6 +35,7 @@ from transformers import DynamicCache
 from engine.features import FeatureSpec, ImageFeatures
 from engine.prefix_attention import GroupLayout, SharedPrefixCache, cache_of_prefixes, use_prefix_attention
 from engine.prepare import PreparedRequest, PreparedRow
+from engine.scored_token import ScoredTokenLayer
 from engine.vision import PixelPatches
 from engine.vision_tower import VisionTower
 
@@ -99,6 +101,8 @@ class Forward:
         self.lock = threading.Lock()  # torch modules are not re-entrant
         self._heads: OrderedDict[bytes, DynamicCache] = OrderedDict()  # head_key -> its keys/values, least recent first
         use_prefix_attention(self.core.language_model.config)
+        deepstack = getattr(getattr(model.config, "vision_config", None), "deepstack_visual_indexes", None) or ()
+        self.scored_token = ScoredTokenLayer.wrap_last(self.core.language_model, len(deepstack))
 
     # ---- public -------------------------------------------------------------------------------
 
@@ -260,12 +264,19 @@ class Forward:
             cache = prefix_cache
         else:
             cache = DynamicCache(config=config) if keep_cache else None
-        out = self.core.language_model(
-            inputs_embeds=embeds, attention_mask=None if mask is None else mask.to(self.device), position_ids=positions,
-            past_key_values=cache, use_cache=cache is not None, **lm_kwargs,
-        )  # fmt: skip
         last = torch.tensor(lengths, device=self.device) - 1
-        hidden = out.last_hidden_state[torch.arange(n, device=self.device), last]
+        trim = self.scored_token is not None and not keep_cache  # a scoring pass: only each row's last token goes on
+        if trim:
+            self.scored_token.positions = last
+        try:
+            out = self.core.language_model(
+                inputs_embeds=embeds, attention_mask=None if mask is None else mask.to(self.device), position_ids=positions,
+                past_key_values=cache, use_cache=cache is not None, **lm_kwargs,
+            )  # fmt: skip
+        finally:
+            if trim:
+                self.scored_token.positions = None
+        hidden = out.last_hidden_state[:, 0] if trim else out.last_hidden_state[torch.arange(n, device=self.device), last]
         return hidden, (out.past_key_values if keep_cache else None)
 
     def _yes_no(self, last_hidden: torch.Tensor) -> list[float]:
