@@ -8,6 +8,11 @@ forward loop takes every prepared request waiting when the forward thread is fre
 arrived during a forward pass is the next batch. A failure of the forward pass fails the requests
 of that batch; the loop goes on, and no caller is left waiting.
 
+A request that finds the engine empty (nothing preparing, waiting or forwarding, and no batch
+wait configured) has no one to merge with: it prepares and forwards in one job on the forward
+thread, one thread hop instead of three (~0.3-0.5 ms of a lone request's latency on 2 cores).
+Requests arriving meanwhile prepare on the pool and form the next batch, as during any forward.
+
 Why not `@serve.batch`: Ray Serve 2.60's batch queue closes a batch before it waits for a free
 slot (`_process_batches` takes `wait_for_batch()` and only then `max_concurrent_batches`'
 semaphore), so requests that arrive while the engine is busy each close a batch of one and queue
@@ -58,6 +63,9 @@ class BatchedEngine:
         self._waiting: list[_Waiting] = []  # prepared, in arrival order
         self._arrived: asyncio.Event | None = None  # made in the replica's event loop, with the loop
         self._forward_loop: asyncio.Task | None = None
+        self._preparing = 0  # requests on the prepare pool
+        self._forwarding = False  # the forward loop's call is on the forward thread
+        self._alone: asyncio.Future | None = None  # a lone request's job is on the forward thread; done when it ends
 
     @property
     def score_spec(self):
@@ -75,11 +83,38 @@ class BatchedEngine:
         """This request's scores, from a forward call it may share with others. Its own input error
         (from prepare) or passed deadline is raised for it alone."""
         check_deadline(deadline, "while it waited to be prepared")
-        prepared = await self._run(self._prepare_pool, self.engine.prepare, request, features)
+        if self._engine_empty():
+            return await self._score_alone(request, features)
+        self._preparing += 1
+        try:
+            prepared = await self._run(self._prepare_pool, self.engine.prepare, request, features)
+        finally:
+            self._preparing -= 1
         answer = asyncio.get_running_loop().create_future()
         self._waiting.append(_Waiting(prepared, deadline, answer))
         self._start_forward_loop().set()
         return await answer
+
+    def _engine_empty(self) -> bool:
+        return not (self._preparing or self._waiting or self._forwarding or self._alone or self.batch_wait_timeout_s)
+
+    async def _score_alone(self, request: ScoreRequest, features: Mapping[str, ImageFeatures]) -> RequestScores:
+        job = asyncio.get_running_loop().run_in_executor(self._forward_thread, self._prepare_and_forward, request, features)
+        self._alone = job
+        job.add_done_callback(self._alone_done)  # when the thread is free, even if this caller has gone
+        result = await asyncio.shield(job)
+        self._on_batch(len(result.scores))
+        return result
+
+    def _alone_done(self, job: asyncio.Future) -> None:
+        if self._alone is job:
+            self._alone = None
+        if not job.cancelled():
+            job.exception()  # retrieved: a gone caller's failed job is not an unhandled error
+
+    def _prepare_and_forward(self, request: ScoreRequest, features: Mapping[str, ImageFeatures]) -> RequestScores:
+        (result,) = self.engine.forward([self.engine.prepare(request, features)])
+        return result
 
     async def aclose(self) -> None:
         if self._forward_loop is not None:
@@ -102,6 +137,8 @@ class BatchedEngine:
                 await self._arrived.wait()
                 if self.batch_wait_timeout_s:
                     await self._fill(self.batch_wait_timeout_s)
+            if self._alone is not None:  # a lone request holds the forward thread: what waits meanwhile goes next, together
+                await asyncio.wait([self._alone])
             batch, self._waiting = self._waiting[: self.max_batch_size], self._waiting[self.max_batch_size :]
             if self._waiting:  # more than one batch waited: the rest goes next, without waiting
                 self._arrived.set()
@@ -112,12 +149,15 @@ class BatchedEngine:
                 continue
             try:
                 self._on_batch(sum(len(w.prepared.rows) for w in batch))
+                self._forwarding = True
                 results = await self._run(self._forward_thread, self.engine.forward, [w.prepared for w in batch])
             except Exception as e:  # noqa: BLE001 - the batch's callers get it; the loop goes on
                 for w in batch:
                     if not w.answer.done():
                         w.answer.set_exception(e)
                 continue
+            finally:
+                self._forwarding = False
             for w, result in zip(batch, results, strict=True):
                 if not w.answer.done():
                     w.answer.set_result(result)
