@@ -187,6 +187,14 @@ class ServeCpu:
         }
 
 
+async def post_ok(session, url: str, body: dict) -> None:
+    """POST `body` and read the answer; any non-200 answer raises."""
+    async with session.post(url, json=body) as r:
+        await r.read()
+        if r.status != 200:
+            raise RuntimeError(f"{url} answered {r.status}: {(await r.text())[:200]}")
+
+
 async def closed_loop(url: str, bodies: list[dict], in_flight: int, finished: list[float] | None = None) -> tuple[list[float], float]:
     """Each body POSTed once, `in_flight` at a time (aiohttp: ~0.2 ms of client CPU a request);
     returns each request's latency (s) and the wall time, and appends to `finished` when each
@@ -201,10 +209,7 @@ async def closed_loop(url: str, bodies: list[dict], in_flight: int, finished: li
         async def worker() -> None:
             for body in queue:
                 t0 = time.perf_counter()
-                async with session.post(url, json=body) as r:
-                    await r.read()
-                    if r.status != 200:
-                        raise RuntimeError(f"{url} answered {r.status}: {(await r.text())[:200]}")
+                await post_ok(session, url, body)
                 latencies.append(time.perf_counter() - t0)
                 finished.append(time.perf_counter() - start)
 

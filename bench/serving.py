@@ -13,6 +13,9 @@
    (bench/echo_app.py), on the same Serve instance: p50 at 1 and `in_flight` requests in flight
    and CPU ms per request per role (bench/serve_cpu.py), with the issue's goals as verdicts.
 
+`keep_cores_awake` (bench/awake_cores.py) runs the whole bench beside a `SCHED_IDLE` busy loop per
+core: on a VM that gives idle vCPUs away, the figures at 1 in flight are otherwise the host's.
+
 Everything runs under one Serve mode (`serve_mode`: serve/request_path.py, default the main
 job's), set before Ray starts. The fleet is one fp32 arm of the configured model without
 shadowing, so every figure is the primary path alone. `run_serving_bench` prints a table and
@@ -102,6 +105,22 @@ def score_request(body: dict):
     return ScoreRequest.of(item(body["query"]), [item(d) for d in body["documents"]])
 
 
+async def interleaved(url: str, bodies: list[dict], direct) -> tuple[list[float], list[float]]:
+    """Each body through Serve (aiohttp, one at a time) and then `direct`ly: the two latency lists."""
+    import aiohttp
+
+    from bench.serve_cpu import post_ok
+
+    served, alone = [], []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
+        for body in bodies:
+            t = time.perf_counter()
+            await post_ok(session, url, body)
+            served.append(time.perf_counter() - t)
+            alone.append(direct(body))  # nothing else runs in this loop meanwhile
+    return served, alone
+
+
 def note(text: str) -> None:
     print(f"[bench serving] {text}", file=sys.stderr, flush=True)
 
@@ -125,7 +144,9 @@ def run_serving_bench(
     compare_requests: int = 96,
     layout: str = "shared",
     batching_rounds: int = 3,
+    keep_cores_awake: bool = False,
 ) -> dict[str, Any]:
+    from bench.awake_cores import awake_cores
     from bench.fleet_vs_echo import fleet_vs_echo, goal_verdicts, set_serve_mode
     from bench.serve_cpu import closed_loop, format_placement, placement, steady_rate
     from serve.request_path import DEFAULT_SERVE_MODE
@@ -149,7 +170,11 @@ def run_serving_bench(
     note(f"starting Ray and the fleet (serve mode {serve_mode}: {serve_env})")
     # Logical CPUs: the fleet's arm and ingress, the echo app's (the same reservations), one for Serve.
     ray_cpus = 2 * num_cpus + 1
-    with embedded_serve(fleet, num_cpus=ray_cpus, serve_mode=serve_mode, layout=layout) as base, httpx.Client(base_url=base, timeout=300) as client:
+    with (
+        awake_cores(keep_cores_awake) as awake,  # started first: its loops are not pinned with the nodes
+        embedded_serve(fleet, num_cpus=ray_cpus, serve_mode=serve_mode, layout=layout) as base,
+        httpx.Client(base_url=base, timeout=300) as client,
+    ):
         arm = serve.get_deployment_handle("Arm-fp32", app_name="rerank")
         arm._init(_run_router_in_separate_loop=True)  # a handle called from sync code, whatever the Serve mode's default
         arm_info = arm.describe.remote().result()
@@ -173,12 +198,11 @@ def run_serving_bench(
             via_serve(body)
             direct(body)
 
-        # 1. Same load, one request at a time: Serve vs direct, interleaved so drift hits both alike.
-        note(f"1/5 overhead: {len(load)} requests through Serve and into the engine alone, one at a time")
-        serve_s, direct_s = [], []
-        for body in load:
-            serve_s.append(via_serve(body))
-            direct_s.append(direct(body))
+        # 1. Same load, one request at a time: Serve vs direct, interleaved so drift hits both alike
+        # (this machine's speed drifts 10-20 % within minutes: figures taken minutes apart differ
+        # by more than what Serve adds). Served through the client of section 5's loops (aiohttp).
+        note(f"1/5 overhead: {len(load)} requests through Serve and into the engine alone, one at a time, interleaved")
+        serve_s, direct_s = asyncio.run(interleaved(f"{base}/v2/rerank", load, direct))
         floor_s = []
         for _ in range(50):  # HTTP + proxy + ingress, no arm: the floor of any Serve request here
             t = time.perf_counter()
@@ -295,6 +319,7 @@ def run_serving_bench(
         "ray_num_cpus": ray_cpus,
         "serve_mode": serve_mode,
         "layout": layout,
+        "cores_kept_awake": awake,  # bench/awake_cores.py: a SCHED_IDLE busy loop on each (none: the machine as it is)
         "placement": where,
         "load_average_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "torch_threads": int(arm_info["torch_threads"]),
@@ -304,7 +329,7 @@ def run_serving_bench(
     out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_text(json.dumps(results, indent=2))
     print(format_table(results))
-    print(f"layout {layout}: {format_placement(where)}")
+    print(f"layout {layout}: {format_placement(where)}" + (f"; cores kept awake: {awake}" if awake else ""))
     print(f"written {out_file}")
     return results
 

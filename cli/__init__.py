@@ -145,7 +145,8 @@ def cmd_bench_engine(args) -> int:
 def cmd_bench_serving(args) -> int:
     from bench.serving import run_serving_bench
 
-    run_serving_bench(out=args.out, serve_mode=args.serve_mode, in_flight=args.in_flight, compare_requests=args.compare_requests, layout=args.layout)
+    run_serving_bench(out=args.out, serve_mode=args.serve_mode, in_flight=args.in_flight, compare_requests=args.compare_requests, layout=args.layout,
+                      keep_cores_awake=args.keep_cores_awake)
     return 0
 
 
@@ -293,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Ray Serve's request path for the fleet and the echo app alike (serve/request_path.py; default: the main job's)")
     p.add_argument("--in-flight", type=int, default=16, help="requests in flight for the fleet-vs-echo CPU and p50 figures")
     p.add_argument("--compare-requests", type=int, default=96, help="requests per app at --in-flight")
+    p.add_argument("--keep-cores-awake", action="store_true",
+                   help="a SCHED_IDLE busy loop per core for the run, so a VM that gives idle vCPUs away measures as dedicated cores would (bench/awake_cores.py)")
     _add_layout_arg(p)
     p.set_defaults(func=cmd_bench_serving)
     p = bench.add_parser("backends", help="vLLM backend vs transformers engine, alone and through Serve (vLLM environment)")
