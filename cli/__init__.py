@@ -150,6 +150,13 @@ def cmd_bench_serving(args) -> int:
     return 0
 
 
+def cmd_bench_idle_gap(args) -> int:
+    from bench.awake_cores import run_idle_gap_bench
+
+    run_idle_gap_bench(out=args.out)
+    return 0
+
+
 def _scenarios(text: str) -> list[str]:
     from bench.reliability import check_scenarios
 
@@ -298,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a SCHED_IDLE busy loop per core for the run, so a VM that gives idle vCPUs away measures as dedicated cores would (bench/awake_cores.py)")
     _add_layout_arg(p)
     p.set_defaults(func=cmd_bench_serving)
+    p = bench.add_parser("idle-gap", help="the engine's latency after a pause before each request, with and without the CPU kept awake")
+    p.add_argument("--out", default="out/bench-idle-gap.json")
+    p.set_defaults(func=cmd_bench_idle_gap)
     p = bench.add_parser("backends", help="vLLM backend vs transformers engine, alone and through Serve (vLLM environment)")
     p.add_argument("--model", default="tiny")
     p.add_argument("--repeats", type=int, default=3)

@@ -85,6 +85,18 @@ def test_awake_cores_run_a_lowest_class_loop_per_cpu_and_stop_with_the_block():
         assert none == [] and mine.children() == []
 
 
+def test_idle_gap_bench_measures_each_pause_with_and_without_the_cpu_kept_awake(tiny_model_dir, tmp_path):
+    import json
+
+    from bench.awake_cores import run_idle_gap_bench
+
+    out = tmp_path / "gap.json"
+    run_idle_gap_bench(out=str(out), model_source=str(tiny_model_dir), requests=4, gaps_ms=(0, 1), docs_per_request=2)
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["cpu_kept_awake"], r["pause_ms"]) for r in rows] == [(False, 0), (False, 1), (True, 0), (True, 1)]
+    assert all(r["p50_ms"] > 0 for r in rows)
+
+
 def test_haproxy_mode_without_a_binary_fails_naming_what_is_missing(monkeypatch, tmp_path):
     monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(tmp_path / "no-haproxy"))
     with pytest.raises(ConfigError, match="serve mode 'haproxy' needs an HAProxy binary and none was found"):
@@ -102,7 +114,7 @@ def test_bench_serving_measures_the_fleet_and_the_echo_app_per_role(tiny_model_d
     import sys
 
     out = tmp_path / "serving.json"
-    sizes = dict(requests=6, docs_per_request=4, concurrency=8, image_requests=1, prefix_requests=1, compare_requests=48, in_flight=4)
+    sizes = dict(requests=6, overhead_requests=8, docs_per_request=4, concurrency=8, image_requests=1, prefix_requests=1, compare_requests=48, in_flight=4)
     code = f"from bench.serving import run_serving_bench; run_serving_bench(out={str(out)!r}, model_source={str(tiny_model_dir)!r}, **{sizes!r})"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
@@ -120,7 +132,7 @@ def test_bench_serving_measures_the_fleet_and_the_echo_app_per_role(tiny_model_d
     cpu_goal, p50_goal, batching_goal = r["goals"]
     assert cpu_goal["value"] == round(fleet["serve_path_cpu_ms"] / echo["serve_path_cpu_ms"], 2) and cpu_goal["pass"] == (cpu_goal["value"] <= 2)
     o = r["overhead"]  # through Serve and into the engine alone, interleaved
-    assert o["serve_ms"]["n"] == o["direct_ms"]["n"] == 6 and p50_goal["value"] == round(o["serve_ms"]["p50"] - o["direct_ms"]["p50"], 2)
+    assert o["serve_ms"]["n"] == o["direct_ms"]["n"] == 8 and p50_goal["value"] == round(o["serve_ms"]["p50"] - o["direct_ms"]["p50"], 2)
     assert batching_goal["value"] == r["batching"]["gain"]
     b = r["batching"]
     assert b["rounds"] == 3 and b["gain"] == sorted(b["gain_by_round"])[1]  # the median of the rounds' own ratios
