@@ -1,7 +1,8 @@
 """Serving benchmark: what Ray Serve costs and what it buys, measured in one run.
 
 1. Overhead: the same text requests, one at a time, through the whole Serve path (HTTP ->
-   proxy -> ingress -> arm replica -> engine) and straight into a `RerankEngine` in this process.
+   proxy -> ingress -> arm replica -> engine) and straight into a `RerankEngine` in this process,
+   run on the arm's CPUs, in alternated blocks.
 2. Dynamic batching: Serve throughput with 1 request in flight vs `concurrency` in flight
    (the arm merges the requests waiting for the engine into one call), the latter while that
    many are in flight: the loop's fill and drain are left out (`steady_rate`).
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime as dt
 import io
 import json
@@ -105,6 +107,17 @@ def score_request(body: dict):
     return ScoreRequest.of(item(body["query"]), [item(d) for d in body["documents"]])
 
 
+@contextlib.contextmanager
+def on_cpus(cpus: set[int]):
+    """Run the block's calling thread on `cpus` (Linux: affinity is per thread)."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 OVERHEAD_BLOCK = 12  # requests per block of section 1's alternation
 
 
@@ -168,9 +181,13 @@ def run_serving_bench(
     from ray import serve
 
     from engine.engine import RerankEngine
-    from serve.local import embedded_serve, place
+    from serve.local import embedded_serve, place, split_cpus
     from workshop.tiny import resolve_source
 
+    # The engine alone runs on the arm's CPUs: in the split layout the head's CPU also carries
+    # Ray's and Serve's background work (~20 % of it idle), which slowed the engine alone there
+    # by 1-4 ms a request and flattered what Serve adds.
+    engine_cpus = split_cpus()[1] if layout == "split" else os.sched_getaffinity(0)
     # Placed here too (serve/local.py), so the echo app built from it goes where the fleet's deployments go.
     fleet = place(bench_fleet(model_source, port, redis_url, max_batch_size=concurrency, num_cpus=num_cpus), layout)
     load = text_requests(requests, docs_per_request)
@@ -200,9 +217,10 @@ def run_serving_bench(
 
         def direct(body: dict) -> float:
             request = score_request(body)
-            t = time.perf_counter()
-            engine.forward([engine.prepare(request)])
-            return time.perf_counter() - t
+            with on_cpus(engine_cpus):
+                t = time.perf_counter()
+                engine.forward([engine.prepare(request)])
+                return time.perf_counter() - t
 
         for body in load[:4]:  # warm both paths (allocator, tokenizer caches, Serve handles)
             via_serve(body)
@@ -268,9 +286,10 @@ def run_serving_bench(
         def direct_with_features(body: dict) -> float:
             request = score_request(body)
             features = {f.cache_key: f for f in engine.encode_images(list(request.images()))}  # what a cache hit hands over
-            t = time.perf_counter()
-            engine.forward([engine.prepare(request, features)])
-            return time.perf_counter() - t
+            with on_cpus(engine_cpus):
+                t = time.perf_counter()
+                engine.forward([engine.prepare(request, features)])
+                return time.perf_counter() - t
 
         note(f"3/5 image cache: {image_requests} requests of {images_per_request} new images, each sent twice")
         miss_s, hit_s, direct_img_s, direct_feat_s = [], [], [], []

@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import math
 import os
+import random
 import signal
 import socket
 import sys
@@ -65,11 +66,34 @@ def local_fleet(config_path: str | None, redis_url: str | None, port: int | None
     return FleetConfig.from_dict(data, source=str(config_path or DEFAULT_CONFIG))
 
 
+RAY_WORKER_PORTS_END = 19999  # Ray's workers take ports from 10002 to here (min/max_worker_port)
+
+
 def free_port() -> int:
-    """A TCP port nothing listens on now (the OS's pick)."""
-    with socket.socket() as s:
+    """A TCP port free on every interface now, from outside the range the kernel hands out for
+    port 0 (and above Ray's worker ports). A port chosen now is bound later (HAProxy's stats
+    page, once Ray and Serve are up), and Ray's processes bind port 0 meanwhile: an OS-picked
+    port was once taken that way before HAProxy bound it, and HAProxy failed to start."""
+    low, high = _ephemeral_ports()
+    candidates = range(RAY_WORKER_PORTS_END + 1, low) if low - RAY_WORKER_PORTS_END > 1000 else range(high + 1, 65536)
+    for port in random.Random().sample(candidates, min(200, len(candidates))):
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # every candidate tried was taken: the OS's pick
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _ephemeral_ports() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
 
 
 def ray_cpus_for(fleet: FleetConfig) -> float:

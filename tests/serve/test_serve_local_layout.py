@@ -75,3 +75,18 @@ def test_split_layout_runs_the_http_path_and_the_arms_on_cpus_of_their_own(tiny_
     assert where["raylet"] == {("head", frozenset(head)), ("worker", frozenset(arms))}, report
     assert where["load generator"] == {("", frozenset(head))}, report
     assert cpu_set(report["driver_after"]) == set(allowed), report  # the driver gets its CPUs back
+
+
+def test_free_ports_come_from_outside_the_kernels_ephemeral_range_and_rays_worker_ports():
+    """A port picked for HAProxy's stats page is bound only once Ray is up; Ray's processes bind
+    port 0 meanwhile, so the pick must be one the kernel never hands out for port 0."""
+    import socket
+
+    from serve.local import RAY_WORKER_PORTS_END, _ephemeral_ports
+
+    low, high = _ephemeral_ports()
+    ports = {free_port() for _ in range(20)}
+    assert all(RAY_WORKER_PORTS_END < p < low or p > high for p in ports), sorted(ports)
+    assert len(ports) > 1  # picked at random, not the same one each time
+    with socket.socket() as s:  # free on every interface, as HAProxy binds it
+        s.bind(("", ports.pop()))
