@@ -19,7 +19,7 @@ core: on a VM that gives idle vCPUs away, the figures at 1 in flight are otherwi
 
 Everything runs under one Serve mode (`serve_mode`: serve/request_path.py, default the main
 job's), set before Ray starts. The fleet is one fp32 arm of the configured model without
-shadowing, so every figure is the primary path alone. `run_serving_bench` prints a table and
+shadowing or the noise floor's mirrored calls, so every figure is the primary path alone. `run_serving_bench` prints a table and
 writes JSON; the CLI wraps it.
 """
 
@@ -56,6 +56,7 @@ def bench_fleet(model_source: str, port: int, redis_url: str | None, max_batch_s
                 "batching": {"max_batch_size": max_batch_size},
             }],
             "cache": {"redis_url": redis_url},
+            "experiment": {"noise_floor_fraction": 0},  # no mirrored calls: the primary path alone
             "http": {"host": "127.0.0.1", "port": port},
         }
     )  # fmt: skip

@@ -234,6 +234,8 @@ class MediaFetcher:
         return replace(request, query=swap(request.query), documents=tuple(map(swap, request.documents)))
 
     async def _resolve_items(self, specs: list[ItemSpec], documents_field: str) -> list[RerankItem]:
+        if not any(s.images or s.videos for s in specs):  # text only: nothing to fetch, no task per item
+            return [RerankItem(text=s.text, field=s.field) for s in specs]
         limits = self.limits
         token = _REQUEST_DOWNLOADS.set(asyncio.Semaphore(limits.max_downloads_per_request))
         try:
