@@ -151,7 +151,7 @@ def cmd_bench_serving(args) -> int:
 
 
 def cmd_bench_idle_gap(args) -> int:
-    from bench.awake_cores import run_idle_gap_bench
+    from bench.idle_gap import run_idle_gap_bench
 
     run_idle_gap_bench(out=args.out)
     return 0
