@@ -10,8 +10,6 @@ replicas whose pinning was missing. The Serve deployments use exactly the genera
 from __future__ import annotations
 
 import os
-import random
-import socket
 import time
 from collections import Counter
 from pathlib import Path
@@ -20,27 +18,13 @@ import pytest
 import yaml
 
 from placement.render import INGRESS_RESOURCE
+from serve.local import free_port  # outside the kernel's ephemeral range: a Ray process cannot take it first
 
 pytestmark = pytest.mark.ray
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SMALL_INVENTORY = REPO_ROOT / "configs" / "placement-small.yaml"
 DECOY_ACCELERATOR = "A10G"
-
-
-def _free_port() -> int:
-    """A free port for the dashboard outside both the kernel's ephemeral range and Ray's worker
-    ports (10002-19999): a port the kernel hands out can be taken by one of the cluster's own
-    processes before the dashboard binds it (it happened once: "address already in use")."""
-    rng = random.Random()
-    while True:
-        port = rng.randrange(20000, 32000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +48,7 @@ def cluster(small_plan):
 
     sim = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": True, "dashboard_port": _free_port()},
+        head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": True, "dashboard_port": free_port()},
     )
     try:
         for node in small_plan.inventory.node_types:
@@ -177,7 +161,7 @@ def test_stand_in_deployments_land_on_their_planned_gpu_types(small_plan, cluste
         name="Ingress", num_replicas=deployments["Ingress"]["num_replicas"], max_replicas_per_node=deployments["Ingress"]["max_replicas_per_node"],
         ray_actor_options=deployments["Ingress"]["ray_actor_options"],
     ).bind(*arms)
-    serve.start(http_options={"host": "127.0.0.1", "port": _free_port()}, proxy_location="HeadOnly")
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()}, proxy_location="HeadOnly")
     serve.run(ingress, name="standin", route_prefix="/standin")
     try:
         _assert_every_replica_on_its_planned_node_type(small_plan, "standin")
@@ -215,7 +199,7 @@ def test_the_serving_app_lands_on_its_planned_gpu_types(small_plan, cluster, tmp
 
     (application,) = render_serve_config(small_plan)["applications"]
     fleet = on_this_machine(application["args"]["config"], tmp_path_factory.mktemp("secrets"))
-    serve.start(http_options={"host": "127.0.0.1", "port": _free_port()}, proxy_location="HeadOnly")
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()}, proxy_location="HeadOnly")
     serve.run(build_app({"config": fleet}), name="rerank-app", route_prefix="/rerank-app")
     try:
         _assert_every_replica_on_its_planned_node_type(small_plan, "rerank-app")
