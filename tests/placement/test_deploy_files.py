@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import re
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from placement.ray_up import WAIT_FOR_DRIVER, render_ray_up
 from placement.redis_k8s import render_redis
 from placement.render import RenderError, read_architecture_config
 from serve.config import FleetConfig
+from serve.local import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHECKOV = REPO_ROOT / ".venv-checkov" / "bin" / "checkov"
@@ -444,12 +444,6 @@ def test_a_shared_score_cache_brings_the_cache_redis_sized_for_its_pairs():
 # ---- the Redis servers as rendered, run for real ---------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("job", ["gcs", "cache"])
 def test_the_rendered_redis_command_really_configures_redis(job, tmp_path):
     """The manifest's own start command, run by a real redis-server with its folders and port
@@ -458,7 +452,7 @@ def test_the_rendered_redis_command_really_configures_redis(job, tmp_path):
     manifests = render_redis(report)
     (workload,) = [m for m in manifests if m["kind"] in ("StatefulSet", "Deployment") and f"-{job}-" in m["metadata"]["name"]]
     command = workload["spec"]["template"]["spec"]["containers"][0]["command"]
-    port = _free_port()
+    port = free_port()
     for folder in ("conf", "secrets", "data"):
         (tmp_path / folder).mkdir()
     (tmp_path / "secrets" / "password").write_text("pw-from-secret-file")

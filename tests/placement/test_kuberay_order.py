@@ -27,8 +27,9 @@ import yaml
 
 from placement.kuberay import render_rayservice
 from placement.render import INGRESS_RESOURCE
+from serve.local import free_port
 
-from test_simulated_cluster import SMALL_INVENTORY, _free_port, _tiny_model_source, on_this_machine
+from test_simulated_cluster import SMALL_INVENTORY, _tiny_model_source, on_this_machine
 
 pytestmark = [pytest.mark.ray, pytest.mark.skipif(_tiny_model_source() is None, reason="the tiny model is not built yet (the engine tests build it)")]
 
@@ -67,8 +68,8 @@ class SimulatedKubeRay:
         from ray.cluster_utils import Cluster
 
         self.report = report
-        self.dashboard_port = _free_port()
-        self.http_port = _free_port()
+        self.dashboard_port = free_port()
+        self.http_port = free_port()
         self.cluster = Cluster(
             initialize_head=True,
             head_node_args={"num_cpus": 0, "num_gpus": 0, "include_dashboard": True, "dashboard_port": self.dashboard_port},
