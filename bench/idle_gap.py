@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from bench.awake_cores import awake_cores_on
-from bench.serving import score_request, text_requests
+from bench.serving import on_cpus, score_request, text_requests
 
 
 def run_idle_gap_bench(*, out: str = "out/bench-idle-gap.json", model_source: str = "tiny", requests: int = 100,
@@ -26,10 +26,8 @@ def run_idle_gap_bench(*, out: str = "out/bench-idle-gap.json", model_source: st
     from workshop.tiny import resolve_source
 
     cpu = max(os.sched_getaffinity(0))
-    before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {cpu})
     torch.set_num_threads(1)
-    try:
+    with on_cpus({cpu}):
         engine = RerankEngine.load(resolve_source(model_source), "fp32", device="cpu")
         prepared = [score_request(b) for b in text_requests(requests, docs_per_request)]
         for r in prepared[:10]:  # warm
@@ -47,8 +45,6 @@ def run_idle_gap_bench(*, out: str = "out/bench-idle-gap.json", model_source: st
                         engine.forward([engine.prepare(r)])
                         took.append(time.perf_counter() - t)
                     rows.append({"cpu_kept_awake": awake, "pause_ms": gap, "p50_ms": round(statistics.median(took) * 1000, 2)})
-    finally:
-        os.sched_setaffinity(0, before)
     result = {"date": dt.date.today().isoformat(), "machine": f"{platform.machine()} {os.cpu_count()}-core CPU", "cpu": cpu,
               "model": model_source, "docs_per_request": docs_per_request, "requests": requests, "rows": rows}  # fmt: skip
     print(f"engine p50 (ms) per {docs_per_request}-document request, one CPU ({cpu}), after a pause before each request")
