@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.serving import image_request, summary_ms, text_requests
+from bench.bodies import image_request, text_requests
+from bench.report import summary_ms
 
 
 def _rss_gib(pids: list[int]) -> float:

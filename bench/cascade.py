@@ -25,13 +25,12 @@ import base64
 import datetime as dt
 import os
 import platform
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench.report import finish, pinned_rerank
+from bench.report import finish, pinned_rerank, progress
 from ranking.metrics import agreement, ndcg_at_k
 from serve.statistics import Moments
 
@@ -39,8 +38,7 @@ SIDES = ("fp32", "cascade", "nf4")
 AGREEMENT = ("spearman", "ndcg@10", "top10_overlap", "rbo")
 
 
-def note(text: str) -> None:
-    print(f"[bench cascade] {text}", file=sys.stderr, flush=True)
+note = progress("cascade")
 
 
 def cascade_fleet(model_source: str, port: int, k: int = 10, documents: int = 20):

@@ -21,19 +21,17 @@ import os
 import platform
 import random
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
-from bench.report import finish, pinned_rerank
+from bench.report import finish, pinned_rerank, progress
 
 ARMS = ("one", "two", "one-fanned")
 WORDS = ("red", "green", "blue", "circle", "square", "cross", "small", "large", "dark", "bright", "page", "corner", "round",
          "edge", "pattern", "shape", "line", "dot", "stripe", "frame")  # fmt: skip
 
 
-def note(text: str) -> None:
-    print(f"[bench fan-out] {text}", file=sys.stderr, flush=True)
+note = progress("fan-out")
 
 
 def fan_out_fleet(model_source: str, port: int, documents: int):

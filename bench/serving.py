@@ -26,22 +26,21 @@ writes JSON; the CLI wraps it.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import datetime as dt
-import io
 import json
 import os
 import platform
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40), "purple": (150, 60, 190)}
-SHAPES = ("circle", "square", "triangle", "cross")
+from bench.bodies import COLOURS, SHAPES, image_request, score_request, text_requests
+from bench.report import progress, summary_ms
+
+note = progress("serving")
 
 
 def bench_fleet(model_source: str, port: int, redis_url: str | None, max_batch_size: int, num_cpus: float):
@@ -60,52 +59,6 @@ def bench_fleet(model_source: str, port: int, redis_url: str | None, max_batch_s
             "http": {"host": "127.0.0.1", "port": port},
         }
     )  # fmt: skip
-
-
-def text_requests(n: int, docs: int, seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
-    captions = [f"a {c} {s}" for c in COLOURS for s in SHAPES]
-    return [{"query": rng.choice(captions), "documents": [f"{rng.choice(captions)} #{i}-{j}" for j in range(docs)]} for i in range(n)]
-
-
-def shape_png(seed: int, side: int) -> bytes:
-    from PIL import Image, ImageDraw
-
-    rng = random.Random(seed)
-    colour = rng.choice(list(COLOURS.values()))
-    img = Image.new("RGB", (side, side), tuple(rng.randint(200, 250) for _ in range(3)))
-    draw = ImageDraw.Draw(img)
-    a, b = rng.randint(side // 20, side // 3), rng.randint(side * 2 // 3, side - side // 20)
-    draw.ellipse((a, a, b, b), fill=colour) if seed % 2 else draw.rectangle((a, a, b, b), fill=colour)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def image_request(seeds: list[int], side: int) -> dict:
-    return {"query": "a red circle", "documents": [{"image": base64.b64encode(shape_png(s, side)).decode()} for s in seeds]}
-
-
-def summary_ms(samples_s: list[float]) -> dict[str, float]:
-    ms = sorted(s * 1000 for s in samples_s)
-    return {
-        "n": len(ms),
-        "mean": round(statistics.fmean(ms), 2),
-        "p50": round(ms[len(ms) // 2], 2),
-        "p95": round(ms[min(len(ms) - 1, int(0.95 * len(ms)))], 2),
-    }
-
-
-def score_request(body: dict):
-    """The engine request the HTTP body becomes (what the direct path scores)."""
-    from engine.inputs import ImageInput, RerankItem, ScoreRequest
-
-    def item(x) -> RerankItem:
-        if isinstance(x, str):
-            return RerankItem(text=x)
-        return RerankItem(images=(ImageInput.of(base64.b64decode(x["image"])),))
-
-    return ScoreRequest.of(item(body["query"]), [item(d) for d in body["documents"]])
 
 
 @contextlib.contextmanager
@@ -131,7 +84,7 @@ async def alternated_blocks(url: str, bodies: list[dict], direct, block: int = O
     second long still share the machine's drift."""
     import aiohttp
 
-    from bench.serve_cpu import post_ok
+    from bench.load import post_ok
 
     served, alone = [], []
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
@@ -142,10 +95,6 @@ async def alternated_blocks(url: str, bodies: list[dict], direct, block: int = O
                 served.append(time.perf_counter() - t)
             alone += [direct(body) for body in bodies[i : i + block]]  # nothing else runs in this loop meanwhile
     return served, alone
-
-
-def note(text: str) -> None:
-    print(f"[bench serving] {text}", file=sys.stderr, flush=True)
 
 
 def run_serving_bench(
@@ -172,7 +121,8 @@ def run_serving_bench(
 ) -> dict[str, Any]:
     from bench.awake_cores import awake_cores
     from bench.fleet_vs_echo import fleet_vs_echo, goal_verdicts, set_serve_mode
-    from bench.serve_cpu import closed_loop, format_placement, placement, steady_rate
+    from bench.load import closed_loop, steady_rate
+    from bench.serve_cpu import format_placement, placement
     from serve.request_path import DEFAULT_SERVE_MODE
 
     serve_mode = serve_mode or DEFAULT_SERVE_MODE

@@ -9,7 +9,8 @@ import copy
 import pytest
 
 from bench.fleet_vs_echo import format_fleet_vs_echo, goal_verdicts, set_serve_mode
-from bench.serve_cpu import CpuSample, ServeCpu, ServeProcess, steady_rate
+from bench.load import steady_rate
+from bench.serve_cpu import CpuSample, ServeCpu, ServeProcess
 from engine.errors import ConfigError
 
 

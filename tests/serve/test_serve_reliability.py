@@ -18,8 +18,9 @@ import httpx
 import pytest
 from conftest import _arm, _deployed, _fleet
 
-from bench.serving import text_requests
-from bench.reliability import BURST_SIZE, BURSTS, bursts, closed_loop_capacity, open_loop, replica_kill
+from bench.bodies import text_requests
+from bench.load import closed_loop_capacity, open_loop
+from bench.reliability import BURST_SIZE, BURSTS, bursts, replica_kill
 from serve.config import FleetConfig
 from serve.local import DEFAULT_CONFIG
 
