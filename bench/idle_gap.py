@@ -4,16 +4,15 @@ machine, with and without the CPU kept awake (bench/awake_cores.py says why it c
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import platform
 import statistics
 import time
-from pathlib import Path
 
 from bench.awake_cores import awake_cores_on
 from bench.bodies import score_request, text_requests
-from bench.serving import on_cpus
+from bench.report import finish
+from serve.local import on_cpus
 
 
 def run_idle_gap_bench(*, out: str = "out/bench-idle-gap.json", model_source: str = "tiny", requests: int = 100,
@@ -48,12 +47,9 @@ def run_idle_gap_bench(*, out: str = "out/bench-idle-gap.json", model_source: st
                     rows.append({"cpu_kept_awake": awake, "pause_ms": gap, "p50_ms": round(statistics.median(took) * 1000, 2)})
     result = {"date": dt.date.today().isoformat(), "machine": f"{platform.machine()} {os.cpu_count()}-core CPU", "cpu": cpu,
               "model": model_source, "docs_per_request": docs_per_request, "requests": requests, "rows": rows}  # fmt: skip
-    print(f"engine p50 (ms) per {docs_per_request}-document request, one CPU ({cpu}), after a pause before each request")
-    print("| pause (ms) | idle CPU may halt | CPU kept awake (SCHED_IDLE loop) |\n|--:|--:|--:|")
+    lines = [f"engine p50 (ms) per {docs_per_request}-document request, one CPU ({cpu}), after a pause before each request",
+             "| pause (ms) | idle CPU may halt | CPU kept awake (SCHED_IDLE loop) |", "|--:|--:|--:|"]  # fmt: skip
     for gap in gaps_ms:
         plain, awake = (next(r["p50_ms"] for r in rows if r["pause_ms"] == gap and r["cpu_kept_awake"] is a) for a in (False, True))
-        print(f"| {gap:g} | {plain} | {awake} |")
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(result, indent=2))
-    print(f"written {out}")
-    return result
+        lines.append(f"| {gap:g} | {plain} | {awake} |")
+    return finish(result, "\n".join(lines), out)

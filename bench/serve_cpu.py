@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench.load import closed_loop, open_loop
+from bench.report import summary_ms
 
 ENGINE_THREAD_PREFIXES = ("prepare-", "forward-")  # serve/batched_engine.py names them
 ROLES = ("proxy", "ingress", "arm machinery", "engine", "ledger", "controller")
@@ -218,6 +219,5 @@ def measure_at_rate(cpu: ServeCpu, app: str, base_url: str, bodies: list[dict], 
 
 
 def _latency_row(latencies: list[float], wall: float) -> dict[str, Any]:
-    ms = sorted(1000 * s for s in latencies)
-    return {"requests": len(ms), "p50_ms": round(ms[len(ms) // 2], 2), "p95_ms": round(ms[min(len(ms) - 1, int(0.95 * len(ms)))], 2),
-            "req_per_s": round(len(ms) / wall, 2)}  # fmt: skip
+    summary = summary_ms(latencies)
+    return {"requests": summary["n"], "p50_ms": summary["p50"], "p95_ms": summary["p95"], "req_per_s": round(len(latencies) / wall, 2)}

@@ -26,7 +26,6 @@ writes JSON; the CLI wraps it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import json
 import os
@@ -59,17 +58,6 @@ def bench_fleet(model_source: str, port: int, redis_url: str | None, max_batch_s
             "http": {"host": "127.0.0.1", "port": port},
         }
     )  # fmt: skip
-
-
-@contextlib.contextmanager
-def on_cpus(cpus: set[int]):
-    """Run the block's calling thread on `cpus` (Linux: affinity is per thread)."""
-    before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, cpus)
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, before)
 
 
 OVERHEAD_BLOCK = 12  # requests per block of section 1's alternation
@@ -132,7 +120,7 @@ def run_serving_bench(
     from ray import serve
 
     from engine.engine import RerankEngine
-    from serve.local import embedded_serve, place, split_cpus
+    from serve.local import embedded_serve, on_cpus, place, split_cpus
     from workshop.tiny import resolve_source
 
     # The engine alone runs on the arm's CPUs: in the split layout the head's CPU also carries

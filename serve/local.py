@@ -132,6 +132,18 @@ def split_cpus() -> tuple[set[int], set[int]]:
 
 
 @contextlib.contextmanager
+def on_cpus(cpus: set[int]) -> Iterator[None]:
+    """Run the block's calling thread, and the processes and threads it starts, on `cpus` (Linux:
+    affinity is per thread and inherited)."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+@contextlib.contextmanager
 def local_ray(layout: str, num_cpus: float) -> Iterator[None]:
     """A fresh local Ray instance in `layout`, the driver connected, for the block. `num_cpus` is
     the logical CPUs the fleet reserves; in the split layout each node declares them all (the
@@ -150,24 +162,21 @@ def local_ray(layout: str, num_cpus: float) -> Iterator[None]:
     from ray.cluster_utils import Cluster
 
     head_cpus, arm_cpus = split_cpus()
-    before, cluster = os.sched_getaffinity(0), None
-    try:
-        os.sched_setaffinity(0, head_cpus)
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": num_cpus, "resources": {HTTP_RESOURCE: STEERING_UNITS},
-                                                                 "include_dashboard": False})  # fmt: skip
-        os.sched_setaffinity(0, arm_cpus)
-        cluster.add_node(num_cpus=num_cpus, resources={ARMS_RESOURCE: STEERING_UNITS})
-        os.sched_setaffinity(0, head_cpus)  # the driver's threads start from here: the load generator's CPU is the head's
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, **driver)
-        yield
-    finally:
+    cluster = None
+    # The driver's threads start under the head's CPUs: the load generator's CPU is the head's.
+    with on_cpus(head_cpus):
         try:
+            cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": num_cpus, "resources": {HTTP_RESOURCE: STEERING_UNITS},
+                                                                     "include_dashboard": False})  # fmt: skip
+            with on_cpus(arm_cpus):
+                cluster.add_node(num_cpus=num_cpus, resources={ARMS_RESOURCE: STEERING_UNITS})
+            cluster.wait_for_nodes()
+            ray.init(address=cluster.address, **driver)
+            yield
+        finally:
             ray.shutdown()
             if cluster is not None:
                 cluster.shutdown()
-        finally:
-            os.sched_setaffinity(0, before)
 
 
 @contextlib.contextmanager
