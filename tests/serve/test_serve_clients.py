@@ -158,7 +158,11 @@ def test_vllm_top_n_use_activation_max_tokens_per_doc_and_truncate_prompt_tokens
         return ranked(post(app, "/rerank", body)["results"])
 
     default, w_activation, wo_activation = scores(None), scores(True), scores(False)
-    assert default == w_activation and all(abs(1 / (1 + math.exp(-wo_activation[i])) - p) <= TOL for i, p in w_activation.items())
+    # The same pair twice scores the same within TOL, not bit for bit: a request batched with another
+    # rounds differently (padded shapes change the kernels' blocking: ~4e-8 seen in CI), as in vLLM,
+    # whose own test compares these with a tolerance.
+    assert default.keys() == w_activation.keys() and close(default, w_activation)
+    assert all(abs(1 / (1 + math.exp(-wo_activation[i])) - p) <= TOL for i, p in w_activation.items())
     assert all(abs(wo_activation[i] - logit(p)) <= 1e-4 for i, p in w_activation.items())
 
     # test_rerank_max_tokens_per_doc and _reduces_tokens: the cut is honoured (fewer tokens run).
