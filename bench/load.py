@@ -21,6 +21,8 @@ from typing import Any
 import aiohttp
 import httpx
 
+from bench.report import nearest_rank
+
 HUNG_S = 30.0  # a request not answered within this is counted "hung" (and abandoned)
 
 
@@ -72,9 +74,8 @@ def outcome_kind(o: Outcome) -> str:
 
 
 def percentile_ms(sorted_s: list[float], q: float) -> float | None:
-    if not sorted_s:
-        return None
-    return round(1000 * sorted_s[min(len(sorted_s) - 1, int(q * len(sorted_s)))], 1)
+    """The `q` quantile of sorted seconds in ms, to 0.1 ms (None: no samples)."""
+    return round(1000 * nearest_rank(sorted_s, q), 1) if sorted_s else None
 
 
 def check_loopback(base_url: str) -> None:

@@ -21,14 +21,15 @@ def progress(bench: str) -> Callable[[str], None]:
     return note
 
 
+def nearest_rank(sorted_values: list[float], q: float) -> float:
+    """The `q` quantile of non-empty `sorted_values` by nearest rank (no interpolation): the one
+    definition every bench's percentiles use."""
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
 def summary_ms(samples_s: list[float]) -> dict[str, float]:
     ms = sorted(s * 1000 for s in samples_s)
-    return {
-        "n": len(ms),
-        "mean": round(statistics.fmean(ms), 2),
-        "p50": round(ms[len(ms) // 2], 2),
-        "p95": round(ms[min(len(ms) - 1, int(0.95 * len(ms)))], 2),
-    }
+    return {"n": len(ms), "mean": round(statistics.fmean(ms), 2), "p50": round(nearest_rank(ms, 0.5), 2), "p95": round(nearest_rank(ms, 0.95), 2)}
 
 
 def pinned_rerank(client, pin_header: str) -> Callable[[str, dict], tuple[float, dict]]:

@@ -120,6 +120,7 @@ def run_serving_bench(
     from ray import serve
 
     from engine.engine import RerankEngine
+    from serve.batched_engine import BatchedEngine
     from serve.local import embedded_serve, on_cpus, place, split_cpus
     from workshop.tiny import resolve_source
 
@@ -192,7 +193,33 @@ def run_serving_bench(
             arm = client.get("/v1/experiments").json()["arms"]["fp32"]
             return arm["requests"], (arm["mean_batch_requests"] or 0) * arm["requests"]
 
-        note(f"2/5 batching: {batching_rounds} rounds of {len(load)} requests at 1 in flight, then {len(bursts[0])} at {concurrency}")
+        def engine_alone_rates(bodies: list[dict]) -> tuple[float, float]:
+            """Requests/s of the engine alone behind the arm's own batching (`BatchedEngine`: the
+            replica's prepare pool and forward thread, no Serve) on the arm's CPUs, over the same
+            bodies as the fleet: at 1 in flight (the first len(load)) and at `concurrency` (all).
+            The fleet's gain over the engine's own says what Serve's machinery leaves of batching."""
+            requests = [score_request(b) for b in bodies]
+
+            async def rate(sent: list, in_flight: int) -> float:
+                batched = BatchedEngine(engine, prepare_workers=int(arm_info["prepare_workers"]), name="bench")
+                batched.set_batching(concurrency, 0.0)
+                finished: list[float] = []
+                queue = iter(sent)
+
+                async def worker() -> None:
+                    for request in queue:
+                        await batched.score_request(request, {})
+                        finished.append(time.perf_counter() - start)
+
+                start = time.perf_counter()
+                await asyncio.gather(*(worker() for _ in range(in_flight)))
+                await batched.aclose()
+                return steady_rate(finished, in_flight) if in_flight > 1 else len(sent) / finished[-1]
+
+            with on_cpus(engine_cpus):  # the pool's threads start here, so they run where the arm does
+                return asyncio.run(rate(requests[: len(load)], 1)), asyncio.run(rate(requests, concurrency))
+
+        note(f"2/5 batching: {batching_rounds} rounds of {len(load)} requests at 1 in flight, then {len(bursts[0])} at {concurrency}; the same into the engine alone")
         asyncio.run(closed_loop(f"{base}/v2/rerank", load[: 2 * concurrency], concurrency))  # warm: batches of this size
         rounds = []
         burst_requests = burst_merged = 0.0
@@ -203,7 +230,9 @@ def run_serving_bench(
             _, wall_n = asyncio.run(closed_loop(f"{base}/v2/rerank", burst, concurrency, finished))
             n1, merged1 = batch_totals()
             burst_requests, burst_merged = burst_requests + n1 - n0, burst_merged + merged1 - merged0
-            rounds.append({"rps_1": len(load) / wall_1, "rps_n": steady_rate(finished, concurrency), "rps_n_whole_run": len(burst) / wall_n})
+            engine_1, engine_n = engine_alone_rates(burst)
+            rounds.append({"rps_1": len(load) / wall_1, "rps_n": steady_rate(finished, concurrency), "rps_n_whole_run": len(burst) / wall_n,
+                           "engine_rps_1": engine_1, "engine_rps_n": engine_n})  # fmt: skip
         rps_1, rps_n = (statistics.median(r[k] for r in rounds) for k in ("rps_1", "rps_n"))
         results["batching"] = {
             "concurrency": concurrency,
@@ -217,6 +246,12 @@ def run_serving_bench(
             f"pairs_per_s_concurrency_{concurrency}": round(rps_n * docs_per_request, 1),
             "gain": round(statistics.median(r["rps_n"] / r["rps_1"] for r in rounds), 2),  # each round's own ratio
             "gain_by_round": [round(r["rps_n"] / r["rps_1"], 2) for r in rounds],
+            # The engine alone behind the same batching on the same CPUs (medians of the rounds'
+            # own figures): its own gain, and what share of its rate at `concurrency` the fleet reaches.
+            "engine_alone_rps_1": round(statistics.median(r["engine_rps_1"] for r in rounds), 2),
+            f"engine_alone_rps_{concurrency}": round(statistics.median(r["engine_rps_n"] for r in rounds), 2),
+            "engine_alone_gain": round(statistics.median(r["engine_rps_n"] / r["engine_rps_1"] for r in rounds), 2),
+            "fleet_share_of_engine_alone": round(statistics.median(r["rps_n"] / r["engine_rps_n"] for r in rounds), 2),
             # Mean number of requests sharing an engine call, as seen by each request of the bursts.
             f"mean_batch_requests_concurrency_{concurrency}": round(burst_merged / burst_requests, 2),
         }
@@ -316,6 +351,9 @@ def format_table(r: dict[str, Any]) -> str:
         (f"Serve throughput, concurrency {n} (req/s)", f"{b[f'rps_concurrency_{n}']}  (whole run, fill and drain: {b.get(f'rps_concurrency_{n}_whole_run')})"),
         ("dynamic batching gain (median of rounds)", f"{b['gain']}x  (rounds: {', '.join(f'{g}x' for g in b.get('gain_by_round', []))})"),
         (f"  requests per engine call at concurrency {n} (mean)", f"{b[f'mean_batch_requests_concurrency_{n}']}"),
+        (f"engine alone, the arm's batching without Serve (req/s, 1 -> {n})",
+         f"{b['engine_alone_rps_1']} -> {b[f'engine_alone_rps_{n}']}: gain {b['engine_alone_gain']}x"),
+        (f"  fleet at concurrency {n} / engine alone at {n}", f"{b['fleet_share_of_engine_alone']}"),
         ("image docs, cache miss (ms, p50/p95)", f"{c['miss_ms']['p50']} / {c['miss_ms']['p95']}"),
         ("image docs, cache hit (ms, p50/p95)", f"{c['hit_ms']['p50']} / {c['hit_ms']['p95']}"),
         ("cache hit speedup (median)", f"{c['hit_speedup_median']}x"),

@@ -147,4 +147,7 @@ def test_bench_serving_measures_the_fleet_and_the_echo_app_per_role(tiny_model_d
     assert batching_goal["value"] == r["batching"]["gain"]
     b = r["batching"]
     assert b["rounds"] == 3 and b["gain"] == sorted(b["gain_by_round"])[1]  # the median of the rounds' own ratios
+    # The engine alone behind the arm's batching, same bodies and CPUs: its own rates, and the fleet's share of them.
+    assert b["engine_alone_rps_1"] > 0 and b["engine_alone_rps_8"] > 0 and b["engine_alone_gain"] > 0 and b["fleet_share_of_engine_alone"] > 0
+    assert "engine alone, the arm's batching without Serve (req/s, 1 -> 8)" in done.stdout
     assert any(p.startswith("proxy") for p in fe["processes"]) and any(p.startswith("ingress of echo") for p in fe["processes"])

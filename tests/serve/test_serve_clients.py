@@ -15,7 +15,7 @@ import math
 import httpx
 import pytest
 from conftest import _arm, _deployed, _fleet
-from media_testkit import mp4, picture, png
+from media_testkit import mp4, picture
 
 pytestmark = pytest.mark.ray
 TOL = 1e-5
