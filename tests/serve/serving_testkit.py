@@ -47,3 +47,13 @@ def rerank_through(base_url: str, body: Callable[[int], dict], during: Callable[
         worker.join(timeout=300)
     assert not worker.is_alive()
     return responses
+
+
+def same_results(a: list[dict], b: list[dict], tol: float = 1e-6) -> bool:
+    """Two answers to the same request: the same documents in the same order, each score within
+    `tol`. Not bit for bit: the arm merges concurrent requests into one forward (the noise floor's
+    mirror of the request before among them), and a request batched with another rounds ~1e-8
+    differently."""
+    return [x["index"] for x in a] == [x["index"] for x in b] and all(
+        abs(x["relevance_score"] - y["relevance_score"]) <= tol for x, y in zip(a, b, strict=True)
+    )

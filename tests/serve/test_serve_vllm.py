@@ -13,6 +13,7 @@ import time
 
 import pytest
 from media_testkit import picture, png
+from serving_testkit import same_results
 
 pytestmark = pytest.mark.ray
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
@@ -77,7 +78,7 @@ def test_the_vllm_arm_reads_and_fills_the_shared_feature_cache(vllm_app):
     first, second = rerank("vllm", fresh), rerank("vllm", fresh)
     assert first["meta"]["image_cache"] == {"hits": 0, "misses": 1}
     assert second["meta"]["image_cache"] == {"hits": 1, "misses": 0}
-    assert second["results"] == first["results"]
+    assert same_results(second["results"], first["results"])
 
     seen_by_hf = b64(42, 80, 112)
     via_hf = rerank("hf", seen_by_hf)
