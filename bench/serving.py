@@ -72,8 +72,9 @@ async def alternated_blocks(url: str, bodies: list[dict], direct, block: int = O
     second long still share the machine's drift."""
     import aiohttp
 
-    from bench.load import post_ok
+    from bench.load import check_loopback, post_ok
 
+    check_loopback(url)
     served, alone = [], []
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
         for i in range(0, len(bodies), block):
@@ -109,7 +110,7 @@ def run_serving_bench(
 ) -> dict[str, Any]:
     from bench.awake_cores import awake_cores
     from bench.fleet_vs_echo import fleet_vs_echo, goal_verdicts, set_serve_mode
-    from bench.load import closed_loop, steady_rate
+    from bench.load import closed_loop, each_once, steady_rate
     from bench.serve_cpu import format_placement, placement
     from serve.request_path import DEFAULT_SERVE_MODE
 
@@ -200,21 +201,13 @@ def run_serving_bench(
             The fleet's gain over the engine's own says what Serve's machinery leaves of batching."""
             requests = [score_request(b) for b in bodies]
 
-            async def rate(sent: list, in_flight: int) -> float:
+            async def rate(sent: list, in_flight: int) -> float:  # as the fleet's: the whole run at 1 in flight, `steady_rate` at more
                 batched = BatchedEngine(engine, prepare_workers=int(arm_info["prepare_workers"]), name="bench")
                 batched.set_batching(concurrency, 0.0)
                 finished: list[float] = []
-                queue = iter(sent)
-
-                async def worker() -> None:
-                    for request in queue:
-                        await batched.score_request(request, {})
-                        finished.append(time.perf_counter() - start)
-
-                start = time.perf_counter()
-                await asyncio.gather(*(worker() for _ in range(in_flight)))
+                _, wall = await each_once(lambda request: batched.score_request(request, {}), sent, in_flight, finished)
                 await batched.aclose()
-                return steady_rate(finished, in_flight) if in_flight > 1 else len(sent) / finished[-1]
+                return steady_rate(finished, in_flight) if in_flight > 1 else len(sent) / wall
 
             with on_cpus(engine_cpus):  # the pool's threads start here, so they run where the arm does
                 return asyncio.run(rate(requests[: len(load)], 1)), asyncio.run(rate(requests, concurrency))
