@@ -164,34 +164,50 @@ def prefix_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     return layout.to_rows(out).transpose(1, 2).contiguous(), None
 
 
+# Softmax exponents are clamped here before `exp`: at -inf (masked scores) or below about -87
+# (past fp32's normal range) the CPU's vectorised exp takes a slow path, ~12x slower a call
+# (measured on the own part's causal block); exp(-80) is 1.8e-35 of the row's largest term, so
+# no allowed score changes, and masked ones are zeroed after.
+EXP_FLOOR = -80.0
+
+
 def _attend(query, key, value, pk, pv, own_allowed, prefix_allowed, scale):
     """One block of queries (Gp * R, H, S, D), R slots per group, over each group's prefix
     (Gp, Hkv, P, D) and the rows' own keys (Gp * R, Hkv, K, D) up to the block's end; returns
-    (Gp * R, H, S, D). `prefix_allowed` (Gp, P) or None: every prefix token."""
+    (Gp * R, H, S, D). `prefix_allowed` (Gp, P) or None: every prefix token.
+
+    Two layouts: the prefix part runs by group, (Gp * Hkv, R*G*S, ·), one matmul per prefix; the
+    own part in the rows' natural layout, (B, Hkv, G*S, ·), where its matmuls are contiguous.
+    Only the per-query maxima and denominators, (·, 1) each, move between them."""
     b, h, s, d = query.shape
     gp, kv, p, _ = pk.shape
     r = b // gp
     g = h // kv  # head h uses kv head h // g, as repeat_kv
     k_own = key.shape[2]
     q = query.reshape(b, kv, g * s, d)
-    # Scores against the prefix, (Gp * Hkv, R*G*S, P), and against the rows' own tokens, (B, Hkv, G*S, K).
-    by_group = q.view(gp, r, kv, g * s, d).transpose(1, 2).reshape(gp * kv, r * g * s, d)
-    to_prefix = torch.bmm(by_group, pk.reshape(gp * kv, p, d).transpose(-1, -2)).float().mul_(scale)
-    if prefix_allowed is not None:
-        to_prefix = to_prefix.view(gp, kv, r * g * s, p).masked_fill_(~prefix_allowed[:, None, None], float("-inf")).view(gp * kv, r * g * s, p)
-    to_own = (q @ key.transpose(-1, -2)).float().mul_(scale)
+
+    def natural(x: torch.Tensor) -> torch.Tensor:  # (Gp * Hkv, R*G*S, 1) -> (B, Hkv, G*S, 1)
+        return x.view(gp, kv, r, g * s, 1).transpose(1, 2).reshape(b, kv, g * s, 1)
+
+    def by_group(x: torch.Tensor) -> torch.Tensor:  # (B, Hkv, G*S, n) -> (Gp * Hkv, R*G*S, n)
+        return x.view(gp, r, kv, g * s, x.shape[-1]).transpose(1, 2).reshape(gp * kv, r * g * s, x.shape[-1])
+
+    to_prefix = torch.bmm(by_group(q), pk.reshape(gp * kv, p, d).transpose(-1, -2)).float().mul_(scale)  # (Gp * Hkv, R*G*S, P)
+    prefix_blocked = None if prefix_allowed is None else ~prefix_allowed[:, None, None]
+    if prefix_blocked is not None:
+        to_prefix.view(gp, kv, r * g * s, p).masked_fill_(prefix_blocked, float("-inf"))
     allowed = own_allowed.expand(b, 1, s, k_own).unsqueeze(2).expand(b, 1, g, s, k_own).reshape(b, 1, g * s, k_own)
-    to_own = to_own.masked_fill_(~allowed, float("-inf"))
+    to_own = (q @ key.transpose(-1, -2)).float().mul_(scale).masked_fill_(~allowed, float("-inf"))  # (B, Hkv, G*S, K)
     # One softmax over both parts: shared maximum, shared denominator.
-    own_by_head = to_own.view(gp, r, kv, g * s, k_own).transpose(1, 2).reshape(gp * kv, r * g * s, k_own)
-    top = torch.maximum(to_prefix.amax(-1, keepdim=True), own_by_head.amax(-1, keepdim=True))
-    e_prefix = to_prefix.sub_(top).exp_()
-    e_own = own_by_head.sub(top).exp_()
-    denom = e_prefix.sum(-1, keepdim=True) + e_own.sum(-1, keepdim=True)
-    out = torch.bmm(e_prefix.div_(denom).to(value.dtype), pv.reshape(gp * kv, p, d))  # (Gp * Hkv, R*G*S, D)
-    own_probs = e_own.div_(denom).to(value.dtype).view(gp, kv, r, g * s, k_own).transpose(1, 2)  # (Gp, R, Hkv, G*S, K)
-    out = out.view(gp, kv, r, g * s, d).transpose(1, 2) + own_probs @ value.reshape(gp, r, kv, k_own, d)  # (Gp, R, Hkv, G*S, D)
-    return out.reshape(b, h, s, d)
+    top = torch.maximum(natural(to_prefix.amax(-1, keepdim=True)), to_own.amax(-1, keepdim=True))
+    e_prefix = to_prefix.sub_(by_group(top)).clamp_(min=EXP_FLOOR).exp_()
+    if prefix_blocked is not None:
+        e_prefix.view(gp, kv, r * g * s, p).masked_fill_(prefix_blocked, 0.0)
+    e_own = to_own.sub_(top).clamp_(min=EXP_FLOOR).exp_().mul_(allowed)
+    denom = natural(e_prefix.sum(-1, keepdim=True)) + e_own.sum(-1, keepdim=True)
+    out_prefix = torch.bmm(e_prefix.div_(by_group(denom)).to(value.dtype), pv.reshape(gp * kv, p, d))  # (Gp * Hkv, R*G*S, D)
+    out = (e_own.div_(denom).to(value.dtype) @ value).view(gp, r, kv, g * s, d)  # (B, Hkv, G*S, D), by slot group
+    return out.add_(out_prefix.view(gp, kv, r, g * s, d).transpose(1, 2)).view(b, h, s, d)
 
 
 AttentionInterface.register(PREFIX_ATTENTION, prefix_attention)
