@@ -76,3 +76,25 @@ def test_prepare_tokenizes_each_pair_as_a_whole_render_would(engine_for):
         for row, doc in zip(prepared.rows, docs):
             whole = eng.tokenizer(eng.render_prompt(query, doc), add_special_tokens=False)["input_ids"]
             assert row.ids.tolist() == whole
+
+
+@pytest.mark.parametrize("which", ["tiny", "qwen2-style"])
+def test_the_raw_batch_encode_gives_the_tokenizers_own_ids(which, engine_for):
+    """Prepare encodes with the Rust tokenizer's batch call (no Python wrapper, no offsets): the
+    ids the tokenizer's own call gives, for text that crosses every piece boundary; and it stands
+    down where the backend would truncate or pad (the tokenizer's call turns both off)."""
+    from engine.prepare import raw_batch_encoder
+
+    tokenizer = engine_for("fp32").tokenizer if which == "tiny" else qwen2_style_tokenizer()
+    encode = raw_batch_encoder(tokenizer)
+    assert encode is not None
+    rng = random.Random(2)
+    texts = [_random_text(rng, rng.randint(0, 60)) for _ in range(200)]
+    assert [e.ids for e in encode(texts, add_special_tokens=False)] == tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    backend = qwen2_style_tokenizer().backend_tokenizer
+    backend.enable_truncation(8)
+    assert raw_batch_encoder(type("Tok", (), {"backend_tokenizer": backend})()) is None
+    backend.no_truncation()
+    backend.enable_padding()
+    assert raw_batch_encoder(type("Tok", (), {"backend_tokenizer": backend})()) is None
