@@ -81,20 +81,29 @@ def test_prepare_tokenizes_each_pair_as_a_whole_render_would(engine_for):
 @pytest.mark.parametrize("which", ["tiny", "qwen2-style"])
 def test_the_raw_batch_encode_gives_the_tokenizers_own_ids(which, engine_for):
     """Prepare encodes with the Rust tokenizer's batch call (no Python wrapper, no offsets): the
-    ids the tokenizer's own call gives, for text that crosses every piece boundary; and it stands
-    down where the backend would truncate or pad (the tokenizer's call turns both off)."""
+    ids the tokenizer's own call gives, for text that crosses every piece boundary; it stands
+    down (None: the call answers) while the backend would truncate or pad, which a caller's
+    `truncation=`/`padding=` leaves on, and for a class with its own encode path."""
     from engine.prepare import raw_batch_encoder
 
     tokenizer = engine_for("fp32").tokenizer if which == "tiny" else qwen2_style_tokenizer()
-    encode = raw_batch_encoder(tokenizer)
-    assert encode is not None
+    raw = raw_batch_encoder(tokenizer)
+    assert raw is not None
     rng = random.Random(2)
     texts = [_random_text(rng, rng.randint(0, 60)) for _ in range(200)]
-    assert [e.ids for e in encode(texts, add_special_tokens=False)] == tokenizer(texts, add_special_tokens=False)["input_ids"]
+    assert raw(texts) == tokenizer(texts, add_special_tokens=False)["input_ids"]
 
-    backend = qwen2_style_tokenizer().backend_tokenizer
-    backend.enable_truncation(8)
-    assert raw_batch_encoder(type("Tok", (), {"backend_tokenizer": backend})()) is None
-    backend.no_truncation()
-    backend.enable_padding()
-    assert raw_batch_encoder(type("Tok", (), {"backend_tokenizer": backend})()) is None
+    other = qwen2_style_tokenizer()
+    raw = raw_batch_encoder(other)
+    other(texts[:2], truncation=True, max_length=4)  # leaves the backend truncating
+    assert raw(texts[:2]) is None
+    other(texts[:2], padding=True)  # turns truncation off, leaves padding on
+    assert raw(texts[:2]) is None
+    other(texts[:2])  # turns both off
+    assert raw(texts) == other(texts, add_special_tokens=False)["input_ids"]
+
+    class OwnEncode(type(other)):
+        def _encode_plus(self, *args, **kwargs):
+            return super()._encode_plus(*args, **kwargs)
+
+    assert raw_batch_encoder(OwnEncode(tokenizer_object=other.backend_tokenizer)) is None
