@@ -12,7 +12,9 @@
    documents, through the served API (the prefix runs once per request, so length costs little).
 5. Fleet vs echo app: the fleet and a Serve app of the same shape that does no work
    (bench/echo_app.py), on the same Serve instance: p50 at 1 and `in_flight` requests in flight
-   and CPU ms per request per role (bench/serve_cpu.py), with the issue's goals as verdicts.
+   and CPU ms per request per role (bench/serve_cpu.py), with the issue's goals as verdicts; and
+   first the echo app whose arm works as long as the engine alone (section 1's p50), alternated
+   with the fleet at 1 in flight: Serve's own floor for a request of that length.
 
 `keep_cores_awake` (bench/awake_cores.py) runs the whole bench beside a `SCHED_IDLE` busy loop per
 core: on a VM that gives idle vCPUs away, the figures at 1 in flight are otherwise the host's.
@@ -37,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.bodies import COLOURS, SHAPES, image_request, score_request, text_requests
+from bench.load import OVERHEAD_BLOCK, alternated_blocks
 from bench.report import progress, summary_ms
 
 note = progress("serving")
@@ -58,32 +61,6 @@ def bench_fleet(model_source: str, port: int, redis_url: str | None, max_batch_s
             "http": {"host": "127.0.0.1", "port": port},
         }
     )  # fmt: skip
-
-
-OVERHEAD_BLOCK = 12  # requests per block of section 1's alternation
-
-
-async def alternated_blocks(url: str, bodies: list[dict], direct, block: int = OVERHEAD_BLOCK) -> tuple[list[float], list[float]]:
-    """`bodies` in blocks of `block`: each block through Serve (aiohttp, one at a time), then the
-    same block `direct`ly. Blocks, not single requests: a request into the engine alone between two
-    through Serve puts its working set in the caches the Serve processes left, and the Serve
-    request after it pays for that (alternated request by request, Serve's p50 came out 0.3-6.6 ms
-    over section 5's back-to-back loop in four runs on this kind of VM). Blocks a fraction of a
-    second long still share the machine's drift."""
-    import aiohttp
-
-    from bench.load import check_loopback, post_ok
-
-    check_loopback(url)
-    served, alone = [], []
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
-        for i in range(0, len(bodies), block):
-            for body in bodies[i : i + block]:
-                t = time.perf_counter()
-                await post_ok(session, url, body)
-                served.append(time.perf_counter() - t)
-            alone += [direct(body) for body in bodies[i : i + block]]  # nothing else runs in this loop meanwhile
-    return served, alone
 
 
 def run_serving_bench(
@@ -172,7 +149,7 @@ def run_serving_bench(
         # apart differ by more than what Serve adds). Served through section 5's client (aiohttp).
         overhead_load = text_requests(overhead_requests, docs_per_request, seed=3)
         note(f"1/5 overhead: {len(overhead_load)} requests through Serve and into the engine alone, one at a time, in alternated blocks of {OVERHEAD_BLOCK}")
-        serve_s, direct_s = asyncio.run(alternated_blocks(f"{base}/v2/rerank", overhead_load, direct))
+        serve_s, direct_s = asyncio.run(alternated_blocks([f"{base}/v2/rerank", direct], overhead_load))
         floor_s = []
         for _ in range(50):  # HTTP + proxy + ingress, no arm: the floor of any Serve request here
             t = time.perf_counter()
@@ -305,7 +282,8 @@ def run_serving_bench(
         results["engine"] = {k: v for k, v in arm_info.items() if k != "cache"}
 
         # 5. The fleet against the echo app, same Serve instance and settings, one after the other.
-        results["fleet_vs_echo"] = fleet_vs_echo(fleet, base, load, text_requests(compare_requests, docs_per_request, seed=2), in_flight, serve_mode, serve_env)
+        results["fleet_vs_echo"] = fleet_vs_echo(fleet, base, load, text_requests(compare_requests, docs_per_request, seed=2), in_flight, serve_mode, serve_env,
+                                                 work_s=results["overhead"]["direct_ms"]["p50"] / 1000)  # fmt: skip
         results["goals"] = goal_verdicts(results)
         where = placement()
 

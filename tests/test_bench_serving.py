@@ -37,7 +37,10 @@ def results(fleet_cpu: float, echo_cpu: float, fleet_p50_1: float, engine_p50: f
         "overhead": {"direct_ms": {"p50": engine_p50}, "serve_ms": {"p50": fleet_p50_1}},
         "batching": {"concurrency": 32, "rps_concurrency_1": rps_1, "rps_concurrency_32": rps_32, "gain": round(rps_32 / rps_1, 2)},
         "fleet_vs_echo": {"serve_mode": "both", "serve_env": {}, "in_flight": 16, "docs_per_request": 8,
-                          "fleet": app(fleet_cpu, fleet_p50_1), "echo": app(echo_cpu, 1.0)},
+                          "fleet": app(fleet_cpu, fleet_p50_1), "echo": app(echo_cpu, 1.0),
+                          "worked_echo": {"work_ms": engine_p50, "fleet_ms": {"p50": fleet_p50_1, "p95": fleet_p50_1 + 2},
+                                          "echo_ms": {"p50": engine_p50 + 3, "p95": engine_p50 + 4}, "serve_floor_ms": 3.0,
+                                          "fleet_over_echo_ms": round(fleet_p50_1 - engine_p50 - 3, 2)}},
     }  # fmt: skip
     r["goals"] = goal_verdicts(r)
     return r
@@ -51,6 +54,12 @@ def test_the_goals_are_judged_from_the_runs_figures():
     text = "\n".join(format_fleet_vs_echo(missed))
     assert "FAIL  fleet's CPU outside the engine <= 2x the echo app's (per request, both at 40.0 req/s): 6.0 (limit 2; 30.0 vs 5.0 ms" in text
     assert "| CPU ms/request, both at 40.0 req/s: proxy | 15.0 | 2.5 |" in text
+    # Beside the added p50, Serve's own floor for a request of the engine's length (the echo arm working as long).
+    assert ("FAIL  Serve's added p50 at 1 in flight <= 5 ms over the engine alone (ms): 12.0 (limit 5; fleet 20.0 ms - engine alone 8.0 ms"
+            in text)  # fmt: skip
+    assert "Serve's own floor for a request whose arm works 8.0 ms: 3.0 ms (the echo app so working, alternated with the fleet: 11.0 against the fleet's 20.0 ms)" in text
+    assert "| p50 / p95 at 1 in flight, the echo arm working 8.0 ms a request (alternated blocks, ms) | 20.0 / 22.0 | 11.0 / 12.0 |" in text
+    assert "Serve's floor for a request whose arm works 8.0 ms (the engine alone's p50): 3.0 ms; the fleet over that echo app: 9.0 ms" in text
 
 
 def test_throughput_in_flight_leaves_out_the_loops_fill_and_drain():
@@ -151,3 +160,9 @@ def test_bench_serving_measures_the_fleet_and_the_echo_app_per_role(tiny_model_d
     assert b["engine_alone_rps_1"] > 0 and b["engine_alone_rps_8"] > 0 and b["engine_alone_gain"] > 0 and b["fleet_share_of_engine_alone"] > 0
     assert "engine alone, the arm's batching without Serve (req/s, 1 -> 8)" in done.stdout
     assert any(p.startswith("proxy") for p in fe["processes"]) and any(p.startswith("ingress of echo") for p in fe["processes"])
+    # The echo arm worked the engine alone's p50 a request, alternated with the fleet: no answer came sooner than that work.
+    w = fe["worked_echo"]
+    assert w["work_ms"] == o["direct_ms"]["p50"] and w["fleet_ms"]["n"] == w["echo_ms"]["n"] == 48
+    assert w["echo_ms"]["p50"] >= w["work_ms"] and w["serve_floor_ms"] == round(w["echo_ms"]["p50"] - w["work_ms"], 2)
+    # ... and the echo app measured after it works no more: its lone requests answer well under that work.
+    assert fe["echo"]["in_flight_1"]["p50_ms"] < w["echo_ms"]["p50"]
